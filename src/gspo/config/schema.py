@@ -1,0 +1,185 @@
+"""The run configuration schema: one typed source of truth.
+
+Nested dataclasses, loadable from YAML, overridable from the command line with dotted
+``key=value`` pairs (``algorithm=grpo rollout.group_size=8``), validated up front: unknown keys and
+out-of-range values raise :class:`gspo.errors.ConfigError` naming the key, the allowed values and the
+closest valid key. Every field is documented right under it; ``gspo train --help`` prints them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ALGORITHMS = ("gspo", "gspo_token", "grpo", "dapo")
+
+# Paper defaults per algorithm: (clip_low, clip_high). GSPO: paper section 5.1; GRPO: the symmetric
+# 0.2 of DeepSeekMath (the GSPO paper's GRPO baseline used 0.2 / 0.27); DAPO: clip-higher 0.2 / 0.28.
+CLIP_DEFAULTS = {"gspo": (3e-4, 4e-4), "gspo_token": (3e-4, 4e-4), "grpo": (0.2, 0.2), "dapo": (0.2, 0.28)}
+
+
+@dataclass
+class DataConfig:
+    task: str = "arithmetic"
+    """Built-in task (``arithmetic``, ``reasoning_gym:<name>``); ignored when ``path`` is set."""
+    path: str = ""
+    """Local JSONL / CSV / Parquet file or a saved Hugging Face dataset directory."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt (a string, or a list of chat messages)."""
+    answer_column: str = "answer"
+    """Column holding the reference answer passed to rewards as ``answer``."""
+    eval_path: str = ""
+    """Held-out file or directory; empty = the task's held-out split, or the last ``eval.size`` rows."""
+    system_prompt: str = ""
+    """System message prepended when the prompt is rendered with the tokenizer's chat template."""
+    chat_template: str = "auto"
+    """auto: use the tokenizer's chat template when it has one; always; never."""
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 16
+    """Prompts per rollout batch (P); the batch holds P x group_size responses."""
+    group_size: int = 8
+    """Responses sampled per prompt (G); advantages are normalised within each group."""
+    max_new_tokens: int = 8
+    """Generation limit per response."""
+    temperature: float = 1.0
+    """Sampling temperature; training log-probabilities use logits / temperature too."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0 = off)."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    engine_dtype: str = "auto"
+    """Sampler precision: auto (the policy's), float32 or bfloat16 (a separate low-precision copy)."""
+
+
+@dataclass
+class LossConfig:
+    clip_low: float | None = None
+    """Lower clip range epsilon_low; default: the algorithm's paper value (GSPO 3e-4)."""
+    clip_high: float | None = None
+    """Upper clip range epsilon_high; default: the algorithm's paper value (GSPO 4e-4)."""
+    advantage_scale: str = "group"
+    """group: divide by the group std (paper eq. 6); batch: by the batch std; none: only centre."""
+    beta: float = 0.0
+    """Weight of the KL penalty to the reference policy (0 = no reference model is kept)."""
+    kl_estimator: str = "k3"
+    """KL estimator: k1, k2 or k3."""
+    ref_refresh_steps: int = 0
+    """Copy the policy into the reference model every N steps (0 = keep the initial model)."""
+    old_logprobs: str = "recompute"
+    """recompute: old log-probabilities from the training model; rollout: the sampler's own."""
+    dynamic_sampling: bool | None = None
+    """DAPO: drop groups whose rewards are all equal and sample more (default: on for dapo)."""
+    overlong_buffer: int = 0
+    """DAPO overlong reward shaping buffer L_cache in tokens (0 = off)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """Peak learning rate (AdamW). RL wants 10-100x less than supervised warm-starts."""
+    warmup_steps: int = 0
+    """Linear warm-up, in optimizer steps."""
+    schedule: str = "constant"
+    """Learning-rate schedule after warm-up: constant, linear or cosine."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clipping threshold (0 = off)."""
+    minibatches: int = 4
+    """Optimizer steps per rollout batch (the paper uses 4); later minibatches are off-policy."""
+    epochs: int = 1
+    """Passes over each rollout batch."""
+    micro_batch_size: int = 0
+    """Responses per forward/backward (gradient accumulation); 0 = the whole minibatch."""
+    dtype: str = "float32"
+    """Training precision: float32, or bfloat16 (autocast; master weights stay float32)."""
+
+
+@dataclass
+class RewardConfig:
+    functions: list[str] = field(default_factory=list)
+    """Rewards as ``name`` or ``name@weight``; ``module:function`` loads your own. Empty = the task's."""
+    none_policy: str = "zero"
+    """What a reward returning None means: zero (counted in metrics) or error."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate on held-out prompts every N steps (0 = only before and after training)."""
+    size: int = 200
+    """Held-out prompts per evaluation."""
+    greedy: bool = True
+    """Also report greedy (temperature 0) accuracy."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50
+    """Save a checkpoint every N steps (and always at the end; 0 = only at the end)."""
+    keep_last: int = 2
+    """How many checkpoints to keep."""
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    """Also write TensorBoard event files when tensorboard is installed."""
+    progress: bool = True
+    """Show the live progress bar."""
+    samples: int = 4
+    """Completions written to samples.jsonl per step."""
+
+
+@dataclass
+class MoEConfig:
+    routing_replay: str = "off"
+    """Routing Replay for MoE models: off; r2 (experts from the old-policy pass); r3 (rollout pass)."""
+    diagnostics: bool = True
+    """On MoE models, log expert-activation volatility between behaviour and current policy."""
+
+
+@dataclass
+class Config:
+    model: str = "tiny-arith"
+    """Embedded model name (tiny-arith, tiny-moe) or a local Hugging Face causal-LM directory."""
+    algorithm: str = "gspo"
+    """gspo, gspo_token, grpo or dapo (each with its paper defaults)."""
+    steps: int = 150
+    """Rollout batches (training steps)."""
+    seed: int = 0
+    """Seed for sampling, data order and initialisation; a seeded CPU run is reproducible."""
+    run_dir: str = ""
+    """Output directory; empty = runs/<algorithm>-<model>-<time>."""
+    device: str = "auto"
+    """auto (CUDA when available), cpu or cuda."""
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def clip_range(self) -> tuple[float, float]:
+        """(clip_low, clip_high) with the algorithm's paper defaults filled in."""
+        low, high = CLIP_DEFAULTS[self.algorithm]
+        return (
+            low if self.loss.clip_low is None else self.loss.clip_low,
+            high if self.loss.clip_high is None else self.loss.clip_high,
+        )
+
+    @property
+    def dynamic_sampling(self) -> bool:
+        return self.algorithm == "dapo" if self.loss.dynamic_sampling is None else self.loss.dynamic_sampling
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+

@@ -1,0 +1,118 @@
+"""The rollout-engine interface: what the trainer asks of any sampler.
+
+The trainer only ever talks to a :class:`RolloutEngine`. The in-process Hugging Face engine
+(:mod:`gspo.rollout.hf`) is the one shipped today; a vLLM / SGLang / remote-server engine plugs in by
+implementing the same two methods and returning a :class:`Rollout`. The engine knows nothing about
+tasks or rewards: it maps token ids to token ids (plus the sampler's log-probabilities).
+
+Layout convention shared by every engine and by log-probability recomputation:
+``[left-padded prompt | right-padded completion]``. Position ids always come from the attention mask
+(cumulative sum), so a left-padded prompt sees the same positions as an unpadded one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one rollout batch."""
+
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0  # 1.0 disables nucleus filtering
+    top_k: int = 0  # 0 disables top-k filtering
+    ignore_eos: bool = False  # fixed-length generation (benchmarks): never stop at EOS
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled completions, in the shared ``[prompt | completion]`` layout.
+
+    Shapes: B responses, P prompt positions (left-padded), T completion positions (right-padded).
+    """
+
+    prompt_ids: torch.Tensor  # (B, P) long, left-padded with the pad id
+    prompt_mask: torch.Tensor  # (B, P) bool, True on real prompt tokens
+    completion_ids: torch.Tensor  # (B, T) long, right-padded with the pad id
+    completion_mask: torch.Tensor  # (B, T) bool, True on generated tokens (EOS included)
+    logprobs: torch.Tensor  # (B, T) float32: sampler's log pi(y_t | ...) under logits / temperature; 0 on padding
+    truncated: torch.Tensor  # (B,) bool: reached max_new_tokens without emitting EOS
+    routing: Any = None  # optional MoE routing record over all P + T positions (see gspo.moe.routing)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds spent per phase, for metrics
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """(B, P + T) the full sequences."""
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(B, P + T) bool: real tokens of prompt and completion."""
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(B,) number of completion tokens of each response."""
+        return self.completion_mask.sum(dim=1)
+
+    def select(self, index: torch.Tensor) -> "Rollout":
+        """The rows ``index`` (a 1-D long tensor) of this rollout, as a new Rollout."""
+        routing = self.routing.select(index) if self.routing is not None else None
+        return Rollout(
+            prompt_ids=self.prompt_ids[index],
+            prompt_mask=self.prompt_mask[index],
+            completion_ids=self.completion_ids[index],
+            completion_mask=self.completion_mask[index],
+            logprobs=self.logprobs[index],
+            truncated=self.truncated[index],
+            routing=routing,
+            timings=dict(self.timings),
+        )
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """Anything that turns prompts into sampled completions with per-token log-probabilities."""
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None = None
+    ) -> Rollout:
+        """Sample one completion per entry of ``prompts`` (token-id lists, unpadded).
+
+        Repeat a prompt G times in ``prompts`` to get a group of G responses.
+        """
+        ...
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Make the engine sample from ``model``'s current weights (no-op for an in-process engine
+        that shares the training module; a copy for a bfloat16 or remote engine)."""
+        ...
+
+
+def concat_rollouts(rollouts: list[Rollout], pad_token_id: int = 0) -> Rollout:
+    """Stack rollouts row-wise, re-padding prompts on the left and completions on the right."""
+    width_p = max(r.prompt_ids.shape[1] for r in rollouts)
+    width_t = max(r.completion_ids.shape[1] for r in rollouts)
+
+    def pad(t: torch.Tensor, width: int, left: bool, value) -> torch.Tensor:
+        extra = width - t.shape[1]
+        return torch.nn.functional.pad(t, (extra, 0) if left else (0, extra), value=value)
+
+    routing = None
+    if rollouts[0].routing is not None:
+        raise NotImplementedError("concatenating rollouts that carry MoE routing records is not supported")
+    return Rollout(
+        prompt_ids=torch.cat([pad(r.prompt_ids, width_p, True, pad_token_id) for r in rollouts]),
+        prompt_mask=torch.cat([pad(r.prompt_mask, width_p, True, False) for r in rollouts]),
+        completion_ids=torch.cat([pad(r.completion_ids, width_t, False, pad_token_id) for r in rollouts]),
+        completion_mask=torch.cat([pad(r.completion_mask, width_t, False, False) for r in rollouts]),
+        logprobs=torch.cat([pad(r.logprobs, width_t, False, 0.0) for r in rollouts]),
+        truncated=torch.cat([r.truncated for r in rollouts]),
+        routing=routing,
+        timings={k: sum(r.timings.get(k, 0.0) for r in rollouts) for k in rollouts[0].timings},
+    )

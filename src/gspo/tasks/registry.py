@@ -1,0 +1,43 @@
+"""Build the :class:`Task` a config asks for: the embedded arithmetic task or a local dataset."""
+
+from __future__ import annotations
+
+from gspo.config.schema import DataConfig
+from gspo.errors import ConfigError, DataError
+from gspo.tasks.base import Task, shuffled_epochs
+from gspo.tasks.datasets import load_rows
+
+
+def build_task(data: DataConfig, *, seed: int, eval_size: int, needs_answer: bool = True) -> Task:
+    """The task named by ``data`` (a local ``data.path`` wins over ``data.task``)."""
+    if data.path:
+        return _dataset_task(data, seed=seed, eval_size=eval_size, needs_answer=needs_answer)
+    if data.task == "arithmetic":
+        from gspo.tasks import arithmetic
+
+        task = arithmetic.ArithmeticTask(seed=seed)
+        rewards = {"exact_answer": (arithmetic.exact_answer_reward, 1.0), "format": (arithmetic.format_reward, 0.0)}
+        return Task("arithmetic", task.iter_train, task.eval_rows(eval_size), rewards)
+    if data.task.startswith("reasoning_gym:"):
+        from gspo.tasks.reasoning_gym import reasoning_gym_task
+
+        return reasoning_gym_task(data.task.split(":", 1)[1], seed=seed, eval_size=eval_size)
+    raise ConfigError(f"data.task={data.task!r} is not a built-in task (arithmetic, reasoning_gym:<name>); "
+                      "or set data.path to a local dataset file")
+
+
+def _dataset_task(data: DataConfig, *, seed: int, eval_size: int, needs_answer: bool) -> Task:
+    from gspo.tasks.answers import ANSWER_REWARDS
+
+    rows = load_rows(data.path, prompt_column=data.prompt_column, answer_column=data.answer_column,
+                     require_answer=needs_answer)
+    if data.eval_path:
+        eval_rows = load_rows(data.eval_path, prompt_column=data.prompt_column, answer_column=data.answer_column,
+                              require_answer=needs_answer)[:eval_size]
+    else:
+        if len(rows) < 2:
+            raise DataError(f"dataset '{data.path}' has {len(rows)} row; it needs at least 2 to hold some out "
+                            "(or set data.eval_path)")
+        held = min(eval_size, len(rows) // 5) if eval_size else 0
+        eval_rows, rows = rows[len(rows) - held:], rows[: len(rows) - held]
+    return Task(f"dataset:{data.path}", lambda: shuffled_epochs(rows, seed), eval_rows, dict(ANSWER_REWARDS))

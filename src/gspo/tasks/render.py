@@ -1,0 +1,58 @@
+"""Rows -> prompt token ids, and completion token ids -> text, for one tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gspo.errors import ConfigError, DataError
+from gspo.tasks.base import Row
+
+
+@dataclass
+class PromptRenderer:
+    """Renders a row's prompt with the tokenizer's chat template (when it has one) or as plain text.
+
+    ``max_prompt_tokens``: prompts longer than this (the context minus the generation budget) are an
+    error naming the row, rather than a silently truncated prompt.
+    """
+
+    tokenizer: object
+    system_prompt: str = ""
+    chat_template: str = "auto"  # auto | always | never
+    max_prompt_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        if self.chat_template == "always" and not has_template:
+            raise ConfigError("data.chat_template=always but the tokenizer has no chat template; "
+                              "use data.chat_template=auto or a tokenizer that ships one")
+        self.use_template = has_template and self.chat_template != "never"
+
+    def __call__(self, row: Row) -> list[int]:
+        prompt = row["prompt"]
+        if self.use_template:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            if self.system_prompt and messages[0].get("role") != "system":
+                messages.insert(0, {"role": "system", "content": self.system_prompt})
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+        else:
+            if not isinstance(prompt, str):
+                raise DataError("a prompt is a list of chat messages but the tokenizer has no chat template; "
+                                "use plain-text prompts or a tokenizer with a chat template")
+            text = f"{self.system_prompt}\n{prompt}" if self.system_prompt else prompt
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = list(ids)
+        if not ids:
+            raise DataError(f"prompt {prompt!r:.60} encodes to no tokens")
+        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+            raise DataError(
+                f"prompt {str(prompt)[:60]!r} has {len(ids)} tokens but at most {self.max_prompt_tokens} fit "
+                "(the model's context minus rollout.max_new_tokens); shorten it, filter the dataset, or lower "
+                "rollout.max_new_tokens"
+            )
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,121 @@
+"""Reward functions: resolve them from the config, call them, and report bad returns precisely.
+
+A reward is a plain callable ``(prompt, completion, **row) -> float``. Several combine by weights.
+User code is imported only from an explicit ``module:function`` in the config (never from a
+checkpoint). Policy for returns:
+
+- a finite number (bool, int, float, or a 0-d numeric) is the reward;
+- ``None`` means "cannot score" (e.g. no parsable answer): 0.0 with ``reward.none_policy=zero``
+  (counted in the metrics as ``reward/<name>/none_frac``), an error with ``none_policy=error``;
+- NaN, inf, a string or anything else, and an exception, stop the run with a :class:`RewardError`
+  naming the function, the sample index and the start of the completion.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from gspo.errors import ConfigError, RewardError
+from gspo.tasks.base import RewardFn, Row
+
+
+@dataclass(frozen=True)
+class WeightedReward:
+    name: str
+    fn: RewardFn
+    weight: float
+
+
+def resolve_rewards(specs: Sequence[str], task_rewards: dict[str, tuple[RewardFn, float]]) -> list[WeightedReward]:
+    """Turn ``name``, ``name@weight`` or ``module:function@weight`` specs into callables.
+
+    Empty ``specs`` means the task's own rewards with their default weights.
+    """
+    if not specs:
+        return [WeightedReward(name, fn, weight) for name, (fn, weight) in task_rewards.items()]
+    resolved = []
+    for spec in specs:
+        target, _, weight_text = spec.partition("@")
+        try:
+            weight = float(weight_text) if weight_text else 1.0
+        except ValueError:
+            raise ConfigError(f"reward '{spec}': the weight after '@' must be a number, e.g. {target}@0.5") from None
+        if ":" in target:
+            resolved.append(WeightedReward(target, _import_reward(target), weight))
+        elif target in task_rewards:
+            resolved.append(WeightedReward(target, task_rewards[target][0], weight))
+        else:
+            known = ", ".join(task_rewards) or "none"
+            raise ConfigError(
+                f"unknown reward '{target}'. This task's rewards: {known}; "
+                "or load your own as module:function (e.g. my_rewards:score)"
+            )
+    return resolved
+
+
+def _import_reward(target: str) -> RewardFn:
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"reward '{target}': cannot import module '{module_name}' ({exc}); "
+            "make sure it is on PYTHONPATH (e.g. run from its directory)"
+        ) from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"reward '{target}': module '{module_name}' has no callable '{attr}'")
+    return fn
+
+
+def score(
+    rewards: Sequence[WeightedReward],
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    rows: Sequence[Row],
+    *,
+    none_policy: str = "zero",
+) -> tuple[list[float], dict[str, list[float]], dict[str, float]]:
+    """Weighted total per completion, each function's values (None -> 0.0), and mean / None-share metrics."""
+    totals = [0.0] * len(completions)
+    columns: dict[str, list[float]] = {}
+    metrics: dict[str, float] = {}
+    for reward in rewards:
+        values, nones = [], 0
+        for i, (prompt, completion, row) in enumerate(zip(prompts, completions, rows)):
+            value = _call(reward, i, prompt, completion, row, none_policy)
+            if value is None:
+                nones += 1
+                value = 0.0
+            values.append(value)
+            totals[i] += reward.weight * value
+        columns[reward.name] = values
+        metrics[f"reward/{reward.name}"] = sum(values) / max(len(values), 1)
+        if nones:
+            metrics[f"reward/{reward.name}/none_frac"] = nones / len(values)
+    return totals, columns, metrics
+
+
+def _call(reward: WeightedReward, index: int, prompt: str, completion: str, row: Row, none_policy: str) -> Any:
+    where = f"reward '{reward.name}' on sample {index} (completion {completion[:60]!r})"
+    kwargs = {k: v for k, v in row.items() if k not in ("prompt", "completion")}
+    try:
+        value = reward.fn(prompt, completion, **kwargs)
+    except Exception as exc:  # user code: report which function and sample, keep the traceback chained
+        raise RewardError(f"{where} raised {type(exc).__name__}: {exc}") from exc
+    if value is None:
+        if none_policy == "error":
+            raise RewardError(f"{where} returned None; return a number, or set reward.none_policy=zero")
+        return None
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if not isinstance(value, numbers.Real):
+        raise RewardError(f"{where} returned {type(value).__name__} {value!r}; rewards must be numbers")
+    value = float(value)
+    if not math.isfinite(value):
+        raise RewardError(f"{where} returned {value}; rewards must be finite numbers")
+    return value

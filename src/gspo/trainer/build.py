@@ -1,0 +1,76 @@
+"""Build the trainer's parts from a config: policy, tokenizer, engine, optimizer, schedule, reference."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+
+from gspo.config.schema import Config
+from gspo.models.load import load_model, load_tokenizer, pick_device, resolve_model_path
+from gspo.rollout.hf import HFEngine
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Parts:
+    model: torch.nn.Module
+    tokenizer: object
+    engine: HFEngine
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    reference: torch.nn.Module | None
+    device: torch.device
+
+
+def build_parts(config: Config) -> Parts:
+    """Load the policy and everything that depends on it. Master weights are float32."""
+    device = pick_device(config.device)
+    path = resolve_model_path(config.model)
+    tokenizer = load_tokenizer(path)
+    torch.manual_seed(config.seed)
+    model = load_model(path, dtype=torch.float32, device=device)
+    model.config.use_cache = False  # training forwards; the engine asks for a cache explicitly
+    model.train()
+    engine_dtype = None if config.rollout.engine_dtype in ("auto", "float32") else DTYPES[config.rollout.engine_dtype]
+    engine = HFEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      dtype=engine_dtype)
+    optimizer = build_optimizer(model, config)
+    total = config.steps * config.optim.minibatches * config.optim.epochs
+    scheduler = build_scheduler(optimizer, config, total)
+    reference = frozen_copy(model) if config.loss.beta > 0 else None
+    return Parts(model, tokenizer, engine, optimizer, scheduler, reference, device)
+
+
+def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay,
+                             betas=(0.9, 0.999), eps=1e-8)
+
+
+def build_scheduler(optimizer, config: Config, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then constant, linear decay to 0, or cosine to 0 (per optimizer step)."""
+    warmup, schedule = config.optim.warmup_steps, config.optim.schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if schedule == "linear":
+            return 1.0 - progress
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A detached, frozen copy of the policy (the KL reference)."""
+    reference = copy.deepcopy(model).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return reference

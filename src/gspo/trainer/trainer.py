@@ -1,0 +1,175 @@
+"""The training loop, top-down: sample, score, advantages, update, log (SPEC "The training step").
+
+The trainer orchestrates; the math lives in :mod:`gspo.algorithms`, sampling behind the
+:class:`~gspo.rollout.base.RolloutEngine` interface, rewards with the task.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gspo import distributed as dist
+from gspo.config.schema import Config
+from gspo.evaluate import Evaluator
+from gspo.logprobs import token_logprobs
+from gspo.rollout.base import SamplingParams
+from gspo.tasks.base import DataCursor
+from gspo.tasks.registry import build_task
+from gspo.tasks.render import PromptRenderer
+from gspo.tasks.rewards import resolve_rewards
+from gspo.trainer.build import DTYPES, build_parts, frozen_copy
+from gspo.trainer.collect import Collector, ScoredBatch
+from gspo.trainer.logging import MetricsLogger
+from gspo.trainer.update import Updater, UpdateInputs
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must hold besides weights and optimizer: the step and the data position."""
+
+    step: int = 0
+    data_position: int = 0
+    history: dict = field(default_factory=dict)  # e.g. the evaluation before training
+
+
+class Trainer:
+    def __init__(self, config: Config, run_dir: Path | None = None) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.parts = build_parts(config)
+        self.model = self.parts.model
+        tok = self.parts.tokenizer
+        r = config.rollout
+        self.task = build_task(config.data, seed=config.seed, eval_size=config.eval.size)
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        self.render = PromptRenderer(tok, config.data.system_prompt, config.data.chat_template,
+                                     max_prompt_tokens=(context - r.max_new_tokens) if context else None)
+        self.rewards = resolve_rewards(config.reward.functions, self.task.rewards)
+        self.params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                                     top_p=r.top_p, top_k=r.top_k)
+        self.collector = Collector(self.parts.engine, self.render, self.render.decode, self.rewards, self.params,
+                                   r.group_size, config.loss.advantage_scale, config.loss.overlong_buffer,
+                                   config.reward.none_policy)
+        self.evaluator = Evaluator(self.parts.engine, self.render, self.render.decode, self.rewards, r.max_new_tokens)
+        low, high = config.clip_range
+        o = config.optim
+        self.updater = Updater(config.algorithm, low, high, beta=config.loss.beta,
+                               kl_estimator=config.loss.kl_estimator, temperature=r.temperature,
+                               minibatches=o.minibatches, epochs=o.epochs, micro_batch_size=o.micro_batch_size,
+                               max_grad_norm=o.max_grad_norm,
+                               autocast_dtype=DTYPES[o.dtype] if o.dtype != "float32" else None)
+        self.state = TrainState()
+        self.last_updates: list[dict] = []
+        self.data = DataCursor(self.task.train_stream)
+        self.logger = MetricsLogger(self.run_dir, tensorboard=config.log.tensorboard, enabled=dist.is_main())
+
+    # -- one step -----------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        """One rollout batch and its ``minibatches`` optimizer steps; returns the step's metrics."""
+        cfg, step = self.config, self.state.step
+        t0 = time.perf_counter()
+        seed = _step_seed(cfg.seed, step, dist.rank())
+        num_prompts = cfg.rollout.prompts_per_step // dist.world_size()
+        if cfg.dynamic_sampling:
+            batch = self.collector.collect_with_signal(self.data.take, num_prompts, seed)
+        else:
+            batch = self.collector.collect(self.data.take(num_prompts), seed)
+        t1 = time.perf_counter()
+        inputs, lp_metrics = self._update_inputs(batch)
+        t2 = time.perf_counter()
+        history = self.updater.update(self.model, self.parts.optimizer, self.parts.scheduler, inputs,
+                                      torch.Generator().manual_seed(seed + 1))
+        self.parts.engine.sync_weights(self.model)
+        self.last_updates = history  # per-optimizer-step metrics, for inspection and tests
+        t3 = time.perf_counter()
+        self.state.step += 1
+        self.state.data_position = self.data.position
+        self._maybe_refresh_reference()
+        metrics = {**batch.metrics, **lp_metrics, **_summarise_updates(history), **_batch_metrics(batch)}
+        tokens = int(batch.rollout.lengths.sum())
+        metrics.update({"time/rollout_s": t1 - t0, "time/logprobs_s": t2 - t1, "time/update_s": t3 - t2,
+                        "time/step_s": t3 - t0, "throughput/tokens_per_s": tokens / max(t1 - t0, 1e-9)})
+        self.logger.log(self.state.step, metrics)
+        self.logger.samples(self.state.step, _sample_rows(batch, cfg.log.samples))
+        return metrics
+
+    @torch.no_grad()
+    def _update_inputs(self, batch: ScoredBatch) -> tuple[UpdateInputs, dict[str, float]]:
+        """Old (and reference) log-probabilities for the batch, recomputed in one no-grad pass each."""
+        rollout, temp = batch.rollout, self.config.rollout.temperature
+        ids, attn, num_t = rollout.input_ids, rollout.attention_mask, rollout.completion_ids.shape[1]
+        mask = rollout.completion_mask
+        metrics: dict[str, float] = {}
+        if self.config.loss.old_logprobs == "recompute":
+            old = token_logprobs(self.model, ids, attn, num_t, temperature=temp)  # (B, T)
+            metrics.update(_mismatch_metrics(old, rollout.logprobs, mask))
+        else:
+            old = rollout.logprobs
+        ref = None
+        if self.parts.reference is not None:
+            ref = token_logprobs(self.parts.reference, ids, attn, num_t, temperature=temp)  # (B, T)
+        return UpdateInputs(ids, attn, mask, batch.advantages, old, ref), metrics
+
+    def _maybe_refresh_reference(self) -> None:
+        every = self.config.loss.ref_refresh_steps
+        if self.parts.reference is not None and every and self.state.step % every == 0:
+            self.parts.reference = frozen_copy(self.model)
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Held-out accuracy sampled at the training temperature, and greedy accuracy."""
+        rows = self.task.eval_rows
+        sampled = self.evaluator.evaluate(rows, temperature=self.config.rollout.temperature, seed=self.config.seed)
+        out = {"eval/accuracy": sampled.get("accuracy", 0.0), "eval/reward": sampled.get("reward", 0.0)}
+        if self.config.eval.greedy:
+            greedy = self.evaluator.evaluate(rows, temperature=0.0)
+            out["eval/greedy_accuracy"] = greedy.get("accuracy", 0.0)
+        return out
+
+    def save_resolved_config(self) -> None:
+        if self.run_dir is not None and dist.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step) * 1009 + rank
+
+
+def _mismatch_metrics(recomputed: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """How far the sampler's log-probabilities are from the trainer's (paper section 5.4)."""
+    diff = torch.where(mask, recomputed - sampler, torch.zeros_like(recomputed))  # (B, T)
+    lengths = mask.sum(1).clamp_min(1)
+    seq = diff.sum(1) / lengths  # (B,) sequence log-ratio of trainer vs sampler
+    tokens = diff[mask]
+    return {"mismatch/token_abs_mean": float(tokens.abs().mean()) if tokens.numel() else 0.0,
+            "mismatch/token_std": float(tokens.std()) if tokens.numel() > 1 else 0.0,
+            "mismatch/seq_std": float(seq.std()) if seq.numel() > 1 else 0.0}
+
+
+def _summarise_updates(history: list[dict]) -> dict[str, float]:
+    """Means over the step's optimizer steps, plus the first (on-policy) minibatch's clip fraction."""
+    keys = {k for h in history for k in h if k != "minibatch"}
+    out = {k: sum(h.get(k, 0.0) for h in history) / len(history) for k in keys}
+    if "loss/clip_frac" in history[0]:
+        out["onpolicy/clip_frac"] = history[0]["loss/clip_frac"]
+    return out
+
+
+def _batch_metrics(batch: ScoredBatch) -> dict[str, float]:
+    rewards, lengths = batch.rewards, batch.rollout.lengths.float()
+    return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+            "reward/accuracy": float(batch.correct.float().mean()),
+            "response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
+            "response/truncated_frac": float(batch.rollout.truncated.float().mean())}
+
+
+def _sample_rows(batch: ScoredBatch, n: int) -> list[dict]:
+    return [{"prompt": str(batch.rows[i]["prompt"]), "completion": batch.completions[i],
+             "reward": float(batch.rewards[i]), "advantage": float(batch.advantages[i])}
+            for i in range(min(n, len(batch.completions)))]

@@ -1,0 +1,141 @@
+"""The policy update: one rollout batch -> ``minibatches`` optimizer steps (SPEC "The training step", 3-4).
+
+The first minibatch is on-policy; later ones see a policy that has already moved, which is why
+ratios and clipping exist. Every loss receives the *global* normaliser of its minibatch (responses or
+response tokens summed over every process and micro-batch), so the gradient does not depend on how
+the batch is split (SPEC misreading 6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from gspo import distributed as dist
+from gspo.algorithms import dapo_loss, grpo_loss, gspo_loss, gspo_token_loss
+from gspo.errors import TrainingDiverged
+from gspo.logprobs import token_logprobs
+
+LOSSES = {"gspo": gspo_loss, "gspo_token": gspo_token_loss, "grpo": grpo_loss, "dapo": dapo_loss}
+TOKEN_NORMALISED = {"dapo"}  # token-mean over the batch; the others average per response
+
+# Consecutive optimizer steps with a non-finite loss or gradient after which the run stops: one bad
+# step is skipped and logged, a streak means the policy itself has diverged.
+MAX_NONFINITE_STREAK = 3
+
+
+@dataclass
+class UpdateInputs:
+    """Everything the update needs about one rollout batch (B responses, T completion positions)."""
+
+    input_ids: torch.Tensor  # (B, P + T)
+    attention_mask: torch.Tensor  # (B, P + T) bool
+    completion_mask: torch.Tensor  # (B, T) bool
+    advantages: torch.Tensor  # (B,)
+    old_logprobs: torch.Tensor  # (B, T)
+    ref_logprobs: torch.Tensor | None  # (B, T) or None
+
+    def rows(self, index: torch.Tensor) -> "UpdateInputs":
+        ref = self.ref_logprobs[index] if self.ref_logprobs is not None else None
+        return UpdateInputs(self.input_ids[index], self.attention_mask[index], self.completion_mask[index],
+                            self.advantages[index], self.old_logprobs[index], ref)
+
+
+@dataclass
+class Updater:
+    """Runs the minibatch loop for one algorithm with fixed loss settings."""
+
+    algorithm: str
+    clip_low: float
+    clip_high: float
+    beta: float = 0.0
+    kl_estimator: str = "k3"
+    temperature: float = 1.0
+    minibatches: int = 4
+    epochs: int = 1
+    micro_batch_size: int = 0
+    max_grad_norm: float = 1.0
+    autocast_dtype: torch.dtype | None = None
+    nonfinite_streak: int = 0
+    forward_context: Callable[[torch.Tensor], contextlib.AbstractContextManager] | None = None
+
+    def update(self, model, optimizer, scheduler, inputs: UpdateInputs, generator: torch.Generator) -> list[dict]:
+        """All optimizer steps for one rollout batch; returns one metrics dict per step."""
+        history = []
+        for _ in range(self.epochs):
+            order = torch.randperm(len(inputs.advantages), generator=generator)  # (B,)
+            for mb, index in enumerate(torch.tensor_split(order, self.minibatches)):
+                metrics = self._step(model, optimizer, scheduler, inputs, index)
+                metrics["minibatch"] = mb
+                history.append(metrics)
+        return history
+
+    def _step(self, model, optimizer, scheduler, inputs: UpdateInputs, index: torch.Tensor) -> dict:
+        minibatch = inputs.rows(index)
+        normaliser = self._global_normaliser(minibatch.completion_mask)
+        optimizer.zero_grad(set_to_none=True)
+        parts = []
+        size = self.micro_batch_size or len(index)
+        for micro in torch.split(torch.arange(len(index)), size):
+            rows = minibatch.rows(micro)
+            out = self._loss(model, rows, normaliser, index[micro])
+            out.loss.backward()
+            parts.append(out)
+        grad_norm = self._clip_and_check(model)
+        metrics = _merge_metrics(parts)
+        metrics["optim/grad_norm"] = grad_norm
+        metrics["optim/lr"] = optimizer.param_groups[0]["lr"]
+        if math.isfinite(grad_norm):
+            optimizer.step()
+            self.nonfinite_streak = 0
+            metrics["optim/skipped"] = 0.0
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_streak += 1
+            metrics["optim/skipped"] = 1.0
+            if self.nonfinite_streak >= MAX_NONFINITE_STREAK:
+                raise TrainingDiverged(
+                    f"{self.nonfinite_streak} optimizer steps in a row had a non-finite loss or gradient; "
+                    "the last good checkpoint is kept. Lower optim.lr or check the rewards for extreme values"
+                )
+        scheduler.step()
+        return metrics
+
+    def _loss(self, model, rows: UpdateInputs, normaliser: torch.Tensor, batch_index: torch.Tensor):
+        num_completion = rows.completion_mask.shape[1]
+        context = self.forward_context(batch_index) if self.forward_context else contextlib.nullcontext()
+        autocast = torch.autocast(rows.input_ids.device.type, dtype=self.autocast_dtype,
+                                  enabled=self.autocast_dtype is not None)
+        with context, autocast:
+            logprobs = token_logprobs(model, rows.input_ids, rows.attention_mask, num_completion,
+                                      temperature=self.temperature)  # (b, T)
+        norm_key = "num_tokens" if self.algorithm in TOKEN_NORMALISED else "num_sequences"
+        return LOSSES[self.algorithm](
+            logprobs.float(), rows.old_logprobs, rows.advantages, rows.completion_mask,
+            clip_low=self.clip_low, clip_high=self.clip_high, ref_logprobs=rows.ref_logprobs,
+            beta=self.beta, kl_estimator=self.kl_estimator, **{norm_key: normaliser},
+        )
+
+    def _global_normaliser(self, completion_mask: torch.Tensor) -> torch.Tensor:
+        """Responses (with >= 1 token) or response tokens in this minibatch over all processes."""
+        lengths = completion_mask.sum(dim=1)  # (b,)
+        count = lengths.sum() if self.algorithm in TOKEN_NORMALISED else (lengths > 0).sum()
+        return dist.all_reduce_sum(count.to(torch.float64).reshape(1)).squeeze(0)
+
+    def _clip_and_check(self, model) -> float:
+        params = [p for p in model.parameters() if p.grad is not None]
+        max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False)
+        return float(norm)
+
+
+def _merge_metrics(parts: list) -> dict:
+    """Micro-batch metrics -> one dict, weighting each by its token or sequence count."""
+    from gspo.algorithms import reduce_metrics
+
+    reduced = reduce_metrics([p.metrics for p in parts], parts[0].reductions)
+    return {k: float(v) for k, v in reduced.items()}
