@@ -63,3 +63,18 @@ def tiny_overrides(tiny_model_dir, reward_module) -> list[str]:
             "rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=6",
             "optim.minibatches=2", "optim.lr=1e-3", "eval.size=8", "log.progress=false", "log.tensorboard=false",
             "checkpoint.every=0"]
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_dir(tmp_path_factory) -> Path:
+    """A randomly initialised tiny Qwen3-MoE (8 experts, top-2) with the character tokenizer."""
+    from gspo.models.tiny import build_char_tokenizer
+    from gspo.models.tiny_moe import build_tiny_qwen3_moe
+
+    path = tmp_path_factory.mktemp("tiny-moe")
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_qwen3_moe(tokenizer, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                                 moe_intermediate_size=16, seed=0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

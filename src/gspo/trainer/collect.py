@@ -15,6 +15,7 @@ import torch
 
 from gspo.algorithms import group_advantages, groups_with_signal, overlong_penalty
 from gspo.evaluate import CORRECT_THRESHOLD
+from gspo.moe import capture_routing
 from gspo.rollout.base import Rollout, RolloutEngine, SamplingParams
 from gspo.tasks.base import Row
 from gspo.tasks.rewards import WeightedReward, score
@@ -50,12 +51,18 @@ class Collector:
     advantage_scale: str = "group"
     overlong_buffer: int = 0
     none_policy: str = "zero"
+    capture_routing: bool = False  # MoE: record the sampler's expert choices (Routing Replay R3)
 
     def collect(self, rows: list[Row], seed: int) -> ScoredBatch:
         """Sample ``group_size`` completions per row and score them."""
         prompts = [ids for row in rows for ids in [self.render(row)] * self.group_size]
         generator = torch.Generator().manual_seed(seed)
-        rollout = self.engine.generate(prompts, self.params, generator)
+        if self.capture_routing:  # R3: the experts the rollout engine used, for every position
+            with capture_routing(self.engine.model, concat="sequence") as routing:
+                rollout = self.engine.generate(prompts, self.params, generator)
+            rollout.routing = routing.pad_to(rollout.input_ids.shape[1])
+        else:
+            rollout = self.engine.generate(prompts, self.params, generator)
         t0 = time.perf_counter()
         group_rows = [row for row in rows for _ in range(self.group_size)]
         completions = [self.decode(ids[mask].tolist()) for ids, mask in

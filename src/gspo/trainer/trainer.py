@@ -6,6 +6,7 @@ The trainer orchestrates; the math lives in :mod:`gspo.algorithms`, sampling beh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -15,8 +16,10 @@ import torch
 
 from gspo import distributed as dist
 from gspo.config.schema import Config
+from gspo.errors import ConfigError
 from gspo.evaluate import Evaluator
 from gspo.logprobs import token_logprobs
+from gspo.moe import SUPPORTED_ARCHITECTURES, capture_routing, supports_routing
 from gspo.rollout.base import SamplingParams
 from gspo.tasks.base import DataCursor
 from gspo.tasks.registry import build_task
@@ -52,9 +55,14 @@ class Trainer:
         self.rewards = resolve_rewards(config.reward.functions, self.task.rewards)
         self.params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                                      top_p=r.top_p, top_k=r.top_k)
+        self.moe = supports_routing(self.model)
+        replay = config.moe.routing_replay
+        if replay != "off" and not self.moe:
+            raise ConfigError(f"moe.routing_replay={replay} needs a Mixture-of-Experts model ({', '.join(SUPPORTED_ARCHITECTURES)}); "
+                              f"'{config.model}' is dense: set moe.routing_replay=off")
         self.collector = Collector(self.parts.engine, self.render, self.render.decode, self.rewards, self.params,
                                    r.group_size, config.loss.advantage_scale, config.loss.overlong_buffer,
-                                   config.reward.none_policy)
+                                   config.reward.none_policy, capture_routing=replay == "r3")
         self.evaluator = Evaluator(self.parts.engine, self.render, self.render.decode, self.rewards, r.max_new_tokens)
         low, high = config.clip_range
         o = config.optim
@@ -62,7 +70,8 @@ class Trainer:
                                kl_estimator=config.loss.kl_estimator, temperature=r.temperature,
                                minibatches=o.minibatches, epochs=o.epochs, micro_batch_size=o.micro_batch_size,
                                max_grad_norm=o.max_grad_norm,
-                               autocast_dtype=DTYPES[o.dtype] if o.dtype != "float32" else None)
+                               autocast_dtype=DTYPES[o.dtype] if o.dtype != "float32" else None,
+                               routing_replay=replay != "off")
         self.state = TrainState()
         self.last_updates: list[dict] = []
         self.data = DataCursor(self.task.train_stream)
@@ -105,15 +114,23 @@ class Trainer:
         ids, attn, num_t = rollout.input_ids, rollout.attention_mask, rollout.completion_ids.shape[1]
         mask = rollout.completion_mask
         metrics: dict[str, float] = {}
-        if self.config.loss.old_logprobs == "recompute":
-            old = token_logprobs(self.model, ids, attn, num_t, temperature=temp)  # (B, T)
+        replay = self.config.moe.routing_replay
+        # R2 replay, or volatility diagnostics: the experts of the training model's own old-policy pass.
+        capture = self.moe and (replay == "r2" or (replay == "off" and self.config.moe.diagnostics))
+        recompute = self.config.loss.old_logprobs == "recompute"
+        routing = None
+        if recompute or capture:
+            with capture_routing(self.model) if capture else contextlib.nullcontext() as routing:
+                old = token_logprobs(self.model, ids, attn, num_t, temperature=temp)  # (B, T)
             metrics.update(_mismatch_metrics(old, rollout.logprobs, mask))
-        else:
+        if not recompute:
             old = rollout.logprobs
+        if replay == "r3":
+            routing = rollout.routing
         ref = None
         if self.parts.reference is not None:
             ref = token_logprobs(self.parts.reference, ids, attn, num_t, temperature=temp)  # (B, T)
-        return UpdateInputs(ids, attn, mask, batch.advantages, old, ref), metrics
+        return UpdateInputs(ids, attn, mask, batch.advantages, old, ref, routing), metrics
 
     def _maybe_refresh_reference(self) -> None:
         every = self.config.loss.ref_refresh_steps

@@ -11,14 +11,13 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
 from gspo import distributed as dist
 from gspo.algorithms import dapo_loss, grpo_loss, gspo_loss, gspo_token_loss
 from gspo.errors import TrainingDiverged
 from gspo.logprobs import token_logprobs
+from gspo.moe import RoutingRecord, capture_routing, expert_volatility, replay_routing
 
 LOSSES = {"gspo": gspo_loss, "gspo_token": gspo_token_loss, "grpo": grpo_loss, "dapo": dapo_loss}
 TOKEN_NORMALISED = {"dapo"}  # token-mean over the batch; the others average per response
@@ -38,11 +37,13 @@ class UpdateInputs:
     advantages: torch.Tensor  # (B,)
     old_logprobs: torch.Tensor  # (B, T)
     ref_logprobs: torch.Tensor | None  # (B, T) or None
+    routing: RoutingRecord | None = None  # MoE: experts chosen under the behaviour policy, (B, P + T, k)
 
     def rows(self, index: torch.Tensor) -> "UpdateInputs":
         ref = self.ref_logprobs[index] if self.ref_logprobs is not None else None
+        routing = self.routing.select(index) if self.routing is not None else None
         return UpdateInputs(self.input_ids[index], self.attention_mask[index], self.completion_mask[index],
-                            self.advantages[index], self.old_logprobs[index], ref)
+                            self.advantages[index], self.old_logprobs[index], ref, routing)
 
 
 @dataclass
@@ -60,8 +61,8 @@ class Updater:
     micro_batch_size: int = 0
     max_grad_norm: float = 1.0
     autocast_dtype: torch.dtype | None = None
+    routing_replay: bool = False  # MoE: force the behaviour policy's experts (Routing Replay)
     nonfinite_streak: int = 0
-    forward_context: Callable[[torch.Tensor], contextlib.AbstractContextManager] | None = None
 
     def update(self, model, optimizer, scheduler, inputs: UpdateInputs, generator: torch.Generator) -> list[dict]:
         """All optimizer steps for one rollout batch; returns one metrics dict per step."""
@@ -78,15 +79,20 @@ class Updater:
         minibatch = inputs.rows(index)
         normaliser = self._global_normaliser(minibatch.completion_mask)
         optimizer.zero_grad(set_to_none=True)
-        parts = []
+        parts, volatility = [], []
         size = self.micro_batch_size or len(index)
         for micro in torch.split(torch.arange(len(index)), size):
             rows = minibatch.rows(micro)
-            out = self._loss(model, rows, normaliser, index[micro])
-            out.loss.backward()
+            with self._routing_context(model, rows) as live:
+                out = self._loss(model, rows, normaliser)
+                out.loss.backward()  # inside the context: a recomputing backward must replay too
             parts.append(out)
+            if live is not None:
+                volatility.append(_volatility(rows, live))
         grad_norm = self._clip_and_check(model)
         metrics = _merge_metrics(parts)
+        if volatility:
+            metrics["moe/volatility"] = sum(volatility) / len(volatility)
         metrics["optim/grad_norm"] = grad_norm
         metrics["optim/lr"] = optimizer.param_groups[0]["lr"]
         if math.isfinite(grad_norm):
@@ -105,12 +111,19 @@ class Updater:
         scheduler.step()
         return metrics
 
-    def _loss(self, model, rows: UpdateInputs, normaliser: torch.Tensor, batch_index: torch.Tensor):
+    def _routing_context(self, model, rows: UpdateInputs) -> contextlib.AbstractContextManager:
+        """Replay the behaviour policy's experts, or capture the live ones to measure volatility."""
+        if rows.routing is None:
+            return contextlib.nullcontext()
+        if self.routing_replay:
+            return _yield_none(replay_routing(model, rows.routing))
+        return capture_routing(model)
+
+    def _loss(self, model, rows: UpdateInputs, normaliser: torch.Tensor):
         num_completion = rows.completion_mask.shape[1]
-        context = self.forward_context(batch_index) if self.forward_context else contextlib.nullcontext()
         autocast = torch.autocast(rows.input_ids.device.type, dtype=self.autocast_dtype,
                                   enabled=self.autocast_dtype is not None)
-        with context, autocast:
+        with autocast:
             logprobs = token_logprobs(model, rows.input_ids, rows.attention_mask, num_completion,
                                       temperature=self.temperature)  # (b, T)
         norm_key = "num_tokens" if self.algorithm in TOKEN_NORMALISED else "num_sequences"
@@ -131,6 +144,20 @@ class Updater:
         max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False)
         return float(norm)
+
+
+@contextlib.contextmanager
+def _yield_none(context):
+    with context:
+        yield None
+
+
+def _volatility(rows: UpdateInputs, live: RoutingRecord) -> float:
+    """Share of activated experts that differ between behaviour and current policy on response tokens."""
+    positions = torch.zeros_like(rows.attention_mask)  # (b, P + T) bool
+    positions[:, -rows.completion_mask.shape[1]:] = rows.completion_mask
+    mean, _ = expert_volatility(rows.routing, live, mask=positions)
+    return float(mean) if torch.isfinite(mean) else 0.0
 
 
 def _merge_metrics(parts: list) -> dict:
