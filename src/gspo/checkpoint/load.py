@@ -1,0 +1,131 @@
+"""Find the newest good checkpoint and load it back, refusing anything corrupt or unsafe.
+
+Nothing read from a checkpoint is executed: weights come from safetensors, and ``.pt`` files are read
+only with ``torch.load(weights_only=True)``, which rebuilds tensors and plain containers and refuses
+any other pickled object.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gspo.checkpoint.manifest import checkpoints_root, list_step_dirs, verify_checkpoint
+from gspo.checkpoint.save import unwrap_model
+from gspo.errors import CheckpointError
+
+MAX_KEYS_SHOWN = 5  # key lists in error messages are cut to this many
+
+
+class CorruptCheckpointWarning(UserWarning):
+    """A checkpoint directory failed verification and was skipped."""
+
+
+def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint under ``run_dir/checkpoints`` whose manifest fully verifies, or None.
+
+    Partial, truncated or corrupt checkpoints are skipped with a :class:`CorruptCheckpointWarning`
+    naming the bad file and the mismatch. Temp directories of killed saves are ignored. The
+    ``latest`` pointer file is not consulted.
+    """
+    for _, path in list_step_dirs(checkpoints_root(run_dir)):
+        try:
+            verify_checkpoint(path, deep=True)
+        except CheckpointError as exc:
+            warnings.warn(f"skipping checkpoint {path.name}: {exc}", CorruptCheckpointWarning, stacklevel=2)
+            continue
+        return path
+    return None
+
+
+def load_checkpoint(path: str | Path, *, model: torch.nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None) -> dict:
+    """Verify the checkpoint at ``path`` and load it into the given objects.
+
+    Weights are loaded in place into ``model`` (same architecture; every key must match, tied weights
+    excepted; DDP and ``torch.compile`` wrappers are looked through); ``optimizer`` and ``scheduler``
+    get their ``load_state_dict`` called. Returns
+    ``{"step", "trainer_state", "rng", "path"}``; pass ``rng`` to :func:`restore_rng_state` last.
+    Raises :class:`CheckpointError` naming the file if anything is missing, corrupt or mismatched.
+    """
+    path = Path(path)
+    manifest = verify_checkpoint(path, deep=True)
+    files = manifest["files"]
+    if model is not None:
+        load_model_weights(path, files, unwrap_model(model))
+    if optimizer is not None:
+        _load_state(optimizer, path, files, "optimizer.pt")
+    if scheduler is not None:
+        _load_state(scheduler, path, files, "scheduler.pt")
+    rng = _torch_load(path / "rng.pt") if "rng.pt" in files else None
+    trainer_state = json.loads((path / "trainer_state.json").read_text()) if "trainer_state.json" in files else {}
+    return {"step": manifest["step"], "trainer_state": trainer_state, "rng": rng, "path": path}
+
+
+def load_model_weights(ckpt_dir: Path, files: dict, model: torch.nn.Module) -> None:
+    """Load ``model*.safetensors`` into ``model`` in place, strictly.
+
+    ``save_pretrained`` writes a tied weight once (e.g. ``lm_head.weight`` tied to the embeddings is
+    omitted), so a key may be missing only if it shares storage with a key that was loaded.
+    """
+    from safetensors.torch import load_file
+
+    shards = sorted(name for name in files if name.startswith("model") and name.endswith(".safetensors"))
+    if not shards:
+        raise CheckpointError(f"{ckpt_dir} holds no model*.safetensors; it was saved without weights")
+    expected = model.state_dict()
+    loaded: set[str] = set()
+    for shard in shards:
+        tensors = load_file(ckpt_dir / shard)
+        unexpected = sorted(set(tensors) - set(expected))
+        if unexpected:
+            raise CheckpointError(f"{ckpt_dir / shard} has weights the model lacks ({_keys(unexpected)}); "
+                                  "build the model from the checkpoint's config.json (same architecture)")
+        try:
+            model.load_state_dict(tensors, strict=False)
+        except RuntimeError as exc:  # shape mismatch
+            raise CheckpointError(f"{ckpt_dir / shard} does not fit the model: {exc}") from exc
+        loaded.update(tensors)
+    missing = sorted(k for k in set(expected) - loaded if not _tied_to_loaded(k, expected, loaded))
+    if missing:
+        raise CheckpointError(f"{ckpt_dir} lacks weights the model has ({_keys(missing)}); "
+                              "build the model from the checkpoint's config.json (same architecture)")
+
+
+def _tied_to_loaded(key: str, state: dict[str, torch.Tensor], loaded: set[str]) -> bool:
+    """Whether ``state[key]`` shares memory with a tensor that was loaded (a tied weight)."""
+    tensor = state[key]
+    if tensor.numel() == 0:
+        return True  # nothing to restore
+    return any(state[other].data_ptr() == tensor.data_ptr() for other in loaded)
+
+
+def _load_state(target: Any, ckpt_dir: Path, files: dict, name: str) -> None:
+    """``target.load_state_dict`` from a weights-only ``.pt`` file of the checkpoint."""
+    if name not in files:
+        raise CheckpointError(f"{ckpt_dir} has no {name} (it was saved without one); "
+                              f"pass {name.removesuffix('.pt')}=None to load_checkpoint to skip it")
+    try:
+        target.load_state_dict(_torch_load(ckpt_dir / name))
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{ckpt_dir / name} does not match the {type(target).__name__} given ({exc}); "
+                              "build it with the same parameters and settings as the saved run") from exc
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` that only accepts tensors and plain containers (never runs pickled code)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} cannot be loaded safely: {type(exc).__name__}: {exc}. gspo only reads "
+                              "tensors and plain containers from checkpoints (weights_only=True); do not trust "
+                              "this file, resume from another checkpoint") from exc
+
+
+def _keys(keys: list[str]) -> str:
+    shown = ", ".join(keys[:MAX_KEYS_SHOWN])
+    return shown + (f", ... {len(keys) - MAX_KEYS_SHOWN} more" if len(keys) > MAX_KEYS_SHOWN else "")
