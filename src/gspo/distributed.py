@@ -1,16 +1,29 @@
 """The one module that imports torch.distributed.
 
-Everything else asks this module for its rank, world size and reductions. Without an initialised
-process group (a plain ``gspo train``), every function here is the single-process identity, so the
-trainer has one code path.
+Everything else asks this module for its rank, world size, reductions and model wrapping. Without
+an initialised process group (a plain ``gspo train``) every function here is the single-process
+identity, so the trainer has one code path. Launch several processes with torchrun
+(``torchrun --nproc-per-node N -m gspo train ...`` or ``gspo train --nproc N``): gloo on CPUs, NCCL on
+GPUs, DDP by default, FSDP2 (``fully_shard``) with ``distributed.strategy=fsdp``.
+
+Gradient scale: each process's loss is its share of the global loss (the losses take global
+normalisers), so the global gradient is the *sum* of the per-process gradients. DDP and FSDP average
+gradients over processes, so the trainer multiplies each loss by :func:`world_size` before backward
+(:func:`gradient_scale`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+# gloo collectives on a loaded CPU can be slow; a generous timeout avoids spurious failures while a
+# rank is still sampling, and a hung rank still fails eventually.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
 
 
 def is_initialized() -> bool:
@@ -30,11 +43,26 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def gradient_scale() -> float:
+    """Factor on each process's loss so that averaged gradients equal the global sum (see module doc)."""
+    return float(world_size())
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over every process (in place, returned for chaining)."""
     if is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def mean_over_processes(metrics: dict[str, float]) -> dict[str, float]:
+    """Average scalar metrics over processes (every process must pass the same keys)."""
+    if not is_initialized() or not metrics:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    all_reduce_sum(values)
+    return {k: float(v) / world_size() for k, v in zip(keys, values)}
 
 
 def barrier() -> None:
@@ -53,4 +81,60 @@ def maybe_init_distributed() -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
+
+
+def shutdown() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_for_training(module: torch.nn.Module, strategy: str) -> torch.nn.Module:
+    """DDP (replicated weights) or FSDP2 (sharded) around ``module``; the module itself alone."""
+    if not is_initialized():
+        return module
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
+        return DistributedDataParallel(module, device_ids=device_ids)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in _decoder_layers(module):
+            fully_shard(layer)
+        fully_shard(module)
+        return module
+    raise ValueError(f"unknown distributed strategy {strategy!r}: use ddp or fsdp")
+
+
+def no_sync(module: torch.nn.Module):
+    """Skip the gradient all-reduce for a micro-batch that is not the last of its optimizer step."""
+    if hasattr(module, "no_sync"):
+        return module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+
+        @contextlib.contextmanager
+        def _fsdp_no_sync():
+            module.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                module.set_requires_gradient_sync(True)
+
+        return _fsdp_no_sync()
+    return contextlib.nullcontext()
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a possibly sharded (DTensor) parameter; collective under FSDP2."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of a Hugging Face causal LM (each becomes one FSDP2 unit)."""
+    for sub in module.modules():
+        layers = getattr(sub, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers):
+            return list(layers)
+    return []

@@ -102,7 +102,8 @@ class OptimConfig:
 @dataclass
 class RewardConfig:
     functions: list[str] = field(default_factory=list)
-    """Rewards as ``name`` or ``name@weight``; ``module:function`` loads your own. Empty = the task's."""
+    """Rewards as ``name`` or ``name@weight``; ``module:function`` loads your own; ``rm:<dir>`` scores with a
+    local sequence-classification reward model (one forward per step). Empty = the task's rewards."""
     none_policy: str = "zero"
     """What a reward returning None means: zero (counted in metrics) or error."""
 
@@ -126,9 +127,25 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = 0
+    """LoRA rank: train PEFT adapters of this rank instead of every weight (0 = full fine-tuning)."""
+    alpha: float = 16.0
+    """LoRA scale numerator: the adapter adds (alpha / rank) * B A to each adapted weight."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (training forwards only; > 0 makes recomputed log-ratios noisy)."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Modules to adapt: names such as q_proj,v_proj, or all-linear (every linear layer but the LM head)."""
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool = True
     """Also write TensorBoard event files when tensorboard is installed."""
+    trackers: list[str] = field(default_factory=list)
+    """Experiment trackers that must be used: tensorboard, wandb, mlflow (metrics.jsonl is always written)."""
+    project: str = "gspo"
+    """Project (W&B) or experiment (MLflow) name the run is logged under."""
     progress: bool = True
     """Show the live progress bar."""
     samples: int = 4
@@ -141,6 +158,12 @@ class MoEConfig:
     """Routing Replay for MoE models: off; r2 (experts from the old-policy pass); r3 (rollout pass)."""
     diagnostics: bool = True
     """On MoE models, log expert-activation volatility between behaviour and current policy."""
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = "ddp"
+    """Data-parallel strategy under torchrun: ddp (replicated weights) or fsdp (FSDP2, sharded)."""
 
 
 @dataclass
@@ -166,6 +189,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @property
     def clip_range(self) -> tuple[float, float]:

@@ -80,7 +80,53 @@ def validate(config: Config) -> None:
     _positive("checkpoint.keep_last", config.checkpoint.keep_last)
     _minimum("log.samples", config.log.samples, 0)
     _choice("moe.routing_replay", config.moe.routing_replay, ("off", "r2", "r3"))
+    _choice("distributed.strategy", config.distributed.strategy, ("ddp", "fsdp"))
     _choice("data.chat_template", config.data.chat_template, ("auto", "always", "never"))
+    _validate_lora(config)
+    _validate_trackers(config.log.trackers)
+
+
+# log.trackers name -> (module that must import, the extra that installs it)
+TRACKERS = {"tensorboard": ("tensorboard", "trackers"), "wandb": ("wandb", "trackers-cloud"),
+            "mlflow": ("mlflow", "trackers-cloud")}
+
+
+def _validate_lora(config: Config) -> None:
+    lora = config.lora
+    _minimum("lora.rank", lora.rank, 0)
+    if not lora.rank:
+        return
+    if not lora.alpha > 0:
+        raise ConfigError(f"lora.alpha={lora.alpha} must be positive (the adapter is scaled by alpha / rank; "
+                          "common: alpha = rank or 2 x rank)")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"lora.dropout={lora.dropout} must be in [0, 1)")
+    if not lora.target_modules:
+        raise ConfigError("lora.target_modules is empty; name modules (e.g. q_proj,v_proj) or use all-linear")
+    if config.loss.ref_refresh_steps:
+        raise ConfigError(f"loss.ref_refresh_steps={config.loss.ref_refresh_steps} with lora.rank={lora.rank}: "
+                          "under LoRA the KL reference is the base model (adapter disabled), which never changes; "
+                          "set loss.ref_refresh_steps=0, or train without LoRA (lora.rank=0)")
+    if not _installed("peft"):
+        raise ConfigError(f"lora.rank={lora.rank} needs PEFT: pip install 'gspo[lora]' (or set lora.rank=0)")
+
+
+def _validate_trackers(trackers: list[str]) -> None:
+    for name in trackers:
+        _choice("log.trackers", name, tuple(TRACKERS))
+        module, extra = TRACKERS[name]
+        if not _installed(module):
+            raise ConfigError(f"log.trackers={name} needs the {module} package: pip install 'gspo[{extra}]' "
+                              f"(or drop {name} from log.trackers)")
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+    import sys
+
+    if module in sys.modules:  # imported already, or a stand-in injected by a test (None blocks it)
+        return sys.modules[module] is not None
+    return importlib.util.find_spec(module) is not None
 
 
 def _choice(key: str, value: object, allowed: tuple) -> None:

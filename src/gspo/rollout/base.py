@@ -80,11 +80,14 @@ class RolloutEngine(Protocol):
     """Anything that turns prompts into sampled completions with per-token log-probabilities."""
 
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None = None
+        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None = None, *,
+        row_seeds: list[int] | None = None,
     ) -> Rollout:
         """Sample one completion per entry of ``prompts`` (token-id lists, unpadded).
 
-        Repeat a prompt G times in ``prompts`` to get a group of G responses.
+        Repeat a prompt G times in ``prompts`` to get a group of G responses. ``row_seeds`` (one per
+        prompt) makes each row's sample independent of the rest of the batch, which is what lets N
+        processes reproduce a 1-process run; engines that cannot honour it may ignore it.
         """
         ...
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -33,6 +35,10 @@ def build_parts(config: Config) -> Parts:
     tokenizer = load_tokenizer(path)
     torch.manual_seed(config.seed)
     model = load_model(path, dtype=torch.float32, device=device)
+    if config.lora.rank:  # PEFT adapters: the base weights freeze, the optimizer sees only the adapters
+        from gspo.models.lora import apply_lora
+
+        model = apply_lora(model, config.lora, base_path=path)
     model.config.use_cache = False  # training forwards; the engine asks for a cache explicitly
     model.train()
     engine_dtype = None if config.rollout.engine_dtype in ("auto", "float32") else DTYPES[config.rollout.engine_dtype]
@@ -41,7 +47,9 @@ def build_parts(config: Config) -> Parts:
     optimizer = build_optimizer(model, config)
     total = config.steps * config.optim.minibatches * config.optim.epochs
     scheduler = build_scheduler(optimizer, config, total)
-    reference = frozen_copy(model) if config.loss.beta > 0 else None
+    reference = None
+    if config.loss.beta > 0:  # LoRA: the policy itself, run with its adapter disabled (see reference_policy)
+        reference = model if config.lora.rank else frozen_copy(model)
     return Parts(model, tokenizer, engine, optimizer, scheduler, reference, device)
 
 
@@ -66,6 +74,22 @@ def build_scheduler(optimizer, config: Config, total_steps: int) -> torch.optim.
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@contextlib.contextmanager
+def reference_policy(parts: Parts) -> Iterator[torch.nn.Module]:
+    """The module whose log-probabilities are the KL reference, for the duration of the block.
+
+    Full fine-tuning: the frozen copy. LoRA: the policy with its adapter disabled, i.e. the base model,
+    without a second copy of the weights in memory.
+    """
+    from gspo.models.lora import is_peft
+
+    if parts.reference is parts.model and is_peft(parts.model):
+        with parts.model.disable_adapter():
+            yield parts.model
+    else:
+        yield parts.reference
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

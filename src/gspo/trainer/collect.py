@@ -53,16 +53,21 @@ class Collector:
     none_policy: str = "zero"
     capture_routing: bool = False  # MoE: record the sampler's expert choices (Routing Replay R3)
 
-    def collect(self, rows: list[Row], seed: int) -> ScoredBatch:
-        """Sample ``group_size`` completions per row and score them."""
+    def collect(self, rows: list[Row], seed: int, first_index: int = 0) -> ScoredBatch:
+        """Sample ``group_size`` completions per row and score them.
+
+        ``first_index``: the global index of ``rows[0]`` in the step's batch; response j of prompt i is
+        sampled with its own seed derived from (seed, first_index + i, j), whatever the batch split.
+        """
         prompts = [ids for row in rows for ids in [self.render(row)] * self.group_size]
+        row_seeds = [_row_seed(seed, first_index + i, j) for i in range(len(rows)) for j in range(self.group_size)]
         generator = torch.Generator().manual_seed(seed)
         if self.capture_routing:  # R3: the experts the rollout engine used, for every position
             with capture_routing(self.engine.model, concat="sequence") as routing:
-                rollout = self.engine.generate(prompts, self.params, generator)
+                rollout = self.engine.generate(prompts, self.params, generator, row_seeds=row_seeds)
             rollout.routing = routing.pad_to(rollout.input_ids.shape[1])
         else:
-            rollout = self.engine.generate(prompts, self.params, generator)
+            rollout = self.engine.generate(prompts, self.params, generator, row_seeds=row_seeds)
         t0 = time.perf_counter()
         group_rows = [row for row in rows for _ in range(self.group_size)]
         completions = [self.decode(ids[mask].tolist()) for ids, mask in
@@ -101,6 +106,11 @@ class Collector:
         merged.metrics["dapo/kept_group_frac"] = have / max(sampled_groups, 1)
         merged.metrics["dapo/rounds"] = round_ + 1
         return merged
+
+
+def _row_seed(seed: int, prompt_index: int, sample: int) -> int:
+    """A per-response seed (a fixed mixing of the three numbers into 63 bits)."""
+    return (seed * 0x9E3779B97F4A7C15 + prompt_index * 0xBF58476D1CE4E5B9 + sample * 0x94D049BB133111EB) % (1 << 63)
 
 
 def _prompt_text(row: Row) -> str:

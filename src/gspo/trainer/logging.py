@@ -1,4 +1,4 @@
-"""Where metrics go: ``metrics.jsonl`` always, TensorBoard when installed, a live progress bar.
+"""Where metrics go: ``metrics.jsonl`` always, tracker sinks (TensorBoard, W&B, MLflow), a live progress bar.
 
 Only the main process (rank 0) writes; the trainer builds a :class:`MetricsLogger` there and a
 silent one elsewhere.
@@ -22,33 +22,40 @@ PROGRESS_COLUMNS = (
 
 
 class MetricsLogger:
-    """Appends one JSON line per step and mirrors scalars to the optional sinks."""
+    """Writes each step's metrics to ``metrics.jsonl`` and to the run's tracker sinks (:mod:`gspo.trainer.sinks`).
 
-    def __init__(self, run_dir: Path | None, *, tensorboard: bool = True, enabled: bool = True) -> None:
+    ``tensorboard``: add TensorBoard when it is installed (the historical default); ``trackers``: sinks
+    that must be used (tensorboard, wandb, mlflow); ``run_config``: the resolved config, attached to
+    W&B and MLflow runs.
+    """
+
+    def __init__(self, run_dir: Path | None, *, tensorboard: bool = True, enabled: bool = True,
+                 trackers: list[str] = (), project: str = "gspo", run_config: dict | None = None) -> None:
+        from gspo.trainer.sinks import JsonlSink, build_sinks
+
         self.enabled = enabled and run_dir is not None
         self.run_dir = run_dir
-        self._tb = None
+        self.sinks: list = []
         if self.enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
-            if tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-
-                    self._tb = SummaryWriter(str(run_dir / "tensorboard"))
-                except ImportError:  # optional sink: metrics.jsonl is always written
-                    self._tb = None
+            self.sinks = [JsonlSink(run_dir / "metrics.jsonl"),
+                          *build_sinks(run_dir, list(trackers), tensorboard=tensorboard, project=project,
+                                       run_config=run_config)]
 
     def log(self, step: int, metrics: dict[str, Any], file: str = "metrics.jsonl") -> None:
+        """``file``: another JSON-lines file of the run; trackers then see the keys under ``<file stem>/``."""
         if not self.enabled:
             return
-        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
-        with open(self.run_dir / file, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            prefix = "" if file == "metrics.jsonl" else file.split(".")[0] + "/"
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(prefix + key, value, step)
+        if file == "metrics.jsonl":
+            for sink in self.sinks:
+                sink.log(step, metrics)
+            return
+        from gspo.trainer.sinks import JsonlSink
+
+        JsonlSink(self.run_dir / file).log(step, metrics)
+        prefix = file.split(".")[0] + "/"
+        for sink in self.sinks[1:]:
+            sink.log(step, {prefix + k: v for k, v in metrics.items()})
 
     def samples(self, step: int, rows: list[dict]) -> None:
         if self.enabled and rows:
@@ -57,8 +64,28 @@ class MetricsLogger:
                     f.write(json.dumps({"step": step, **{k: _jsonable(v) for k, v in row.items()}}) + "\n")
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = self.sinks[:1]  # metrics.jsonl needs no closing and stays usable
+
+
+def drop_records_after(run_dir: Path, step: int, files: tuple[str, ...] = ("metrics.jsonl", "samples.jsonl")) -> None:
+    """On resume from ``step``: forget the records of later steps (they are redone) and lines torn by a kill."""
+    from gspo.checkpoint._fs import replace_file_atomic
+
+    for name in files:
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        kept = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the process was killed while writing this line
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line + "\n")
+        replace_file_atomic(path, "".join(kept).encode("utf-8"))
 
 
 def _jsonable(value: Any) -> Any:

@@ -9,9 +9,11 @@ from pathlib import Path
 
 from gspo import distributed as dist
 from gspo.checkpoint import find_latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint, capture_rng_state
+from gspo.checkpoint.manifest import checkpoints_root, list_step_dirs
 from gspo.config.schema import Config
 from gspo.errors import CheckpointError, TrainingDiverged
 from gspo.signals import GracefulInterrupt
+from gspo.trainer.logging import drop_records_after
 from gspo.trainer.progress import Progress
 from gspo.trainer.trainer import Trainer, TrainState
 
@@ -31,9 +33,9 @@ def train(config: Config, run_dir: Path | None = None, *, resume: bool = False, 
         check_resumable(config, run_dir)
     trainer = Trainer(config, run_dir)
     trainer.save_resolved_config()
-    if resume:
-        _restore(trainer, run_dir)
     progress = Progress(config.steps, enabled=config.log.progress and dist.is_main(), console=console)
+    if resume:
+        _restore(trainer, run_dir, progress)
     if "before" not in trainer.state.history:
         trainer.state.history["before"] = trainer.evaluate()
         progress.note("held-out before training: " + _eval_text(trainer.state.history["before"]))
@@ -42,22 +44,27 @@ def train(config: Config, run_dir: Path | None = None, *, resume: bool = False, 
         while trainer.state.step < config.steps:
             try:
                 metrics = trainer.train_step()
-            except TrainingDiverged:
-                progress.note(f"stopped: training diverged; the last good checkpoint in {run_dir} is kept")
-                raise
+            except TrainingDiverged as exc:
+                raise TrainingDiverged(f"training diverged at step {trainer.state.step + 1}: {exc}. "
+                                       f"{_last_good_text(run_dir)}") from None
             progress.update(trainer.state.step, metrics)
             step = trainer.state.step
             if config.eval.every and step % config.eval.every == 0 and step < config.steps:
                 evaluation = trainer.evaluate()
                 trainer.logger.log(step, evaluation)
                 progress.note(f"step {step} held-out: " + _eval_text(evaluation))
-            if config.checkpoint.every and step % config.checkpoint.every == 0:
+            saved = bool(config.checkpoint.every) and step % config.checkpoint.every == 0
+            if saved:
                 _save(trainer, run_dir)
             if interrupt.requested:
-                _save(trainer, run_dir)
-                progress.note(f"interrupted at step {step}; checkpoint saved. Resume with: "
-                              f"gspo train --resume {run_dir}")
-                sys.exit(interrupt.exit_code)
+                if not saved:
+                    _save(trainer, run_dir)
+                break
+    if interrupt.requested:  # signal handlers are restored: a second signal now acts at once
+        trainer.logger.close()
+        _say(progress, f"interrupted at step {trainer.state.step} of {config.steps}; checkpoint saved. "
+                       f"Resume with: gspo train --resume {run_dir}")
+        sys.exit(interrupt.exit_code)
     after = trainer.evaluate()
     trainer.logger.log(trainer.state.step, after)
     _save(trainer, run_dir)
@@ -69,11 +76,15 @@ def train(config: Config, run_dir: Path | None = None, *, resume: bool = False, 
 
 
 def check_resumable(config: Config, run_dir: Path) -> None:
-    """A resume needs a checkpoint and a config that trains the same way."""
+    """A resume needs a run directory (its config.json) and a config that trains the same way."""
     saved_path = run_dir / "config.json"
     if not saved_path.exists():
         raise CheckpointError(f"cannot resume: '{run_dir}' has no config.json; is it a gspo run directory?")
-    saved = json.loads(saved_path.read_text())
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot resume: '{saved_path}' is not valid JSON ({exc}); "
+                              "restore it or start a new run") from None
     current = config.to_dict()
     diffs = [k for k in _flatten(current) if k.split(".")[0] not in RESUMABLE_DIFFERENCES
              and _flatten(saved).get(k) != _flatten(current)[k] and k != "run_dir"]
@@ -83,17 +94,32 @@ def check_resumable(config: Config, run_dir: Path) -> None:
                               "resume with the run's own config, or start a new run")
 
 
-def _restore(trainer: Trainer, run_dir: Path) -> None:
+def _restore(trainer: Trainer, run_dir: Path, progress: Progress) -> None:
+    """Load the newest checkpoint that verifies (corrupt ones are skipped with a warning).
+
+    A run killed before its first save has none: it starts again from step 0.
+    """
     path = find_latest_checkpoint(run_dir)
     if path is None:
-        raise CheckpointError(f"cannot resume: no valid checkpoint under '{run_dir}/checkpoints'")
-    loaded = load_checkpoint(path, model=trainer.model, optimizer=trainer.parts.optimizer,
-                             scheduler=trainer.parts.scheduler)
-    trainer.state = TrainState(**loaded["trainer_state"])
-    trainer.data.skip(trainer.state.data_position)
-    trainer.parts.engine.sync_weights(trainer.model)
-    if loaded.get("rng"):
-        restore_rng_state(loaded["rng"])
+        if list_step_dirs(checkpoints_root(run_dir)):
+            raise CheckpointError(f"cannot resume: no checkpoint under '{checkpoints_root(run_dir)}' verifies "
+                                  "(see the warnings above); start a new run")
+        _say(progress, f"'{run_dir}' has no checkpoint yet (stopped before the first save): starting at step 0")
+    else:
+        loaded = load_checkpoint(path, model=trainer.model, optimizer=trainer.parts.optimizer,
+                                 scheduler=trainer.parts.scheduler)
+        try:
+            trainer.state = TrainState(**loaded["trainer_state"])
+        except TypeError as exc:
+            raise CheckpointError(f"{path / 'trainer_state.json'} does not fit this gspo's TrainState ({exc}); "
+                                  "resume with the gspo version that wrote it") from None
+        trainer.data.skip(trainer.state.data_position)
+        trainer.parts.engine.sync_weights(trainer.model)
+        if loaded.get("rng"):
+            restore_rng_state(loaded["rng"])
+        _say(progress, f"resuming from {path} (step {trainer.state.step})")
+    if dist.is_main():  # the steps after the checkpoint are redone: their old log lines go
+        drop_records_after(run_dir, trainer.state.step)
 
 
 def _save(trainer: Trainer, run_dir: Path) -> None:
@@ -108,12 +134,31 @@ def _save(trainer: Trainer, run_dir: Path) -> None:
 def _summary(trainer: Trainer, after: dict, last: dict, run_dir: Path) -> dict:
     before = trainer.state.history["before"]
     summary = {"run_dir": str(run_dir), "steps": trainer.state.step, "before": before, "after": after,
-               "lift/accuracy": after["eval/accuracy"] - before["eval/accuracy"]}
+               "lift/accuracy": after["eval/accuracy"] - before["eval/accuracy"],
+               "optim/skipped_total": trainer.state.skipped_steps}
     if "eval/greedy_accuracy" in after:
         summary["lift/greedy_accuracy"] = after["eval/greedy_accuracy"] - before["eval/greedy_accuracy"]
     if dist.is_main():
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _last_good_text(run_dir: Path) -> str:
+    """Where the last checkpoint is, and how to go on from its weights (a plain resume would diverge again)."""
+    found = list_step_dirs(checkpoints_root(run_dir))
+    if not found:
+        return "No checkpoint was saved; lower optim.lr or check the rewards and start again"
+    path = found[0][1]
+    return (f"Last good checkpoint: {path}; to go on from its weights, start a new run with model={path} "
+            "and a lower optim.lr")
+
+
+def _say(progress: Progress, text: str) -> None:
+    """A message the user must see even when the progress display is off."""
+    if progress.enabled:
+        progress.note(text)
+    elif dist.is_main():
+        print(text, file=sys.stderr, flush=True)
 
 
 def _eval_text(evaluation: dict) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from gspo import distributed as dist
+from gspo.checkpoint._fs import replace_file_atomic
 from gspo.config.schema import Config
 from gspo.errors import ConfigError
 from gspo.evaluate import Evaluator
@@ -25,9 +26,10 @@ from gspo.tasks.base import DataCursor
 from gspo.tasks.registry import build_task
 from gspo.tasks.render import PromptRenderer
 from gspo.tasks.rewards import resolve_rewards
-from gspo.trainer.build import DTYPES, build_parts, frozen_copy
+from gspo.trainer.build import DTYPES, build_parts, frozen_copy, reference_policy
 from gspo.trainer.collect import Collector, ScoredBatch
 from gspo.trainer.logging import MetricsLogger
+from gspo.trainer.policy import PolicyLogprobs
 from gspo.trainer.update import Updater, UpdateInputs
 
 
@@ -38,6 +40,7 @@ class TrainState:
     step: int = 0
     data_position: int = 0
     history: dict = field(default_factory=dict)  # e.g. the evaluation before training
+    skipped_steps: int = 0  # optimizer steps skipped so far for a non-finite loss or gradient
 
 
 class Trainer:
@@ -45,14 +48,15 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir) if run_dir else None
         self.parts = build_parts(config)
-        self.model = self.parts.model
+        self.model = self.parts.model  # the Hugging Face model (unwrapped)
+        self.policy = dist.wrap_for_training(PolicyLogprobs(self.model), config.distributed.strategy)
         tok = self.parts.tokenizer
         r = config.rollout
         self.task = build_task(config.data, seed=config.seed, eval_size=config.eval.size)
         context = getattr(self.model.config, "max_position_embeddings", None)
         self.render = PromptRenderer(tok, config.data.system_prompt, config.data.chat_template,
                                      max_prompt_tokens=(context - r.max_new_tokens) if context else None)
-        self.rewards = resolve_rewards(config.reward.functions, self.task.rewards)
+        self.rewards = resolve_rewards(config.reward.functions, self.task.rewards, device=self.parts.device)
         self.params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                                      top_p=r.top_p, top_k=r.top_k)
         self.moe = supports_routing(self.model)
@@ -75,7 +79,9 @@ class Trainer:
         self.state = TrainState()
         self.last_updates: list[dict] = []
         self.data = DataCursor(self.task.train_stream)
-        self.logger = MetricsLogger(self.run_dir, tensorboard=config.log.tensorboard, enabled=dist.is_main())
+        self.logger = MetricsLogger(self.run_dir, tensorboard=config.log.tensorboard, enabled=dist.is_main(),
+                                    trackers=config.log.trackers, project=config.log.project,
+                                    run_config=config.to_dict())
 
     # -- one step -----------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -83,29 +89,49 @@ class Trainer:
         cfg, step = self.config, self.state.step
         t0 = time.perf_counter()
         seed = _step_seed(cfg.seed, step, dist.rank())
-        num_prompts = cfg.rollout.prompts_per_step // dist.world_size()
         if cfg.dynamic_sampling:
-            batch = self.collector.collect_with_signal(self.data.take, num_prompts, seed)
-        else:
-            batch = self.collector.collect(self.data.take(num_prompts), seed)
+            batch = self.collector.collect_with_signal(self._take_shard, self._shard_size(), seed)
+        else:  # per-response seeds from the step and the prompt's global index: independent of the split
+            batch = self.collector.collect(self._take_shard(), _step_seed(cfg.seed, step, rank=0),
+                                           first_index=dist.rank() * self._shard_size())
         t1 = time.perf_counter()
         inputs, lp_metrics = self._update_inputs(batch)
         t2 = time.perf_counter()
-        history = self.updater.update(self.model, self.parts.optimizer, self.parts.scheduler, inputs,
-                                      torch.Generator().manual_seed(seed + 1))
+        local = len(batch.advantages)
+        shared = torch.Generator().manual_seed(_step_seed(cfg.seed, step, rank=0) + 1)  # same on every process
+        if cfg.dynamic_sampling:  # shard sizes differ per process: permute locally
+            history = self.updater.update(self.policy, self.parts.optimizer, self.parts.scheduler, inputs,
+                                          torch.Generator().manual_seed(seed + 1))
+        else:
+            history = self.updater.update(self.policy, self.parts.optimizer, self.parts.scheduler, inputs, shared,
+                                          offset=dist.rank() * local, total=local * dist.world_size())
         self.parts.engine.sync_weights(self.model)
         self.last_updates = history  # per-optimizer-step metrics, for inspection and tests
         t3 = time.perf_counter()
         self.state.step += 1
         self.state.data_position = self.data.position
+        self.state.skipped_steps += int(sum(h["optim/skipped"] for h in history))
         self._maybe_refresh_reference()
         metrics = {**batch.metrics, **lp_metrics, **_summarise_updates(history), **_batch_metrics(batch)}
+        metrics = dist.mean_over_processes(metrics)
+        metrics["optim/skipped_total"] = self.state.skipped_steps
         tokens = int(batch.rollout.lengths.sum())
         metrics.update({"time/rollout_s": t1 - t0, "time/logprobs_s": t2 - t1, "time/update_s": t3 - t2,
                         "time/step_s": t3 - t0, "throughput/tokens_per_s": tokens / max(t1 - t0, 1e-9)})
         self.logger.log(self.state.step, metrics)
         self.logger.samples(self.state.step, _sample_rows(batch, cfg.log.samples))
         return metrics
+
+    def _shard_size(self) -> int:
+        """Prompts this process samples per step (validated to divide evenly)."""
+        return self.config.rollout.prompts_per_step // dist.world_size()
+
+    def _take_shard(self, num_prompts: int | None = None) -> list:
+        """This process's share of the next global batch of prompts: every process reads the same
+        stream and keeps its own slice, so groups never straddle processes."""
+        n = num_prompts or self._shard_size()
+        rows = self.data.take(n * dist.world_size())
+        return rows[dist.rank() * n : (dist.rank() + 1) * n]
 
     @torch.no_grad()
     def _update_inputs(self, batch: ScoredBatch) -> tuple[UpdateInputs, dict[str, float]]:
@@ -121,7 +147,7 @@ class Trainer:
         routing = None
         if recompute or capture:
             with capture_routing(self.model) if capture else contextlib.nullcontext() as routing:
-                old = token_logprobs(self.model, ids, attn, num_t, temperature=temp)  # (B, T)
+                old = self.policy(ids, attn, num_t, temp)  # (B, T)
             metrics.update(_mismatch_metrics(old, rollout.logprobs, mask))
         if not recompute:
             old = rollout.logprobs
@@ -129,7 +155,8 @@ class Trainer:
             routing = rollout.routing
         ref = None
         if self.parts.reference is not None:
-            ref = token_logprobs(self.parts.reference, ids, attn, num_t, temperature=temp)  # (B, T)
+            with reference_policy(self.parts) as reference:  # LoRA: the base model, adapter disabled
+                ref = token_logprobs(reference, ids, attn, num_t, temperature=temp)  # (B, T)
         return UpdateInputs(ids, attn, mask, batch.advantages, old, ref, routing), metrics
 
     def _maybe_refresh_reference(self) -> None:
@@ -151,7 +178,8 @@ class Trainer:
     def save_resolved_config(self) -> None:
         if self.run_dir is not None and dist.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+            # atomic: a kill mid-write must not leave a truncated config.json that blocks --resume
+            replace_file_atomic(self.run_dir / "config.json", json.dumps(self.config.to_dict(), indent=2).encode())
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:

@@ -16,7 +16,6 @@ import torch
 from gspo import distributed as dist
 from gspo.algorithms import dapo_loss, grpo_loss, gspo_loss, gspo_token_loss
 from gspo.errors import TrainingDiverged
-from gspo.logprobs import token_logprobs
 from gspo.moe import RoutingRecord, capture_routing, expert_volatility, replay_routing
 
 LOSSES = {"gspo": gspo_loss, "gspo_token": gspo_token_loss, "grpo": grpo_loss, "dapo": dapo_loss}
@@ -64,32 +63,48 @@ class Updater:
     routing_replay: bool = False  # MoE: force the behaviour policy's experts (Routing Replay)
     nonfinite_streak: int = 0
 
-    def update(self, model, optimizer, scheduler, inputs: UpdateInputs, generator: torch.Generator) -> list[dict]:
-        """All optimizer steps for one rollout batch; returns one metrics dict per step."""
+    def update(self, policy, optimizer, scheduler, inputs: UpdateInputs, generator: torch.Generator, *,
+               offset: int = 0, total: int | None = None) -> list[dict]:
+        """All optimizer steps for one rollout batch; returns one metrics dict per step.
+
+        ``policy``: the :class:`~gspo.trainer.policy.PolicyLogprobs` module, possibly DDP/FSDP-wrapped.
+        The batch is this process's rows ``offset .. offset + B`` of a global batch of ``total``
+        responses. Minibatches are drawn from one permutation of the *global* batch (``generator`` is
+        seeded identically on every process), so minibatch i holds the same responses whatever the
+        number of processes: response j goes to minibatch ``perm[j] % minibatches``.
+        """
+        size = len(inputs.advantages)
+        total = total or size
         history = []
         for _ in range(self.epochs):
-            order = torch.randperm(len(inputs.advantages), generator=generator)  # (B,)
-            for mb, index in enumerate(torch.tensor_split(order, self.minibatches)):
-                metrics = self._step(model, optimizer, scheduler, inputs, index)
+            perm = torch.randperm(total, generator=generator)[offset : offset + size]  # (B,)
+            assignment = perm % self.minibatches  # (B,) minibatch of each local response
+            for mb in range(self.minibatches):
+                index = (assignment == mb).nonzero().squeeze(1)  # (b,)
+                metrics = self._step(policy, optimizer, scheduler, inputs, index)
                 metrics["minibatch"] = mb
                 history.append(metrics)
         return history
 
-    def _step(self, model, optimizer, scheduler, inputs: UpdateInputs, index: torch.Tensor) -> dict:
+    def _step(self, policy, optimizer, scheduler, inputs: UpdateInputs, index: torch.Tensor) -> dict:
         minibatch = inputs.rows(index)
         normaliser = self._global_normaliser(minibatch.completion_mask)
         optimizer.zero_grad(set_to_none=True)
         parts, volatility = [], []
-        size = self.micro_batch_size or len(index)
-        for micro in torch.split(torch.arange(len(index)), size):
+        size = self.micro_batch_size or max(len(index), 1)
+        micros = torch.split(torch.arange(len(index)), size)
+        model = _inner_model(policy)
+        for i, micro in enumerate(micros):
             rows = minibatch.rows(micro)
-            with self._routing_context(model, rows) as live:
-                out = self._loss(model, rows, normaliser)
-                out.loss.backward()  # inside the context: a recomputing backward must replay too
+            sync = contextlib.nullcontext() if i == len(micros) - 1 else dist.no_sync(policy)
+            with sync, self._routing_context(model, rows) as live:
+                out = self._loss(policy, rows, normaliser)
+                # backward inside the routing context: a recomputing backward must replay too
+                (out.loss * dist.gradient_scale()).backward()
             parts.append(out)
             if live is not None:
                 volatility.append(_volatility(rows, live))
-        grad_norm = self._clip_and_check(model)
+        grad_norm = self._clip_and_check(policy)
         metrics = _merge_metrics(parts)
         if volatility:
             metrics["moe/volatility"] = sum(volatility) / len(volatility)
@@ -119,13 +134,12 @@ class Updater:
             return _yield_none(replay_routing(model, rows.routing))
         return capture_routing(model)
 
-    def _loss(self, model, rows: UpdateInputs, normaliser: torch.Tensor):
+    def _loss(self, policy, rows: UpdateInputs, normaliser: torch.Tensor):
         num_completion = rows.completion_mask.shape[1]
         autocast = torch.autocast(rows.input_ids.device.type, dtype=self.autocast_dtype,
                                   enabled=self.autocast_dtype is not None)
         with autocast:
-            logprobs = token_logprobs(model, rows.input_ids, rows.attention_mask, num_completion,
-                                      temperature=self.temperature)  # (b, T)
+            logprobs = policy(rows.input_ids, rows.attention_mask, num_completion, self.temperature)  # (b, T)
         norm_key = "num_tokens" if self.algorithm in TOKEN_NORMALISED else "num_sequences"
         return LOSSES[self.algorithm](
             logprobs.float(), rows.old_logprobs, rows.advantages, rows.completion_mask,
@@ -139,11 +153,16 @@ class Updater:
         count = lengths.sum() if self.algorithm in TOKEN_NORMALISED else (lengths > 0).sum()
         return dist.all_reduce_sum(count.to(torch.float64).reshape(1)).squeeze(0)
 
-    def _clip_and_check(self, model) -> float:
-        params = [p for p in model.parameters() if p.grad is not None]
+    def _clip_and_check(self, policy) -> float:
+        params = [p for p in policy.parameters() if p.grad is not None]
         max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False)
         return float(norm)
+
+
+def _inner_model(policy: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model inside a (DDP-wrapped) PolicyLogprobs."""
+    return getattr(policy, "module", policy).model
 
 
 @contextlib.contextmanager

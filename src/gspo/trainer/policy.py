@@ -1,0 +1,23 @@
+"""The policy as a module whose forward returns per-token log-probabilities.
+
+This is what DDP / FSDP2 wrap: their gradient synchronisation hangs on the wrapped module's
+forward, and the trainer's forward is "log-probabilities of these completion tokens", computed with a
+chunked LM head (:func:`gspo.logprobs.token_logprobs`), not the model's full logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gspo.logprobs import token_logprobs
+
+
+class PolicyLogprobs(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_completion_tokens: int,
+                temperature: float = 1.0) -> torch.Tensor:
+        """(B, T) log pi(y_t | x, y_<t) of the last ``num_completion_tokens`` positions."""
+        return token_logprobs(self.model, input_ids, attention_mask, num_completion_tokens, temperature=temperature)
