@@ -131,6 +131,40 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
+@torch.no_grad()
+def copy_full_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """Copy ``source``'s (possibly FSDP-sharded) parameters into the unsharded ``target``, in place.
+
+    Under FSDP2 every process must call this (gathering a sharded parameter is a collective).
+    """
+    targets = dict(target.named_parameters())
+    for name, param in source.named_parameters():
+        targets[name.removeprefix("_fsdp_wrapped_module.")].copy_(full_tensor(param))
+
+
+def load_full_weights(policy: torch.nn.Module, source: torch.nn.Module) -> None:
+    """Scatter whole weights from ``source`` (an unsharded model) into the (sharded) ``policy``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    state = {f"model.{name}": param.detach() for name, param in source.named_parameters()}
+    set_model_state_dict(policy, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def full_optimizer_state(policy: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state as one process would hold it (FSDP2: gathered; a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(policy, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                 cpu_offload=True))
+
+
+def load_full_optimizer_state(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a gathered optimizer state into a sharded (or plain) optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(policy, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
 def _decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
     """The transformer blocks of a Hugging Face causal LM (each becomes one FSDP2 unit)."""
     for sub in module.modules():

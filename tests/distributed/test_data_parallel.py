@@ -44,7 +44,8 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], out: str, sy
             trainer = Trainer(config, None)
             metrics = [trainer.train_step() for _ in range(config.steps)]
             if rank == 0:
-                torch.save({"params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+                whole = trainer.parts.engine.model if trainer.sharded else trainer.model  # FSDP: gathered copy
+                torch.save({"params": {n: p.detach().clone() for n, p in whole.named_parameters()},
                             "metrics": metrics}, out)
     finally:
         dist.shutdown()
@@ -91,4 +92,23 @@ def test_save_with_two_processes_load_with_one(tmp_path, dp_overrides):
     from gspo.config import load_config
 
     summary = train(load_config(None, [*args, "steps=3", f"run_dir={run}"]), run, resume=True)
+    assert summary["steps"] == 3
+
+
+def test_fsdp2_matches_one_process_and_its_checkpoint_loads_in_one(tmp_path, dp_overrides):
+    _spawn(2, [*dp_overrides, "distributed.strategy=fsdp"], tmp_path / "fsdp.pt")
+    fsdp = torch.load(tmp_path / "fsdp.pt", weights_only=True)
+    one_params, _ = _single(dp_overrides)
+    for name, tensor in one_params.items():
+        torch.testing.assert_close(fsdp["params"][name], tensor, rtol=0, atol=1e-5, msg=name)
+
+    run = tmp_path / "run"
+    args = [o for o in dp_overrides if not o.startswith(("checkpoint.", "steps="))]
+    _spawn(2, [*args, "distributed.strategy=fsdp", "steps=2", "checkpoint.every=1", f"run_dir={run}"],
+           tmp_path / "unused.pt")
+    from gspo.config import load_config
+    from gspo.trainer.run import train
+
+    summary = train(load_config(None, [*args, "distributed.strategy=fsdp", "steps=3", f"run_dir={run}"]), run,
+                    resume=True)
     assert summary["steps"] == 3

@@ -122,10 +122,27 @@ def _restore(trainer: Trainer, run_dir: Path, progress: Progress) -> None:
         drop_records_after(run_dir, trainer.state.step)
 
 
+class FullStateOptimizer:
+    """The optimizer as the checkpoint module sees it: one process's whole state, keyed by parameter
+    name, whatever the number of processes or sharding (so any process count can load it)."""
+
+    def __init__(self, trainer: Trainer, state: dict | None = None) -> None:
+        self.trainer, self.state = trainer, state
+
+    def state_dict(self) -> dict:
+        return self.state if self.state is not None else dist.full_optimizer_state(
+            self.trainer.policy, self.trainer.parts.optimizer)
+
+    def load_state_dict(self, state: dict) -> None:
+        dist.load_full_optimizer_state(self.trainer.policy, self.trainer.parts.optimizer, state)
+
+
 def _save(trainer: Trainer, run_dir: Path) -> None:
+    optimizer_state = dist.full_optimizer_state(trainer.policy, trainer.parts.optimizer)  # collective
     if dist.is_main():
-        save_checkpoint(run_dir, trainer.state.step, model=trainer.model, tokenizer=trainer.parts.tokenizer,
-                        optimizer=trainer.parts.optimizer, scheduler=trainer.parts.scheduler,
+        model = trainer.parts.engine.model if trainer.sharded else trainer.model  # whole weights
+        save_checkpoint(run_dir, trainer.state.step, model=model, tokenizer=trainer.parts.tokenizer,
+                        optimizer=FullStateOptimizer(trainer, optimizer_state), scheduler=trainer.parts.scheduler,
                         trainer_state=vars(trainer.state), rng=capture_rng_state(),
                         keep_last=trainer.config.checkpoint.keep_last)
     dist.barrier()

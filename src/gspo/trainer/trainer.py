@@ -7,6 +7,7 @@ The trainer orchestrates; the math lives in :mod:`gspo.algorithms`, sampling beh
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ from gspo.tasks.base import DataCursor
 from gspo.tasks.registry import build_task
 from gspo.tasks.render import PromptRenderer
 from gspo.tasks.rewards import resolve_rewards
-from gspo.trainer.build import DTYPES, build_parts, frozen_copy, reference_policy
+from gspo.rollout.hf import HFEngine
+from gspo.trainer.build import DTYPES, build_optimizer, build_parts, build_scheduler, frozen_copy, reference_policy
 from gspo.trainer.collect import Collector, ScoredBatch
 from gspo.trainer.logging import MetricsLogger
 from gspo.trainer.policy import PolicyLogprobs
@@ -49,7 +51,15 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir else None
         self.parts = build_parts(config)
         self.model = self.parts.model  # the Hugging Face model (unwrapped)
+        self.sharded = dist.is_initialized() and config.distributed.strategy == "fsdp"
+        if self.sharded:  # the sampler needs whole weights: it gets its own copy, refreshed every step
+            self.parts.engine = HFEngine(copy.deepcopy(self.model), pad_token_id=self.parts.engine.pad_token_id,
+                                         eos_token_id=self.parts.engine.eos_ids.tolist())
         self.policy = dist.wrap_for_training(PolicyLogprobs(self.model), config.distributed.strategy)
+        if self.sharded:  # fully_shard replaced the parameters: the optimizer must see the sharded ones
+            self.parts.optimizer = build_optimizer(self.policy, config)
+            self.parts.scheduler = build_scheduler(self.parts.optimizer, config,
+                                                   config.steps * config.optim.minibatches * config.optim.epochs)
         tok = self.parts.tokenizer
         r = config.rollout
         self.task = build_task(config.data, seed=config.seed, eval_size=config.eval.size)
@@ -105,7 +115,7 @@ class Trainer:
         else:
             history = self.updater.update(self.policy, self.parts.optimizer, self.parts.scheduler, inputs, shared,
                                           offset=dist.rank() * local, total=local * dist.world_size())
-        self.parts.engine.sync_weights(self.model)
+        self.sync_engine()
         self.last_updates = history  # per-optimizer-step metrics, for inspection and tests
         t3 = time.perf_counter()
         self.state.step += 1
@@ -121,6 +131,13 @@ class Trainer:
         self.logger.log(self.state.step, metrics)
         self.logger.samples(self.state.step, _sample_rows(batch, cfg.log.samples))
         return metrics
+
+    def sync_engine(self) -> None:
+        """Make the sampler use the weights just trained (gathers shards under FSDP2: every process)."""
+        if self.sharded:
+            dist.copy_full_weights(self.model, self.parts.engine.model)
+        else:
+            self.parts.engine.sync_weights(self.model)
 
     def _shard_size(self) -> int:
         """Prompts this process samples per step (validated to divide evenly)."""
