@@ -2,7 +2,9 @@
 
 Only local files are read (``local_files_only=True``), weights only from safetensors or with
 ``weights_only`` loading inside transformers, and ``trust_remote_code`` is never enabled: nothing
-in a model directory is executed.
+in a model directory is executed. A directory whose ``config.json`` or ``tokenizer_config.json``
+maps classes to its own Python files (``auto_map``) is refused rather than silently loaded with the
+built-in class of the same ``model_type``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from gspo.errors import ModelLoadError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED = {"tiny-arith": ASSETS / "tiny-arith", "tiny-moe": ASSETS / "tiny-moe-arith"}
+CODE_MAPS = ("config.json", "tokenizer_config.json")  # where transformers looks for auto_map
 
 
 def resolve_model_path(name_or_path: str) -> Path:
@@ -35,6 +38,8 @@ def resolve_model_path(name_or_path: str) -> Path:
             f"model '{name_or_path}' is neither an embedded model ({names}) nor an existing directory; "
             "pass model=<local Hugging Face model directory> (nothing is downloaded)"
         )
+    if path.is_dir() and (path / "adapter_config.json").exists():  # a LoRA adapter (gspo.models.lora)
+        return path
     if not path.is_dir() or not (path / "config.json").exists():
         raise ModelLoadError(f"'{path}' is not a Hugging Face model directory (no config.json inside)")
     return path
@@ -44,8 +49,13 @@ def load_tokenizer(path: Path):
     """The tokenizer saved beside the model; it must define EOS, and gets pad = EOS if it has no pad."""
     from transformers import AutoTokenizer
 
+    if (Path(path) / "adapter_config.json").exists() and not (Path(path) / "tokenizer_config.json").exists():
+        from gspo.models.lora import adapter_base
+
+        path = adapter_base(path)  # a bare adapter directory: the base model's tokenizer
+    refuse_custom_code(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"no usable tokenizer in '{path}' ({exc}); save one with tokenizer.save_pretrained")
     if tokenizer.eos_token_id is None:
@@ -64,8 +74,13 @@ def load_model(path: Path, *, dtype: torch.dtype = torch.float32, device: str | 
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    if (Path(path) / "adapter_config.json").exists():  # LoRA adapter: its base with the adapter merged in
+        from gspo.models.lora import load_adapter_model
+
+        return load_adapter_model(path, dtype=dtype, device=device)
+    refuse_custom_code(path)
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"'{path}/config.json' is not a valid model config ({exc})") from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
@@ -74,10 +89,28 @@ def load_model(path: Path, *, dtype: torch.dtype = torch.float32, device: str | 
             "gspo trains decoder-only LMs (e.g. Qwen3, Llama, Mistral, Qwen3-MoE)"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
+                                                     trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load the weights in '{path}': {exc}") from None
     return model.to(device)
+
+
+def refuse_custom_code(path: Path) -> None:
+    """Raise :class:`ModelLoadError` if ``path`` asks for Python code of its own (an ``auto_map`` entry)."""
+    for name in CODE_MAPS:
+        file = Path(path) / name
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue  # absent or unreadable: the loader that needs it reports that
+        if isinstance(data, dict) and data.get("auto_map"):
+            classes = ", ".join(sorted(map(str, data["auto_map"]))) if isinstance(data["auto_map"], dict) else "classes"
+            raise ModelLoadError(
+                f"'{file}' maps {classes} to Python code shipped in the model directory (auto_map); "
+                "custom code is never executed (trust_remote_code is always off). Use a model whose architecture "
+                "is built into transformers, or delete auto_map if its built-in model_type is the right class"
+            )
 
 
 def pick_device(device: str) -> torch.device:

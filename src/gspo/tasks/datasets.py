@@ -49,17 +49,17 @@ def _read(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
+            with path.open(encoding="utf-8-sig") as f:  # -sig: tolerate the byte-order mark some editors write
                 return [_json_object(line, path, n) for n, line in enumerate(f, 1) if line.strip()]
         if suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
             if isinstance(data, dict) and "data" in data:
                 data = data["data"]
             if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
                 raise DataError(f"'{path}': a .json dataset must be a list of objects (or use .jsonl)")
             return data
         if suffix == ".csv":
-            with path.open(encoding="utf-8", newline="") as f:
+            with path.open(encoding="utf-8-sig", newline="") as f:
                 return list(csv.DictReader(f))
         if suffix == ".parquet":
             return _require_datasets(path).load_dataset("parquet", data_files=str(path), split="train").to_list()
@@ -69,13 +69,15 @@ def _read(path: Path) -> list[dict[str, Any]]:
         raise DataError(f"'{path}' is not valid CSV: {exc}") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"'{path}' is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise DataError(f"'{path}' nests JSON too deeply to read; flatten its records") from None
     raise DataError(f"'{path}': unsupported dataset format '{suffix}'; use one of {', '.join(SUFFIXES)}")
 
 
 def _json_object(line: str, path: Path, number: int) -> dict[str, Any]:
     try:
         row = json.loads(line)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise DataError(f"'{path}' line {number} is not valid JSON: {exc}") from None
     if not isinstance(row, dict):
         raise DataError(f"'{path}' line {number} must be a JSON object with a prompt column, got {row!r:.60}")
@@ -112,8 +114,16 @@ def _map_columns(row: dict[str, Any], index: int, path: Path, prompt_column: str
     if not isinstance(prompt, (str, list)) or not prompt:
         raise DataError(f"dataset '{path}' row {index}: '{prompt_column}' must be a non-empty string or a list "
                         f"of chat messages, got {prompt!r:.60}")
+    if isinstance(prompt, list) and not all(_is_message(m) for m in prompt):
+        raise DataError(f"dataset '{path}' row {index}: '{prompt_column}' is a list but not of chat messages "
+                        f"({{'role': str, 'content': str}}), got {prompt!r:.60}; use a string or such messages")
     mapped = {k: v for k, v in row.items() if k not in (prompt_column,)}
     mapped["prompt"] = prompt
     if answer_column in row:
         mapped["answer"] = row[answer_column]
     return mapped
+
+
+def _is_message(message: Any) -> bool:
+    return (isinstance(message, dict) and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str))
