@@ -1,0 +1,241 @@
+"""Per-token log-probabilities of completion tokens, for log-probability recomputation and training.
+
+``token_logprobs`` returns log pi(y_t | x, y_<t) under ``logits / temperature`` for the completion part
+of the shared ``[left-padded prompt | right-padded completion]`` layout (see :mod:`gspo.rollout.base`).
+
+Why not ``model(...).logits``: for a 151,936-token vocabulary the full (B, L, V) float32 logits of a
+batch of 8 x 1,024 tokens take 5 GB, and log_softmax plus its backward triple that. Here the decoder
+body runs once for hidden states; the LM head, log_softmax and gather then run over chunks of the
+completion tokens inside a custom autograd function that keeps no logits between forward and backward
+and recomputes each chunk's logits in the backward, working in place in one (chunk, V) float32 buffer.
+Peak memory is about one chunk of logits; value and gradient equal the full-logits path up to float
+rounding. Positions whose completion mask is False (padding after EOS) are skipped and get
+log-probability 0, so padding never carries inf or NaN.
+
+Models whose logits are post-processed after the LM head (Gemma-2 soft-capping, Cohere's logit scale,
+Granite's logit scaling, ...) cannot be reproduced from ``lm_head(hidden)``; for those, and for models
+whose decoder body or output layer cannot be found, ``token_logprobs`` falls back to the full-logits
+path (restricted to the last T + 1 positions when the model accepts ``logits_to_keep``).
+``chunked=False`` forces that path. The chunked path reads ``lm_head.weight`` directly (and keeps it for
+the backward), so under FSDP the head must belong to the root unit, whose forward gathers it (as
+``gspo.distributed.wrap_for_training`` does); a head sharded as its own unit needs ``chunked=False``.
+Under DDP, call it inside the wrapped module's forward so that gradients are synchronised.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CHUNK_TOKENS = 512  # 512 x 151,936-vocab float32 logits = 311 MB per chunk; big enough for fast matmuls
+
+# Config attributes that signal logit post-processing after the LM head, which the chunked path does not
+# reproduce. A value of None (or a neutral 1.0 scale) means the feature is off.
+_LOGIT_POSTPROCESSING_ATTRS = (
+    "final_logit_softcapping",
+    "logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier",
+    "lm_head_multiplier",
+)
+_NEUTRAL_VALUES = (None, 1.0, False)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) position ids from a (B, L) attention mask: cumsum - 1, clamped at 0 on left padding."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # (B, L)
+
+
+def supports_chunked(model: torch.nn.Module) -> bool:
+    """Whether ``token_logprobs`` can use the chunked path: a separate decoder body, a linear output
+    layer, and no known logit post-processing in the config."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    body = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if not isinstance(head, torch.nn.Linear) or body is None or body is model:
+        return False
+    configs = [model.config]
+    if hasattr(model.config, "get_text_config"):
+        configs.append(model.config.get_text_config())
+    return not any(
+        getattr(config, attr, None) not in _NEUTRAL_VALUES for config in configs for attr in _LOGIT_POSTPROCESSING_ATTRS
+    )
+
+
+def token_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    num_completion_tokens: int,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_TOKENS,
+    chunked: bool | None = None,
+    **forward_kwargs,
+) -> torch.Tensor:
+    """(B, T) float32 log pi(y_t | x, y_<t) of the last T = ``num_completion_tokens`` tokens.
+
+    Args:
+        input_ids: (B, L) ``[left-padded prompt | right-padded completion]``.
+        attention_mask: (B, L) True (or 1) on real tokens; its last T columns are the completion mask.
+        temperature: log-probabilities come from ``log_softmax(logits / temperature)``; pass the sampling
+            temperature (1.0 for greedy sampling, whose sampler log-probabilities are untempered).
+        chunk_size: completion tokens per LM-head chunk; peak memory is about one (chunk, V) float32 buffer.
+        chunked: None picks the chunked path when :func:`supports_chunked`; False forces full logits.
+        forward_kwargs: passed to the decoder body (e.g. MoE routing replay).
+
+    Differentiable w.r.t. the model's parameters; also usable under ``torch.no_grad()``.
+    Returns 0 where the completion mask is False.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for log-probabilities, got {temperature}")
+    if not 0 < num_completion_tokens < input_ids.shape[1]:
+        raise ValueError(
+            f"num_completion_tokens must be in [1, {input_ids.shape[1] - 1}] (at least one prompt token), "
+            f"got {num_completion_tokens}"
+        )
+    if chunked is None:
+        chunked = supports_chunked(model)
+    if not chunked:
+        keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        return _full_logits_logprobs(
+            model, input_ids, attention_mask, num_completion_tokens, temperature, keep, forward_kwargs
+        )
+    num_tokens = num_completion_tokens
+    body_out = model.get_decoder()(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        **forward_kwargs,
+    )
+    hidden = body_out[0]  # (B, L, H) last hidden state, final norm applied
+    # The hidden state at position i predicts token i + 1: the T completion tokens are predicted by the
+    # positions L - T - 1 .. L - 2.
+    hidden = hidden[:, -num_tokens - 1 : -1]  # (B, T, H)
+    targets = input_ids[:, -num_tokens:]  # (B, T)
+    mask = attention_mask[:, -num_tokens:].bool()  # (B, T)
+    head = model.get_output_embeddings()
+    selected = _ChunkedLinearLogprobs.apply(
+        hidden[mask], head.weight, head.bias, targets[mask], float(temperature), int(chunk_size)
+    )  # (N,) N = number of real completion tokens
+    logprobs = selected.new_zeros(mask.shape)  # (B, T)
+    logprobs[mask] = selected
+    return logprobs
+
+
+def token_logprobs_reference(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    num_completion_tokens: int,
+    *,
+    temperature: float = 1.0,
+    **forward_kwargs,
+) -> torch.Tensor:
+    """The plain path, for tests and benchmarks: full (B, L, V) ``model(...).logits``, then log_softmax.
+
+    Same contract as :func:`token_logprobs`; memory grows with B * L * V.
+    """
+    return _full_logits_logprobs(
+        model, input_ids, attention_mask, num_completion_tokens, temperature, False, forward_kwargs
+    )
+
+
+def _full_logits_logprobs(model, input_ids, attention_mask, num_tokens, temperature, keep_last, forward_kwargs):
+    """Log-probabilities from the model's own logits (any post-processing included).
+
+    ``keep_last`` asks the model for the last T + 1 positions' logits only (``logits_to_keep``).
+    """
+    if keep_last:
+        forward_kwargs = {**forward_kwargs, "logits_to_keep": num_tokens + 1}
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        **forward_kwargs,
+    ).logits  # (B, L or T + 1, V)
+    logits = logits[:, -num_tokens - 1 : -1]
+    logits = logits.to(_wide(logits.dtype))  # (B, T, V) float32 or wider
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = input_ids[:, -num_tokens:]  # (B, T)
+    logprobs = logits.log_softmax(dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return logprobs.masked_fill(~attention_mask[:, -num_tokens:].bool(), 0.0)
+
+
+def _chunk_logits(hidden, weight, bias, temperature):
+    """(C, V) ``(hidden @ weight.T + bias) / temperature`` for one chunk of rows, in float32 or wider."""
+    logits = F.linear(hidden, weight, bias)  # (C, V)
+    logits = logits.to(_wide(logits.dtype))
+    if temperature != 1.0:
+        # In place is safe: ``logits`` is a fresh matmul output or its float32 copy.
+        logits.div_(temperature)
+    return logits
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """float32, or the input dtype when it is wider (float64 in gradient checks)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _exp_shifted_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overwrite (C, V) ``logits`` with exp(logits - row max); return the (C,) logsumexp and (C, 1) row sums.
+
+    In place so that a chunk costs one (C, V) buffer (``torch.logsumexp`` allocates a second one);
+    dividing the result by the row sums gives the softmax.
+    """
+    row_max = logits.amax(dim=-1, keepdim=True)  # (C, 1)
+    sums = logits.sub_(row_max).exp_().sum(dim=-1, keepdim=True)  # (C, 1)
+    return (row_max + sums.log()).squeeze(1), sums
+
+
+class _ChunkedLinearLogprobs(torch.autograd.Function):
+    """log_softmax((h W^T + b) / tau)[target] over rows of h, in chunks, recomputing logits in backward.
+
+    Backward per chunk, with p = softmax(z), z = logits / tau, g the incoming gradient (C,):
+    dL/dlogits = g * (onehot(target) - p) / tau, then the two matmuls of a linear layer.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size):
+        # hidden (N, H), weight (V, H), bias (V,) or None, targets (N,)
+        out = torch.empty(hidden.shape[0], dtype=_wide(hidden.dtype), device=hidden.device)  # (N,)
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = start + chunk_size
+            logits = _chunk_logits(hidden[start:end], weight, bias, temperature)  # (C, V)
+            picked = logits.gather(1, targets[start:end, None]).squeeze(1)  # (C,)
+            out[start:end] = picked - _exp_shifted_(logits)[0]
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None  # (N, H)
+        # Accumulate parameter gradients in float32 across chunks, cast once at the end.
+        wide = _wide(weight.dtype)
+        grad_weight = torch.zeros_like(weight, dtype=wide) if need_weight else None  # (V, H)
+        grad_bias = torch.zeros_like(bias, dtype=wide) if need_bias else None  # (V,)
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = start + ctx.chunk_size
+            h = hidden[start:end]  # (C, H)
+            scale = grad_out[start:end, None].to(wide) / ctx.temperature  # (C, 1) g / tau
+            logits = _chunk_logits(h, weight, bias, ctx.temperature)  # (C, V)
+            _, sums = _exp_shifted_(logits)  # logits now hold exp(z - max z); p = logits / sums
+            grad_logits = logits.mul_(-scale / sums)  # (C, V) -g * p / tau, in the logits' buffer
+            grad_logits.scatter_add_(1, targets[start:end, None], scale)  # + g * onehot / tau
+            if need_hidden:
+                grad_hidden[start:end] = grad_logits.to(weight.dtype) @ weight  # (C, H)
+            if need_weight:
+                grad_weight.addmm_(grad_logits.t(), h.to(wide))  # (V, H)
+            if need_bias:
+                grad_bias += grad_logits.sum(dim=0)
+        grad_weight = grad_weight.to(weight.dtype) if need_weight else None
+        grad_bias = grad_bias.to(bias.dtype) if need_bias else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None

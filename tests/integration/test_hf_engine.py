@@ -1,0 +1,209 @@
+"""HFEngine on a tiny random Qwen3: log-probabilities, padding, EOS, determinism, bf16 weight sync."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+
+from gspo.logprobs import token_logprobs
+from gspo.rollout.base import RolloutEngine, SamplingParams
+from gspo.rollout.hf import HFEngine, _filtered_logits
+
+VOCAB, PAD, EOS = 32, 0, 1
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15], [16, 17, 18, 19]]  # ragged: left padding
+
+
+def tiny_qwen3(seed: int = 0) -> transformers.Qwen3ForCausalLM:
+    config = transformers.Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+    torch.manual_seed(seed)
+    return transformers.Qwen3ForCausalLM(config)
+
+
+def engine_for(model, **kwargs) -> HFEngine:
+    return HFEngine(model, pad_token_id=PAD, eos_token_id=EOS, **kwargs)
+
+
+def with_head_bias(model, token: int, value: float):
+    """Replace the LM head by one with a bias of ``value`` on ``token`` (same weights)."""
+    old = model.lm_head
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.zero_()
+        head.bias[token] = value
+    model.lm_head = head
+    return model
+
+
+def count_forwards(model) -> list[int]:
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_new_tokens=12, temperature=0.7, top_k=8, top_p=0.9),
+        SamplingParams(max_new_tokens=12, temperature=1.3),
+    ],
+)
+@pytest.mark.parametrize("static_cache", [True, False])
+def test_sampler_logprobs_equal_recomputation(params, static_cache):
+    model = with_head_bias(tiny_qwen3(), EOS, 0.5)  # a likelier EOS: ragged completion lengths
+    engine = engine_for(model)
+    engine.static_cache = static_cache
+    rollout = engine.generate(PROMPTS * 2, params, torch.Generator().manual_seed(0))
+    assert rollout.lengths.min() < rollout.lengths.max() == params.max_new_tokens
+    with torch.no_grad():
+        recomputed = token_logprobs(
+            model,
+            rollout.input_ids,
+            rollout.attention_mask,
+            rollout.completion_ids.shape[1],
+            temperature=params.temperature,
+        )
+    assert rollout.logprobs.dtype == torch.float32
+    torch.testing.assert_close(rollout.logprobs, recomputed, atol=1e-5, rtol=1e-5)
+    assert (rollout.logprobs[~rollout.completion_mask] == 0).all()
+
+
+def test_logprobs_are_unfiltered_by_top_k():
+    """top_k = 1 draws the argmax, but the reported log-probability is the full distribution's."""
+    model = tiny_qwen3()
+    engine = engine_for(model)
+    greedy = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, temperature=0.0))
+    top1 = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, temperature=1.0, top_k=1))
+    assert torch.equal(top1.completion_ids, greedy.completion_ids)
+    torch.testing.assert_close(top1.logprobs, greedy.logprobs)  # both untempered at temperature 1
+    assert (top1.logprobs < -1e-3).all()  # not log(1) = 0, as a filtered distribution would give
+
+
+def test_left_padding_invariance():
+    model = tiny_qwen3()
+    engine = engine_for(model)
+    params = SamplingParams(max_new_tokens=10, temperature=0.0)
+    batched = engine.generate(PROMPTS, params)
+    alone = engine.generate([PROMPTS[2]], params)  # the shortest prompt: most padding when batched
+    length = int(alone.lengths[0])
+    assert torch.equal(batched.completion_ids[2, :length], alone.completion_ids[0, :length])
+    torch.testing.assert_close(batched.logprobs[2, :length], alone.logprobs[0, :length], atol=1e-5, rtol=1e-5)
+
+
+def test_eos_mask_padding_and_truncation():
+    """A scripted EOS: rows stop at different steps, the mask covers EOS, pad follows."""
+    model = tiny_qwen3()
+    eos_after = {0: 2, 2: 0}  # row -> step at which EOS is forced; rows 1 and 3 never emit EOS
+    vocab_bias = torch.zeros(len(PROMPTS), VOCAB)
+    vocab_bias[:, EOS] = -1e4
+    step = {"n": 0}
+
+    def force_eos(module, args, output):  # logits of the token sampled at step step["n"]
+        bias = vocab_bias.clone()
+        for row, at in eos_after.items():
+            if at == step["n"]:
+                bias[row, EOS] = 1e4
+        step["n"] += 1
+        return output + bias[:, None, :]
+
+    model.lm_head.register_forward_hook(force_eos)
+    rollout = engine_for(model).generate(PROMPTS, SamplingParams(max_new_tokens=5), torch.Generator().manual_seed(0))
+    assert rollout.completion_ids.shape == (4, 5)
+    assert rollout.lengths.tolist() == [3, 5, 1, 5]
+    assert rollout.completion_ids[0, 2] == EOS and rollout.completion_ids[2, 0] == EOS
+    assert (rollout.completion_ids[0, 3:] == PAD).all() and (rollout.completion_ids[2, 1:] == PAD).all()
+    assert (rollout.logprobs[0, 3:] == 0).all() and (rollout.logprobs[2, 1:] == 0).all()
+    assert rollout.truncated.tolist() == [False, True, False, True]
+
+
+def test_stops_as_soon_as_every_sequence_ended():
+    model = with_head_bias(tiny_qwen3(), EOS, 1e4)  # EOS is certain
+    calls = count_forwards(model)
+    engine = HFEngine(model, pad_token_id=PAD, eos_token_id=[3, EOS])  # several EOS ids are allowed
+    rollout = engine.generate(PROMPTS, SamplingParams(max_new_tokens=8))
+    assert len(calls) == 1  # the prefill only: its logits gave EOS everywhere
+    assert rollout.completion_ids.shape == (4, 1) and (rollout.completion_ids == EOS).all()
+    assert rollout.completion_mask.all() and not rollout.truncated.any()
+    assert set(rollout.timings) == {"sample/prefill_s", "sample/decode_s"}
+
+    calls.clear()
+    full = engine_for(model).generate(PROMPTS, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    assert len(calls) == 8  # prefill + 7 decode steps
+    assert full.completion_ids.shape == (4, 8) and full.completion_mask.all() and full.truncated.all()
+    assert (full.completion_ids == EOS).all()
+
+
+def test_greedy_is_deterministic_and_seeds_reproduce():
+    engine = engine_for(tiny_qwen3())
+    greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
+    assert torch.equal(engine.generate(PROMPTS, greedy).completion_ids, engine.generate(PROMPTS, greedy).completion_ids)
+    sampled = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.95)
+    first = engine.generate(PROMPTS * 4, sampled, torch.Generator().manual_seed(7))
+    again = engine.generate(PROMPTS * 4, sampled, torch.Generator().manual_seed(7))
+    other = engine.generate(PROMPTS * 4, sampled, torch.Generator().manual_seed(8))
+    assert torch.equal(first.completion_ids, again.completion_ids)
+    assert torch.equal(first.logprobs, again.logprobs)
+    assert not torch.equal(first.completion_ids, other.completion_ids)
+
+
+def test_training_mode_restored_and_eval_during_sampling():
+    model = tiny_qwen3().train()
+    seen = []
+    model.model.layers[0].register_forward_hook(lambda module, args, output: seen.append(module.training))
+    engine_for(model).generate(PROMPTS, SamplingParams(max_new_tokens=3))
+    assert seen and not any(seen)
+    assert all(module.training for module in model.modules())
+
+
+def test_shared_engine_and_protocol():
+    model = tiny_qwen3()
+    engine = engine_for(model, dtype=torch.float32)
+    assert isinstance(engine, RolloutEngine)
+    assert engine.shares_model and engine.model is model
+    engine.sync_weights(model)  # no-op
+
+
+def test_bfloat16_copy_and_sync_weights():
+    policy = tiny_qwen3()
+    engine = engine_for(policy, dtype=torch.bfloat16)
+    assert engine.model is not policy
+    assert all(p.dtype == torch.bfloat16 for p in engine.model.parameters())
+    assert all(p.dtype == torch.float32 for p in policy.parameters())
+    pointers = [p.data_ptr() for p in engine.model.parameters()]
+    greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
+    before = engine.generate(PROMPTS, greedy)
+    uniform = -math.log(VOCAB)
+    assert (before.logprobs - uniform).abs().max() > 1e-2
+
+    with torch.no_grad():
+        policy.model.norm.weight.zero_()  # hidden state 0 -> all logits 0 -> uniform next-token distribution
+    after_no_sync = engine.generate(PROMPTS, greedy)
+    torch.testing.assert_close(after_no_sync.logprobs, before.logprobs)  # the copy is independent
+
+    engine.sync_weights(policy)
+    after = engine.generate(PROMPTS, greedy)
+    torch.testing.assert_close(after.logprobs, torch.full_like(after.logprobs, uniform))
+    assert [p.data_ptr() for p in engine.model.parameters()] == pointers  # copied in place
+    for (name, mine), theirs in zip(engine.model.named_parameters(), policy.parameters()):
+        assert torch.equal(mine, theirs.to(torch.bfloat16)), name
+
+
+def test_filtered_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))  # (1, V) already sorted
+    inf = float("-inf")
+    assert torch.isinf(_filtered_logits(logits, 2, 1.0))[0].tolist() == [False, False, True, True]
+    nucleus = _filtered_logits(logits, 0, 0.79)  # 0.5 + 0.3 reaches 0.79: keep two
+    assert (nucleus[0, 2:] == inf).all() and torch.isfinite(nucleus[0, :2]).all()
+    assert torch.isfinite(_filtered_logits(logits, 0, 0.81)[0, :3]).all()
+    assert torch.isfinite(_filtered_logits(logits, 0, 0.01)).sum() == 1  # the top token always stays
