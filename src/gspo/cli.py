@@ -1,4 +1,4 @@
-"""The ``gspo`` command line: train, eval, plot, sft.
+"""The ``gspo`` command line: train, eval, plot, sft, export.
 
 One convention everywhere: options are ``key=value`` with dotted keys (``optim.lr=1e-4``), after an
 optional YAML file. The only ``--`` flags are ``--help``, ``--resume RUN`` and ``--nproc N``.
@@ -21,6 +21,10 @@ commands:
                          held-out accuracy, pass@k and mean reward (JSON report)
   plot RUN               PNG of a run's curves (reward, accuracy, clip fraction, KL, length, ratio spread)
   sft [key=value ...]    rebuild the embedded warm-start checkpoint
+  export RUN_OR_CHECKPOINT OUT_DIR [merge=true]
+                         a Hugging Face model directory (LoRA adapters merged) that from_pretrained loads
+  experiment NAME [key=value ...]
+                         a paper-reproduction study (moe-stability: GSPO vs GRPO on a tiny MoE)
 
 'gspo <command> --help' explains each command."""
 
@@ -31,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"train": _train, "eval": _eval, "plot": _plot, "sft": _sft}
+    commands = {"train": _train, "eval": _eval, "plot": _plot, "sft": _sft, "export": _export,
+                "experiment": _experiment}
     if command not in commands:
         import difflib
 
@@ -138,6 +143,18 @@ def _sft(args: list[str]) -> int:
     from gspo.sft_cli import run_sft
 
     return run_sft(args)
+
+
+def _export(args: list[str]) -> int:
+    from gspo.export import run_export
+
+    return run_export(args)
+
+
+def _experiment(args: list[str]) -> int:
+    from gspo.experiments import run_experiment
+
+    return run_experiment(args)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from gspo.checkpoint.manifest import checkpoints_root, list_step_dirs, verify_ch
 from gspo.checkpoint.save import unwrap_model
 from gspo.errors import CheckpointError
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # what PEFT's save_pretrained writes for a LoRA model
 MAX_KEYS_SHOWN = 5  # key lists in error messages are cut to this many
 
 
@@ -56,7 +57,11 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module | None = None,
     manifest = verify_checkpoint(path, deep=True)
     files = manifest["files"]
     if model is not None:
-        load_model_weights(path, files, unwrap_model(model))
+        model = unwrap_model(model)
+        if hasattr(model, "peft_config"):  # LoRA: the adapter; the frozen base comes from the base model
+            load_adapter_weights(path, files, model)
+        else:
+            load_model_weights(path, files, model)
     if optimizer is not None:
         _load_state(optimizer, path, files, "optimizer.pt")
     if scheduler is not None:
@@ -75,6 +80,9 @@ def load_model_weights(ckpt_dir: Path, files: dict, model: torch.nn.Module) -> N
     from safetensors.torch import load_file
 
     shards = sorted(name for name in files if name.startswith("model") and name.endswith(".safetensors"))
+    if not shards and ADAPTER_WEIGHTS in files:
+        raise CheckpointError(f"{ckpt_dir} holds a LoRA adapter, not full weights; load it into a model with the "
+                              "same adapter (the run's lora.* settings), or export merged weights with gspo export")
     if not shards:
         raise CheckpointError(f"{ckpt_dir} holds no model*.safetensors; it was saved without weights")
     expected = model.state_dict()
@@ -94,6 +102,25 @@ def load_model_weights(ckpt_dir: Path, files: dict, model: torch.nn.Module) -> N
     if missing:
         raise CheckpointError(f"{ckpt_dir} lacks weights the model has ({_keys(missing)}); "
                               "build the model from the checkpoint's config.json (same architecture)")
+
+
+def load_adapter_weights(ckpt_dir: Path, files: dict, model: torch.nn.Module) -> None:
+    """Load ``adapter_model.safetensors`` into a PEFT model in place; every adapter weight must be there."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if ADAPTER_WEIGHTS not in files:
+        raise CheckpointError(f"{ckpt_dir} holds no {ADAPTER_WEIGHTS}: it was saved from a model without LoRA; "
+                              "resume it with lora.rank=0 (the run's own config)")
+    try:
+        result = set_peft_model_state_dict(model, load_file(ckpt_dir / ADAPTER_WEIGHTS))
+    except RuntimeError as exc:  # shape mismatch, e.g. another lora.rank
+        raise CheckpointError(f"{ckpt_dir / ADAPTER_WEIGHTS} does not fit the model's adapter: {exc}") from exc
+    missing = sorted(k for k in result.missing_keys if "lora_" in k)
+    if result.unexpected_keys or missing:
+        raise CheckpointError(f"{ckpt_dir / ADAPTER_WEIGHTS} does not match the model's adapter (unexpected: "
+                              f"{_keys(sorted(result.unexpected_keys)) or 'none'}; missing: {_keys(missing) or 'none'}); "
+                              "resume with the run's own lora.* settings")
 
 
 def _tied_to_loaded(key: str, state: dict[str, torch.Tensor], loaded: set[str]) -> bool:

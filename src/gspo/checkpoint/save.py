@@ -36,8 +36,8 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, t
                     trainer_state: dict, rng: dict | None = None, keep_last: int = 3) -> Path:
     """Save a complete, verifiable checkpoint to ``run_dir/checkpoints/step-XXXXXXXX`` and return its path.
 
-    ``model`` is a transformers model (saved with ``save_pretrained``, so ``from_pretrained(path)`` works)
-    or any ``nn.Module`` (saved as ``model.safetensors`` only). ``trainer_state`` must be JSON-serialisable.
+    ``model`` is a transformers model (saved with ``save_pretrained``, so ``from_pretrained(path)`` works),
+    a PEFT model (its adapter only) or any ``nn.Module`` (saved as ``model.safetensors`` only). ``trainer_state`` must be JSON-serialisable.
     ``rng=None`` captures the current generators (:func:`capture_rng_state`). The newest ``keep_last``
     checkpoints are kept. Raises :class:`CheckpointError` (nothing is published, older checkpoints
     untouched) if the state cannot be saved safely or the disk write fails.
@@ -115,8 +115,11 @@ def _write_payload(ckpt_dir: Path, *, model, tokenizer, optimizer, scheduler, st
 def _save_model(model: torch.nn.Module, ckpt_dir: Path) -> None:
     """Save weights (and config) so both :func:`load_checkpoint` and ``from_pretrained`` can read them."""
     if hasattr(model, "peft_config"):
-        raise CheckpointError("checkpointing PEFT/LoRA models is not supported yet: save_pretrained would write "
-                              "the adapter only. Merge the adapter (model.merge_and_unload()) or train without LoRA")
+        # LoRA: the adapter only (adapter_model.safetensors + adapter_config.json naming the base directory).
+        # The base weights are frozen and reloaded from the base model; from_pretrained(ckpt) with PEFT
+        # installed loads base + adapter, and `gspo export` writes merged weights.
+        model.save_pretrained(ckpt_dir, safe_serialization=True)
+        return
     if not hasattr(model, "save_pretrained"):
         from safetensors.torch import save_model  # dedups tied tensors the way save_pretrained does
 

@@ -53,6 +53,8 @@ class RolloutConfig:
     """Top-k sampling (0 = off)."""
     engine_dtype: str = "auto"
     """Sampler precision: auto (the policy's), float32 or bfloat16 (a separate low-precision copy)."""
+    ignore_eos: bool = False
+    """Never stop at EOS: every response is max_new_tokens long (benchmarks: fixed-length generation)."""
 
 
 @dataclass

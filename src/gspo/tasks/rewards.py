@@ -2,7 +2,9 @@
 
 A reward is a plain callable ``(prompt, completion, **row) -> float``. Several combine by weights.
 User code is imported only from an explicit ``module:function`` in the config (never from a
-checkpoint). Policy for returns:
+checkpoint). A reward whose ``batched`` attribute is true is instead called once per batch,
+``(prompts, completions, rows) -> list``, e.g. a reward model (``rm:<model dir>``, one forward over
+every completion of a step). Policy for returns (per value, batched or not):
 
 - a finite number (bool, int, float, or a 0-d numeric) is the reward;
 - ``None`` means "cannot score" (e.g. no parsable answer): 0.0 with ``reward.none_policy=zero``
@@ -23,6 +25,9 @@ from gspo.errors import ConfigError, RewardError
 from gspo.tasks.base import RewardFn, Row
 
 
+REWARD_MODEL_PREFIX = "rm:"  # reward.functions=rm:<sequence-classification model dir>@weight
+
+
 @dataclass(frozen=True)
 class WeightedReward:
     name: str
@@ -30,10 +35,12 @@ class WeightedReward:
     weight: float
 
 
-def resolve_rewards(specs: Sequence[str], task_rewards: dict[str, tuple[RewardFn, float]]) -> list[WeightedReward]:
-    """Turn ``name``, ``name@weight`` or ``module:function@weight`` specs into callables.
+def resolve_rewards(specs: Sequence[str], task_rewards: dict[str, tuple[RewardFn, float]], *,
+                    device: str | None = None) -> list[WeightedReward]:
+    """Turn ``name``, ``name@weight``, ``module:function@weight`` or ``rm:<model dir>@weight`` specs into callables.
 
-    Empty ``specs`` means the task's own rewards with their default weights.
+    Empty ``specs`` means the task's own rewards with their default weights. ``device``: where reward
+    models run (default: the CPU).
     """
     if not specs:
         return [WeightedReward(name, fn, weight) for name, (fn, weight) in task_rewards.items()]
@@ -44,11 +51,20 @@ def resolve_rewards(specs: Sequence[str], task_rewards: dict[str, tuple[RewardFn
             weight = float(weight_text) if weight_text else 1.0
         except ValueError:
             raise ConfigError(f"reward '{spec}': the weight after '@' must be a number, e.g. {target}@0.5") from None
-        if ":" in target:
+        if target.startswith(REWARD_MODEL_PREFIX):
+            from gspo.tasks.reward_model import RewardModel
+
+            resolved.append(WeightedReward(target, RewardModel(target[len(REWARD_MODEL_PREFIX):], device=device),
+                                           weight))
+        elif ":" in target:
             resolved.append(WeightedReward(target, _import_reward(target), weight))
         elif target in task_rewards:
             resolved.append(WeightedReward(target, task_rewards[target][0], weight))
         else:
+            from gspo.tasks.answers import ANSWER_REWARDS, OPTIONAL_REWARDS
+
+            if target in OPTIONAL_REWARDS and target not in ANSWER_REWARDS:  # its extra is not installed
+                raise ConfigError(f"reward '{target}' needs {OPTIONAL_REWARDS[target]}")
             known = ", ".join(task_rewards) or "none"
             raise ConfigError(
                 f"unknown reward '{target}'. This task's rewards: {known}; "
@@ -86,8 +102,12 @@ def score(
     metrics: dict[str, float] = {}
     for reward in rewards:
         values, nones = [], 0
+        raw = _call_batched(reward, prompts, completions, rows) if getattr(reward.fn, "batched", False) else None
         for i, (prompt, completion, row) in enumerate(zip(prompts, completions, rows)):
-            value = _call(reward, i, prompt, completion, row, none_policy)
+            if raw is None:
+                value = _call(reward, i, prompt, completion, row, none_policy)
+            else:
+                value = _check(raw[i], _where(reward, i, completion), none_policy)
             if value is None:
                 nones += 1
                 value = 0.0
@@ -101,12 +121,35 @@ def score(
 
 
 def _call(reward: WeightedReward, index: int, prompt: str, completion: str, row: Row, none_policy: str) -> Any:
-    where = f"reward '{reward.name}' on sample {index} (completion {completion[:60]!r})"
+    where = _where(reward, index, completion)
     kwargs = {k: v for k, v in row.items() if k not in ("prompt", "completion")}
     try:
         value = reward.fn(prompt, completion, **kwargs)
     except Exception as exc:  # user code: report which function and sample, keep the traceback chained
         raise RewardError(f"{where} raised {type(exc).__name__}: {exc}") from exc
+    return _check(value, where, none_policy)
+
+
+def _call_batched(reward: WeightedReward, prompts: Sequence[str], completions: Sequence[str],
+                  rows: Sequence[Row]) -> list[Any]:
+    """One call for the whole batch; it must return one value per completion."""
+    try:
+        values = list(reward.fn(list(prompts), list(completions), list(rows)))
+    except Exception as exc:
+        raise RewardError(f"reward '{reward.name}' on a batch of {len(completions)} completions raised "
+                          f"{type(exc).__name__}: {exc}") from exc
+    if len(values) != len(completions):
+        raise RewardError(f"reward '{reward.name}' returned {len(values)} values for {len(completions)} completions; "
+                          "a batched reward returns one value per completion")
+    return values
+
+
+def _where(reward: WeightedReward, index: int, completion: str) -> str:
+    return f"reward '{reward.name}' on sample {index} (completion {completion[:60]!r})"
+
+
+def _check(value: Any, where: str, none_policy: str) -> float | None:
+    """The reward as a float, None (cannot score), or a RewardError saying what was wrong with it."""
     if value is None:
         if none_policy == "error":
             raise RewardError(f"{where} returned None; return a number, or set reward.none_policy=zero")

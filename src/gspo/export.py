@@ -1,0 +1,97 @@
+"""``gspo export RUN_OR_CHECKPOINT OUT_DIR [merge=true]``: a checkpoint as a plain Hugging Face model.
+
+The output loads with ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` and ``AutoTokenizer``, and
+with any tool that reads Hugging Face directories:
+
+- a full fine-tuning checkpoint is re-saved in transformers' standard layout (checkpoints keep the
+  in-memory names, e.g. fused MoE experts; the export writes the original per-expert names);
+- a LoRA checkpoint is merged into its base model (``merge=true``, the default), or copied as an
+  adapter (``merge=false``: ``adapter_model.safetensors`` + ``adapter_config.json``, for PEFT).
+
+RUN_OR_CHECKPOINT is a run directory (its newest checkpoint that verifies), a checkpoint directory
+(verified against its manifest), or any local model or adapter directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from gspo.errors import CheckpointError, ConfigError
+
+EXPORT_HELP = """usage: gspo export RUN_OR_CHECKPOINT OUT_DIR [merge=true|false]
+
+Writes a Hugging Face model directory (weights in safetensors, config, tokenizer) that
+AutoModelForCausalLM / AutoTokenizer.from_pretrained load. RUN_OR_CHECKPOINT: a run directory (its
+newest valid checkpoint), a checkpoint, or a model/adapter directory. merge=true (default) merges a
+LoRA adapter into its base model; merge=false copies the adapter for PEFT."""
+
+
+def export_model(source: str | Path, out_dir: str | Path, *, merge: bool = True) -> Path:
+    """Export the checkpoint behind ``source`` to ``out_dir`` (see the module docstring); returns ``out_dir``."""
+    from gspo.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_dir
+    from gspo.models.load import load_model
+
+    checkpoint = resolve_checkpoint(Path(source))
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"export target '{out}' exists and is not empty; choose a new directory")
+    tokenizer = _tokenizer(checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    if is_adapter_dir(checkpoint) and not merge:
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            shutil.copy2(checkpoint / name, out / name)
+    else:
+        model = load_model(checkpoint)  # adapters come back merged (gspo.models.lora)
+        # transformers reverts on save only the renamings it applied on load, and a checkpoint stored with the
+        # in-memory names (fused MoE experts) needed none: forget that record so the architecture's standard
+        # layout is written, whatever layout the checkpoint used.
+        vars(model).pop("_weight_conversions", None)
+        model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def resolve_checkpoint(source: Path) -> Path:
+    """A run directory -> its newest valid checkpoint; a checkpoint -> itself, verified; else the directory."""
+    from gspo.checkpoint import find_latest_checkpoint, verify_checkpoint
+    from gspo.checkpoint.manifest import checkpoints_root
+
+    if not source.is_dir():
+        raise ConfigError(f"'{source}' is not a directory; give a run directory, a checkpoint or a model directory")
+    if checkpoints_root(source).is_dir():
+        found = find_latest_checkpoint(source)
+        if found is None:
+            raise CheckpointError(f"run '{source}' has no checkpoint that verifies; nothing to export")
+        return found
+    if (source / "manifest.json").is_file():
+        verify_checkpoint(source, deep=True)
+    return source
+
+
+def run_export(args: list[str]) -> int:
+    if len(args) < 2 or any(a in ("-h", "--help") for a in args):
+        print(EXPORT_HELP)
+        return 0 if any(a in ("-h", "--help") for a in args) else 2
+    merge = True
+    for option in args[2:]:
+        key, _, value = option.partition("=")
+        if key != "merge" or value.lower() not in ("true", "false"):
+            raise ConfigError(f"gspo export: unknown option '{option}'; the only option is merge=true|false")
+        merge = value.lower() == "true"
+    print(export_model(args[0], args[1], merge=merge))
+    return 0
+
+
+def _tokenizer(checkpoint: Path):
+    """The checkpoint's tokenizer as saved (no pad or padding-side changes), or its base model's."""
+    from transformers import AutoTokenizer
+
+    from gspo.models.load import refuse_custom_code
+    from gspo.models.lora import adapter_base, is_adapter_dir
+
+    source = checkpoint
+    if is_adapter_dir(checkpoint) and not (checkpoint / "tokenizer_config.json").exists():
+        source = adapter_base(checkpoint)
+    refuse_custom_code(source)
+    return AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
