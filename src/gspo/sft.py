@@ -1,0 +1,248 @@
+"""Supervised warm-start of the embedded tiny model on the arithmetic task, and its evaluation.
+
+``warm_start`` trains :func:`gspo.models.tiny.build_tiny_qwen3` from scratch with cross-entropy on the
+answer and ``<eos>`` tokens only (prompt tokens are masked out), then saves a standard Hugging Face
+checkpoint plus ``warm_start.json`` (arguments and held-out accuracies). The budget is deliberately
+short: the checkpoint should know much of the task greedily but sample it unreliably at temperature
+1.0, which is the regime where RL with an exact-match reward has something to sharpen.
+
+Determinism: for a fixed seed the initialisation (``build_tiny_qwen3(seed=...)``), the data order
+(``ArithmeticTask(seed=...)``) and the optimiser are deterministic, so two runs in the same environment
+(same torch build and thread count) give bitwise-identical weights. Different thread counts or CPUs
+may change float reduction order and hence the last bits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from gspo.models.tiny import build_char_tokenizer, build_tiny_qwen3
+from gspo.tasks.arithmetic import ArithmeticTask, exact_answer_reward, format_reward
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label value that torch's cross-entropy skips (prompt and padding positions)
+WARMUP_FRACTION = 0.05  # linear warm-up share of the steps, then cosine decay to LR_FLOOR * lr
+LR_FLOOR = 0.1
+PROBE_SEED_OFFSET = 7919  # the early-stopping probe rows come from their own stream of training rows
+DEFAULT_STEPS = 300  # calibrated (see warm_start.json of the embedded checkpoint): partial, soft knowledge
+
+
+def encode_sft_batch(tokenizer, rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Right-padded ``prompt + answer + <eos>`` ids with labels on the answer and EOS only."""
+    prompts = tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([r["answer"] for r in rows], add_special_tokens=False)["input_ids"]
+    seqs = [p + a + [tokenizer.eos_token_id] for p, a in zip(prompts, answers)]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for i, (p, s) in enumerate(zip(prompts, seqs)):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        labels[i, len(p) : len(s)] = torch.tensor(s[len(p) :])
+        attention_mask[i, : len(s)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def sft_loss(model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
+    """Next-token cross-entropy, averaged over the labelled (answer + EOS) positions."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                             ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+
+
+def _lr_factor(step: int, steps: int) -> float:
+    """Linear warm-up, then cosine decay from 1 to LR_FLOOR."""
+    warmup = max(1, int(WARMUP_FRACTION * steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_sft(model, tokenizer, task: ArithmeticTask, *, steps: int, batch_size: int, lr: float,
+              weight_decay: float = 0.0, label_smoothing: float = 0.0, stop: Callable[[], bool] | None = None,
+              check_every: int = 20, log_every: int = 100) -> list[float]:
+    """Run up to ``steps`` AdamW steps on fresh training rows; returns the per-step losses.
+
+    The learning rate warms up linearly, then decays (cosine) over ``steps``. If ``stop`` is given it
+    is called every ``check_every`` steps (model in eval mode) and training ends when it returns True.
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps))
+    rows = task.iter_train()
+    losses = []
+    for step in range(steps):
+        model.train()
+        batch = encode_sft_batch(tokenizer, [next(rows) for _ in range(batch_size)])
+        loss = sft_loss(model, batch, label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if log_every and (step + 1) % log_every == 0:
+            log.info("sft step %d/%d loss %.4f", step + 1, steps, sum(losses[-log_every:]) / log_every)
+        if stop is not None and (step + 1) % check_every == 0:
+            model.eval()
+            if stop():
+                break
+    model.eval()
+    return losses
+
+
+def _split_row(row: dict) -> tuple[str, dict]:
+    """(prompt, other columns): the reward calling convention ``reward(prompt, completion, **columns)``."""
+    return row["prompt"], {k: v for k, v in row.items() if k != "prompt"}
+
+
+@torch.no_grad()
+def evaluate_accuracy(model, tokenizer, rows: list[dict], *, temperature: float, n_samples: int = 1,
+                      max_new_tokens: int = 8, batch_size: int = 256, seed: int = 0) -> dict:
+    """Exact-match accuracy of ``model`` on ``rows`` with ``n_samples`` completions per prompt.
+
+    ``temperature == 0`` decodes greedily (then ``n_samples`` must be 1). Sampling is pure (no top-k /
+    top-p) and seeded with ``seed`` without disturbing the global RNG. Returns ``accuracy`` (mean over
+    all completions), ``format`` (share that are integers), ``eos`` (share that emitted ``<eos>``
+    within ``max_new_tokens``), ``pass_at_n`` and ``mixed_groups`` (share of prompts whose samples are
+    neither all right nor all wrong: the groups that give GSPO a non-zero advantage).
+    """
+    if temperature == 0 and n_samples != 1:
+        raise ValueError("greedy decoding (temperature=0) needs n_samples=1")
+    was_training, padding_side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    correct, formatted, eos = [], [], []
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start : start + batch_size]
+                enc = tokenizer([r["prompt"] for r in chunk], return_tensors="pt", padding=True,
+                                add_special_tokens=False)
+                sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 \
+                    else dict(do_sample=False)
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=n_samples,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                     **sampling)
+                completions = out[:, enc["input_ids"].shape[1] :]  # (len(chunk) * n_samples, <= max_new_tokens)
+                texts = tokenizer.batch_decode(completions, skip_special_tokens=False)
+                for j, text in enumerate(texts):
+                    prompt, row = _split_row(chunk[j // n_samples])
+                    correct.append(exact_answer_reward(prompt, text, **row))
+                    formatted.append(format_reward(prompt, text, **row))
+                    eos.append(float((completions[j] == tokenizer.eos_token_id).any()))
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    groups = torch.tensor(correct).view(len(rows), n_samples)  # (N, n_samples)
+    per_prompt = groups.mean(dim=1)
+    return {
+        "accuracy": float(groups.mean()),
+        "format": sum(formatted) / len(formatted),
+        "eos": sum(eos) / len(eos),
+        "pass_at_n": float((per_prompt > 0).float().mean()),
+        "mixed_groups": float(((per_prompt > 0) & (per_prompt < 1)).float().mean()),
+        "n_prompts": len(rows),
+        "n_samples": n_samples,
+    }
+
+
+def _build_model(arch: str, tokenizer, seed: int, model_kwargs: dict):
+    if arch == "qwen3":
+        return build_tiny_qwen3(tokenizer, seed=seed, **model_kwargs)
+    if arch == "qwen3-moe":
+        from gspo.models.tiny_moe import build_tiny_qwen3_moe
+
+        return build_tiny_qwen3_moe(tokenizer, seed=seed, **model_kwargs)
+    raise ValueError(f"arch={arch!r}: the warm-start builds 'qwen3' or 'qwen3-moe'")
+
+
+def warm_start(out_dir: str | Path, *, seed: int = 0, steps: int = DEFAULT_STEPS, batch_size: int = 128,
+               lr: float = 3e-3, weight_decay: float = 0.0, label_smoothing: float = 0.0, arch: str = "qwen3", model_kwargs: dict | None = None,
+               task_kwargs: dict | None = None, target_accuracy: float | None = None, n_probe: int = 256,
+               check_every: int = 20, n_eval: int = 256, eval_samples: int = 8, max_new_tokens: int = 8,
+               num_threads: int | None = 1) -> Path:
+    """Train the tiny model from scratch on the task's training rows and save the checkpoint to ``out_dir``.
+
+    Writes ``model.safetensors`` (float32), the tokenizer files and ``warm_start.json`` (arguments,
+    final loss, wall time, greedy and T=1.0 sampled accuracy on ``n_eval`` held-out prompts).
+    ``target_accuracy`` (if set) stops training early, at the first multiple of ``check_every`` steps
+    where greedy accuracy on ``n_probe`` fixed *training-split* rows reaches it. Held-out rows never
+    steer training. Small models learn this task in a sudden transition whose timing varies with
+    the seed, so stopping on accuracy lands in the same partially-learned regime for any seed, where
+    a fixed step count would not.
+    ``num_threads`` pins torch's intra-op threads for the run (restored afterwards): one thread gives
+    a reduction order that does not depend on the machine's core count, and on a busy 2-core box it
+    is also the fastest choice for a model this small. None keeps the current setting.
+    """
+    out_dir = Path(out_dir)
+    model_kwargs, task_kwargs = dict(model_kwargs or {}), dict(task_kwargs or {})
+    args = dict(seed=seed, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                label_smoothing=label_smoothing, arch=arch,
+                model_kwargs=model_kwargs, task_kwargs=task_kwargs, n_eval=n_eval, eval_samples=eval_samples,
+                max_new_tokens=max_new_tokens, target_accuracy=target_accuracy, n_probe=n_probe,
+                check_every=check_every, num_threads=num_threads)
+    task = ArithmeticTask(seed=seed, **task_kwargs)
+    tokenizer = build_char_tokenizer()
+    model = _build_model(arch, tokenizer, seed, model_kwargs)
+    stop, probe = None, []
+    if target_accuracy is not None:
+        probe_rows = replace(task, seed=seed + PROBE_SEED_OFFSET).train_rows(n_probe)
+
+        def stop() -> bool:
+            probe.append(evaluate_accuracy(model, tokenizer, probe_rows, temperature=0.0,
+                                           max_new_tokens=max_new_tokens)["accuracy"])
+            return probe[-1] >= target_accuracy
+    threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        started = time.perf_counter()
+        losses = train_sft(model, tokenizer, task, steps=steps, batch_size=batch_size, lr=lr,
+                           weight_decay=weight_decay, label_smoothing=label_smoothing, stop=stop,
+                           check_every=check_every)
+        # (training draws no random numbers: no dropout, seeded data order, greedy probes)
+        report = {"args": args, "task": asdict(task), "train_seconds": round(time.perf_counter() - started, 1),
+                  "steps_run": len(losses), "probe_greedy": probe, "first_loss": losses[0], "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+                  "n_parameters": sum(p.numel() for p in model.parameters()),
+                  "torch": torch.__version__}
+        if n_eval:
+            rows = task.eval_rows(n_eval)
+            report["heldout_greedy"] = evaluate_accuracy(model, tokenizer, rows, temperature=0.0,
+                                                         max_new_tokens=max_new_tokens, seed=seed)
+            report["heldout_sampled_t1"] = evaluate_accuracy(model, tokenizer, rows, temperature=1.0,
+                                                             n_samples=eval_samples, max_new_tokens=max_new_tokens,
+                                                             seed=seed)
+    finally:
+        torch.set_num_threads(threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "warm_start.json").write_text(json.dumps(report, indent=2) + "\n")
+    log.info("warm start saved to %s: %s", out_dir, {k: report.get(k) for k in ("train_seconds", "final_loss")})
+    return out_dir
+
+
+# The recipes behind the embedded checkpoints (src/gspo/assets/<dir>); `gspo sft model=<name>` reruns them.
+EMBEDDED_RECIPES: dict[str, dict] = {
+    "tiny-arith": dict(arch="qwen3"),
+    "tiny-moe": dict(arch="qwen3-moe"),  # same budget; calibrated for the dense model only
+}
+
+
+def warm_start_embedded(name: str, out_dir: str | Path, *, seed: int = 0, **overrides) -> Path:
+    """Rebuild the embedded checkpoint ``name`` (see :data:`EMBEDDED_RECIPES`) into ``out_dir``."""
+    if name not in EMBEDDED_RECIPES:
+        raise ValueError(f"no warm-start recipe for {name!r}; known: {', '.join(EMBEDDED_RECIPES)}")
+    return warm_start(out_dir, seed=seed, **{**EMBEDDED_RECIPES[name], **overrides})
