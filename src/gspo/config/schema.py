@@ -81,8 +81,8 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
-    """Peak learning rate (AdamW). RL wants 10-100x less than supervised warm-starts."""
+    lr: float = 2e-4
+    """Peak learning rate (AdamW). RL wants 10-100x less than the warm-start (whose SFT used 2e-3)."""
     warmup_steps: int = 0
     """Linear warm-up, in optimizer steps."""
     schedule: str = "constant"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from gspo.trainer.logging import progress_text
 
 
@@ -43,5 +45,5 @@ class Progress:
         """A line above the bar (or on stderr without one)."""
         if self._console is not None:
             self._console.print(text)
-        elif self.enabled:
-            print(text, flush=True)
+        else:
+            print(text, file=sys.stderr, flush=True)

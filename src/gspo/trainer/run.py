@@ -38,6 +38,7 @@ def train(config: Config, run_dir: Path | None = None, *, resume: bool = False, 
         _restore(trainer, run_dir, progress)
     if "before" not in trainer.state.history:
         trainer.state.history["before"] = trainer.evaluate()
+        trainer.logger.log(0, trainer.state.history["before"])
         progress.note("held-out before training: " + _eval_text(trainer.state.history["before"]))
     metrics: dict = {}
     with GracefulInterrupt() as interrupt, progress:
