@@ -17,9 +17,10 @@ left imperfect, in the regime where RL at temperature 1.0 with an exact-match re
   the same RL run lifted sampled accuracy about half as fast.)
 
 Determinism: for a fixed seed the initialisation (``build_tiny_qwen3(seed=...)``), the data order
-(``ArithmeticTask(seed=...)``) and the optimiser are deterministic, so two runs in the same environment
-(same torch build and thread count) give bitwise-identical weights. Different thread counts or CPUs
-may change float reduction order and hence the last bits.
+(``ArithmeticTask(seed=...)``), the early-stopping probes (greedy) and the optimiser are deterministic,
+and training runs on one pinned thread, so reruns with the same torch build and CPU type give
+bitwise-identical weights (checked for the embedded checkpoint). Another torch build or CPU
+instruction set may change float rounding and hence the last bits.
 """
 
 from __future__ import annotations

@@ -92,3 +92,28 @@ def test_micro_batches_give_the_same_update(tiny_overrides):
     a.train_step(), b.train_step()
     for p, q in zip(a.model.parameters(), b.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_onpolicy_rows_reuse_the_first_forward_like_a_full_recompute(tiny_overrides, epochs):
+    # The no-grad old-log-probability pass skips the first minibatch's rows; the first optimizer step fills
+    # them in from its own forward (same weights), and later epochs must keep those values.
+    reuse = _trainer(tiny_overrides, f"optim.epochs={epochs}")
+    full = _trainer(tiny_overrides, f"optim.epochs={epochs}")
+    full._update_inputs = lambda batch, onpolicy=None: Trainer._update_inputs(full, batch)
+    for _ in range(2):
+        a, b = reuse.train_step(), full.train_step()
+    assert a["ratio/outside_band_frac"] == pytest.approx(b["ratio/outside_band_frac"], abs=1e-6)
+    for p, q in zip(reuse.model.parameters(), full.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_training_recomputes_old_logprobs_in_its_own_precision(tiny_overrides):
+    # float32 old log-probabilities against bfloat16 training forwards would put rounding noise (~1e-3 per
+    # token) into GSPO's sequence ratios, whose clip band is only 3e-4 / 4e-4 wide.
+    trainer = _trainer(tiny_overrides, "optim.dtype=bfloat16")
+    batch = trainer.collector.collect(trainer._take_shard(), seed=0)
+    inputs, _ = trainer._update_inputs(batch)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logprobs = trainer.policy(inputs.input_ids, inputs.attention_mask, inputs.completion_mask.shape[1])
+    torch.testing.assert_close(inputs.old_logprobs, logprobs.float(), rtol=0, atol=1e-6)

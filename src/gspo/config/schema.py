@@ -81,7 +81,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-4
+    lr: float = 1e-4
     """Peak learning rate (AdamW). RL wants 10-100x less than the warm-start (whose SFT used 2e-3)."""
     warmup_steps: int = 0
     """Linear warm-up, in optimizer steps."""
@@ -174,7 +174,7 @@ class Config:
     """Embedded model name (tiny-arith, tiny-moe) or a local Hugging Face causal-LM directory."""
     algorithm: str = "gspo"
     """gspo, gspo_token, grpo or dapo (each with its paper defaults)."""
-    steps: int = 150
+    steps: int = 200
     """Rollout batches (training steps)."""
     seed: int = 0
     """Seed for sampling, data order and initialisation; a seeded CPU run is reproducible."""
@@ -182,6 +182,9 @@ class Config:
     """Output directory; empty = runs/<algorithm>-<model>-<time>."""
     device: str = "auto"
     """auto (CUDA when available), cpu or cuda."""
+    cpu_threads: int = 0
+    """CPU threads for torch (0 = auto: 1 for models under 50M parameters, whose ops are too small to
+    split and slow down sharply when threads contend; torch's default otherwise)."""
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -12,6 +12,7 @@ def validate(config: Config) -> None:
     _choice("device", config.device, ("auto", "cpu", "cuda"))
     _positive("steps", config.steps)
     _minimum("seed", config.seed, 0)
+    _minimum("cpu_threads", config.cpu_threads, 0)
 
     r = config.rollout
     _positive("rollout.prompts_per_step", r.prompts_per_step)

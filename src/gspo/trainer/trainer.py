@@ -105,16 +105,15 @@ class Trainer:
             batch = self.collector.collect(self._take_shard(), _step_seed(cfg.seed, step, rank=0),
                                            first_index=dist.rank() * self._shard_size())
         t1 = time.perf_counter()
-        inputs, lp_metrics = self._update_inputs(batch)
-        t2 = time.perf_counter()
         local = len(batch.advantages)
-        shared = torch.Generator().manual_seed(_step_seed(cfg.seed, step, rank=0) + 1)  # same on every process
         if cfg.dynamic_sampling:  # shard sizes differ per process: permute locally
-            history = self.updater.update(self.policy, self.parts.optimizer, self.parts.scheduler, inputs,
-                                          torch.Generator().manual_seed(seed + 1))
-        else:
-            history = self.updater.update(self.policy, self.parts.optimizer, self.parts.scheduler, inputs, shared,
-                                          offset=dist.rank() * local, total=local * dist.world_size())
+            plan = self.updater.plan(torch.Generator().manual_seed(seed + 1), local)
+        else:  # one permutation of the global batch, the same on every process
+            shared = torch.Generator().manual_seed(_step_seed(cfg.seed, step, rank=0) + 1)
+            plan = self.updater.plan(shared, local, offset=dist.rank() * local, total=local * dist.world_size())
+        inputs, lp_metrics = self._update_inputs(batch, onpolicy=plan[0] == 0)
+        t2 = time.perf_counter()
+        history = self.updater.update(self.policy, self.parts.optimizer, self.parts.scheduler, inputs, plan=plan)
         self.sync_engine()
         self.last_updates = history  # per-optimizer-step metrics, for inspection and tests
         t3 = time.perf_counter()
@@ -157,18 +156,40 @@ class Trainer:
         return rows[dist.rank() * n : (dist.rank() + 1) * n]
 
     @torch.no_grad()
-    def _update_inputs(self, batch: ScoredBatch) -> tuple[UpdateInputs, dict[str, float]]:
-        """Old (and reference) log-probabilities for the batch, recomputed in one no-grad pass each."""
+    def _update_inputs(self, batch: ScoredBatch, onpolicy: torch.Tensor | None = None
+                       ) -> tuple[UpdateInputs, dict[str, float]]:
+        """Old (and reference) log-probabilities for the batch, recomputed in one no-grad pass each.
+
+        ``onpolicy``: (B,) bool, the rows of the first minibatch. The first optimizer step's forward runs
+        on them with the weights that sampled them, so their old log-probabilities are that forward's,
+        detached (:attr:`UpdateInputs.reuse_old`): the no-grad pass skips them, a quarter of its work with
+        4 minibatches. Dense models only (MoE passes record or replay the experts of every row).
+        Both passes run in the training forward's precision (bfloat16 autocast with ``optim.dtype=bfloat16``).
+        """
+        replay = self.config.moe.routing_replay
+        # R2 replay, or volatility diagnostics: the experts of the training model's own old-policy pass.
+        capture = self.moe and (replay == "r2" or (replay == "off" and self.config.moe.diagnostics))
+        with self.updater.autocast(batch.rollout.prompt_ids.device.type):
+            return self._old_and_reference(batch, onpolicy, capture)
+
+    def _old_and_reference(self, batch: ScoredBatch, onpolicy: torch.Tensor | None, capture: bool
+                           ) -> tuple[UpdateInputs, dict[str, float]]:
         rollout, temp = batch.rollout, self.config.rollout.temperature
         ids, attn, num_t = rollout.input_ids, rollout.attention_mask, rollout.completion_ids.shape[1]
         mask = rollout.completion_mask
         metrics: dict[str, float] = {}
         replay = self.config.moe.routing_replay
-        # R2 replay, or volatility diagnostics: the experts of the training model's own old-policy pass.
-        capture = self.moe and (replay == "r2" or (replay == "off" and self.config.moe.diagnostics))
         recompute = self.config.loss.old_logprobs == "recompute"
-        routing = None
-        if recompute or capture:
+        routing, reuse = None, None
+        if recompute and not self.moe and onpolicy is not None and not bool(onpolicy.all()):
+            reuse = onpolicy.clone()  # (B,) every process still runs the pass below on at least one row
+        if reuse is not None:
+            keep = (~reuse).nonzero().squeeze(1)  # (b,)
+            part = self.policy(ids[keep], attn[keep], num_t, temp)  # (b, T)
+            old = part.new_zeros(mask.shape)  # (B, T) the on-policy rows are filled in by the first update step
+            old[keep] = part
+            metrics.update(_mismatch_metrics(old[keep], rollout.logprobs[keep], mask[keep]))
+        elif recompute or capture:
             with capture_routing(self.model) if capture else contextlib.nullcontext() as routing:
                 old = self.policy(ids, attn, num_t, temp)  # (B, T)
             metrics.update(_mismatch_metrics(old, rollout.logprobs, mask))
@@ -180,7 +201,7 @@ class Trainer:
         if self.parts.reference is not None:
             with reference_policy(self.parts) as reference:  # LoRA: the base model, adapter disabled
                 ref = token_logprobs(reference, ids, attn, num_t, temperature=temp)  # (B, T)
-        return UpdateInputs(ids, attn, mask, batch.advantages, old, ref, routing), metrics
+        return UpdateInputs(ids, attn, mask, batch.advantages, old, ref, routing, reuse), metrics
 
     def _maybe_refresh_reference(self) -> None:
         every = self.config.loss.ref_refresh_steps

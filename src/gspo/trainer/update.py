@@ -37,12 +37,16 @@ class UpdateInputs:
     old_logprobs: torch.Tensor  # (B, T)
     ref_logprobs: torch.Tensor | None  # (B, T) or None
     routing: RoutingRecord | None = None  # MoE: experts chosen under the behaviour policy, (B, P + T, k)
+    # (B,) bool or None: rows of the first (on-policy) minibatch whose old_logprobs were not recomputed; the
+    # first optimizer step fills them in from its own forward, detached (pi_old is still the policy then).
+    reuse_old: torch.Tensor | None = None
 
     def rows(self, index: torch.Tensor) -> "UpdateInputs":
         ref = self.ref_logprobs[index] if self.ref_logprobs is not None else None
         routing = self.routing.select(index) if self.routing is not None else None
+        reuse = self.reuse_old[index] if self.reuse_old is not None else None
         return UpdateInputs(self.input_ids[index], self.attention_mask[index], self.completion_mask[index],
-                            self.advantages[index], self.old_logprobs[index], ref, routing)
+                            self.advantages[index], self.old_logprobs[index], ref, routing, reuse)
 
 
 @dataclass
@@ -63,22 +67,30 @@ class Updater:
     routing_replay: bool = False  # MoE: force the behaviour policy's experts (Routing Replay)
     nonfinite_streak: int = 0
 
-    def update(self, policy, optimizer, scheduler, inputs: UpdateInputs, generator: torch.Generator, *,
-               offset: int = 0, total: int | None = None) -> list[dict]:
-        """All optimizer steps for one rollout batch; returns one metrics dict per step.
+    def plan(self, generator: torch.Generator, size: int, *, offset: int = 0, total: int | None = None) -> list[torch.Tensor]:
+        """The minibatch of each of this process's ``size`` responses, one (B,) tensor per epoch.
 
-        ``policy``: the :class:`~gspo.trainer.policy.PolicyLogprobs` module, possibly DDP/FSDP-wrapped.
         The batch is this process's rows ``offset .. offset + B`` of a global batch of ``total``
         responses. Minibatches are drawn from one permutation of the *global* batch (``generator`` is
         seeded identically on every process), so minibatch i holds the same responses whatever the
         number of processes: response j goes to minibatch ``perm[j] % minibatches``.
         """
-        size = len(inputs.advantages)
         total = total or size
+        return [torch.randperm(total, generator=generator)[offset : offset + size] % self.minibatches  # (B,)
+                for _ in range(self.epochs)]
+
+    def update(self, policy, optimizer, scheduler, inputs: UpdateInputs, generator: torch.Generator | None = None, *,
+               offset: int = 0, total: int | None = None, plan: list[torch.Tensor] | None = None) -> list[dict]:
+        """All optimizer steps for one rollout batch; returns one metrics dict per step.
+
+        ``policy``: the :class:`~gspo.trainer.policy.PolicyLogprobs` module, possibly DDP/FSDP-wrapped.
+        ``plan``: the minibatch assignment from :meth:`plan`; without it, drawn here from ``generator``,
+        ``offset`` and ``total`` (same meaning as in :meth:`plan`).
+        """
+        if plan is None:
+            plan = self.plan(generator, len(inputs.advantages), offset=offset, total=total)
         history = []
-        for _ in range(self.epochs):
-            perm = torch.randperm(total, generator=generator)[offset : offset + size]  # (B,)
-            assignment = perm % self.minibatches  # (B,) minibatch of each local response
+        for assignment in plan:  # one epoch each
             for mb in range(self.minibatches):
                 index = (assignment == mb).nonzero().squeeze(1)  # (b,)
                 metrics = self._step(policy, optimizer, scheduler, inputs, index)
@@ -101,6 +113,9 @@ class Updater:
                 out = self._loss(policy, rows, normaliser)
                 # backward inside the routing context: a recomputing backward must replay too
                 (out.loss * dist.gradient_scale()).backward()
+            if rows.reuse_old is not None and bool(rows.reuse_old.any()):  # keep what _loss filled in (epochs > 1)
+                inputs.old_logprobs[index[micro]] = rows.old_logprobs
+                inputs.reuse_old[index[micro]] = False
             parts.append(out)
             if live is not None:
                 volatility.append(_volatility(rows, live))
@@ -136,16 +151,27 @@ class Updater:
 
     def _loss(self, policy, rows: UpdateInputs, normaliser: torch.Tensor):
         num_completion = rows.completion_mask.shape[1]
-        autocast = torch.autocast(rows.input_ids.device.type, dtype=self.autocast_dtype,
-                                  enabled=self.autocast_dtype is not None)
-        with autocast:
+        with self.autocast(rows.input_ids.device.type):
             logprobs = policy(rows.input_ids, rows.attention_mask, num_completion, self.temperature)  # (b, T)
+        if rows.reuse_old is not None and bool(rows.reuse_old.any()):
+            # On-policy rows not recomputed (see UpdateInputs.reuse_old): this forward is pi_old's. Written
+            # into ``rows`` so that _step can keep them for later epochs.
+            rows.old_logprobs = torch.where(rows.reuse_old[:, None], logprobs.detach().float(), rows.old_logprobs)
         norm_key = "num_tokens" if self.algorithm in TOKEN_NORMALISED else "num_sequences"
         return LOSSES[self.algorithm](
             logprobs.float(), rows.old_logprobs, rows.advantages, rows.completion_mask,
             clip_low=self.clip_low, clip_high=self.clip_high, ref_logprobs=rows.ref_logprobs,
             beta=self.beta, kl_estimator=self.kl_estimator, **{norm_key: normaliser},
         )
+
+    def autocast(self, device_type: str) -> contextlib.AbstractContextManager:
+        """The training forward's precision: bfloat16 autocast with ``optim.dtype=bfloat16``, else float32.
+
+        Old (and reference) log-probabilities are recomputed under the same context: with float32 old
+        log-probabilities, bfloat16 rounding alone moved ~half of the on-policy sequence ratios of a
+        17M-parameter model outside GSPO's 3e-4 / 4e-4 band (benchmarks/README.md).
+        """
+        return torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
     def _global_normaliser(self, completion_mask: torch.Tensor) -> torch.Tensor:
         """Responses (with >= 1 token) or response tokens in this minibatch over all processes."""
