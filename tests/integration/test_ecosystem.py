@@ -416,7 +416,9 @@ def test_wandb_and_mlflow_sinks_log_a_run(tmp_path, monkeypatch, tiny_overrides)
     assert init[0] == "init" and init[1]["project"] == "ablation" and init[1]["name"] == "my-run"
     assert init[1]["config"]["log"]["trackers"] == ["wandb", "mlflow"]
     logged = [e for e in wandb.events if e[0] == "log"]
-    assert logged[0][1] == 1 and "loss/clip_frac" in logged[0][2] and "eval/accuracy" in logged[-1][2]
+    # step 0: the held-out evaluation before training; step 1: the first training step; last: the final eval
+    assert logged[0][1] == 0 and "eval/accuracy" in logged[0][2]
+    assert logged[1][1] == 1 and "loss/clip_frac" in logged[1][2] and "eval/accuracy" in logged[-1][2]
     assert all(isinstance(v, float) for _, _, metrics in logged for v in metrics.values())
     assert wandb.events[-1] == ("finish",)
     assert mlflow.events[:2] == [("experiment", "ablation"), ("start", "my-run")]

@@ -124,7 +124,7 @@ def test_a_reward_returning_none_is_zero_and_counted_or_an_error(capsys, tmp_pat
     overrides = [o for o in tiny_overrides if not o.startswith(("reward.", "steps="))] + ["steps=1"]
     run = tmp_path / "run"
     assert main(["train", *overrides, f"reward.functions={spec}", f"run_dir={run}"]) == 0
-    step = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    step = next(r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "reward/mean" in r)
     assert step[f"reward/{spec}/none_frac"] == 1.0 and step[f"reward/{spec}"] == 0.0
     line = train_fails(capsys, *overrides, f"reward.functions={spec}", "reward.none_policy=error")
     assert "returned None; return a number, or set reward.none_policy=zero" in line
