@@ -32,7 +32,12 @@ def run_sft(args: list[str]) -> int:
     kwargs = {"seed": _int("seed", options["seed"])}
     if options["steps"]:
         kwargs["steps"] = _int("steps", options["steps"])
-    path = warm_start_embedded(options["model"], out, **kwargs)
+    if options["model"] == "tiny-moe":  # the MoE has its own calibrated recipe (docs/moe-stability.md)
+        from gspo.experiments.moe_warm_start import warm_start_moe
+
+        path = warm_start_moe(out, **kwargs)
+    else:
+        path = warm_start_embedded(options["model"], out, **kwargs)
     print(path)
     return 0
 
