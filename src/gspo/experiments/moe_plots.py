@@ -44,6 +44,7 @@ def _moving_average(curve: dict, window: int) -> dict:
 
 
 REWARD_WINDOW = 5  # steps
+MIN_BIN_RESPONSES = 20  # length bins with fewer responses are too noisy to plot (they stay in the table)
 
 
 def plot_curves(summary: dict, path: Path, names: tuple[str, ...]) -> Path:
@@ -129,7 +130,7 @@ def plot_logratio_length(summary: dict, path: Path) -> Path:
     names = [n for n in ("gspo", "grpo", "grpo_r2") if n in summary["arms"]]
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names):
-        table = summary["arms"][name]["length_bins"]["offpolicy"]
+        table = [row for row in summary["arms"][name]["length_bins"]["offpolicy"] if row["responses"] >= MIN_BIN_RESPONSES]
         xs = [row["length"] for row in table]
         ax.plot(xs, [row["token_std"] for row in table], marker="o", label="token log-ratio std")
         ax.plot(xs, [row["seq_std"] for row in table], marker="s", label="sequence log-ratio std (eq. 7)")

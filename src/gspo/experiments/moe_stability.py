@@ -34,7 +34,7 @@ results.json and one run directory per (arm, seed). About 15-20 minutes on a 2-c
 
   seeds=3          seeds per arm (and per depth in the volatility probe)
   steps=50         rollout batches per run (16 prompts x 8 responses, 4 minibatches each)
-  depths=1,2,4     depths of the one-update volatility probe
+  depths=1,2,4,8   depths of the one-update volatility probe
   lr=1e-4          RL learning rate (AdamW), also the probe's
   precision=true   also run the bf16-rollout arms (GSPO and GRPO with loss.old_logprobs=rollout)
   workers=2        parallel processes (each single-threaded)
@@ -47,7 +47,7 @@ results.json and one run directory per (arm, seed). About 15-20 minutes on a 2-c
 class StudyOptions:
     seeds: int = 3
     steps: int = 50
-    depths: tuple[int, ...] = (1, 2, 4)
+    depths: tuple[int, ...] = (1, 2, 4, 8)
     lr: float = 1e-4
     precision: bool = True
     workers: int = 2

@@ -45,7 +45,7 @@ GSPO_CLIP = (3e-4, 4e-4)  # paper section 5.1
 
 @dataclass(frozen=True)
 class ProbeSettings:
-    depths: tuple[int, ...] = (1, 2, 4)
+    depths: tuple[int, ...] = (1, 2, 4, 8)
     seeds: tuple[int, ...] = (0, 1, 2)
     sft_steps: int = 60  # warm-up steps per model (0 = random routers)
     sft_batch: int = 64
@@ -83,7 +83,8 @@ def probe_volatility(depth: int, seed: int, settings: ProbeSettings) -> dict:
     response_positions = torch.zeros_like(attn)  # (B, P + T) bool
     response_positions[:, -num_t:] = mask
     out = {"depth": depth, "seed": seed, "reward_mean": float(batch["rewards"].mean()),
-           "busiest_expert_share": [max(s) for s in expert_shares(before, response_positions)],
+           "busiest_expert_share": [max(s) for s in expert_shares(before, response_positions,
+                                                                  model.config.num_experts)],
            "signal_groups": float((batch["advantages"].view(-1, settings.group_size) != 0).any(1).float().mean())}
     out["lrs"] = {}
     for lr in settings.lrs:
@@ -104,15 +105,16 @@ def probe_volatility(depth: int, seed: int, settings: ProbeSettings) -> dict:
     return out
 
 
-def expert_shares(routing, mask: torch.Tensor) -> list[list[float]]:
-    """Per MoE layer, the share of top-k routing slots each expert takes on the ``mask`` (B, S) positions.
+def expert_shares(routing, mask: torch.Tensor, num_experts: int) -> list[list[float]]:
+    """Per MoE layer, the share of top-k routing slots each of ``num_experts`` experts takes on the
+    ``mask`` (B, S) positions.
 
     Uniform routing gives 1/E per expert; a share of 1/k (0.5 for top-2) means every token uses that expert.
     """
     shares = []
     for indices in routing.indices:  # (B, S, k) per layer
         chosen = indices[mask.to(indices.device)].flatten()  # (N * k,)
-        counts = torch.bincount(chosen, minlength=int(chosen.max()) + 1 if chosen.numel() else 1).double()
+        counts = torch.bincount(chosen, minlength=num_experts).double()  # (E,)
         shares.append((counts / counts.sum().clamp_min(1)).tolist())
     return shares
 
@@ -130,7 +132,7 @@ def model_expert_shares(model_path: str, n_rows: int = 256) -> dict:
                     add_special_tokens=False)
     with capture_routing(model) as routing:
         model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-    return {"shares": expert_shares(routing, enc["attention_mask"].bool()),
+    return {"shares": expert_shares(routing, enc["attention_mask"].bool(), model.config.num_experts),
             "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu}
 
 
