@@ -30,7 +30,8 @@ HELP = """usage: gspo experiment moe-stability [key=value ...]
 
 GSPO vs GRPO vs GRPO + Routing Replay (R2) on the embedded tiny MoE, plus expert volatility by depth
 and the bf16-rollout precision check (GSPO paper, sections 5.3-5.4). Writes OUT/report.md, PNG plots,
-results.json and one run directory per (arm, seed). About 15-20 minutes on a 2-core CPU.
+results.json and one run directory per (arm, seed). About 12 CPU-minutes of jobs: ~7 minutes on an
+idle 2-core machine, 14-20 minutes on a shared one.
 
   seeds=3          seeds per arm (and per depth in the volatility probe)
   steps=50         rollout batches per run (16 prompts x 8 responses, 4 minibatches each)

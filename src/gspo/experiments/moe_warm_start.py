@@ -3,14 +3,16 @@
 GSPO section 5.3 studies RL on a Mixture-of-Experts policy (Qwen3-30B-A3B: 128 experts, 8 active per
 token, 48 layers). ``tiny-moe`` is the same architecture (``Qwen3MoeForCausalLM``, every layer sparse,
 top-k gate weights renormalised) at toy size: 8 experts, top-2 per token, three layers by default,
-warm-started exactly like the dense default: :func:`gspo.sft.warm_start` (cross-entropy on answer +
+warm-started with the dense default's code, :func:`gspo.sft.warm_start` (cross-entropy on answer +
 EOS, AdamW, warm-up then cosine, early stop on a *training-split* greedy probe) on the embedded
-arithmetic task. The calibration target is the dense model's regime: greedy held-out accuracy
-roughly 40-70% with sampled (T = 1) accuracy clearly lower, so RL has something to sharpen.
+arithmetic task, with its own hyper-parameters (below). The calibration target is the dense model's
+regime: greedy held-out accuracy roughly 40-70% with sampled (T = 1) accuracy clearly lower, so RL has
+something to sharpen.
 
 Reproducible: the same call (seed, steps, depth) in the same environment writes the same weights
 (one intra-op thread, seeded init and data order; see :mod:`gspo.sft`). Rebuild the embedded copy with
-``python -m gspo.experiments.moe_warm_start`` (writes ``src/gspo/assets/tiny-moe-arith``).
+``gspo sft model=tiny-moe`` or ``python -m gspo.experiments.moe_warm_start`` (writes
+``src/gspo/assets/tiny-moe-arith``).
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ def probe_volatility(depth: int, seed: int, settings: ProbeSettings) -> dict:
         response, per_layer = expert_volatility(before, after, mask=response_positions)
         everywhere, _ = expert_volatility(before, after, mask=attn)
         out["lrs"][repr(lr)] = {"response": float(response), "all_tokens": float(everywhere),
-                     "per_layer": [float(v) for v in per_layer]}
+                                "per_layer": [float(v) for v in per_layer]}
     out["seconds"], out["cpu_seconds"] = time.perf_counter() - started, time.process_time() - cpu
     return out
 
