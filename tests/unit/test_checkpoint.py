@@ -322,7 +322,7 @@ def test_every_torch_load_is_weights_only(tmp_path, model, monkeypatch):
 
 
 KILL_LOOP = textwrap.dedent(r"""
-    import os, random, signal, sys, time, warnings
+    import os, random, select, signal, sys, time, warnings
     import torch
     torch.set_num_threads(1)  # single-threaded before fork: the forked savers must not inherit a thread pool
     from gspo.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
@@ -335,22 +335,51 @@ KILL_LOOP = textwrap.dedent(r"""
     model(torch.ones(1, 512)).sum().backward()
     optimizer.step()  # momentum buffers exist, so optimizer.pt is as large as the weights
     warnings.simplefilter("ignore")
-    mid_save_kills = fresh = 0
+    real_fsync = os.fsync
+    pinned_kills = timed_kills = fresh = 0
     for it in range(iterations):
+        # Even iterations: kill at a random time. Odd ones: freeze the saver at a random fsync of its
+        # second save (payload, manifest, publish, "latest" pointer or rotation) and kill it there, so
+        # kills provably land inside saves however fast or slow this machine is.
+        pin_at = chooser.randint(1, 9) if it % 2 else 0  # every save here makes 9 or 10 fsyncs
+        ready_r, ready_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # saver: checkpoint forever; the weights of checkpoint s all equal s
+            os.close(ready_r)
+            saves_done, calls = 0, [0]
+
+            def pinned_fsync(fd):
+                real_fsync(fd)
+                calls[0] += 1
+                if saves_done >= 1 and calls[0] == pin_at:
+                    os.write(ready_w, b"x")
+                    time.sleep(3600)
+
+            if pin_at:
+                os.fsync = pinned_fsync
             step = (it + 1) * 1000
             while True:
                 with torch.no_grad():
                     for p in model.parameters():
                         p.fill_(step)
+                calls[0] = 0
                 save_checkpoint(run_dir, step, model=model, optimizer=optimizer, trainer_state={"step": step},
                                 keep_last=2)
+                saves_done += 1
                 step += 1
-        time.sleep(chooser.uniform(0.2, 0.6))
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        mid_save_kills += any(name.startswith(".tmp-") for name in os.listdir(os.path.join(run_dir, "checkpoints")))
+        os.close(ready_w)
+        try:
+            if pin_at:
+                ready, _, _ = select.select([ready_r], [], [], 120)
+                assert ready and os.read(ready_r, 1) == b"x", f"iteration {it}: the saver never reached fsync {pin_at}"
+                pinned_kills += 1
+            else:
+                time.sleep(chooser.uniform(0.2, 0.6))
+                timed_kills += 1
+        finally:  # never leave a saver behind (it would hold the test's output pipe open)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(ready_r)
         latest = find_latest_checkpoint(run_dir)
         assert latest is not None or it == 0, f"iteration {it}: the previous checkpoints were lost"
         if latest is None:
@@ -360,17 +389,18 @@ KILL_LOOP = textwrap.dedent(r"""
         assert latest.name == f"step-{step:08d}" and step >= it * 1000, (latest, step)
         assert all(bool((p == step).all()) for p in model.parameters()), f"weights of {latest} do not match"
         fresh += step >= (it + 1) * 1000
-    print("mid_save_kills", mid_save_kills, "fresh", fresh)
+    print("pinned_kills", pinned_kills, "fresh", fresh)
 """)
 
 
 def test_sigkill_during_saves_never_yields_a_corrupt_checkpoint(tmp_path):
-    iterations = 6
+    iterations = 8
     env = {**os.environ, "PYTHONPATH": str(SRC_DIR)}
     done = subprocess.run([sys.executable, "-c", KILL_LOOP, str(tmp_path), "1234", str(iterations)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     counts = done.stdout.split()
-    mid_save_kills, fresh = int(counts[1]), int(counts[3])
-    # The test only means something if kills land inside saves and savers get to publish.
-    assert mid_save_kills >= iterations // 2 and fresh >= iterations // 2, done.stdout
+    pinned_kills, fresh = int(counts[1]), int(counts[3])
+    # Half the kills are pinned inside a save (at a random fsync); every pinned iteration published a
+    # checkpoint first, so the newest loadable one must come from it.
+    assert pinned_kills == iterations // 2 and fresh >= iterations // 2, done.stdout
