@@ -117,3 +117,14 @@ def test_bfloat16_training_recomputes_old_logprobs_in_its_own_precision(tiny_ove
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logprobs = trainer.policy(inputs.input_ids, inputs.attention_mask, inputs.completion_mask.shape[1])
     torch.testing.assert_close(inputs.old_logprobs, logprobs.float(), rtol=0, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_overrides):
+    plain, checkpointed = _trainer(tiny_overrides), _trainer(tiny_overrides, "optim.gradient_checkpointing=true")
+    layers = checkpointed.model.model.layers
+    assert all(layer.gradient_checkpointing for layer in layers)
+    assert not any(layer.gradient_checkpointing for layer in plain.model.model.layers)
+    for _ in range(2):
+        plain.train_step(), checkpointed.train_step()
+    for p, q in zip(plain.model.parameters(), checkpointed.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -99,6 +99,9 @@ class OptimConfig:
     """Responses per forward/backward (gradient accumulation); 0 = the whole minibatch."""
     dtype: str = "float32"
     """Training precision: float32, or bfloat16 (autocast; master weights stay float32)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward: activation memory of about one layer
+    for about a third more training compute (TRL's default; benchmarks/README.md)."""
 
 
 @dataclass

@@ -43,6 +43,8 @@ def build_parts(config: Config) -> Parts:
 
         model = apply_lora(model, config.lora, base_path=path)
     _set_cpu_threads(model, config.cpu_threads, device)
+    if config.optim.gradient_checkpointing:  # training forwards only: the sampler runs in eval mode
+        _enable_checkpointing(model)
     model.config.use_cache = False  # training forwards; the engine asks for a cache explicitly
     model.train()
     engine_dtype = None if config.rollout.engine_dtype in ("auto", "float32") else DTYPES[config.rollout.engine_dtype]
@@ -69,6 +71,14 @@ def _set_cpu_threads(model: torch.nn.Module, threads: int, device: torch.device)
         threads = 1
     if threads:
         torch.set_num_threads(threads)
+
+
+def _enable_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer (the transformers >= 5.x name first)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:

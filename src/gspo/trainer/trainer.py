@@ -185,7 +185,7 @@ class Trainer:
             reuse = onpolicy.clone()  # (B,) every process still runs the pass below on at least one row
         if reuse is not None:
             keep = (~reuse).nonzero().squeeze(1)  # (b,)
-            part = self.policy(ids[keep], attn[keep], num_t, temp)  # (b, T)
+            part = self._no_grad_logprobs(ids[keep], attn[keep], num_t, len(mask))  # (b, T)
             old = part.new_zeros(mask.shape)  # (B, T) the on-policy rows are filled in by the first update step
             old[keep] = part
             metrics.update(_mismatch_metrics(old[keep], rollout.logprobs[keep], mask[keep]))
@@ -202,6 +202,19 @@ class Trainer:
             with reference_policy(self.parts) as reference:  # LoRA: the base model, adapter disabled
                 ref = token_logprobs(reference, ids, attn, num_t, temperature=temp)  # (B, T)
         return UpdateInputs(ids, attn, mask, batch.advantages, old, ref, routing, reuse), metrics
+
+    def _no_grad_logprobs(self, ids: torch.Tensor, attn: torch.Tensor, num_t: int, batch_size: int) -> torch.Tensor:
+        """(b, T) log-probabilities in chunks of a training forward's rows (a minibatch, or a micro-batch),
+        so that this pass never holds more activations than a training step (which may checkpoint them).
+
+        One process only: under DDP / FSDP2 every forward is a collective and the chunk counts could
+        differ between processes, so those run one pass.
+        """
+        o, temp = self.config.optim, self.config.rollout.temperature
+        size = o.micro_batch_size or -(-batch_size // o.minibatches)
+        if dist.world_size() > 1 or len(ids) <= size:
+            return self.policy(ids, attn, num_t, temp)
+        return torch.cat([self.policy(i, a, num_t, temp) for i, a in zip(ids.split(size), attn.split(size))])
 
     def _maybe_refresh_reference(self) -> None:
         every = self.config.loss.ref_refresh_steps
