@@ -25,10 +25,12 @@ rollout batch (sampling 2·N·tokens, the old-log-probability pass 2·N·tokens,
 
     PYTHONPATH=src python benchmarks/bench_vs_trl.py --size tiny|small|both --rounds 5 --fixed-length
 
-Threads: workers use ``--threads`` (default: all cores) and ``OMP_WAIT_POLICY=PASSIVE`` (``--omp-wait-policy``)
-for both frameworks. On a shared, oversubscribed machine libgomp's default spin-waiting made every
-PyTorch op wait for a descheduled sibling thread (measured: a tiny-model step 72 s with 2 spinning
-threads, 7 s with 1 thread, 6.4 s with 2 passive threads); see benchmarks/README.md.
+Threads: every worker uses ``--threads`` (default: all cores; the ``-1t`` variants one) and
+``OMP_WAIT_POLICY=PASSIVE`` (``--omp-wait-policy``), gspo through ``cpu_threads`` so that its size-based
+default (one thread below 50M parameters) does not make the comparison uneven. On a shared,
+oversubscribed machine libgomp's default spin-waiting made every PyTorch op wait for a descheduled
+sibling thread (measured: a tiny-model step 72 s with 2 spinning threads, 7 s with 1 thread, 6.4 s
+with 2 passive threads); see benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -63,10 +65,15 @@ GSPO_VARIANTS = {
     "gspo-fp32": [],
     "gspo-bf16": ["rollout.engine_dtype=bfloat16", "optim.dtype=bfloat16"],  # bf16 sampler copy + autocast training
     "gspo-fp32-mb16": ["optim.micro_batch_size=16"],  # gradient accumulation: half the activation memory
+    "gspo-fp32-gc": ["optim.gradient_checkpointing=true"],  # TRL's default memory trade
+    "gspo-fp32-1t": [],  # one thread (gspo's cpu_threads=0 default below 50M parameters)
+    "gspo-fp32-rollout": ["loss.old_logprobs=rollout"],  # the sampler's log-probabilities (paper section 5.4)
 }
 # TRL variants: GRPOConfig fields on top of the shared workload. TRL's GRPOConfig turns gradient
 # checkpointing on by default (recompute activations in the backward: less memory, one more forward).
-TRL_VARIANTS = {"trl-fp32": {"gradient_checkpointing": True}, "trl-fp32-nogc": {"gradient_checkpointing": False}}
+TRL_VARIANTS = {"trl-fp32": {"gradient_checkpointing": True}, "trl-fp32-nogc": {"gradient_checkpointing": False},
+                "trl-fp32-1t": {"gradient_checkpointing": True}}
+VARIANT_THREADS = {"gspo-fp32-1t": 1, "trl-fp32-1t": 1}  # others use --threads
 VARIANTS = ("gspo-fp32", "gspo-bf16", "trl-fp32", "trl-fp32-nogc")
 GEMM_SIZE = 1024  # square matmul for the peak measurement
 GEMM_REPEATS = 8
@@ -115,7 +122,8 @@ def gspo_worker(args, channel: Channel) -> None:
     overrides = [f"model={args.model_dir}", "steps=100000", f"seed={SEED}", "log.tensorboard=false",
                  f"rollout.prompts_per_step={PROMPTS_PER_BATCH}", f"rollout.group_size={GROUP_SIZE}",
                  f"rollout.max_new_tokens={NEW_TOKENS}", f"rollout.ignore_eos={str(args.fixed_length).lower()}",
-                 f"optim.minibatches={MINIBATCHES}", f"optim.lr={LR}", "device=cpu"]
+                 f"optim.minibatches={MINIBATCHES}", f"optim.lr={LR}", "device=cpu",
+                 f"cpu_threads={args.threads}"]  # the same thread count as TRL, not gspo's size-based default
     overrides += GSPO_VARIANTS[args.variant]
     trainer = Trainer(load_config(None, overrides), run_dir=None)  # run_dir None: no files written
     channel.send({"ready": True, "rss_mb": rss_mb(), "peak_mb": peak_rss_mb(), "threads": torch.get_num_threads()})
@@ -241,6 +249,7 @@ def gemm_worker(args, channel: Channel) -> None:
 def worker_main(args) -> None:
     import torch
 
+    args.threads = VARIANT_THREADS.get(args.variant, args.threads)
     torch.set_num_threads(args.threads)
     channel = Channel()
     {"gspo": gspo_worker, "trl": trl_worker, "gemm": gemm_worker}[args.variant.split("-")[0]](args, channel)
@@ -253,7 +262,8 @@ class Worker:
     def __init__(self, variant: str, model_dir: str, args, log_dir: Path) -> None:
         self.variant = variant
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-               "OMP_WAIT_POLICY": args.omp_wait_policy, "OMP_NUM_THREADS": str(args.threads),
+               "OMP_WAIT_POLICY": args.omp_wait_policy,
+               "OMP_NUM_THREADS": str(VARIANT_THREADS.get(variant, args.threads)),
                "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
         self.log = open(log_dir / f"{variant}.log", "w")
         cmd = [sys.executable, __file__, "--worker", variant, "--model-dir", model_dir, "--threads", str(args.threads),
