@@ -1,4 +1,7 @@
-"""HFEngine on a tiny random Qwen3: log-probabilities, padding, EOS, determinism, bf16 weight sync."""
+"""HFEngine on a tiny random Qwen3: log-probabilities, padding, EOS, determinism, bf16 weight sync.
+
+Behavioural tests run with both decode paths: gspo's native decode step and transformers' forward.
+"""
 
 from __future__ import annotations
 
@@ -47,9 +50,13 @@ def with_head_bias(model, token: int, value: float):
 
 
 def count_forwards(model) -> list[int]:
+    """Forward passes through the model, native or not (both embed the input tokens once per pass)."""
     calls = []
-    model.register_forward_hook(lambda module, args, output: calls.append(1))
+    model.model.embed_tokens.register_forward_hook(lambda module, args, output: calls.append(1))
     return calls
+
+
+DECODERS = pytest.mark.parametrize("decoder", ["native", "hf"])
 
 
 @pytest.mark.parametrize(
@@ -59,11 +66,13 @@ def count_forwards(model) -> list[int]:
         SamplingParams(max_new_tokens=12, temperature=1.3),
     ],
 )
-@pytest.mark.parametrize("static_cache", [True, False])
-def test_sampler_logprobs_equal_recomputation(params, static_cache):
+@pytest.mark.parametrize("decoder,static_cache", [("native", None), ("hf", True), ("hf", False)])
+def test_sampler_logprobs_equal_recomputation(params, decoder, static_cache):
     model = with_head_bias(tiny_qwen3(), EOS, 0.5)  # a likelier EOS: ragged completion lengths
-    engine = engine_for(model)
-    engine.static_cache = static_cache
+    engine = engine_for(model, decoder=decoder)
+    assert (engine.native is not None) == (decoder == "native")
+    if static_cache is not None:
+        engine.static_cache = static_cache
     rollout = engine.generate(PROMPTS * 2, params, torch.Generator().manual_seed(0))
     assert rollout.lengths.min() < rollout.lengths.max() == params.max_new_tokens
     with torch.no_grad():
@@ -79,10 +88,11 @@ def test_sampler_logprobs_equal_recomputation(params, static_cache):
     assert (rollout.logprobs[~rollout.completion_mask] == 0).all()
 
 
-def test_logprobs_are_unfiltered_by_top_k():
+@DECODERS
+def test_logprobs_are_unfiltered_by_top_k(decoder):
     """top_k = 1 draws the argmax, but the reported log-probability is the full distribution's."""
     model = tiny_qwen3()
-    engine = engine_for(model)
+    engine = engine_for(model, decoder=decoder)
     greedy = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, temperature=0.0))
     top1 = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, temperature=1.0, top_k=1))
     assert torch.equal(top1.completion_ids, greedy.completion_ids)
@@ -90,9 +100,10 @@ def test_logprobs_are_unfiltered_by_top_k():
     assert (top1.logprobs < -1e-3).all()  # not log(1) = 0, as a filtered distribution would give
 
 
-def test_left_padding_invariance():
+@DECODERS
+def test_left_padding_invariance(decoder):
     model = tiny_qwen3()
-    engine = engine_for(model)
+    engine = engine_for(model, decoder=decoder)
     params = SamplingParams(max_new_tokens=10, temperature=0.0)
     batched = engine.generate(PROMPTS, params)
     alone = engine.generate([PROMPTS[2]], params)  # the shortest prompt: most padding when batched
@@ -101,7 +112,8 @@ def test_left_padding_invariance():
     torch.testing.assert_close(batched.logprobs[2, :length], alone.logprobs[0, :length], atol=1e-5, rtol=1e-5)
 
 
-def test_eos_mask_padding_and_truncation():
+@DECODERS
+def test_eos_mask_padding_and_truncation(decoder):
     """A scripted EOS: rows stop at different steps, the mask covers EOS, pad follows."""
     model = tiny_qwen3()
     eos_after = {0: 2, 2: 0}  # row -> step at which EOS is forced; rows 1 and 3 never emit EOS
@@ -118,7 +130,8 @@ def test_eos_mask_padding_and_truncation():
         return output + bias[:, None, :]
 
     model.lm_head.register_forward_hook(force_eos)
-    rollout = engine_for(model).generate(PROMPTS, SamplingParams(max_new_tokens=5), torch.Generator().manual_seed(0))
+    engine = engine_for(model, decoder=decoder)
+    rollout = engine.generate(PROMPTS, SamplingParams(max_new_tokens=5), torch.Generator().manual_seed(0))
     assert rollout.completion_ids.shape == (4, 5)
     assert rollout.lengths.tolist() == [3, 5, 1, 5]
     assert rollout.completion_ids[0, 2] == EOS and rollout.completion_ids[2, 0] == EOS
@@ -127,10 +140,11 @@ def test_eos_mask_padding_and_truncation():
     assert rollout.truncated.tolist() == [False, True, False, True]
 
 
-def test_stops_as_soon_as_every_sequence_ended():
+@DECODERS
+def test_stops_as_soon_as_every_sequence_ended(decoder):
     model = with_head_bias(tiny_qwen3(), EOS, 1e4)  # EOS is certain
     calls = count_forwards(model)
-    engine = HFEngine(model, pad_token_id=PAD, eos_token_id=[3, EOS])  # several EOS ids are allowed
+    engine = HFEngine(model, pad_token_id=PAD, eos_token_id=[3, EOS], decoder=decoder)  # several EOS ids are allowed
     rollout = engine.generate(PROMPTS, SamplingParams(max_new_tokens=8))
     assert len(calls) == 1  # the prefill only: its logits gave EOS everywhere
     assert rollout.completion_ids.shape == (4, 1) and (rollout.completion_ids == EOS).all()
@@ -138,14 +152,15 @@ def test_stops_as_soon_as_every_sequence_ended():
     assert set(rollout.timings) == {"sample/prefill_s", "sample/decode_s"}
 
     calls.clear()
-    full = engine_for(model).generate(PROMPTS, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    full = engine.generate(PROMPTS, SamplingParams(max_new_tokens=8, ignore_eos=True))
     assert len(calls) == 8  # prefill + 7 decode steps
     assert full.completion_ids.shape == (4, 8) and full.completion_mask.all() and full.truncated.all()
     assert (full.completion_ids == EOS).all()
 
 
-def test_greedy_is_deterministic_and_seeds_reproduce():
-    engine = engine_for(tiny_qwen3())
+@DECODERS
+def test_greedy_is_deterministic_and_seeds_reproduce(decoder):
+    engine = engine_for(tiny_qwen3(), decoder=decoder)
     greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
     assert torch.equal(engine.generate(PROMPTS, greedy).completion_ids, engine.generate(PROMPTS, greedy).completion_ids)
     sampled = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.95)
@@ -157,11 +172,12 @@ def test_greedy_is_deterministic_and_seeds_reproduce():
     assert not torch.equal(first.completion_ids, other.completion_ids)
 
 
-def test_training_mode_restored_and_eval_during_sampling():
+@DECODERS
+def test_training_mode_restored_and_eval_during_sampling(decoder):
     model = tiny_qwen3().train()
     seen = []
-    model.model.layers[0].register_forward_hook(lambda module, args, output: seen.append(module.training))
-    engine_for(model).generate(PROMPTS, SamplingParams(max_new_tokens=3))
+    model.model.embed_tokens.register_forward_hook(lambda module, args, output: seen.append(module.training))
+    engine_for(model, decoder=decoder).generate(PROMPTS, SamplingParams(max_new_tokens=3))
     assert seen and not any(seen)
     assert all(module.training for module in model.modules())
 
@@ -174,9 +190,10 @@ def test_shared_engine_and_protocol():
     engine.sync_weights(model)  # no-op
 
 
-def test_bfloat16_copy_and_sync_weights():
+@DECODERS
+def test_bfloat16_copy_and_sync_weights(decoder):
     policy = tiny_qwen3()
-    engine = engine_for(policy, dtype=torch.bfloat16)
+    engine = engine_for(policy, dtype=torch.bfloat16, decoder=decoder)
     assert engine.model is not policy
     assert all(p.dtype == torch.bfloat16 for p in engine.model.parameters())
     assert all(p.dtype == torch.float32 for p in policy.parameters())

@@ -44,9 +44,26 @@ def test_different_seed_gives_a_different_run(tiny_overrides):
     assert any(not torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
 
 
-def test_rollout_and_recomputed_old_logprobs_agree(tiny_overrides):
-    trainer = _trainer(tiny_overrides)
+@pytest.mark.parametrize("extra,source", [
+    ((), "rollout"),  # auto, float32 sampler = the training module: the pass would only reproduce it
+    (("rollout.engine_dtype=bfloat16",), "recompute"),  # a lower-precision sampler: recompute
+    (("optim.dtype=bfloat16",), "recompute"),  # training in bfloat16 autocast: pi_old in that precision
+    (("rollout.decoder=hf", "loss.old_logprobs=recompute"), "recompute"),  # explicit choices are kept
+    (("optim.dtype=bfloat16", "loss.old_logprobs=rollout"), "rollout"),
+])
+def test_auto_old_logprobs_source(tiny_overrides, extra, source):
+    trainer = _trainer(tiny_overrides, *extra)
+    assert trainer.old_logprobs_source == source
     metrics = trainer.train_step()
+    # both ways the sampler/trainer mismatch is reported: from the no-grad pass, or from the on-policy forward
+    assert {"mismatch/token_abs_mean", "mismatch/token_std", "mismatch/seq_std"} <= metrics.keys()
+
+
+@pytest.mark.parametrize("source", ["recompute", "rollout"])
+def test_rollout_and_recomputed_old_logprobs_agree(tiny_overrides, source):
+    trainer = _trainer(tiny_overrides, f"loss.old_logprobs={source}")
+    metrics = trainer.train_step()
+    assert metrics["mismatch/token_abs_mean"] > 0  # measured, not a placeholder (float rounding differs)
     # the sampler (KV cache, incremental) and the trainer (one full forward) see the same weights
     assert metrics["mismatch/token_abs_mean"] < 1e-5
     assert metrics["mismatch/seq_std"] < 1e-5

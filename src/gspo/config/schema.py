@@ -55,6 +55,9 @@ class RolloutConfig:
     """Sampler precision: auto (the policy's), float32 or bfloat16 (a separate low-precision copy)."""
     ignore_eos: bool = False
     """Never stop at EOS: every response is max_new_tokens long (benchmarks: fixed-length generation)."""
+    decoder: str = "auto"
+    """Sampler forward: auto (gspo's native decode step for Llama/Mistral/Qwen2/Qwen3, else transformers'),
+    native (require it) or hf (always transformers' forward)."""
 
 
 @dataclass
@@ -71,8 +74,10 @@ class LossConfig:
     """KL estimator: k1, k2 or k3."""
     ref_refresh_steps: int = 0
     """Copy the policy into the reference model every N steps (0 = keep the initial model)."""
-    old_logprobs: str = "recompute"
-    """recompute: old log-probabilities from the training model; rollout: the sampler's own."""
+    old_logprobs: str = "auto"
+    """recompute: old log-probabilities from a training-model pass; rollout: the sampler's own (paper
+    section 5.4); auto: rollout when the sampler is the training module in float32 (they agree to float
+    rounding, ~1e-7, so the pass is pure cost), else recompute (bf16 sampler, bf16 training, MoE, dropout)."""
     dynamic_sampling: bool | None = None
     """DAPO: drop groups whose rewards are all equal and sample more (default: on for dapo)."""
     overlong_buffer: int = 0

@@ -30,6 +30,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"rollout.top_p={r.top_p} must be in (0, 1]; 1.0 turns nucleus sampling off")
     _minimum("rollout.top_k", r.top_k, 0)
     _choice("rollout.engine_dtype", r.engine_dtype, ("auto", "float32", "bfloat16"))
+    _choice("rollout.decoder", r.decoder, ("auto", "native", "hf"))
 
     loss = config.loss
     low, high = config.clip_range
@@ -42,7 +43,7 @@ def validate(config: Config) -> None:
     _minimum("loss.beta", loss.beta, 0.0)
     _choice("loss.kl_estimator", loss.kl_estimator, ("k1", "k2", "k3"))
     _minimum("loss.ref_refresh_steps", loss.ref_refresh_steps, 0)
-    _choice("loss.old_logprobs", loss.old_logprobs, ("recompute", "rollout"))
+    _choice("loss.old_logprobs", loss.old_logprobs, ("auto", "recompute", "rollout"))
     _minimum("loss.overlong_buffer", loss.overlong_buffer, 0)
     if loss.overlong_buffer >= r.max_new_tokens:
         raise ConfigError(

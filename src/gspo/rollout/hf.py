@@ -11,6 +11,12 @@ can be drawn, while the trainer recomputes log-probabilities under the unfiltere
 distribution (``gspo.logprobs.token_logprobs(..., temperature=T)``), so that is the distribution both
 sides must agree on. With temperature 0 (greedy) the log-probabilities are untempered (temperature 1).
 
+Decode step: for Llama-family models (Llama, Mistral, Qwen2, Qwen3) the engine runs gspo's own
+prefill and decode step (:mod:`gspo.rollout.native`: fused projections, a preallocated cache, grouped
+attention in two matrix products), which computes the same logits in a fraction of transformers'
+per-token operator count; other models, MoE models and PEFT-wrapped ones run transformers' forward.
+``decoder="hf"`` forces transformers' forward (``rollout.decoder=hf``).
+
 Precision: with ``dtype`` equal to the model's (or None) the engine samples with the training module
 itself. With a different ``dtype`` (e.g. bfloat16 for a float32 policy, standing in for a lower-precision
 inference engine, GSPO paper section 5.4) it keeps its own copy of the weights in that dtype, refreshed
@@ -29,6 +35,9 @@ import torch
 from transformers.cache_utils import DynamicCache, StaticCache
 
 from gspo.rollout.base import Rollout, SamplingParams
+from gspo.rollout.native import NativeDecoder, native_support
+
+DECODERS = ("auto", "native", "hf")
 
 
 class HFEngine:
@@ -39,6 +48,8 @@ class HFEngine:
         shares_model: True when ``model`` is the policy (``sync_weights`` is then a no-op).
         static_cache: use transformers' StaticCache (default when the model supports it) rather than
             DynamicCache; settable, e.g. to compare the two in benchmarks/bench_sampling.py.
+        native: the :class:`NativeDecoder` used for sampling, or None when transformers' forward is.
+        native_reason: why the native decoder is not used (None when it is).
     """
 
     def __init__(
@@ -48,7 +59,10 @@ class HFEngine:
         pad_token_id: int,
         eos_token_id: int | list[int],
         dtype: torch.dtype | None = None,
+        decoder: str = "auto",
     ) -> None:
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         self.pad_token_id = int(pad_token_id)
         eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         self.eos_ids = torch.tensor(eos_ids, dtype=torch.long)  # (E,)
@@ -64,6 +78,11 @@ class HFEngine:
         # length, which costs more at batch 1, where dynamic was ~10% faster). Models that declare
         # they cannot run with a static cache keep the dynamic one.
         self.static_cache = bool(getattr(self.model, "_can_compile_fullgraph", False))
+        self.native_reason = native_support(self.model) if decoder != "hf" else "rollout.decoder=hf"
+        if decoder == "native" and self.native_reason is not None:
+            raise ValueError(f"rollout.decoder=native cannot sample this model: {self.native_reason}; "
+                             "use rollout.decoder=auto (falls back to transformers' forward)")
+        self.native = NativeDecoder(self.model) if self.native_reason is None else None
 
     @torch.no_grad()
     def sync_weights(self, model: torch.nn.Module) -> None:
@@ -148,20 +167,26 @@ class HFEngine:
         next_position = positions[:, -1:] + 1  # (B, 1) position of the first completion token
         finished = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
         eos_ids = self.eos_ids.to(device)
-        cache = self._new_cache(prompt_len + max_new)
+        cache = self._new_cache(prompt_len + max_new) if self.native is None else None
 
         def mask_upto(length: int) -> torch.Tensor:
             # A static cache always attends over its full length (causality hides the unwritten part).
             return attention if self.static_cache else attention[:, :length]  # (B, length or P + N)
 
         start = time.perf_counter()
-        logits = self._forward(prompt_ids, mask_upto(prompt_len), positions, cache)  # (B, V)
+        if self.native is not None:
+            logits = self.native.start(prompt_ids, prompt_mask, positions, prompt_len + max_new)  # (B, V)
+        else:
+            logits = self._forward(prompt_ids, mask_upto(prompt_len), positions, cache)  # (B, V)
         prefill_s = time.perf_counter() - start
         steps = 0
         for step in range(max_new):
             if step > 0:
                 tokens_in = completion_ids[:, step - 1 : step]  # (B, 1)
-                logits = self._forward(tokens_in, mask_upto(prompt_len + step), next_position, cache)
+                if self.native is not None:
+                    logits = self.native.step(tokens_in, next_position)
+                else:
+                    logits = self._forward(tokens_in, mask_upto(prompt_len + step), next_position, cache)
                 next_position += 1
             uniform = uniforms[:, step] if uniforms is not None else None  # (B,) or None
             tokens, token_logprobs = sample_next_token(logits, params, generator, uniform)  # (B,), (B,)

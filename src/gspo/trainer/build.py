@@ -49,7 +49,7 @@ def build_parts(config: Config) -> Parts:
     model.train()
     engine_dtype = None if config.rollout.engine_dtype in ("auto", "float32") else DTYPES[config.rollout.engine_dtype]
     engine = HFEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                      dtype=engine_dtype)
+                      dtype=engine_dtype, decoder=config.rollout.decoder)
     optimizer = build_optimizer(model, config)
     total = config.steps * config.optim.minibatches * config.optim.epochs
     scheduler = build_scheduler(optimizer, config, total)
@@ -131,3 +131,22 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     for p in reference.parameters():
         p.requires_grad_(False)
     return reference
+
+
+def resolve_old_logprobs(config: Config, model: torch.nn.Module, engine: HFEngine, moe: bool) -> str:
+    """``loss.old_logprobs`` with ``auto`` resolved to ``rollout`` or ``recompute``.
+
+    ``auto`` takes the sampler's log-probabilities when a recomputation could only reproduce them up to
+    float rounding: the sampler runs the training module's own float32 weights (no lower-precision copy),
+    training runs in float32 (no autocast), the model has no dropout (the sampler runs in eval mode,
+    training forwards in train mode) and is dense (MoE runs keep the old-policy pass: it records the
+    experts for R2 replay and the volatility diagnostics). Otherwise the pass is needed: ``recompute``.
+    """
+    source = config.loss.old_logprobs
+    if source != "auto":
+        return source
+    same_weights = engine.shares_model and next(model.parameters()).dtype == torch.float32
+    dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()) or any(
+        float(getattr(model.config, name, 0.0) or 0.0) > 0 for name in ("attention_dropout", "hidden_dropout"))
+    exact = same_weights and config.optim.dtype == "float32" and not dropout and not moe
+    return "rollout" if exact else "recompute"

@@ -28,7 +28,8 @@ from gspo.tasks.registry import build_task
 from gspo.tasks.render import PromptRenderer
 from gspo.tasks.rewards import resolve_rewards
 from gspo.rollout.hf import HFEngine
-from gspo.trainer.build import DTYPES, build_optimizer, build_parts, build_scheduler, frozen_copy, reference_policy
+from gspo.trainer.build import (DTYPES, build_optimizer, build_parts, build_scheduler, frozen_copy, reference_policy,
+                                resolve_old_logprobs)
 from gspo.trainer.collect import Collector, ScoredBatch
 from gspo.trainer.logging import MetricsLogger
 from gspo.trainer.policy import PolicyLogprobs
@@ -54,7 +55,8 @@ class Trainer:
         self.sharded = dist.is_initialized() and config.distributed.strategy == "fsdp"
         if self.sharded:  # the sampler needs whole weights: it gets its own copy, refreshed every step
             self.parts.engine = HFEngine(copy.deepcopy(self.model), pad_token_id=self.parts.engine.pad_token_id,
-                                         eos_token_id=self.parts.engine.eos_ids.tolist())
+                                         eos_token_id=self.parts.engine.eos_ids.tolist(),
+                                         decoder=config.rollout.decoder)
         self.policy = dist.wrap_for_training(PolicyLogprobs(self.model), config.distributed.strategy)
         if self.sharded:  # fully_shard replaced the parameters: the optimizer must see the sharded ones
             self.parts.optimizer = build_optimizer(self.policy, config)
@@ -70,6 +72,7 @@ class Trainer:
         self.params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                                      top_p=r.top_p, top_k=r.top_k, ignore_eos=r.ignore_eos)
         self.moe = supports_routing(self.model)
+        self.old_logprobs_source = resolve_old_logprobs(config, self.model, self.parts.engine, self.moe)
         replay = config.moe.routing_replay
         if replay != "off" and not self.moe:
             raise ConfigError(f"moe.routing_replay={replay} needs a Mixture-of-Experts model ({', '.join(SUPPORTED_ARCHITECTURES)}); "
@@ -114,6 +117,8 @@ class Trainer:
         inputs, lp_metrics = self._update_inputs(batch, onpolicy=plan[0] == 0)
         t2 = time.perf_counter()
         history = self.updater.update(self.policy, self.parts.optimizer, self.parts.scheduler, inputs, plan=plan)
+        if inputs.measure_old is not None:  # old log-probs from the sampler: its mismatch, from the on-policy forward
+            lp_metrics.update(_onpolicy_mismatch(self.updater.onpolicy_pairs))
         self.sync_engine()
         self.last_updates = history  # per-optimizer-step metrics, for inspection and tests
         t3 = time.perf_counter()
@@ -179,7 +184,7 @@ class Trainer:
         mask = rollout.completion_mask
         metrics: dict[str, float] = {}
         replay = self.config.moe.routing_replay
-        recompute = self.config.loss.old_logprobs == "recompute"
+        recompute = self.old_logprobs_source == "recompute"
         routing, reuse = None, None
         if recompute and not self.moe and onpolicy is not None and not bool(onpolicy.all()):
             reuse = onpolicy.clone()  # (B,) every process still runs the pass below on at least one row
@@ -193,15 +198,18 @@ class Trainer:
             with capture_routing(self.model) if capture else contextlib.nullcontext() as routing:
                 old = self.policy(ids, attn, num_t, temp)  # (B, T)
             metrics.update(_mismatch_metrics(old, rollout.logprobs, mask))
+        measure = None
         if not recompute:
             old = rollout.logprobs
+            if not self.moe and onpolicy is not None:
+                measure = onpolicy.clone()  # (B,) the first update's forward compares trainer and sampler
         if replay == "r3":
             routing = rollout.routing
         ref = None
         if self.parts.reference is not None:
             with reference_policy(self.parts) as reference:  # LoRA: the base model, adapter disabled
                 ref = token_logprobs(reference, ids, attn, num_t, temperature=temp)  # (B, T)
-        return UpdateInputs(ids, attn, mask, batch.advantages, old, ref, routing, reuse), metrics
+        return UpdateInputs(ids, attn, mask, batch.advantages, old, ref, routing, reuse, measure), metrics
 
     def _no_grad_logprobs(self, ids: torch.Tensor, attn: torch.Tensor, num_t: int, batch_size: int) -> torch.Tensor:
         """(b, T) log-probabilities in chunks of a training forward's rows (a minibatch, or a micro-batch),
@@ -252,6 +260,13 @@ def _mismatch_metrics(recomputed: torch.Tensor, sampler: torch.Tensor, mask: tor
     return {"mismatch/token_abs_mean": float(tokens.abs().mean()) if tokens.numel() else 0.0,
             "mismatch/token_std": float(tokens.std()) if tokens.numel() > 1 else 0.0,
             "mismatch/seq_std": float(seq.std()) if seq.numel() > 1 else 0.0}
+
+
+def _onpolicy_mismatch(pairs: list) -> dict[str, float]:
+    """:func:`_mismatch_metrics` over the on-policy rows the update measured (all keys, even if none)."""
+    if not pairs:
+        return _mismatch_metrics(torch.zeros(0, 1), torch.zeros(0, 1), torch.zeros(0, 1, dtype=torch.bool))
+    return _mismatch_metrics(*(torch.cat(parts) for parts in zip(*pairs)))
 
 
 def _summarise_updates(history: list[dict]) -> dict[str, float]:

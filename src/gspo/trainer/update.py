@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
 import torch
 
 from gspo import distributed as dist
@@ -40,13 +41,17 @@ class UpdateInputs:
     # (B,) bool or None: rows of the first (on-policy) minibatch whose old_logprobs were not recomputed; the
     # first optimizer step fills them in from its own forward, detached (pi_old is still the policy then).
     reuse_old: torch.Tensor | None = None
+    # (B,) bool or None: rows whose old_logprobs are the sampler's and whose first training forward is still
+    # pi_old's (the on-policy minibatch): that forward measures the sampler/trainer mismatch for free.
+    measure_old: torch.Tensor | None = None
 
     def rows(self, index: torch.Tensor) -> "UpdateInputs":
         ref = self.ref_logprobs[index] if self.ref_logprobs is not None else None
         routing = self.routing.select(index) if self.routing is not None else None
         reuse = self.reuse_old[index] if self.reuse_old is not None else None
+        measure = self.measure_old[index] if self.measure_old is not None else None
         return UpdateInputs(self.input_ids[index], self.attention_mask[index], self.completion_mask[index],
-                            self.advantages[index], self.old_logprobs[index], ref, routing, reuse)
+                            self.advantages[index], self.old_logprobs[index], ref, routing, reuse, measure)
 
 
 @dataclass
@@ -66,6 +71,8 @@ class Updater:
     autocast_dtype: torch.dtype | None = None
     routing_replay: bool = False  # MoE: force the behaviour policy's experts (Routing Replay)
     nonfinite_streak: int = 0
+    # (trainer log-probs, sampler log-probs, mask) of the rows in UpdateInputs.measure_old, per micro-batch
+    onpolicy_pairs: list = field(default_factory=list)
 
     def plan(self, generator: torch.Generator, size: int, *, offset: int = 0, total: int | None = None) -> list[torch.Tensor]:
         """The minibatch of each of this process's ``size`` responses, one (B,) tensor per epoch.
@@ -89,6 +96,7 @@ class Updater:
         """
         if plan is None:
             plan = self.plan(generator, len(inputs.advantages), offset=offset, total=total)
+        self.onpolicy_pairs = []
         history = []
         for assignment in plan:  # one epoch each
             for mb in range(self.minibatches):
@@ -116,6 +124,8 @@ class Updater:
             if rows.reuse_old is not None and bool(rows.reuse_old.any()):  # keep what _loss filled in (epochs > 1)
                 inputs.old_logprobs[index[micro]] = rows.old_logprobs
                 inputs.reuse_old[index[micro]] = False
+            if rows.measure_old is not None:
+                inputs.measure_old[index[micro]] = False  # measured once, by the on-policy forward
             parts.append(out)
             if live is not None:
                 volatility.append(_volatility(rows, live))
@@ -157,6 +167,9 @@ class Updater:
             # On-policy rows not recomputed (see UpdateInputs.reuse_old): this forward is pi_old's. Written
             # into ``rows`` so that _step can keep them for later epochs.
             rows.old_logprobs = torch.where(rows.reuse_old[:, None], logprobs.detach().float(), rows.old_logprobs)
+        if rows.measure_old is not None and bool(rows.measure_old.any()):
+            m = rows.measure_old
+            self.onpolicy_pairs.append((logprobs.detach().float()[m], rows.old_logprobs[m], rows.completion_mask[m]))
         norm_key = "num_tokens" if self.algorithm in TOKEN_NORMALISED else "num_sequences"
         return LOSSES[self.algorithm](
             logprobs.float(), rows.old_logprobs, rows.advantages, rows.completion_mask,

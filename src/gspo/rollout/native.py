@@ -1,0 +1,208 @@
+"""gspo's own prefill and decode step for Llama-family decoders (Llama, Mistral, Qwen2, Qwen3).
+
+Why: on a CPU, sampling a small model is bound by per-operator overhead, not by FLOPs. A decode step
+through transformers' forward runs a few hundred small operators (mask construction, cache bookkeeping,
+attention dispatch; CPU flash attention tiles for long queries and costs ~1.5 ms per call with a single
+query row); with 128 sequences and a 1M-parameter model that is ~16 ms per token, against ~2 ms of
+matrix products. This module runs the same mathematics in about a dozen operators per layer:
+
+- the Q/K/V projections (and the MLP's gate/up pair) as one fused matrix product each, with the fused
+  weights rebuilt from the live modules at every :meth:`NativeDecoder.start` (so training updates are
+  always seen; the rebuild is one copy of the weights, negligible next to a rollout);
+- a preallocated key/value cache (keys stored transposed, ``(B, H_kv, D, P + N)``, which measured ~30%
+  faster for the score product); since prompts are left-padded, every row writes the same column at
+  the same step;
+- attention as two batched matrix products with grouped queries kept grouped (no ``repeat_kv``) and
+  one additive key mask;
+- rotary cos/sin gathered from a table built once per rollout by the model's own rotary module (so
+  every static RoPE variant the model supports is reproduced, including its attention scaling).
+
+The weights are the HF modules' own parameters (nothing is copied except the fused projections), so
+checkpoints, LoRA merging and weight sync are untouched. Output equals the HF forward up to float
+rounding (tests compare logits and log-probabilities within 1e-5). Architectures or settings it does not
+reproduce exactly (sliding windows, dynamic RoPE, MoE layers, PEFT wrappers, extra logit processing)
+are refused by :func:`native_support`, and the engine falls back to transformers' forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")  # inv_freq fixed for a run
+
+
+def native_support(model: torch.nn.Module) -> str | None:
+    """None if :class:`NativeDecoder` reproduces ``model`` exactly, else the reason it does not."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model_type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+    if hasattr(model, "get_base_model") or hasattr(model, "peft_config"):
+        return "a PEFT-wrapped model (its adapters live in the modules' forwards)"
+    body = getattr(model, "model", None)
+    layers = getattr(body, "layers", None)
+    if layers is None or not isinstance(getattr(model, "lm_head", None), torch.nn.Linear):
+        return "the model has no .model.layers decoder body and linear .lm_head"
+    if getattr(config, "hidden_act", None) != "silu" or getattr(config, "pretraining_tp", 1) != 1:
+        return "only SiLU-gated MLPs without tensor-parallel slicing are reproduced"
+    if getattr(config, "use_sliding_window", False) or (
+        model_type == "mistral" and getattr(config, "sliding_window", None) is not None
+    ):
+        return "sliding-window attention"
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(kind != "full_attention" for kind in layer_types):
+        return f"layer types {sorted(set(layer_types))} (only full attention is reproduced)"
+    rotary = getattr(body, "rotary_emb", None)
+    if rotary is None or getattr(rotary, "rope_type", "default") not in STATIC_ROPE_TYPES:
+        return f"RoPE type {getattr(rotary, 'rope_type', None)!r} (only static RoPE tables are reproduced)"
+    for layer in layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        needed = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        needed += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if not all(isinstance(m, torch.nn.Linear) and type(m) is torch.nn.Linear for m in needed):
+            return "a decoder layer whose projections are not plain nn.Linear modules"
+    return None
+
+
+def _rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """HF's RMSNorm (``weight * x * rsqrt(mean(x^2) + eps)``, normalised in float32) as one fused operator."""
+    eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), module.weight, eps)
+    return module.weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)  # HF's rounding order
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as HF applies it: ``x * cos + rotate_half(x) * sin``; x (B, h, L, D), cos/sin (B, 1, L, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, h, L, D)
+    return torch.addcmul(x * cos, rotated, sin)
+
+
+@dataclass
+class _Layer:
+    """One decoder layer's modules and its fused projection weights (rebuilt every rollout)."""
+
+    module: torch.nn.Module
+    qkv_weight: torch.Tensor  # (q + 2 kv, hidden)
+    qkv_bias: torch.Tensor | None  # (q + 2 kv,) Qwen2-style attention bias
+    gate_up_weight: torch.Tensor  # (2 I, hidden)
+    k_cache: torch.Tensor | None = None  # (B, H_kv, D, S) keys stored transposed: scores = q @ k_cache
+    v_cache: torch.Tensor | None = None  # (B, H_kv, S, D)
+
+
+class NativeDecoder:
+    """Prefill and decode for one rollout over a Llama-family HF model (see module docstring).
+
+    Usage: ``logits = dec.start(prompt_ids, prompt_mask, positions, max_len)`` then, for each new
+    token, ``logits = dec.step(tokens, positions)``. Both return (B, V) float32 logits of the last
+    position. Call under ``torch.inference_mode()``.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        reason = native_support(model)
+        if reason is not None:
+            raise ValueError(f"NativeDecoder cannot reproduce this model: {reason}")
+        self.model = model
+        config = model.config
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.scale = self.head_dim**-0.5
+        self.layers: list[_Layer] = []
+        self.length = 0  # columns of the cache written so far
+        self._key_bias: torch.Tensor | None = None  # (B, 1, 1, S) 0 or -inf per key column
+        self._cos = self._sin = None  # (max_len, D) rotary tables
+
+    def _fuse_weights(self) -> None:
+        """Concatenate each layer's Q/K/V and gate/up weights from the live modules."""
+        self.layers = []
+        for layer in self.model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            biases = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
+            qkv_bias = torch.cat(biases) if all(b is not None for b in biases) else None
+            if qkv_bias is None and any(b is not None for b in biases):
+                qkv_bias = torch.cat([b if b is not None else p.weight.new_zeros(p.out_features)
+                                      for b, p in zip(biases, (a.q_proj, a.k_proj, a.v_proj))])
+            self.layers.append(_Layer(
+                module=layer,
+                qkv_weight=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                qkv_bias=qkv_bias,
+                gate_up_weight=torch.cat([m.gate_proj.weight, m.up_proj.weight]),
+            ))
+
+    def start(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, positions: torch.Tensor,
+              max_len: int) -> torch.Tensor:
+        """Prefill (B, P) left-padded prompts into a fresh cache of ``max_len`` columns; (B, V) logits."""
+        batch, prompt_len = prompt_ids.shape
+        self._fuse_weights()
+        dtype = self.model.lm_head.weight.dtype
+        device = prompt_ids.device
+        for layer in self.layers:
+            layer.k_cache = torch.zeros((batch, self.num_kv_heads, self.head_dim, max_len), dtype=dtype, device=device)
+            layer.v_cache = torch.zeros((batch, self.num_kv_heads, max_len, self.head_dim), dtype=dtype, device=device)
+        table_positions = torch.arange(max_len, device=device)[None]  # (1, S)
+        probe = torch.empty(0, dtype=dtype, device=device)
+        cos, sin = self.model.model.rotary_emb(probe, table_positions)  # (1, S, D) each
+        self._cos, self._sin = cos[0], sin[0]  # (S, D)
+        key_bias = torch.zeros((batch, 1, 1, max_len), dtype=dtype, device=device)  # (B, 1, 1, S)
+        key_bias[:, 0, 0, :prompt_len].masked_fill_(~prompt_mask, float("-inf"))
+        self._key_bias = key_bias
+        # Prefill mask: causal over the prompt, padded keys hidden; each query always sees itself so
+        # that rows of left padding stay finite (their outputs are never used).
+        causal = torch.ones((prompt_len, prompt_len), dtype=torch.bool, device=device).tril()  # (P, P)
+        allowed = causal & prompt_mask[:, None, :]  # (B, P, P)
+        allowed |= torch.eye(prompt_len, dtype=torch.bool, device=device)
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+        self.length = 0
+        return self._forward(prompt_ids, positions, bias[:, None])  # (B, 1, P, P) bias
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Append one token per row ((B, 1) ids at (B, 1) positions); (B, V) logits."""
+        end = self.length + 1
+        return self._forward(tokens, positions, self._key_bias[..., :end])  # (B, 1, 1, end) bias
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Run ids (B, L) through every layer, appending their keys/values at ``self.length``."""
+        body = self.model.model
+        x = body.embed_tokens(ids)  # (B, L, hidden)
+        cos = self._cos[positions].unsqueeze(1)  # (B, 1, L, D)
+        sin = self._sin[positions].unsqueeze(1)  # (B, 1, L, D)
+        start, end = self.length, self.length + ids.shape[1]
+        for layer in self.layers:
+            x = x + self._attention(layer, _rms_norm(layer.module.input_layernorm, x), cos, sin, bias, start, end)
+            x = x + self._mlp(layer, _rms_norm(layer.module.post_attention_layernorm, x))
+        self.length = end
+        last = _rms_norm(body.norm, x[:, -1:])  # (B, 1, hidden): the head sees HF's (B, L, hidden) layout
+        return self.model.lm_head(last)[:, -1].float()  # (B, V)
+
+    def _attention(self, layer: _Layer, x: torch.Tensor, cos, sin, bias, start: int, end: int) -> torch.Tensor:
+        batch, length, _ = x.shape
+        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias)  # (B, L, (h + 2 hkv) d)
+        q, k, v = qkv.view(batch, length, h + 2 * hkv, d).split((h, hkv, hkv), dim=2)  # (B, L, heads, D)
+        attn = layer.module.self_attn
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3: RMSNorm over each head's vector
+            q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
+        q = _rotate(q.transpose(1, 2), cos, sin)  # (B, h, L, D)
+        k = _rotate(k.transpose(1, 2), cos, sin)  # (B, hkv, L, D)
+        layer.k_cache[..., start:end] = k.transpose(-1, -2)
+        layer.v_cache[:, :, start:end] = v.transpose(1, 2)
+        keys_t, values = layer.k_cache[..., :end], layer.v_cache[:, :, :end]  # (B, hkv, D, S), (B, hkv, S, D)
+        group = h // hkv
+        # Grouped queries stay grouped: (B, hkv, group * L, D) against each kv head's keys.
+        q = q.reshape(batch, hkv, group * length, d)
+        scores = torch.matmul(q, keys_t)  # (B, hkv, group * L, S)
+        scores = scores.view(batch, hkv, group, length, end).mul_(self.scale).add_(bias.unsqueeze(2))
+        probs = scores.softmax(dim=-1).view(batch, hkv, group * length, end)
+        out = torch.matmul(probs, values)  # (B, hkv, group * L, D)
+        out = out.view(batch, h, length, d).transpose(1, 2).reshape(batch, length, h * d)  # (B, L, h D)
+        return attn.o_proj(out)  # (B, L, hidden)
+
+    def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, layer.gate_up_weight).chunk(2, dim=-1)  # (B, L, I) each
+        return layer.module.mlp.down_proj(F.silu(gate).mul_(up))  # (B, L, hidden)
