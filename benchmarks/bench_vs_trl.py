@@ -4,9 +4,11 @@ The same workload goes through both: a locally built Qwen3 with the embedded mod
 (saved to a temporary directory that both load), the arithmetic task's prompts, 16 prompts x 8 responses
 per rollout batch, 64 new tokens, 4 minibatches (one optimizer step each), float32 master weights.
 
-- gspo: :class:`gspo.trainer.trainer.Trainer`, GSPO defaults (clip 3e-4 / 4e-4, old log-probabilities
-  recomputed), once in float32 and once in bfloat16 (``rollout.engine_dtype=bfloat16`` sampler copy plus
-  ``optim.dtype=bfloat16`` autocast training).
+- gspo: :class:`gspo.trainer.trainer.Trainer`, GSPO defaults (clip 3e-4 / 4e-4; native decode step; old
+  log-probabilities from the sampler, ``loss.old_logprobs=auto``), plus variants (``GSPO_VARIANTS``): with the
+  old-log-probability pass TRL runs (``-recompute``), with transformers' forward for sampling as well
+  (``-hf``, gspo before its native decoder), memory-matched to TRL (``-lean``: activation checkpointing
+  and micro-batches of 16), bfloat16 (``rollout.engine_dtype=bfloat16`` + ``optim.dtype=bfloat16``).
 - TRL: ``GRPOTrainer`` with ``importance_sampling_level="sequence"``, ``loss_type="grpo"``, epsilon 3e-4 /
   4e-4, ``beta=0``, ``steps_per_generation=4``, ``num_generations=8``, ``per_device_train_batch_size=32``,
   no vLLM, float32 (``bf16=False``), its default fused AdamW.
@@ -21,7 +23,9 @@ steps. Rounds interleave the variants (the order rotates every round) so machine
 a GEMM worker measures the float32 and bfloat16 matmul peak in every round too. After the warm-up
 round(s), medians are reported with the load average. The roofline line divides the model FLOPs of a
 rollout batch (sampling 2·N·tokens, the old-log-probability pass 2·N·tokens, training forward + backward
-6·N·tokens, plus causal attention) by the measured time.
+6·N·tokens, plus causal attention) by the measured time; the workload's FLOPs are the same for every
+variant (a variant that skips the old-log-probability pass is credited with it, so its rate reads as the
+rate at which it gets the job done, not the rate its kernels ran at).
 
     PYTHONPATH=src python benchmarks/bench_vs_trl.py --size tiny|small|both --rounds 5 --fixed-length
 
@@ -62,19 +66,25 @@ SIZES = {  # keyword arguments of gspo.models.tiny.build_tiny_qwen3
 }
 # gspo variants: config overrides on top of the shared workload.
 GSPO_VARIANTS = {
+    # gspo's defaults: native decode step, old log-probabilities from the sampler (loss.old_logprobs=auto)
     "gspo-fp32": [],
+    # the same with the old-log-probability pass that TRL runs (steps_per_generation > 1 makes TRL run it)
+    "gspo-fp32-recompute": ["loss.old_logprobs=recompute"],
+    # gspo before the native decoder: transformers' forward for sampling, and the recompute pass
+    "gspo-fp32-hf": ["rollout.decoder=hf", "loss.old_logprobs=recompute"],
     "gspo-bf16": ["rollout.engine_dtype=bfloat16", "optim.dtype=bfloat16"],  # bf16 sampler copy + autocast training
     "gspo-fp32-mb16": ["optim.micro_batch_size=16"],  # gradient accumulation: half the activation memory
     "gspo-fp32-gc": ["optim.gradient_checkpointing=true"],  # TRL's default memory trade
+    # memory-matched to TRL's defaults: activation checkpointing and micro-batches of 16
+    "gspo-fp32-lean": ["optim.gradient_checkpointing=true", "optim.micro_batch_size=16"],
     "gspo-fp32-1t": [],  # one thread (gspo's cpu_threads=0 default below 50M parameters)
-    "gspo-fp32-rollout": ["loss.old_logprobs=rollout"],  # the sampler's log-probabilities (paper section 5.4)
 }
 # TRL variants: GRPOConfig fields on top of the shared workload. TRL's GRPOConfig turns gradient
 # checkpointing on by default (recompute activations in the backward: less memory, one more forward).
 TRL_VARIANTS = {"trl-fp32": {"gradient_checkpointing": True}, "trl-fp32-nogc": {"gradient_checkpointing": False},
                 "trl-fp32-1t": {"gradient_checkpointing": True}}
 VARIANT_THREADS = {"gspo-fp32-1t": 1, "trl-fp32-1t": 1}  # others use --threads
-VARIANTS = ("gspo-fp32", "gspo-bf16", "trl-fp32", "trl-fp32-nogc")
+VARIANTS = ("gspo-fp32", "gspo-fp32-recompute", "gspo-fp32-hf", "gspo-fp32-lean", "trl-fp32", "trl-fp32-nogc")
 GEMM_SIZE = 1024  # square matmul for the peak measurement
 GEMM_REPEATS = 8
 
