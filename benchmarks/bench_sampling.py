@@ -1,8 +1,9 @@
 """Micro-benchmark: HFEngine's decode loop vs ``model.generate`` on a ~1M-parameter Qwen3.
 
-128 sequences x 64 new tokens, ``ignore_eos`` (fixed length), float32 policy; the engine is run both
-sharing the float32 module (with its StaticCache and, for comparison, a DynamicCache) and with its own
-bfloat16 copy; ``model.generate`` on the float32 model and on a bfloat16 copy. Variants run round-robin
+128 sequences x 64 new tokens, ``ignore_eos`` (fixed length), float32 policy; the engine is run sharing
+the float32 module with gspo's native decode step (the default) and with transformers' forward
+(``decoder="hf"``, StaticCache and, for comparison, DynamicCache), and with its own bfloat16 copy;
+``model.generate`` on the float32 model and on a bfloat16 copy. Variants run round-robin
 (the machine may be shared); prints generated tokens per second, prefill included, by wall clock
 (best and median) and by process CPU time.
 
@@ -96,13 +97,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, prompts = tiny_qwen3(), make_prompts(args.num_sequences)
-    dynamic = HFEngine(model, pad_token_id=PAD_ID, eos_token_id=EOS_ID)
+    dynamic = HFEngine(model, pad_token_id=PAD_ID, eos_token_id=EOS_ID, decoder="hf")
     dynamic.static_cache = False  # the DynamicCache alternative, for comparison
     runners = {
-        "HFEngine float32": engine_runner(HFEngine(model, pad_token_id=PAD_ID, eos_token_id=EOS_ID), prompts),
-        "HFEngine float32 DynamicCache": engine_runner(dynamic, prompts),
+        "HFEngine float32 native": engine_runner(HFEngine(model, pad_token_id=PAD_ID, eos_token_id=EOS_ID), prompts),
+        "HFEngine float32 hf": engine_runner(
+            HFEngine(model, pad_token_id=PAD_ID, eos_token_id=EOS_ID, decoder="hf"), prompts),
+        "HFEngine float32 hf Dynamic": engine_runner(dynamic, prompts),
         "model.generate float32": generate_runner(model, prompts),
-        "HFEngine bfloat16 copy": engine_runner(
+        "HFEngine bfloat16 native": engine_runner(
             HFEngine(model, pad_token_id=PAD_ID, eos_token_id=EOS_ID, dtype=torch.bfloat16), prompts
         ),
         "model.generate bfloat16": generate_runner(copy.deepcopy(model).to(torch.bfloat16), prompts),

@@ -78,6 +78,7 @@ def validate(config: Config) -> None:
     _choice("reward.none_policy", config.reward.none_policy, ("zero", "error"))
     _minimum("eval.every", config.eval.every, 0)
     _minimum("eval.size", config.eval.size, 0)
+    _minimum("eval.samples", config.eval.samples, 1)
     _minimum("checkpoint.every", config.checkpoint.every, 0)
     _positive("checkpoint.keep_last", config.checkpoint.keep_last)
     _minimum("log.samples", config.log.samples, 0)

@@ -77,6 +77,7 @@ class RunSettings:
         return [f"model={self.model}", f"steps={self.steps}", f"seed={seed}",
                 f"rollout.prompts_per_step={self.prompts_per_step}", f"rollout.group_size={self.group_size}",
                 f"optim.minibatches={self.minibatches}", f"optim.lr={self.lr}", f"eval.size={self.eval_size}",
+                "eval.samples=1",  # the study's budget (evaluated every eval_every steps); docs measured so
                 "log.progress=false", "log.tensorboard=false", "checkpoint.every=0", "log.samples=0"]
 
 

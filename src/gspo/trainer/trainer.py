@@ -233,7 +233,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy sampled at the training temperature, and greedy accuracy."""
         rows = self.task.eval_rows
-        sampled = self.evaluator.evaluate(rows, temperature=self.config.rollout.temperature, seed=self.config.seed)
+        sampled = self.evaluator.evaluate(rows, temperature=self.config.rollout.temperature,
+                                          samples=self.config.eval.samples, seed=self.config.seed)
         out = {"eval/accuracy": sampled.get("accuracy", 0.0), "eval/reward": sampled.get("reward", 0.0)}
         if self.config.eval.greedy:
             greedy = self.evaluator.evaluate(rows, temperature=0.0)
