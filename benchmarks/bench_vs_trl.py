@@ -74,6 +74,7 @@ GSPO_VARIANTS = {
     "gspo-fp32-hf": ["rollout.decoder=hf", "loss.old_logprobs=recompute"],
     "gspo-bf16": ["rollout.engine_dtype=bfloat16", "optim.dtype=bfloat16"],  # bf16 sampler copy + autocast training
     "gspo-fp32-mb16": ["optim.micro_batch_size=16"],  # gradient accumulation: half the activation memory
+    "gspo-fp32-mb8": ["optim.micro_batch_size=8"],  # a quarter of the activation memory, no recomputation
     "gspo-fp32-gc": ["optim.gradient_checkpointing=true"],  # TRL's default memory trade
     # memory-matched to TRL's defaults: activation checkpointing and micro-batches of 16
     "gspo-fp32-lean": ["optim.gradient_checkpointing=true", "optim.micro_batch_size=16"],
