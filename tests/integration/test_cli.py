@@ -98,3 +98,11 @@ def test_resume_with_an_incompatible_config_is_refused(tmp_path, tiny_overrides,
     assert main(["train", *tiny_overrides, "steps=1", f"run_dir={run}"]) == 0
     assert main(["train", "--resume", str(run), "algorithm=grpo"]) == 2
     assert "different config" in capsys.readouterr().err
+
+
+def test_native_decoder_on_a_model_it_does_not_cover_is_a_clear_error(tiny_overrides, tiny_moe_dir, capsys):
+    overrides = [o for o in tiny_overrides if not o.startswith("model=")]
+    assert main(["train", *overrides, f"model={tiny_moe_dir}", "rollout.decoder=native", "steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert "rollout.decoder=native cannot sample" in err and "qwen3_moe" in err and "rollout.decoder=auto" in err
+    assert "Traceback" not in err
