@@ -119,3 +119,27 @@ def test_peft_wrapped_models_use_transformers_forward():
 def test_unknown_decoder_name_is_an_error():
     with pytest.raises(ValueError, match="decoder must be one of auto, native, hf"):
         HFEngine(build("qwen3"), pad_token_id=0, eos_token_id=1, decoder="vllm")
+
+
+def test_large_models_keep_separate_projections(monkeypatch):
+    """Above FUSE_MAX_PARAMS no fused copy of the weights is made; the logits are the same."""
+    import gspo.rollout.native as native
+
+    model = build("qwen2")  # with Q/K/V biases
+    ids, mask, positions = ragged_batch()
+    fused = native_logits(model, ids, mask, positions, prompt_len=7)
+    monkeypatch.setattr(native, "FUSE_MAX_PARAMS", 0)
+    decoder = NativeDecoder(model)
+    with torch.inference_mode():
+        decoder.start(ids[:, :7], mask[:, :7], positions[:, :7], ids.shape[1])
+    assert all(layer.qkv_weight is None and layer.gate_up_weight is None for layer in decoder.layers)
+    separate = native_logits(model, ids, mask, positions, prompt_len=7)
+    torch.testing.assert_close(separate, fused, atol=2e-5, rtol=1e-5)
+
+
+def test_engine_holds_no_cache_between_rollouts():
+    from gspo.rollout.base import SamplingParams
+
+    engine = HFEngine(build("qwen3"), pad_token_id=0, eos_token_id=1)
+    engine.generate([[5, 6, 7], [8]], SamplingParams(max_new_tokens=4))
+    assert engine.native.layers == [] and engine.native._cos is None

@@ -121,7 +121,11 @@ class HFEngine:
             uniforms = torch.stack([torch.rand(params.max_new_tokens, generator=torch.Generator().manual_seed(s))
                                     for s in row_seeds]).to(device)  # (B, N)
         with _eval_mode(self.model), torch.inference_mode():
-            out = self._sample(prompt_ids, prompt_mask, params, generator, uniforms)
+            try:
+                out = self._sample(prompt_ids, prompt_mask, params, generator, uniforms)
+            finally:
+                if self.native is not None:
+                    self.native.release()
         # Clone out of inference mode so the trainer may use these tensors in autograd graphs.
         return Rollout(
             prompt_ids=prompt_ids,

@@ -8,7 +8,10 @@ matrix products. This module runs the same mathematics in about a dozen operator
 
 - the Q/K/V projections (and the MLP's gate/up pair) as one fused matrix product each, with the fused
   weights rebuilt from the live modules at every :meth:`NativeDecoder.start` (so training updates are
-  always seen; the rebuild is one copy of the weights, negligible next to a rollout);
+  always seen; the rebuild is one copy of the weights, negligible next to a rollout). Only for models up
+  to :data:`FUSE_MAX_PARAMS` parameters, where per-operator overhead matters; larger models keep their
+  separate projections rather than hold a transient copy of most of their weights. Fused weights and
+  the cache are released by :meth:`NativeDecoder.release` when a rollout ends;
 - a preallocated key/value cache (keys stored transposed, ``(B, H_kv, D, P + N)``, which measured ~30%
   faster for the score product); since prompts are left-padded, every row writes the same column at
   the same step;
@@ -32,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+FUSE_MAX_PARAMS = 200_000_000  # above this, fusing would copy GBs per rollout for a negligible gain
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")  # inv_freq fixed for a run
 
 
@@ -88,9 +92,9 @@ class _Layer:
     """One decoder layer's modules and its fused projection weights (rebuilt every rollout)."""
 
     module: torch.nn.Module
-    qkv_weight: torch.Tensor  # (q + 2 kv, hidden)
+    qkv_weight: torch.Tensor | None  # (q + 2 kv, hidden); None: the separate projections are used
     qkv_bias: torch.Tensor | None  # (q + 2 kv,) Qwen2-style attention bias
-    gate_up_weight: torch.Tensor  # (2 I, hidden)
+    gate_up_weight: torch.Tensor | None  # (2 I, hidden); None: separate gate / up projections
     k_cache: torch.Tensor | None = None  # (B, H_kv, D, S) keys stored transposed: scores = q @ k_cache
     v_cache: torch.Tensor | None = None  # (B, H_kv, S, D)
 
@@ -119,10 +123,14 @@ class NativeDecoder:
         self._cos = self._sin = None  # (max_len, D) rotary tables
 
     def _fuse_weights(self) -> None:
-        """Concatenate each layer's Q/K/V and gate/up weights from the live modules."""
+        """Concatenate each layer's Q/K/V and gate/up weights from the live modules (small models only)."""
         self.layers = []
+        fuse = sum(p.numel() for p in self.model.parameters()) <= FUSE_MAX_PARAMS
         for layer in self.model.model.layers:
             a, m = layer.self_attn, layer.mlp
+            if not fuse:
+                self.layers.append(_Layer(module=layer, qkv_weight=None, qkv_bias=None, gate_up_weight=None))
+                continue
             biases = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
             qkv_bias = torch.cat(biases) if all(b is not None for b in biases) else None
             if qkv_bias is None and any(b is not None for b in biases):
@@ -183,9 +191,14 @@ class NativeDecoder:
     def _attention(self, layer: _Layer, x: torch.Tensor, cos, sin, bias, start: int, end: int) -> torch.Tensor:
         batch, length, _ = x.shape
         h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias)  # (B, L, (h + 2 hkv) d)
-        q, k, v = qkv.view(batch, length, h + 2 * hkv, d).split((h, hkv, hkv), dim=2)  # (B, L, heads, D)
         attn = layer.module.self_attn
+        if layer.qkv_weight is not None:
+            qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias)  # (B, L, (h + 2 hkv) d)
+            q, k, v = qkv.view(batch, length, h + 2 * hkv, d).split((h, hkv, hkv), dim=2)  # (B, L, heads, D)
+        else:
+            q = attn.q_proj(x).view(batch, length, h, d)  # (B, L, h, D)
+            k = attn.k_proj(x).view(batch, length, hkv, d)  # (B, L, hkv, D)
+            v = attn.v_proj(x).view(batch, length, hkv, d)  # (B, L, hkv, D)
         if getattr(attn, "q_norm", None) is not None:  # Qwen3: RMSNorm over each head's vector
             q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
         q = _rotate(q.transpose(1, 2), cos, sin)  # (B, h, L, D)
@@ -204,5 +217,15 @@ class NativeDecoder:
         return attn.o_proj(out)  # (B, L, hidden)
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, layer.gate_up_weight).chunk(2, dim=-1)  # (B, L, I) each
-        return layer.module.mlp.down_proj(F.silu(gate).mul_(up))  # (B, L, hidden)
+        mlp = layer.module.mlp
+        if layer.gate_up_weight is not None:
+            gate, up = F.linear(x, layer.gate_up_weight).chunk(2, dim=-1)  # (B, L, I) each
+        else:
+            gate, up = mlp.gate_proj(x), mlp.up_proj(x)  # (B, L, I) each
+        return mlp.down_proj(F.silu(gate).mul_(up))  # (B, L, hidden)
+
+    def release(self) -> None:
+        """Drop the rollout's cache, fused weights and rotary tables (nothing is held between rollouts)."""
+        self.layers = []
+        self._key_bias = self._cos = self._sin = None
+        self.length = 0
