@@ -54,6 +54,7 @@ def native_logits(model, ids, mask, positions, prompt_len: int) -> torch.Tensor:
     ("qwen3", 4, 1, {"attention_bias": True}),  # multi-query, biased projections
     ("qwen2", 4, 2, {}),  # Q/K/V biases
     ("llama", 4, 2, {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}),
+    ("llama", 4, 2, {"mlp_bias": True, "attention_bias": True}),  # biases on every projection
     ("mistral", 4, 2, {"sliding_window": None}),
 ])
 def test_native_logits_equal_transformers_forward(kind, heads, kv_heads, extra):

@@ -87,6 +87,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.addcmul(x * cos, rotated, sin)
 
 
+def _fused_bias(*projections: torch.nn.Linear) -> torch.Tensor | None:
+    """The concatenated biases of ``projections`` (zeros for any without one), or None if none has one."""
+    if all(p.bias is None for p in projections):
+        return None
+    return torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in projections])
+
+
 @dataclass
 class _Layer:
     """One decoder layer's modules and its fused projection weights (rebuilt every rollout)."""
@@ -95,6 +102,7 @@ class _Layer:
     qkv_weight: torch.Tensor | None  # (q + 2 kv, hidden); None: the separate projections are used
     qkv_bias: torch.Tensor | None  # (q + 2 kv,) Qwen2-style attention bias
     gate_up_weight: torch.Tensor | None  # (2 I, hidden); None: separate gate / up projections
+    gate_up_bias: torch.Tensor | None = None  # (2 I,) Llama's mlp_bias
     k_cache: torch.Tensor | None = None  # (B, H_kv, D, S) keys stored transposed: scores = q @ k_cache
     v_cache: torch.Tensor | None = None  # (B, H_kv, S, D)
 
@@ -131,16 +139,12 @@ class NativeDecoder:
             if not fuse:
                 self.layers.append(_Layer(module=layer, qkv_weight=None, qkv_bias=None, gate_up_weight=None))
                 continue
-            biases = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
-            qkv_bias = torch.cat(biases) if all(b is not None for b in biases) else None
-            if qkv_bias is None and any(b is not None for b in biases):
-                qkv_bias = torch.cat([b if b is not None else p.weight.new_zeros(p.out_features)
-                                      for b, p in zip(biases, (a.q_proj, a.k_proj, a.v_proj))])
             self.layers.append(_Layer(
                 module=layer,
                 qkv_weight=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-                qkv_bias=qkv_bias,
+                qkv_bias=_fused_bias(a.q_proj, a.k_proj, a.v_proj),
                 gate_up_weight=torch.cat([m.gate_proj.weight, m.up_proj.weight]),
+                gate_up_bias=_fused_bias(m.gate_proj, m.up_proj),
             ))
 
     def start(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, positions: torch.Tensor,
@@ -219,7 +223,7 @@ class NativeDecoder:
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
         mlp = layer.module.mlp
         if layer.gate_up_weight is not None:
-            gate, up = F.linear(x, layer.gate_up_weight).chunk(2, dim=-1)  # (B, L, I) each
+            gate, up = F.linear(x, layer.gate_up_weight, layer.gate_up_bias).chunk(2, dim=-1)  # (B, L, I) each
         else:
             gate, up = mlp.gate_proj(x), mlp.up_proj(x)  # (B, L, I) each
         return mlp.down_proj(F.silu(gate).mul_(up))  # (B, L, hidden)
