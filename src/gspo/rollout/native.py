@@ -63,6 +63,10 @@ def native_support(model: torch.nn.Module) -> str | None:
     rotary = getattr(body, "rotary_emb", None)
     if rotary is None or getattr(rotary, "rope_type", "default") not in STATIC_ROPE_TYPES:
         return f"RoPE type {getattr(rotary, 'rope_type', None)!r} (only static RoPE tables are reproduced)"
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    inv_freq = getattr(rotary, "inv_freq", None)
+    if inv_freq is None or 2 * inv_freq.numel() != head_dim:
+        return "partial rotary embeddings (RoPE over part of each head)"
     for layer in layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         needed = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
