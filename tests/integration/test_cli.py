@@ -63,6 +63,8 @@ def test_train_plot_eval_and_resume(tmp_path, tiny_overrides, capsys):
     run = tmp_path / "run"
     args = [o for o in tiny_overrides if not o.startswith("checkpoint.")] + ["checkpoint.every=1", f"run_dir={run}"]
     assert main(["train", *args]) == 0
+    # the run says how it samples and where pi_old comes from (a tiny float32 Qwen3: native, from the sampler)
+    assert "native decode step; old log-probs from the sampler (auto)" in capsys.readouterr().err
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and "lift/accuracy" in summary
     lines = (run / "metrics.jsonl").read_text().splitlines()

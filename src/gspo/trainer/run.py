@@ -36,6 +36,8 @@ def train(config: Config, run_dir: Path | None = None, *, resume: bool = False, 
     progress = Progress(config.steps, enabled=config.log.progress and dist.is_main(), console=console)
     if resume:
         _restore(trainer, run_dir, progress)
+    if dist.is_main():
+        progress.note(_setup_text(trainer))
     if "before" not in trainer.state.history:
         trainer.state.history["before"] = trainer.evaluate()
         trainer.logger.log(0, trainer.state.history["before"])
@@ -74,6 +76,15 @@ def train(config: Config, run_dir: Path | None = None, *, resume: bool = False, 
     progress.note(_lift_text(summary))
     trainer.logger.close()
     return summary
+
+
+def _setup_text(trainer) -> str:
+    """One line on how this run samples and where its old log-probabilities come from."""
+    sampler = "native decode step" if trainer.parts.engine.native is not None else "transformers' forward"
+    source = {"rollout": "from the sampler", "recompute": "recomputed"}[trainer.old_logprobs_source]
+    if trainer.config.loss.old_logprobs == "auto":
+        source += " (auto)"
+    return f"{trainer.config.algorithm} on {trainer.config.model}: {sampler}; old log-probs {source}"
 
 
 def check_resumable(config: Config, run_dir: Path) -> None:
