@@ -34,6 +34,7 @@ import time
 import torch
 from transformers.cache_utils import DynamicCache, StaticCache
 
+from gspo.errors import ConfigError
 from gspo.rollout.base import Rollout, SamplingParams
 from gspo.rollout.native import NativeDecoder, native_support
 
@@ -79,10 +80,11 @@ class HFEngine:
         # they cannot run with a static cache keep the dynamic one.
         self.static_cache = bool(getattr(self.model, "_can_compile_fullgraph", False))
         self.native_reason = native_support(self.model) if decoder != "hf" else "rollout.decoder=hf"
-        if decoder == "native" and self.native_reason is not None:
-            raise ValueError(f"rollout.decoder=native cannot sample this model: {self.native_reason}; "
-                             "use rollout.decoder=auto (falls back to transformers' forward)")
+        if decoder == "native" and self.native_reason is not None:  # a ConfigError: the CLI shows one line
+            raise ConfigError(f"rollout.decoder=native cannot sample this model: {self.native_reason}; "
+                              "use rollout.decoder=auto (falls back to transformers' forward)")
         self.native = NativeDecoder(self.model) if self.native_reason is None else None
+        self._decoder = self.native if self.native is not None else _TransformersDecoder(self)
 
     @torch.no_grad()
     def sync_weights(self, model: torch.nn.Module) -> None:
@@ -124,8 +126,7 @@ class HFEngine:
             try:
                 out = self._sample(prompt_ids, prompt_mask, params, generator, uniforms)
             finally:
-                if self.native is not None:
-                    self.native.release()
+                self._decoder.release()  # no cache or fused weights held between rollouts
         # Clone out of inference mode so the trainer may use these tensors in autograd graphs.
         return Rollout(
             prompt_ids=prompt_ids,
@@ -137,25 +138,6 @@ class HFEngine:
             timings=out["timings"],
         )
 
-    def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
-        """(B, V) float32 logits of the last position, extending ``cache``."""
-        kwargs = {"logits_to_keep": 1} if self._keeps_last_logits else {}
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            **kwargs,
-        )
-        return out.logits[:, -1].float()  # (B, V)
-
-    def _new_cache(self, max_len: int):
-        """An empty KV cache for sequences of up to ``max_len`` tokens."""
-        if self.static_cache:
-            return StaticCache(config=self.model.config, max_cache_len=max_len)
-        return DynamicCache(config=self.model.config)
-
     def _sample(self, prompt_ids, prompt_mask, params: SamplingParams, generator, uniforms=None) -> dict:
         """The prefill + decode loop, on preallocated buffers; returns completion tensors and timings."""
         batch, prompt_len = prompt_ids.shape
@@ -163,34 +145,18 @@ class HFEngine:
         completion_ids = torch.full((batch, max_new), self.pad_token_id, dtype=torch.long, device=device)
         completion_mask = torch.zeros((batch, max_new), dtype=torch.bool, device=device)
         logprobs = torch.zeros((batch, max_new), dtype=torch.float32, device=device)
-        # Attention mask over [prompt | completion]: completion columns are all True; a finished row keeps
-        # attending to its own pad tokens, which is harmless since its later outputs are discarded.
-        attention = torch.ones((batch, prompt_len + max_new), dtype=torch.bool, device=device)  # (B, P + N)
-        attention[:, :prompt_len] = prompt_mask
         positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
         next_position = positions[:, -1:] + 1  # (B, 1) position of the first completion token
         finished = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
         eos_ids = self.eos_ids.to(device)
-        cache = self._new_cache(prompt_len + max_new) if self.native is None else None
-
-        def mask_upto(length: int) -> torch.Tensor:
-            # A static cache always attends over its full length (causality hides the unwritten part).
-            return attention if self.static_cache else attention[:, :length]  # (B, length or P + N)
 
         start = time.perf_counter()
-        if self.native is not None:
-            logits = self.native.start(prompt_ids, prompt_mask, positions, prompt_len + max_new)  # (B, V)
-        else:
-            logits = self._forward(prompt_ids, mask_upto(prompt_len), positions, cache)  # (B, V)
+        logits = self._decoder.start(prompt_ids, prompt_mask, positions, prompt_len + max_new)  # (B, V)
         prefill_s = time.perf_counter() - start
         steps = 0
         for step in range(max_new):
             if step > 0:
-                tokens_in = completion_ids[:, step - 1 : step]  # (B, 1)
-                if self.native is not None:
-                    logits = self.native.step(tokens_in, next_position)
-                else:
-                    logits = self._forward(tokens_in, mask_upto(prompt_len + step), next_position, cache)
+                logits = self._decoder.step(completion_ids[:, step - 1 : step], next_position)  # (B, V)
                 next_position += 1
             uniform = uniforms[:, step] if uniforms is not None else None  # (B,) or None
             tokens, token_logprobs = sample_next_token(logits, params, generator, uniform)  # (B,), (B,)
@@ -212,6 +178,47 @@ class HFEngine:
             "truncated": truncated,
             "timings": {"sample/prefill_s": prefill_s, "sample/decode_s": decode_s},
         }
+
+
+class _TransformersDecoder:
+    """:class:`NativeDecoder`'s interface (start / step / release) over the model's own forward and a
+    transformers KV cache: the path for every model the native step does not cover."""
+
+    def __init__(self, engine: HFEngine) -> None:
+        self.engine = engine
+        self.release()
+
+    def start(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, positions: torch.Tensor,
+              max_len: int) -> torch.Tensor:
+        """Prefill (B, P) left-padded prompts into a fresh cache of ``max_len`` tokens; (B, V) logits."""
+        batch, prompt_len = prompt_ids.shape
+        config = self.engine.model.config
+        self.static = self.engine.static_cache  # read per rollout: benchmarks switch it
+        self.cache = StaticCache(config=config, max_cache_len=max_len) if self.static else DynamicCache(config=config)
+        # Attention mask over [prompt | completion]: completion columns are all True; a finished row keeps
+        # attending to its own pad tokens, which is harmless since its later outputs are discarded.
+        self.attention = torch.ones((batch, max_len), dtype=torch.bool, device=prompt_ids.device)  # (B, P + N)
+        self.attention[:, :prompt_len] = prompt_mask
+        self.length = prompt_len
+        return self._forward(prompt_ids, positions)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Append one token per row ((B, 1) ids at (B, 1) positions); (B, V) logits."""
+        self.length += 1
+        return self._forward(tokens, positions)
+
+    def release(self) -> None:
+        self.cache = self.attention = None
+        self.length = 0
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """(B, V) float32 logits of the last position, extending the cache."""
+        # A static cache always attends over its full length (causality hides the unwritten part).
+        mask = self.attention if self.static else self.attention[:, : self.length]  # (B, P + N or length)
+        kwargs = {"logits_to_keep": 1} if self.engine._keeps_last_logits else {}
+        out = self.engine.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                past_key_values=self.cache, use_cache=True, **kwargs)
+        return out.logits[:, -1].float()  # (B, V)
 
 
 def _check_request(prompts: list[list[int]], params: SamplingParams) -> None:

@@ -129,6 +129,8 @@ class NativeDecoder:
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.scale = self.head_dim**-0.5
+        # Fusing pays where per-operator overhead matters; the parameter count is fixed for the model's life.
+        self.fuse = sum(p.numel() for p in model.parameters()) <= FUSE_MAX_PARAMS
         self.layers: list[_Layer] = []
         self.length = 0  # columns of the cache written so far
         self._key_bias: torch.Tensor | None = None  # (B, 1, 1, S) 0 or -inf per key column
@@ -137,10 +139,9 @@ class NativeDecoder:
     def _fuse_weights(self) -> None:
         """Concatenate each layer's Q/K/V and gate/up weights from the live modules (small models only)."""
         self.layers = []
-        fuse = sum(p.numel() for p in self.model.parameters()) <= FUSE_MAX_PARAMS
         for layer in self.model.model.layers:
             a, m = layer.self_attn, layer.mlp
-            if not fuse:
+            if not self.fuse:
                 self.layers.append(_Layer(module=layer, qkv_weight=None, qkv_bias=None, gate_up_weight=None))
                 continue
             self.layers.append(_Layer(

@@ -12,9 +12,7 @@ import torch
 
 from gspo.config.schema import Config
 from gspo.models.load import load_model, load_tokenizer, pick_device, resolve_model_path
-from gspo.errors import ConfigError
 from gspo.rollout.hf import HFEngine
-from gspo.rollout.native import native_support
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -50,9 +48,6 @@ def build_parts(config: Config) -> Parts:
     model.config.use_cache = False  # training forwards; the engine asks for a cache explicitly
     model.train()
     engine_dtype = None if config.rollout.engine_dtype in ("auto", "float32") else DTYPES[config.rollout.engine_dtype]
-    if config.rollout.decoder == "native" and (reason := native_support(model)) is not None:
-        raise ConfigError(f"rollout.decoder=native cannot sample {config.model}: {reason}. Use "
-                          "rollout.decoder=auto (transformers' forward for models the native step does not cover)")
     engine = HFEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                       dtype=engine_dtype, decoder=config.rollout.decoder)
     optimizer = build_optimizer(model, config)
