@@ -21,6 +21,20 @@ class PolicyBatch:
     mask: torch.Tensor  # (B, T) bool
     lengths: torch.Tensor  # (B,) |y_i|, compute dtype
     ref_logprobs: torch.Tensor | None  # (B, T) detached, or None
+    correction: torch.Tensor | None = None  # (B, T) detached rollout-correction weights >= 0, 0 on padding
+
+    def advantages_per_token(self) -> torch.Tensor:
+        """(B, T) per-token advantages, or (B, 1) per-response ones, for broadcasting against (B, T)."""
+        return self.advantages if self.advantages.dim() == 2 else self.advantages[:, None]
+
+    def corrected(self, surrogate: torch.Tensor) -> torch.Tensor:
+        """(B, T) per-token `surrogate` times the correction weights; unchanged (same tensor) without one."""
+        return surrogate if self.correction is None else surrogate * self.correction
+
+    def sequence_correction(self) -> torch.Tensor | None:
+        """(B,) the mean correction weight over each response's tokens (the weight of a sequence-level loss's
+        per-response surrogate): a sequence-level correction's own weight, or the kept share of a token mask."""
+        return None if self.correction is None else per_sequence_mean(self.correction, self.mask)
 
     @property
     def has_tokens(self) -> torch.Tensor:
@@ -75,6 +89,7 @@ def prepare(
     *,
     ref_logprobs: torch.Tensor | None = None,
     token_advantages: bool = False,
+    correction: torch.Tensor | None = None,
 ) -> PolicyBatch:
     """Validate shapes and dtypes, cast to the compute dtype and blank out padding."""
     if logprobs.dim() != 2:
@@ -84,6 +99,8 @@ def prepare(
     _check_2d("mask", mask, shape)
     if ref_logprobs is not None:
         _check_2d("ref_logprobs", ref_logprobs, shape)
+    if correction is not None:
+        _check_2d("correction", correction, shape)
     allowed = [(shape[0],), tuple(shape)] if token_advantages else [(shape[0],)]
     if tuple(advantages.shape) not in allowed:
         wanted = " or ".join(str(a) for a in allowed)
@@ -98,6 +115,7 @@ def prepare(
     lengths = mask.sum(dim=-1).to(dtype)  # (B,)
     adv_mask = mask if advantages.dim() == 2 else lengths > 0
     ref = None if ref_logprobs is None else masked(ref_logprobs.detach().to(dtype), mask)  # (B, T)
+    weights = None if correction is None else _correction_weights(correction, mask, dtype)  # (B, T)
     return PolicyBatch(
         logprobs=masked(logprobs.to(dtype), mask),  # (B, T)
         old_logprobs=masked(old_logprobs.detach().to(dtype), mask),  # (B, T)
@@ -105,7 +123,18 @@ def prepare(
         mask=mask,
         lengths=lengths,
         ref_logprobs=ref,
+        correction=weights,
     )
+
+
+def _correction_weights(correction: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T) detached weights in `dtype`, 0 on padding; finite and >= 0 on response tokens or an error."""
+    if not correction.is_floating_point():
+        raise ValueError(f"correction must be a floating-point tensor, got {correction.dtype}")
+    weights = masked(correction.detach().to(dtype), mask)  # (B, T)
+    if not bool(((weights >= 0) & torch.isfinite(weights)).all()):
+        raise ValueError("correction weights must be finite and >= 0 on response tokens")
+    return weights
 
 
 def normaliser(value: Real | torch.Tensor | None, local_count: torch.Tensor, name: str) -> torch.Tensor:

@@ -32,6 +32,7 @@ def dapo_loss(
     ref_logprobs: torch.Tensor | None = None,
     beta: float = 0.0,
     kl_estimator: str = "k3",
+    correction: torch.Tensor | None = None,
 ) -> LossOutput:
     """DAPO loss: token ratio, "Clip-Higher", "Token-Level Policy Gradient Loss" (DAPO section 3).
 
@@ -42,13 +43,14 @@ def dapo_loss(
     """
     check_clip(clip_low, clip_high)
     check_kl_args(ref_logprobs, beta, kl_estimator)
-    batch = prepare(logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs)
+    batch = prepare(logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
+                    correction=correction)
     n = normaliser(num_tokens, batch.token_count, "num_tokens")
 
     ratio = torch.exp(batch.token_log_ratios())  # (B, T) w_{i,t}
     adv = batch.advantages[:, None]  # (B, 1)
     surrogate = clipped_surrogate(ratio, adv, clip_low, clip_high)  # (B, T)
-    policy = -token_sum_mean(surrogate, batch.mask, n)
+    policy = -token_sum_mean(batch.corrected(surrogate), batch.mask, n)
 
     low, high, outside = (flag & batch.mask for flag in clip_indicators(ratio, adv, clip_low, clip_high))
     metrics = policy_metrics(batch, ratio=ratio, clipped_low=low, clipped_high=high, outside=outside)

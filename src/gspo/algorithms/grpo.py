@@ -30,6 +30,7 @@ def grpo_loss(
     ref_logprobs: torch.Tensor | None = None,
     beta: float = 0.0,
     kl_estimator: str = "k3",
+    correction: torch.Tensor | None = None,
 ) -> LossOutput:
     """GRPO loss, minus the objective of GSPO paper eq. 1 with the token ratio of eq. 2.
 
@@ -42,13 +43,14 @@ def grpo_loss(
     """
     check_clip(clip_low, clip_high)
     check_kl_args(ref_logprobs, beta, kl_estimator)
-    batch = prepare(logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs)
+    batch = prepare(logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
+                    correction=correction)
     n = normaliser(num_sequences, batch.sequence_count, "num_sequences")
 
     ratio = torch.exp(batch.token_log_ratios())  # (B, T) w_{i,t}
     adv = batch.advantages[:, None]  # (B, 1)
     surrogate = clipped_surrogate(ratio, adv, clip_low, clip_high)  # (B, T)
-    policy = -seq_mean_token_mean(surrogate, batch.mask, n)
+    policy = -seq_mean_token_mean(batch.corrected(surrogate), batch.mask, n)
 
     low, high, outside = (flag & batch.mask for flag in clip_indicators(ratio, adv, clip_low, clip_high))
     metrics = policy_metrics(batch, ratio=ratio, clipped_low=low, clipped_high=high, outside=outside)

@@ -32,6 +32,7 @@ def gspo_loss(
     ref_logprobs: torch.Tensor | None = None,
     beta: float = 0.0,
     kl_estimator: str = "k3",
+    correction: torch.Tensor | None = None,
 ) -> LossOutput:
     """GSPO loss, minus the objective of eq. 5 with the sequence ratio of eq. 7.
 
@@ -49,11 +50,14 @@ def gspo_loss(
     """
     check_clip(clip_low, clip_high)
     check_kl_args(ref_logprobs, beta, kl_estimator)
-    batch = prepare(logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs)
+    batch = prepare(logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
+                    correction=correction)
     n = normaliser(num_sequences, batch.sequence_count, "num_sequences")
 
     ratio = torch.exp(batch.sequence_log_ratios())  # (B,) s_i, eq. 7
     surrogate = clipped_surrogate(ratio, batch.advantages, clip_low, clip_high)  # (B,)
+    if batch.correction is not None:  # per-response weight: the mean correction weight of its tokens
+        surrogate = surrogate * batch.sequence_correction()  # (B,)
     policy = -masked(surrogate, batch.has_tokens).sum() / n
 
     low, high, outside = clip_indicators(ratio, batch.advantages, clip_low, clip_high)  # (B,) each
@@ -78,6 +82,7 @@ def gspo_token_loss(
     ref_logprobs: torch.Tensor | None = None,
     beta: float = 0.0,
     kl_estimator: str = "k3",
+    correction: torch.Tensor | None = None,
 ) -> LossOutput:
     """GSPO-token loss, minus the objective of eq. 13 with the token ratio of eq. 14.
 
@@ -91,7 +96,8 @@ def gspo_token_loss(
     """
     check_clip(clip_low, clip_high)
     check_kl_args(ref_logprobs, beta, kl_estimator)
-    batch = prepare(logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, token_advantages=True)
+    batch = prepare(logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, token_advantages=True,
+                    correction=correction)
     n = normaliser(num_sequences, batch.sequence_count, "num_sequences")
 
     seq_log_ratio = batch.sequence_log_ratios(clamp=False).detach()  # (B,) sg[log s_i]
@@ -101,7 +107,7 @@ def gspo_token_loss(
     ratio = torch.exp(log_ratio)  # (B, T) s_{i,t}, eq. 14
     adv = batch.advantages if batch.advantages.dim() == 2 else batch.advantages[:, None]  # (B, T) or (B, 1)
     surrogate = clipped_surrogate(ratio, adv, clip_low, clip_high)  # (B, T)
-    policy = -seq_mean_token_mean(surrogate, batch.mask, n)
+    policy = -seq_mean_token_mean(batch.corrected(surrogate), batch.mask, n)
 
     low, high, outside = (flag & batch.mask for flag in clip_indicators(ratio, adv, clip_low, clip_high))
     metrics = policy_metrics(batch, ratio=torch.exp(clamp_log_ratio(seq_log_ratio)), clipped_low=low, clipped_high=high,
