@@ -1,74 +1,112 @@
-"""The ``gspo`` command line: train, eval, plot, sft, export.
+"""The ``gspo`` command line: train, eval, plot, sft, export, experiment, version.
 
-One convention everywhere: options are ``key=value`` with dotted keys (``optim.lr=1e-4``), after an
-optional YAML file. The only ``--`` flags are ``--help``, ``--resume RUN`` and ``--nproc N``.
+One grammar everywhere (:mod:`gspo.cli_args`): positionals, then ``key=value`` options with dotted
+keys (``optim.lr=1e-4``); the only ``--`` flags are ``--help``, ``--resume RUN`` and ``--nproc N``.
+Help, typos and config errors are answered before torch is imported: this module and the parsers
+import only the standard library, yaml and the config schema; each command imports its machinery
+once its arguments are known to be good.
 """
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 from pathlib import Path
 
+from gspo.cli_args import Command, Flag, UsageError, parse, render_help
 from gspo.errors import GspoError
+from gspo.suggest import did_you_mean
 
-USAGE = """gspo <command> [args]
+TRAIN = Command(
+    "train", "RL-train a model (default: GSPO on the embedded tiny model + arithmetic)",
+    positionals=(("CONFIG.yaml", "a YAML config file; key=value options apply after it"),),
+    flags=(Flag("--resume", "RUN", "continue RUN from its last valid checkpoint (reuses RUN/config.json)"),
+           Flag("--nproc", "N", "run N data-parallel processes via torchrun")),
+    config_keys=True,
+    description="Trains with GSPO (or gspo_token / grpo / dapo). With no arguments: the embedded tiny model on\n"
+                "the embedded arithmetic task, about 3 minutes on a laptop CPU. Options are key=value with\n"
+                "dotted keys, applied after CONFIG.yaml (whose keys nest the same way).",
+)
 
-commands:
-  train [CONFIG.yaml] [key=value ...] [--resume RUN] [--nproc N]
-                         RL-train a model (default: GSPO on the embedded tiny model + arithmetic)
-  eval MODEL_OR_RUN [key=value ...]
-                         held-out accuracy, pass@k and mean reward (JSON report)
-  plot RUN               PNG of a run's curves (reward, accuracy, clip fraction, KL, length, ratio spread)
-  sft [key=value ...]    rebuild the embedded warm-start checkpoint
-  export RUN_OR_CHECKPOINT OUT_DIR [merge=true]
-                         a Hugging Face model directory (LoRA adapters merged) that from_pretrained loads
-  experiment NAME [key=value ...]
-                         a paper-reproduction study (moe-stability: GSPO vs GRPO on a tiny MoE)
+VERSION = Command("version", "print the gspo version")
 
-'gspo <command> --help' explains each command."""
+
+def commands() -> dict[str, Command]:
+    """Every subcommand's grammar, by name (each defined beside the code that runs it)."""
+    from gspo.eval_cli import EVAL
+    from gspo.experiments import EXPERIMENT
+    from gspo.export import EXPORT
+    from gspo.plot import PLOT
+    from gspo.sft_cli import SFT
+
+    return {c.name: c for c in (TRAIN, EVAL, PLOT, SFT, EXPORT, EXPERIMENT, VERSION)}
+
+
+def usage() -> str:
+    lines = ["usage: gspo <command> [args]", "", "commands:"]
+    for command in commands().values():
+        lines += [f"  {command.usage.removeprefix('gspo ')}", f"      {command.summary}"]
+    lines += ["", "Options are key=value everywhere; 'gspo <command> --help' explains each command.",
+              "gspo --version prints the version."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(usage())
         return 0
+    if argv[0] in ("--version", "-V"):
+        return _version([])
     command, rest = argv[0], argv[1:]
-    commands = {"train": _train, "eval": _eval, "plot": _plot, "sft": _sft, "export": _export,
-                "experiment": _experiment}
-    if command not in commands:
-        import difflib
-
-        close = difflib.get_close_matches(command, list(commands), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        print(f"gspo: unknown command '{command}'.{hint}\n\n{USAGE}", file=sys.stderr)
+    handlers = {"train": _train, "eval": _eval, "plot": _plot, "sft": _sft, "export": _export,
+                "experiment": _experiment, "version": _version}
+    if command not in handlers:
+        what = "flag" if command.startswith("-") else "command"
+        options = [*handlers, "--help", "--version"]
+        print(f"gspo: error: unknown {what} '{command}'.{did_you_mean(command, options)} "
+              f"Commands: {', '.join(handlers)}; 'gspo --help' explains them.", file=sys.stderr)
         return 2
     try:
-        return commands[command](rest) or 0
+        return handlers[command](rest) or 0
     except GspoError as exc:
         print(f"gspo {command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `gspo train --help | head`: the reader has gone, which is not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
+
+
+def _version(args: list[str]) -> int:
+    parsed = parse(VERSION, args)
+    if parsed.help:
+        print(render_help(VERSION))
+        return 0
+    from gspo import __version__
+
+    print(f"gspo {__version__}")
+    return 0
 
 
 def _train(args: list[str]) -> int:
-    if "-h" in args or "--help" in args:
+    parsed = parse(TRAIN, args)
+    if parsed.help:
         print(train_help())
         return 0
-    resume, args = _take_flag(args, "--resume")
-    nproc, args = _take_flag(args, "--nproc")
-    config_file = args[0] if args and "=" not in args[0] else None
-    overrides = args[1:] if config_file else args
+    resume, nproc = parsed.flags.get("--resume"), parsed.flags.get("--nproc")
+    config_file, overrides = parsed.positional(0), parsed.overrides
+    if nproc is not None and not (nproc.isdigit() and int(nproc) >= 1):
+        raise UsageError(f"--nproc {nproc!r} must be a whole number of processes >= 1, e.g. --nproc 2")
+    if resume:
+        config_file = _resume_config(Path(resume), config_file)
+    from gspo.config import load_config
+
+    config = load_config(config_file, overrides)  # every config mistake is reported here, before torch
     if nproc and int(nproc) > 1:
         from gspo.launch import relaunch_with_torchrun
 
-        return relaunch_with_torchrun(int(nproc), ["train", *([config_file] if config_file else []), *overrides,
-                                                   *(["--resume", resume] if resume else [])])
-    from gspo.config import load_config
-
-    if resume:
-        config_file, overrides = _resume_config(Path(resume), config_file, overrides)
-    config = load_config(config_file, overrides)
+        return relaunch_with_torchrun(int(nproc), ["train", *([parsed.positional(0)] if parsed.positional(0) else []),
+                                                   *overrides, *(["--resume", resume] if resume else [])])
     from gspo.launch import maybe_init_distributed
     from gspo.trainer.run import train
 
@@ -77,27 +115,22 @@ def _train(args: list[str]) -> int:
     return 0 if summary else 1
 
 
-def _resume_config(run_dir: Path, config_file: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+def _resume_config(run_dir: Path, config_file: str | None) -> str | None:
     """Resuming without a config file reuses the run's saved config (overrides still apply)."""
     saved = run_dir / "config.json"
     if config_file is None and saved.exists():
-        return str(saved), overrides
-    return config_file, overrides
+        return str(saved)
+    return config_file
 
 
 def train_help() -> str:
     from gspo.config import field_docs
 
-    lines = ["usage: gspo train [CONFIG.yaml] [key=value ...] [--resume RUN] [--nproc N]", "",
-             "Trains with GSPO (or gspo_token / grpo / dapo). With no arguments: the embedded tiny model on",
-             "the embedded arithmetic task, about 3 minutes on a laptop CPU. Options are key=value with",
-             "dotted keys, applied after CONFIG.yaml (whose keys nest the same way).", "",
-             "  --resume RUN   continue RUN from its last valid checkpoint", 
-             "  --nproc N      run N data-parallel processes via torchrun", "", "options (key, default, meaning):"]
+    lines = ["options (key=default, meaning; every key also works in CONFIG.yaml):"]
     for key, type_name, default, doc in field_docs():
         lines.append(f"  {key}={_show(default)}")
         lines.append(f"      {doc} [{type_name}]")
-    return "\n".join(lines)
+    return render_help(TRAIN, lines)
 
 
 def _show(value) -> str:
@@ -110,17 +143,6 @@ def _show(value) -> str:
     return str(value)
 
 
-def _take_flag(args: list[str], flag: str) -> tuple[str | None, list[str]]:
-    for i, arg in enumerate(args):
-        if arg == flag:
-            if i + 1 >= len(args):
-                raise GspoError(f"{flag} needs a value, e.g. {flag} runs/my-run")
-            return args[i + 1], args[:i] + args[i + 2:]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1], args[:i] + args[i + 1:]
-    return None, args
-
-
 def _eval(args: list[str]) -> int:
     from gspo.eval_cli import run_eval
 
@@ -128,15 +150,9 @@ def _eval(args: list[str]) -> int:
 
 
 def _plot(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="gspo plot", description="Write a PNG of a run's training curves.")
-    parser.add_argument("run", help="run directory (holds metrics.jsonl)")
-    parser.add_argument("--out", help="output PNG (default: RUN/curves.png)")
-    ns = parser.parse_args(args)
-    from gspo.plot import plot_run
+    from gspo.plot import run_plot
 
-    path = plot_run(Path(ns.run), Path(ns.out) if ns.out else None)
-    print(path)
-    return 0
+    return run_plot(args)
 
 
 def _sft(args: list[str]) -> int:

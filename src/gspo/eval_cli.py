@@ -6,17 +6,26 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from gspo.cli_args import Command, Option, UsageError, parse, render_help
 from gspo.errors import ConfigError
 
-EVAL_HELP = """usage: gspo eval MODEL_OR_RUN [key=value ...]
-
-MODEL_OR_RUN: an embedded model (tiny-arith), a Hugging Face model directory, a checkpoint, or a run
-directory (its latest valid checkpoint, and its task unless data.* is given).
-
-options: samples=8 (per prompt)  k=1,8 (pass@k)  temperature=1.0  max_new_tokens=...  out=PATH.json
-and any train key of the data.*, reward.*, eval.size and rollout.* sections (see gspo train --help)."""
-
-EVAL_KEYS = ("samples", "k", "out")
+EVAL = Command(
+    "eval", "held-out accuracy, pass@k and mean reward (JSON report)",
+    positionals=(("MODEL_OR_RUN", "an embedded model (tiny-arith), a Hugging Face model directory, a checkpoint, or "
+                                  "a run directory (its latest valid checkpoint, and its task unless data.* is given)"),),
+    required=1,
+    options=(Option("samples", "8", "responses per prompt", kind="int", minimum=1),
+             Option("k", "1,8", "pass@k for each k (comma-separated)", kind="ints", minimum=1),
+             Option("temperature", "", "sampling temperature (= rollout.temperature)"),
+             Option("max_new_tokens", "", "generation limit (= rollout.max_new_tokens)"),
+             Option("out", "", "also write the JSON report to this path")),
+    config_keys=True,
+    description="Evaluates a model on a task's held-out prompts: pass@1 (accuracy), pass@k and mean reward,\n"
+                "sampled and greedy. Also takes the train keys of the data.*, reward.*, eval.size and\n"
+                "rollout.* sections (see gspo train --help).",
+)
+EVAL_HELP = render_help(EVAL)
+ROLLOUT_ALIASES = ("temperature", "max_new_tokens")  # eval's short names for rollout.* keys
 
 
 @dataclass
@@ -27,12 +36,15 @@ class EvalOptions:
 
 
 def run_eval(args: list[str]) -> int:
-    if not args or args[0] in ("-h", "--help"):
+    parsed = parse(EVAL, args)
+    if parsed.help:
         print(EVAL_HELP)
-        return 0 if args else 2
-    target, overrides = args[0], args[1:]
-    options, overrides = _split_options(overrides)
-    report = evaluate_target(target, overrides, options)
+        return 0
+    options = EvalOptions(samples=parsed.options["samples"], ks=parsed.options["k"], out=parsed.options.get("out", ""))
+    if not options.ks:
+        raise UsageError("k= names no k; write e.g. k=1,8")
+    overrides = [f"rollout.{key}={parsed.options[key]}" for key in ROLLOUT_ALIASES if key in parsed.options]
+    report = evaluate_target(parsed.positional(0), [*overrides, *parsed.overrides], options)
     text = json.dumps(report, indent=2)
     print(text)
     if options.out:
@@ -69,30 +81,3 @@ def evaluate_target(target: str, overrides: list[str], options: EvalOptions) -> 
     return {"model": target, "task": trainer.task.name, "prompts": len(rows), "samples": options.samples,
             "temperature": config.rollout.temperature, **{f"sampled/{k}": v for k, v in sampled.items()},
             "greedy/accuracy": greedy["accuracy"]}
-
-
-def _split_options(args: list[str]) -> tuple[EvalOptions, list[str]]:
-    options, rest = EvalOptions(), []
-    for arg in args:
-        key, _, value = arg.partition("=")
-        if key == "samples":
-            options.samples = _int(key, value)
-        elif key == "k":
-            options.ks = tuple(_int(key, v) for v in value.split(","))
-        elif key == "out":
-            options.out = value
-        elif key in ("temperature", "max_new_tokens"):
-            rest.append(f"rollout.{arg}")
-        else:
-            rest.append(arg)
-    return options, rest
-
-
-def _int(key: str, value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise ConfigError(f"{key}={value!r} must be a whole number") from None
-    if number < 1:
-        raise ConfigError(f"{key}={number} must be >= 1")
-    return number

@@ -17,14 +17,20 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from gspo.cli_args import Command, Option, parse, render_help
 from gspo.errors import CheckpointError, ConfigError
 
-EXPORT_HELP = """usage: gspo export RUN_OR_CHECKPOINT OUT_DIR [merge=true|false]
-
-Writes a Hugging Face model directory (weights in safetensors, config, tokenizer) that
-AutoModelForCausalLM / AutoTokenizer.from_pretrained load. RUN_OR_CHECKPOINT: a run directory (its
-newest valid checkpoint), a checkpoint, or a model/adapter directory. merge=true (default) merges a
-LoRA adapter into its base model; merge=false copies the adapter for PEFT."""
+EXPORT = Command(
+    "export", "a Hugging Face model directory (LoRA adapters merged) that from_pretrained loads",
+    positionals=(("RUN_OR_CHECKPOINT", "a run directory (its newest valid checkpoint), a checkpoint, or a "
+                                       "model/adapter directory"),
+                 ("OUT_DIR", "the new model directory (must not exist, or be empty)")),
+    required=2,
+    options=(Option("merge", "true", "merge a LoRA adapter into its base model; false copies the adapter for PEFT",
+                    kind="bool"),),
+    description="Writes a Hugging Face model directory (weights in safetensors, config, tokenizer) that\n"
+                "AutoModelForCausalLM / AutoTokenizer.from_pretrained load.",
+)
 
 
 def export_model(source: str | Path, out_dir: str | Path, *, merge: bool = True) -> Path:
@@ -49,6 +55,9 @@ def export_model(source: str | Path, out_dir: str | Path, *, merge: bool = True)
         vars(model).pop("_weight_conversions", None)
         model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    from gspo.checkpoint._fs import respect_umask
+
+    respect_umask(out)  # weights written through tempfile are 0600 otherwise
     return out
 
 
@@ -70,16 +79,11 @@ def resolve_checkpoint(source: Path) -> Path:
 
 
 def run_export(args: list[str]) -> int:
-    if len(args) < 2 or any(a in ("-h", "--help") for a in args):
-        print(EXPORT_HELP)
-        return 0 if any(a in ("-h", "--help") for a in args) else 2
-    merge = True
-    for option in args[2:]:
-        key, _, value = option.partition("=")
-        if key != "merge" or value.lower() not in ("true", "false"):
-            raise ConfigError(f"gspo export: unknown option '{option}'; the only option is merge=true|false")
-        merge = value.lower() == "true"
-    print(export_model(args[0], args[1], merge=merge))
+    parsed = parse(EXPORT, args)
+    if parsed.help:
+        print(render_help(EXPORT))
+        return 0
+    print(export_model(parsed.positional(0), parsed.positional(1), merge=parsed.options["merge"]))
     return 0
 
 

@@ -63,3 +63,29 @@ def replace_file_atomic(path: Path, data: bytes) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def current_umask() -> int:
+    """The process umask (read from /proc where it can be, so the umask is never changed, even briefly)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def respect_umask(directory: Path) -> None:
+    """Give every file under ``directory`` the mode a plain ``open()`` would (0666 minus the umask).
+
+    transformers writes weights through ``tempfile`` and renames them, which leaves them 0600: other
+    users of a shared machine could not read a checkpoint or export that the umask allows them to.
+    """
+    mode = 0o666 & ~current_umask()
+    for path in Path(directory).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)

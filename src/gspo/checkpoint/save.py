@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from gspo.checkpoint._fs import fsync_dir, replace_file_atomic
+from gspo.checkpoint._fs import fsync_dir, replace_file_atomic, respect_umask
 from gspo.checkpoint.manifest import checkpoints_root, list_step_dirs, step_dir_name, verify_checkpoint, write_manifest
 from gspo.checkpoint.rng import capture_rng_state
 from gspo.errors import CheckpointError, ConfigError
@@ -110,6 +110,7 @@ def _write_payload(ckpt_dir: Path, *, model, tokenizer, optimizer, scheduler, st
         _save_loadable(scheduler.state_dict(), ckpt_dir / "scheduler.pt", "scheduler")
     _save_loadable(rng, ckpt_dir / "rng.pt", "rng")
     (ckpt_dir / "trainer_state.json").write_text(state_json)
+    respect_umask(ckpt_dir)  # weights written through tempfile are 0600 otherwise
 
 
 def _save_model(model: torch.nn.Module, ckpt_dir: Path) -> None:

@@ -1,10 +1,16 @@
-"""Build a :class:`Config` from YAML and ``key=value`` overrides, with errors that say what to fix."""
+"""Build a :class:`Config` from YAML and ``key=value`` overrides, with errors that say what to fix.
+
+Values reach :func:`coerce` as the text the user wrote, from the command line and from YAML files
+alike (YAML is read without implicit typing, :class:`_TextLoader`), and become the field's type
+there: a string field keeps ``off``, ``on``, ``yes``, ``no``, ``none`` or ``null`` exactly as written
+(YAML 1.1 would have made ``moe.routing_replay: off`` the boolean False).
+"""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
+import functools
 import inspect
 import types
 import typing
@@ -13,11 +19,16 @@ from typing import Any
 
 import yaml
 
-from gspo.config.schema import Config
+from gspo.config.schema import ALGORITHMS, Config
 from gspo.errors import ConfigError
+from gspo.suggest import closest, did_you_mean
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
+_NONE = {"none", "null", "~", ""}  # what an optional (``X | None``) field reads as None
+# The embedded model names (gspo.models.load.EMBEDDED maps them to directories; kept equal by a test),
+# here so that a misspelt model= is answered before torch is imported.
+EMBEDDED_MODELS = ("tiny-arith", "tiny-moe")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -29,10 +40,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         key, value = _split_override(item)
         _set_dotted(raw, key, value)
     config = from_dict(raw)
+    check_choice("algorithm", config.algorithm, ALGORITHMS)
+    check_model(config.model)
     from gspo.config.validate import validate
 
     validate(config)
     return config
+
+
+def check_choice(key: str, value: object, allowed: tuple) -> None:
+    """ConfigError naming the allowed values and the closest one (``algorithm=gpro`` -> ``grpo``)."""
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}."
+                          f"{did_you_mean(str(value), [str(a) for a in allowed])}")
+
+
+def check_model(model: str) -> None:
+    """A ``model`` that is neither an embedded name nor an existing path is a typo or a missing directory."""
+    if model in EMBEDDED_MODELS or Path(model).expanduser().exists():
+        return
+    match = closest(model, EMBEDDED_MODELS)
+    hint = f" Did you mean '{match}'?" if match else ""
+    raise ConfigError(f"model '{model}' is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) nor an "
+                      f"existing directory.{hint} Pass model=<local Hugging Face model directory> "
+                      "(nothing is downloaded)")
 
 
 def from_dict(raw: dict[str, Any], cls: type = Config, prefix: str = "") -> Any:
@@ -44,7 +75,7 @@ def from_dict(raw: dict[str, Any], cls: type = Config, prefix: str = "") -> Any:
     kwargs = {}
     for key, value in raw.items():
         if key not in names:
-            raise ConfigError(_unknown_key_message(prefix + str(key)))
+            raise ConfigError(unknown_key_message(prefix + str(key)))
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
@@ -60,7 +91,7 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
-        if value is None or (isinstance(value, str) and value.lower() in {"none", "null", ""}):
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
             if type(None) in options:
                 return None
         inner = [o for o in options if o is not type(None)]
@@ -68,7 +99,10 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is list:
         (item_type,) = typing.get_args(hint)
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            text = value.strip()
+            if text.startswith("[") and text.endswith("]"):  # the YAML flow form, [a, b]
+                text = text[1:-1]
+            value = [v.strip().strip("'\"") for v in text.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"'{key}' takes a list (comma-separated on the command line), got {value!r}")
         return [coerce(v, item_type, key) for v in value]
@@ -83,14 +117,22 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         if hint is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            if isinstance(value, str) and "e" in value.lower():  # 1e3
+                number = float(value)
+                if not number.is_integer():
+                    raise ValueError
+                return int(number)
+            return int(value)
         if hint is float:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
         if hint is str:
-            if isinstance(value, (dict, list)):
+            if isinstance(value, (dict, list)) or value is None:
                 raise ValueError
+            if isinstance(value, bool):  # a YAML 1.1 boolean from a caller's own yaml.safe_load
+                raise ConfigError(f"'{key}' is a string field, got the boolean {value}; write the word in quotes "
+                                  f"('{key}: \"off\"') or load the file with gspo.config.load_config") from None
             return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"'{key}' must be {_type_name(hint)}, got {value!r}") from None
@@ -113,7 +155,22 @@ def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any
 
 
 def all_keys() -> list[str]:
-    return [row[0] for row in field_docs()]
+    return list(_leaf_keys())
+
+
+def is_config_key(key: str) -> bool:
+    """Whether ``key`` names a config field or section (``optim.lr``, ``optim``)."""
+    return key in _leaf_keys() or key in _section_names()
+
+
+@functools.lru_cache(maxsize=1)
+def _leaf_keys() -> tuple[str, ...]:
+    return tuple(row[0] for row in field_docs())
+
+
+@functools.lru_cache(maxsize=1)
+def _section_names() -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(Config))
 
 
 def _attribute_docstrings(cls: type) -> dict[str, str]:
@@ -138,15 +195,17 @@ def _type_name(hint: Any) -> str:
     )
 
 
-def _unknown_key_message(key: str) -> str:
-    keys = all_keys() + [f.name for f in dataclasses.fields(Config)]
-    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
-    if not close:  # a misspelt leaf name under the right or wrong section: match on the last part
+def unknown_key_message(key: str, *, extra: list[str] = (), help_command: str = "train") -> str:
+    """``unknown config key 'optim.lrr'. Did you mean 'optim.lr'?``; ``extra``: a command's own keys."""
+    keys = [*extra, *_leaf_keys(), *sorted(_section_names())]
+    match = closest(key, keys)
+    if match is None:  # a misspelt leaf name under the right or wrong section: match on the last part
         leaf = key.rsplit(".", 1)[-1]
         by_leaf = {k.rsplit(".", 1)[-1]: k for k in keys}
-        close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)]
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return f"unknown config key '{key}'.{hint} Run 'gspo train --help' for every key and its default."
+        leaf_match = closest(leaf, list(by_leaf))
+        match = by_leaf[leaf_match] if leaf_match else None
+    hint = f" Did you mean '{match}'?" if match else ""
+    return f"unknown config key '{key}'.{hint} Run 'gspo {help_command} --help' for every key and its default."
 
 
 def _split_override(item: str) -> tuple[str, Any]:
@@ -161,13 +220,7 @@ def _split_override(item: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"'{item}' has an empty key; write e.g. steps=100")
-    try:  # YAML scalars: numbers, booleans, lists in [a, b] form
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
-        parsed = value
-    if isinstance(parsed, dict):  # "a: b" in a value is text, not a mapping
-        parsed = value
-    return key, parsed
+    return key, value  # the text as written; coerce() gives it the field's type
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
@@ -186,7 +239,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise ConfigError(f"config file '{path}' is a directory; to resume a run use --resume {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_TextLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
     if raw is None:
@@ -195,3 +248,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file '{path}' must hold a mapping of keys to values, not {type(raw).__name__}")
     return raw
 
+
+class _TextLoader(yaml.SafeLoader):
+    """YAML without implicit typing: every plain scalar stays the text written (``off`` is "off", ``7`` is
+    "7"); mappings and lists keep their shape. :func:`coerce` then types each value by its field, the
+    same way as a command-line value, so a file and ``key=value`` can never disagree."""
+
+
+# SafeLoader's resolvers turn off/on/yes/no into booleans and ~/null into None; drop them all, so that
+# every plain scalar resolves to the str tag (quoted scalars always did).
+_TextLoader.yaml_implicit_resolvers = {}

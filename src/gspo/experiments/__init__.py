@@ -8,21 +8,36 @@
 
 from __future__ import annotations
 
-from gspo.errors import ConfigError
+from gspo.cli_args import Command, UsageError, parse, render_help
+from gspo.suggest import did_you_mean
 
 EXPERIMENTS = {"moe-stability": "gspo.experiments.moe_stability"}
-USAGE = "usage: gspo experiment <name> [key=value ...] (--help for a name's options)\n\nexperiments:\n" + "\n".join(
-    f"  {name}" for name in EXPERIMENTS)
+EXPERIMENT = Command(
+    "experiment", "a paper-reproduction study (moe-stability: GSPO vs GRPO on a tiny MoE)",
+    positionals=(("NAME", "the study: " + ", ".join(EXPERIMENTS)),),
+    required=1,
+    free_keys=True,
+    description="Runs a reproduction study of the GSPO paper with the library's own trainer.\n"
+                "'gspo experiment NAME --help' lists the study's own key=value options.",
+)
 
 
 def run_experiment(args: list[str]) -> int:
-    """Dispatch ``gspo experiment NAME ...`` to the experiment module's ``main(args)``."""
+    """Dispatch ``gspo experiment NAME ...`` to the experiment module's ``main(args)``.
+
+    The study's own ``key=value`` options (and its ``--help``) are checked by its module.
+    """
     import importlib
 
-    if not args or args[0] in ("-h", "--help"):
-        print(USAGE)
+    name = args[0] if args and not args[0].startswith("-") else None
+    if name is None:
+        parse(EXPERIMENT, args)  # --help, or a usage error naming what is missing
+        print(render_help(EXPERIMENT, ["experiments:", *(f"  {n}" for n in EXPERIMENTS)]))
         return 0
-    name, rest = args[0], args[1:]
     if name not in EXPERIMENTS:
-        raise ConfigError(f"unknown experiment '{name}'; available: {', '.join(EXPERIMENTS)}")
+        raise UsageError(f"unknown experiment '{name}'.{did_you_mean(name, EXPERIMENTS)} "
+                         f"Available: {', '.join(EXPERIMENTS)}")
+    rest = args[1:]
+    if not any(a in ("-h", "--help") for a in rest):
+        parse(EXPERIMENT, args)  # the shared grammar: key=value options, no stray words or flags
     return importlib.import_module(EXPERIMENTS[name]).main(rest)

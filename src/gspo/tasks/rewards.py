@@ -18,6 +18,9 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
+import os
+import sys
+import traceback
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -25,6 +28,7 @@ from gspo.errors import ConfigError, RewardError
 from gspo.tasks.base import RewardFn, Row
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # .../gspo/
 REWARD_MODEL_PREFIX = "rm:"  # reward.functions=rm:<sequence-classification model dir>@weight
 
 
@@ -74,18 +78,53 @@ def resolve_rewards(specs: Sequence[str], task_rewards: dict[str, tuple[RewardFn
 
 
 def _import_reward(target: str) -> RewardFn:
+    """``module:function``, looked up in the current directory first, then on ``sys.path``.
+
+    The ``gspo`` console script does not put the working directory on ``sys.path`` (``python -m`` does),
+    so a ``my_rewards.py`` beside the user would not be found; it is added for this import only.
+    """
     module_name, _, attr = target.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_from_cwd(module_name)
     except ImportError as exc:
+        if exc.name and exc.name != module_name and not module_name.startswith(exc.name + "."):
+            raise ConfigError(f"reward '{target}': importing '{module_name}' failed: {exc} "
+                              "(a module it imports is missing; install it)") from None
         raise ConfigError(
-            f"reward '{target}': cannot import module '{module_name}' ({exc}); "
-            "make sure it is on PYTHONPATH (e.g. run from its directory)"
+            f"reward '{target}': cannot import module '{module_name}': it is neither in the current directory "
+            f"({os.getcwd()}) nor on PYTHONPATH; put {module_name.replace('.', '/')}.py in the directory you run gspo from, or add "
+            "its directory to PYTHONPATH"
         ) from None
+    except Exception as exc:  # a bug at the module's top level: show where
+        raise ConfigError(f"reward '{target}': importing '{module_name}' raised {type(exc).__name__}: {exc}"
+                          f"{_user_frames(exc)}") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ConfigError(f"reward '{target}': module '{module_name}' has no callable '{attr}'")
     return fn
+
+
+def _import_from_cwd(module_name: str):
+    cwd = os.getcwd()
+    sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        sys.path.remove(cwd)  # the first occurrence: ours (a cwd already on the path stays)
+
+
+def _user_frames(exc: BaseException) -> str:
+    """The traceback of ``exc`` without gspo's own frames, as indented ``File ..., line N`` lines."""
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__)
+              if not _is_own_file(frame.filename)]
+    if not frames:
+        return ""
+    return "\n" + "".join(traceback.format_list(frames)).rstrip("\n")
+
+
+def _is_own_file(filename: str) -> bool:
+    """gspo's files and importlib's (``<frozen importlib._bootstrap>``) are not the user's code."""
+    return filename.startswith("<frozen") or os.path.abspath(filename).startswith(_PACKAGE_DIR)
 
 
 def score(
@@ -125,8 +164,9 @@ def _call(reward: WeightedReward, index: int, prompt: str, completion: str, row:
     kwargs = {k: v for k, v in row.items() if k not in ("prompt", "completion")}
     try:
         value = reward.fn(prompt, completion, **kwargs)
-    except Exception as exc:  # user code: report which function and sample, keep the traceback chained
-        raise RewardError(f"{where} raised {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # user code: which function and sample, where in it, and on what input
+        raise RewardError(f"{where} raised {type(exc).__name__}: {exc}{_user_frames(exc)}"
+                          f"{_inputs_text(prompt, completion)}") from exc
     return _check(value, where, none_policy)
 
 
@@ -137,11 +177,21 @@ def _call_batched(reward: WeightedReward, prompts: Sequence[str], completions: S
         values = list(reward.fn(list(prompts), list(completions), list(rows)))
     except Exception as exc:
         raise RewardError(f"reward '{reward.name}' on a batch of {len(completions)} completions raised "
-                          f"{type(exc).__name__}: {exc}") from exc
+                          f"{type(exc).__name__}: {exc}{_user_frames(exc)}") from exc
     if len(values) != len(completions):
         raise RewardError(f"reward '{reward.name}' returned {len(values)} values for {len(completions)} completions; "
                           "a batched reward returns one value per completion")
     return values
+
+
+def _inputs_text(prompt: str, completion: str, limit: int = 500) -> str:
+    """The sample that made a reward fail, in full up to ``limit`` characters each."""
+    return f"\nprompt: {_clip(prompt, limit)!r}\ncompletion: {_clip(completion, limit)!r}"
+
+
+def _clip(text: str, limit: int) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _where(reward: WeightedReward, index: int, completion: str) -> str:
