@@ -12,6 +12,12 @@ Peak memory is about one chunk of logits; value and gradient equal the full-logi
 rounding. Positions whose completion mask is False (padding after EOS) are skipped and get
 log-probability 0, so padding never carries inf or NaN.
 
+Top-k / top-p: a sampler that truncates samples from the renormalised distribution over the kept tokens,
+so that distribution, not the full softmax, is the behaviour policy. ``token_logprobs(..., top_k=, top_p=)``
+computes log-probabilities over the same support, derived from the (tempered) logits exactly as the sampler
+derives it (``truncation_mask``), and ``truncated_log_softmax`` is the helper both sides call. The support is
+a piecewise-constant function of the logits and carries no gradient; the renormalised log-softmax over it does.
+
 Models whose logits are post-processed after the LM head (Gemma-2 soft-capping, Cohere's logit scale,
 Granite's logit scaling, ...) cannot be reproduced from ``lm_head(hidden)``; for those, and for models
 whose decoder body or output layer cannot be found, ``token_logprobs`` falls back to the full-logits
@@ -49,6 +55,52 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # (B, L)
 
 
+def truncation_mask(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """(..., V) bool, True on the tokens a top-k / top-p sampler keeps, from (..., V) tempered logits.
+
+    The same support as the in-process sampler's filter (``gspo.rollout.hf``): top-k keeps every token at
+    least as likely as the k-th (ties kept); top-p is then applied to the top-k-renormalised distribution
+    and keeps the smallest prefix of most likely tokens whose probability reaches ``top_p`` (a token is
+    dropped when the tokens ranked strictly above it already reach it; the most likely token always stays).
+    """
+    _check_truncation(top_k, top_p)
+    with torch.no_grad():
+        keep = torch.ones_like(logits, dtype=torch.bool)  # (..., V)
+        if 0 < top_k < logits.shape[-1]:
+            kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1)
+            keep = logits >= kth
+        if top_p < 1.0:
+            filtered = logits.masked_fill(~keep, float("-inf"))  # (..., V)
+            sorted_logits, order = filtered.sort(dim=-1, descending=True)  # (..., V)
+            sorted_probs = sorted_logits.softmax(dim=-1)  # (..., V)
+            drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # (..., V) in sorted order
+            keep = keep & ~torch.zeros_like(drop).scatter(-1, order, drop)
+    return keep
+
+
+def truncated_log_softmax(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """(..., V) log-probabilities of the top-k / top-p truncated, renormalised distribution of ``logits``
+    (already divided by the temperature); -inf outside the kept support. ``top_k=0, top_p=1.0`` is the
+    plain ``log_softmax``. The rollout engine and the trainer both call this, so their ratio is 1 on-policy.
+    """
+    if not _truncates(top_k, top_p):
+        return logits.log_softmax(dim=-1)
+    keep = truncation_mask(logits, top_k, top_p)  # (..., V)
+    return logits.masked_fill(~keep, float("-inf")).log_softmax(dim=-1)
+
+
+def _truncates(top_k: int, top_p: float) -> bool:
+    _check_truncation(top_k, top_p)
+    return top_k > 0 or top_p < 1.0
+
+
+def _check_truncation(top_k: int, top_p: float) -> None:
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+
+
 def supports_chunked(model: torch.nn.Module) -> bool:
     """Whether ``token_logprobs`` can use the chunked path: a separate decoder body, a linear output
     layer, and no known logit post-processing in the config."""
@@ -71,6 +123,8 @@ def token_logprobs(
     num_completion_tokens: int,
     *,
     temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_TOKENS,
     chunked: bool | None = None,
     **forward_kwargs,
@@ -82,6 +136,9 @@ def token_logprobs(
         attention_mask: (B, L) True (or 1) on real tokens; its last T columns are the completion mask.
         temperature: log-probabilities come from ``log_softmax(logits / temperature)``; pass the sampling
             temperature (1.0 for greedy sampling, whose sampler log-probabilities are untempered).
+        top_k, top_p: the sampler's truncation (0 / 1.0 = off, the default, bit-identical to before): the
+            log-probabilities are then those of the truncated, renormalised distribution
+            (:func:`truncated_log_softmax` of the tempered logits); a token outside the support gets -inf.
         chunk_size: completion tokens per LM-head chunk; peak memory is about one (chunk, V) float32 buffer.
         chunked: None picks the chunked path when :func:`supports_chunked`; False forces full logits.
         forward_kwargs: passed to the decoder body (e.g. MoE routing replay).
@@ -96,12 +153,13 @@ def token_logprobs(
             f"num_completion_tokens must be in [1, {input_ids.shape[1] - 1}] (at least one prompt token), "
             f"got {num_completion_tokens}"
         )
+    truncation = (int(top_k), float(top_p)) if _truncates(top_k, top_p) else None
     if chunked is None:
         chunked = supports_chunked(model)
     if not chunked:
         keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         return _full_logits_logprobs(
-            model, input_ids, attention_mask, num_completion_tokens, temperature, keep, forward_kwargs
+            model, input_ids, attention_mask, num_completion_tokens, temperature, keep, forward_kwargs, truncation
         )
     num_tokens = num_completion_tokens
     body_out = model.get_decoder()(
@@ -119,7 +177,7 @@ def token_logprobs(
     mask = attention_mask[:, -num_tokens:].bool()  # (B, T)
     head = model.get_output_embeddings()
     selected = _ChunkedLinearLogprobs.apply(
-        hidden[mask], head.weight, head.bias, targets[mask], float(temperature), int(chunk_size)
+        hidden[mask], head.weight, head.bias, targets[mask], float(temperature), int(chunk_size), truncation
     )  # (N,) N = number of real completion tokens
     logprobs = selected.new_zeros(mask.shape)  # (B, T)
     logprobs[mask] = selected
@@ -144,7 +202,9 @@ def token_logprobs_reference(
     )
 
 
-def _full_logits_logprobs(model, input_ids, attention_mask, num_tokens, temperature, keep_last, forward_kwargs):
+def _full_logits_logprobs(
+    model, input_ids, attention_mask, num_tokens, temperature, keep_last, forward_kwargs, truncation=None
+):
     """Log-probabilities from the model's own logits (any post-processing included).
 
     ``keep_last`` asks the model for the last T + 1 positions' logits only (``logits_to_keep``).
@@ -163,17 +223,24 @@ def _full_logits_logprobs(model, input_ids, attention_mask, num_tokens, temperat
     if temperature != 1.0:
         logits = logits / temperature
     targets = input_ids[:, -num_tokens:]  # (B, T)
-    logprobs = logits.log_softmax(dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    if truncation is None:
+        log_probs = logits.log_softmax(dim=-1)  # (B, T, V)
+    else:
+        log_probs = truncated_log_softmax(logits, *truncation)  # (B, T, V)
+    logprobs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
     return logprobs.masked_fill(~attention_mask[:, -num_tokens:].bool(), 0.0)
 
 
-def _chunk_logits(hidden, weight, bias, temperature):
-    """(C, V) ``(hidden @ weight.T + bias) / temperature`` for one chunk of rows, in float32 or wider."""
+def _chunk_logits(hidden, weight, bias, temperature, truncation=None):
+    """(C, V) ``(hidden @ weight.T + bias) / temperature`` for one chunk of rows, in float32 or wider;
+    with ``truncation`` = (top_k, top_p), -inf outside the sampler's support."""
     logits = F.linear(hidden, weight, bias)  # (C, V)
     logits = logits.to(_wide(logits.dtype))
     if temperature != 1.0:
         # In place is safe: ``logits`` is a fresh matmul output or its float32 copy.
         logits.div_(temperature)
+    if truncation is not None:
+        logits.masked_fill_(~truncation_mask(logits, *truncation), float("-inf"))
     return logits
 
 
@@ -197,20 +264,22 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
     """log_softmax((h W^T + b) / tau)[target] over rows of h, in chunks, recomputing logits in backward.
 
     Backward per chunk, with p = softmax(z), z = logits / tau, g the incoming gradient (C,):
-    dL/dlogits = g * (onehot(target) - p) / tau, then the two matmuls of a linear layer.
+    dL/dlogits = g * (onehot(target) - p) / tau, then the two matmuls of a linear layer. With a top-k /
+    top-p ``truncation`` the logits outside the support are -inf in both passes, so p is the truncated,
+    renormalised softmax and those logits get no gradient.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size):
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, truncation=None):
         # hidden (N, H), weight (V, H), bias (V,) or None, targets (N,)
         out = torch.empty(hidden.shape[0], dtype=_wide(hidden.dtype), device=hidden.device)  # (N,)
         for start in range(0, hidden.shape[0], chunk_size):
             end = start + chunk_size
-            logits = _chunk_logits(hidden[start:end], weight, bias, temperature)  # (C, V)
+            logits = _chunk_logits(hidden[start:end], weight, bias, temperature, truncation)  # (C, V)
             picked = logits.gather(1, targets[start:end, None]).squeeze(1)  # (C,)
             out[start:end] = picked - _exp_shifted_(logits)[0]
         ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.temperature, ctx.chunk_size, ctx.truncation = temperature, chunk_size, truncation
         return out
 
     @staticmethod
@@ -226,7 +295,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
             end = start + ctx.chunk_size
             h = hidden[start:end]  # (C, H)
             scale = grad_out[start:end, None].to(wide) / ctx.temperature  # (C, 1) g / tau
-            logits = _chunk_logits(h, weight, bias, ctx.temperature)  # (C, V)
+            logits = _chunk_logits(h, weight, bias, ctx.temperature, ctx.truncation)  # (C, V)
             _, sums = _exp_shifted_(logits)  # logits now hold exp(z - max z); p = logits / sums
             grad_logits = logits.mul_(-scale / sums)  # (C, V) -g * p / tau, in the logits' buffer
             grad_logits.scatter_add_(1, targets[start:end, None], scale)  # + g * onehot / tau
@@ -238,4 +307,4 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
                 grad_bias += grad_logits.sum(dim=0)
         grad_weight = grad_weight.to(weight.dtype) if need_weight else None
         grad_bias = grad_bias.to(bias.dtype) if need_bias else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
