@@ -181,7 +181,8 @@ def test_weights_multiply_the_surrogate_token_by_token_or_by_the_sequence_mean(n
     lp, old, adv, mask, weights = loss_batch()
     objective = OBJECTIVES[name]
     seq_w = torch.tensor([0.5, 2.0, 1.0, 0.0], dtype=torch.float64)
-    out = call(objective, lp, old, adv, mask, correction=torch.where(mask, seq_w[:, None], 0.0), **{objective.normaliser: 10})
+    per_response = torch.where(mask, seq_w[:, None], 0.0)  # (B, T)
+    out = call(objective, lp, old, adv, mask, correction=per_response, **{objective.normaliser: 10})
     expected = sum(seq_w[i] * call(objective, lp[i:i + 1], old[i:i + 1], adv[i:i + 1], mask[i:i + 1],
                                    **{objective.normaliser: 10}).loss for i in range(4))
     torch.testing.assert_close(out.loss, expected, rtol=1e-12, atol=1e-12)

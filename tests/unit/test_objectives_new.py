@@ -204,7 +204,8 @@ def test_on_policy_value_and_gradient(name):
     elif name == "luspo":  # each token gets s_i A_i / G with s_i = 1
         value, grad = -(lengths * adv).sum() / n_seq, -adv[:, None] / n_seq + 0 * lengths[:, None]
     else:  # dr_grpo
-        value, grad = -(lengths * adv).sum() / (n_seq * MAX_LEN), -adv[:, None] / (n_seq * MAX_LEN) + 0 * lengths[:, None]
+        scale = n_seq * MAX_LEN
+        value, grad = -(lengths * adv).sum() / scale, -adv[:, None] / scale + 0 * lengths[:, None]
     torch.testing.assert_close(out.loss.detach(), value)
     torch.testing.assert_close(lp.grad, torch.where(mask, grad.expand_as(mask), 0.0))
     assert out.metrics["loss/clip_frac"].item() == 0.0
@@ -327,3 +328,62 @@ def test_invalid_hyperparameters_are_named(loss_fn, bad):
     lp, old, adv, mask = random_batch(8, [2, 3], width=3)
     with pytest.raises(ValueError, match=next(iter(bad))):
         loss_fn(lp, old, adv, mask, **bad)
+
+
+# --- properties over the whole registry (hypothesis) ---------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from gspo import OBJECTIVES  # noqa: E402
+
+
+@st.composite
+def dirty_batches(draw):
+    b, t = draw(st.integers(1, 4)), draw(st.integers(1, 6))
+    lengths = torch.tensor(draw(st.lists(st.integers(0, t), min_size=b, max_size=b)))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    spread = draw(st.sampled_from([0.0, 1e-3, 0.3, 40.0]))  # 40: log-ratios beyond MAX_LOG_RATIO
+    mask = torch.arange(t)[None, :] < lengths[:, None]
+    old = -torch.rand(b, t, generator=g, dtype=torch.float64) * 4
+    lp = (old + spread * torch.randn(b, t, generator=g, dtype=torch.float64)).clamp(max=0.0)
+    adv = torch.randn(b, generator=g, dtype=torch.float64)
+    return lp, old, adv, mask, draw(st.sampled_from([math.inf, -math.inf, math.nan, 1e30]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=dirty_batches(), name=st.sampled_from(list(OBJECTIVES)))
+def test_padding_contents_never_change_any_registered_objective(batch, name):
+    lp, old, adv, mask, pad = batch
+    objective = OBJECTIVES[name]
+    kw = {"max_length": 6} if objective.needs_max_length else {}
+    weights = torch.where(mask, 0.5 + torch.arange(mask.shape[1], dtype=torch.float64), 0.0)
+
+    def run(lp_, old_, adv_, w_):
+        leaf = lp_.clone().requires_grad_()
+        out = objective.loss(leaf, old_, adv_, mask, ref_logprobs=old_, beta=0.1, correction=w_, **kw)
+        return out.loss.detach(), torch.autograd.grad(out.loss, leaf)[0], out.metrics
+
+    clean = run(lp, old, torch.where(mask.any(-1), adv, 0.0), weights)
+    pad_t = torch.tensor(pad, dtype=torch.float64)
+    dirty = run(torch.where(mask, lp, pad_t), torch.where(mask, old, pad_t), torch.where(mask.any(-1), adv, pad_t),
+                torch.where(mask, weights, pad_t))
+    assert torch.isfinite(clean[0]) and torch.isfinite(clean[1]).all()
+    assert torch.equal(dirty[0], clean[0]) and torch.equal(dirty[1], clean[1])
+    for key, value in clean[2].items():
+        assert torch.isfinite(value) and torch.equal(dirty[2][key], value), key
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=dirty_batches(), name=st.sampled_from(list(OBJECTIVES)),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_low_precision_inputs_give_finite_values_and_gradients_in_the_input_dtype(batch, name, dtype):
+    lp, old, adv, mask, _ = batch
+    objective = OBJECTIVES[name]
+    kw = {"max_length": 6} if objective.needs_max_length else {}
+    leaf = lp.to(dtype).requires_grad_()
+    out = objective.loss(leaf, old.to(dtype), adv.to(dtype), mask, **kw)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and leaf.grad.dtype == dtype
+    assert torch.isfinite(out.loss) and torch.isfinite(leaf.grad.float()).all()
+    assert all(torch.isfinite(v) for v in out.metrics.values())

@@ -130,33 +130,35 @@ def rollout_correction(
     mask = as_bool_mask(mask)  # (B, T)
     dtype = compute_dtype(old_logprobs, rollout_logprobs, logprobs)
     log_ratio = clamp_log_ratio(masked(old_logprobs.to(dtype) - rollout_logprobs.to(dtype), mask))  # (B, T) log r_t
-    ones = masked(torch.ones_like(log_ratio), mask)  # (B, T)
-    truncated = torch.zeros_like(mask)  # (B, T)
-
-    if mode in ("none", "bypass"):
-        weights = ones
-    elif mode in ("tis", "mis"):
-        ratio = torch.exp(log_ratio)  # (B, T) r_t
-        if mode == "tis":
-            truncated = (ratio > values["threshold"]) & mask
-            weights = ratio.clamp(max=values["threshold"])
-        else:
-            weights = torch.where(_in_band(ratio, values), ratio, torch.zeros_like(ratio))
-    elif mode == "opsm":
+    if mode == "opsm":
         weights = _opsm(log_ratio, rollout_logprobs, logprobs, advantages, mask, values["delta"], dtype)
+        truncated = torch.zeros_like(mask)  # (B, T)
     else:
-        seq_log = log_ratio.sum(-1) if mode.startswith("seq") else per_sequence_mean(log_ratio, mask)  # (B,)
-        seq_ratio = torch.exp(clamp_log_ratio(seq_log))  # (B,) prod_t r_t or g_i
-        if mode.endswith("tis"):
-            truncated = (seq_ratio > values["threshold"])[:, None] & mask
-            seq_w = seq_ratio.clamp(max=values["threshold"])
-        else:
-            keep = _in_band(seq_ratio, values)  # (B,)
-            kept_value = torch.ones_like(seq_ratio) if mode == "geo_reject" else seq_ratio
-            seq_w = torch.where(keep, kept_value, torch.zeros_like(seq_ratio))
-        weights = seq_w[:, None].expand_as(log_ratio)
+        weights, truncated = _ratio_weights(mode, log_ratio, mask, values)
     weights = masked(weights, mask)  # (B, T)
     return Correction(weights=weights, **_metrics(weights, log_ratio, truncated, mask))
+
+
+def _ratio_weights(mode: str, log_ratio: torch.Tensor, mask: torch.Tensor,
+                   values: Mapping[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) weights of the ratio-based modes and (B, T) bool, where the weight was truncated."""
+    truncated = torch.zeros_like(mask)  # (B, T)
+    if mode in ("none", "bypass"):
+        return torch.ones_like(log_ratio), truncated
+    if mode in ("tis", "mis"):
+        ratio = torch.exp(log_ratio)  # (B, T) r_t
+        if mode == "tis":
+            return ratio.clamp(max=values["threshold"]), (ratio > values["threshold"]) & mask
+        return torch.where(_in_band(ratio, values), ratio, torch.zeros_like(ratio)), truncated
+    seq_log = log_ratio.sum(-1) if mode.startswith("seq") else per_sequence_mean(log_ratio, mask)  # (B,)
+    seq_ratio = torch.exp(clamp_log_ratio(seq_log))  # (B,) prod_t r_t or g_i
+    if mode.endswith("tis"):
+        truncated = (seq_ratio > values["threshold"])[:, None] & mask
+        seq_w = seq_ratio.clamp(max=values["threshold"])
+    else:
+        kept_value = torch.ones_like(seq_ratio) if mode == "geo_reject" else seq_ratio
+        seq_w = torch.where(_in_band(seq_ratio, values), kept_value, torch.zeros_like(seq_ratio))
+    return seq_w[:, None].expand_as(log_ratio), truncated
 
 
 def _opsm(log_ratio, rollout_logprobs, logprobs, advantages, mask, delta, dtype) -> torch.Tensor:

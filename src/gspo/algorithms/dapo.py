@@ -40,6 +40,7 @@ def dapo_loss(
     w_{i,t} = exp(logprobs - old_logprobs). N = `num_tokens`: the response tokens of the whole
     optimizer step, across processes and minibatch slices; default: this call's. Longer responses
     weigh more, by design. Shapes: logprobs, old_logprobs, mask (B, T); advantages (B,).
+    correction: optional (B, T) rollout-correction weights multiplying each token's surrogate.
     """
     check_clip(clip_low, clip_high)
     check_kl_args(ref_logprobs, beta, kl_estimator)

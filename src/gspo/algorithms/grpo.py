@@ -40,6 +40,7 @@ def grpo_loss(
     G = `num_sequences`: responses (with >= 1 token) in the whole optimizer step, across processes and
     minibatch slices; default: this call's. Shapes: logprobs, old_logprobs, mask (B, T); advantages (B,).
     (The GSPO paper's GRPO baseline used clip_high = 0.27.)
+    correction: optional (B, T) rollout-correction weights multiplying each token's surrogate.
     """
     check_clip(clip_low, clip_high)
     check_kl_args(ref_logprobs, beta, kl_estimator)

@@ -47,6 +47,8 @@ def gspo_loss(
 
     Shapes: logprobs, old_logprobs, mask (B, T); advantages (B,). ref_logprobs / beta / kl_estimator:
     optional beta * KL to a reference policy, averaged over each response's tokens, then over responses.
+    correction: optional (B, T) rollout-correction weights (`rollout_correction`); each response's
+    surrogate is multiplied by the mean weight of its tokens. None: no correction.
     """
     check_clip(clip_low, clip_high)
     check_kl_args(ref_logprobs, beta, kl_estimator)
@@ -92,7 +94,8 @@ def gspo_token_loss(
     advantages: (B,) per response or (B, T) per token. With per-response advantages it equals
     `gspo_loss` in value, clipping and gradient (every token of response i again gets
     -(1/G) s_i A_i / |y_i|); per-token advantages only change how the gradient is split across tokens.
-    Normaliser, clip ranges and KL term as in `gspo_loss`.
+    Normaliser, clip ranges and KL term as in `gspo_loss`. correction: optional (B, T) weights multiplying
+    each token's surrogate (`rollout_correction`).
     """
     check_clip(clip_low, clip_high)
     check_kl_args(ref_logprobs, beta, kl_estimator)
