@@ -10,7 +10,8 @@ estimate between pi_old and pi_theta leaves the trust region *and* the update wo
   binary KL:  q log(q / p) + (1 - q) log((1 - q) / (1 - p))  (out when > delta on the pushing side)
 with p = pi_theta(y_t), q = pi_old(y_t). Kept tokens get the policy gradient with a detached importance
 weight capped at `max_ratio` (the reference code's cap 10), token-mean over the step.
-Defaults: delta = 0.2 (TV), 0.05 (KL), as recommended with the paper's code.
+Defaults: delta = 0.2 (TV), 0.05 (KL), the values SkyRL's DPPO configuration recommends (the reference
+code takes them through the PPO clip arguments).
 The anchor is `old_logprobs`; the paper's main variant anchors at the rollout engine's probabilities,
 which is this loss with the "bypass" correction (old_logprobs := rollout_logprobs).
 """
