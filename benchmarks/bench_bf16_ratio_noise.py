@@ -47,7 +47,7 @@ def measure(size: str, directory: Path) -> dict[str, dict[str, float]]:
     from gspo.trainer.trainer import Trainer
 
     build_model(size, directory)
-    trainer = Trainer(load_config(None, [f"model={directory}", "device=cpu", "log.tensorboard=false",
+    trainer = Trainer.from_config(load_config(None, [f"model={directory}", "device=cpu", "log.tensorboard=false",
                                          f"rollout.prompts_per_step={PROMPTS_PER_BATCH}",
                                          f"rollout.group_size={GROUP_SIZE}", f"rollout.max_new_tokens={NEW_TOKENS}",
                                          "rollout.ignore_eos=true", "rollout.engine_dtype=bfloat16"]), run_dir=None)

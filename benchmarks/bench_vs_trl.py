@@ -136,7 +136,7 @@ def gspo_worker(args, channel: Channel) -> None:
                  f"optim.minibatches={MINIBATCHES}", f"optim.lr={LR}", "device=cpu",
                  f"cpu_threads={args.threads}"]  # the same thread count as TRL, not gspo's size-based default
     overrides += GSPO_VARIANTS[args.variant]
-    trainer = Trainer(load_config(None, overrides), run_dir=None)  # run_dir None: no files written
+    trainer = Trainer.from_config(load_config(None, overrides), run_dir=None)  # run_dir None: no files written
     channel.send({"ready": True, "rss_mb": rss_mb(), "peak_mb": peak_rss_mb(), "threads": torch.get_num_threads()})
     while channel.receive() == "step":
         wall, cpu = time.perf_counter(), time.process_time()

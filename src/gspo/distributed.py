@@ -65,6 +65,15 @@ def mean_over_processes(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(v) / world_size() for k, v in zip(keys, values)}
 
 
+def all_gather_object(obj) -> list:
+    """``obj`` from every process, in rank order (pickled; for small batches of Python objects)."""
+    if not is_initialized():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if is_initialized():
         dist.barrier()

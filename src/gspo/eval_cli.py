@@ -71,13 +71,14 @@ def evaluate_target(target: str, overrides: list[str], options: EvalOptions) -> 
     config = load_config(None, [f"model={target}", *base, *overrides])
     if max(options.ks) > options.samples:
         raise ConfigError(f"pass@{max(options.ks)} needs samples >= {max(options.ks)}; set samples={max(options.ks)}")
-    from gspo.trainer.trainer import Trainer
+    from gspo.trainer.build import build_evaluation
 
-    trainer = Trainer(config, run_dir=None)
-    rows = trainer.task.eval_rows
-    sampled = trainer.evaluator.evaluate(rows, temperature=config.rollout.temperature, samples=options.samples,
-                                         ks=options.ks, seed=config.seed)
-    greedy = trainer.evaluator.evaluate(rows, temperature=0.0)
-    return {"model": target, "task": trainer.task.name, "prompts": len(rows), "samples": options.samples,
+    parts = build_evaluation(config)  # model, engine, task and evaluator only: no optimizer, no Trainer
+    rows = parts.task.eval_rows
+    sampled = parts.evaluator.evaluate(rows, temperature=config.rollout.temperature, samples=options.samples,
+                                       ks=options.ks, seed=config.seed)
+    greedy = parts.evaluator.evaluate(rows, temperature=0.0)
+    parts.engine.close()
+    return {"model": target, "task": parts.task.name, "prompts": len(rows), "samples": options.samples,
             "temperature": config.rollout.temperature, **{f"sampled/{k}": v for k, v in sampled.items()},
             "greedy/accuracy": greedy["accuracy"]}

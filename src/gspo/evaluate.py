@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from gspo.rollout.base import RolloutEngine, SamplingParams
-from gspo.tasks.base import Row
+from gspo.tasks.base import Row, reward_prompt
 from gspo.tasks.rewards import WeightedReward, score
 
 CORRECT_THRESHOLD = 0.5  # correctness rewards are 0/1; anything at or above one half counts as right
@@ -37,6 +37,7 @@ class Evaluator:
     rewards: Sequence[WeightedReward]  # rewards[0] is the correctness reward
     max_new_tokens: int
     batch_prompts: int = 64  # prompts per engine call (x samples): bounds memory on long eval sets
+    none_policy: str = "zero"  # reward.none_policy: what a reward returning None means (as in training)
 
     def evaluate(self, rows: list[Row], *, temperature: float, samples: int = 1, ks: Sequence[int] = (),
                  seed: int = 0) -> dict[str, float]:
@@ -53,8 +54,8 @@ class Evaluator:
             rollout = self.engine.generate(prompts, params, generator)
             texts = [self.decode(ids[m].tolist()) for ids, m in zip(rollout.completion_ids, rollout.completion_mask)]
             sample_rows = [row for row in chunk for _ in range(samples)]
-            prompt_texts = [str(row["prompt"]) for row in sample_rows]
-            total, columns, _ = score(self.rewards, prompt_texts, texts, sample_rows)
+            prompt_texts = [reward_prompt(row) for row in sample_rows]
+            total, columns, _ = score(self.rewards, prompt_texts, texts, sample_rows, none_policy=self.none_policy)
             totals.extend(total)
             flags = [v >= CORRECT_THRESHOLD for v in columns[self.rewards[0].name]]
             correct.extend(sum(flags[i * samples : (i + 1) * samples]) for i in range(len(chunk)))

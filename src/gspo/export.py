@@ -35,7 +35,7 @@ EXPORT = Command(
 
 def export_model(source: str | Path, out_dir: str | Path, *, merge: bool = True) -> Path:
     """Export the checkpoint behind ``source`` to ``out_dir`` (see the module docstring); returns ``out_dir``."""
-    from gspo.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_dir
+    from gspo.models.load import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_dir
     from gspo.models.load import load_model
 
     checkpoint = resolve_checkpoint(Path(source))
@@ -92,7 +92,7 @@ def _tokenizer(checkpoint: Path):
     from transformers import AutoTokenizer
 
     from gspo.models.load import refuse_custom_code
-    from gspo.models.lora import adapter_base, is_adapter_dir
+    from gspo.models.load import adapter_base, is_adapter_dir
 
     source = checkpoint
     if is_adapter_dir(checkpoint) and not (checkpoint / "tokenizer_config.json").exists():

@@ -41,10 +41,10 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], out: str, sy
         if config.run_dir:
             train(config, config.run_dir)
         else:
-            trainer = Trainer(config, None)
+            trainer = Trainer.from_config(config, None)
             metrics = [trainer.train_step() for _ in range(config.steps)]
             if rank == 0:
-                whole = trainer.parts.engine.model if trainer.sharded else trainer.model  # FSDP: gathered copy
+                whole = trainer.parts.whole_model  # FSDP: the gathered copy
                 torch.save({"params": {n: p.detach().clone() for n, p in whole.named_parameters()},
                             "metrics": metrics}, out)
     finally:
@@ -60,7 +60,7 @@ def _single(overrides: list[str]):
     from gspo.config import load_config
     from gspo.trainer.trainer import Trainer
 
-    trainer = Trainer(load_config(None, overrides), None)
+    trainer = Trainer.from_config(load_config(None, overrides), None)
     metrics = [trainer.train_step() for _ in range(trainer.config.steps)]
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, metrics
 

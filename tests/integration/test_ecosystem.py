@@ -80,7 +80,7 @@ def reward_model_dir(tmp_path_factory) -> Path:
 
 
 def trainer(overrides, *extra) -> Trainer:
-    return Trainer(load_config(None, [*overrides, *extra]), run_dir=None)
+    return Trainer.from_config(load_config(None, [*overrides, *extra]), run_dir=None)
 
 
 def without(overrides, *prefixes):
@@ -275,7 +275,7 @@ def test_lora_checkpoints_resume_exactly_and_export_merged(tmp_path, tiny_overri
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gspo.export import export_model
-    from gspo.models.lora import load_adapter_model
+    from gspo.models.load import load_adapter_model
     from gspo.trainer.run import train
 
     overrides = lora_overrides(without(tiny_overrides, "checkpoint."), "checkpoint.every=1", "eval.greedy=false")

@@ -226,7 +226,7 @@ class NaNLoss:
 
 @pytest.mark.parametrize("kind", ["loss", "gradient"])
 def test_a_nonfinite_step_is_skipped_counted_and_logged(tmp_path, tiny_overrides, monkeypatch, kind):
-    trainer = Trainer(load_config(None, tiny_overrides), run_dir=tmp_path)  # 2 optimizer steps per train step
+    trainer = Trainer.from_config(load_config(None, tiny_overrides), run_dir=tmp_path)  # 2 optimizer steps per train step
     trainer.train_step()
     params = dict(trainer.model.named_parameters())
     before = {n: p.detach().clone() for n, p in params.items()}

@@ -12,7 +12,7 @@ ALGORITHMS = ["gspo", "gspo_token", "grpo", "dapo"]
 
 
 def _trainer(overrides, *extra):
-    return Trainer(load_config(None, [*overrides, *extra]), run_dir=None)
+    return Trainer.from_config(load_config(None, [*overrides, *extra]), run_dir=None)
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -53,7 +53,7 @@ def test_different_seed_gives_a_different_run(tiny_overrides):
 ])
 def test_auto_old_logprobs_source(tiny_overrides, extra, source):
     trainer = _trainer(tiny_overrides, *extra)
-    assert trainer.old_logprobs_source == source
+    assert trainer.old_logprobs_plan.source == source
     metrics = trainer.train_step()
     # both ways the sampler/trainer mismatch is reported: from the no-grad pass, or from the on-policy forward
     assert {"mismatch/token_abs_mean", "mismatch/token_std", "mismatch/seq_std"} <= metrics.keys()
@@ -117,7 +117,8 @@ def test_onpolicy_rows_reuse_the_first_forward_like_a_full_recompute(tiny_overri
     # them in from its own forward (same weights), and later epochs must keep those values.
     reuse = _trainer(tiny_overrides, f"optim.epochs={epochs}")
     full = _trainer(tiny_overrides, f"optim.epochs={epochs}")
-    full._update_inputs = lambda batch, onpolicy=None: Trainer._update_inputs(full, batch)
+    whole_pass = full.parts.old_logprobs  # the public hook: a pass over every row, no on-policy reuse
+    full.parts.old_logprobs = lambda batch, onpolicy=None: whole_pass(batch)
     for _ in range(2):
         a, b = reuse.train_step(), full.train_step()
     assert a["ratio/outside_band_frac"] == pytest.approx(b["ratio/outside_band_frac"], abs=1e-6)
@@ -130,7 +131,8 @@ def test_bfloat16_training_recomputes_old_logprobs_in_its_own_precision(tiny_ove
     # token) into GSPO's sequence ratios, whose clip band is only 3e-4 / 4e-4 wide.
     trainer = _trainer(tiny_overrides, "optim.dtype=bfloat16")
     batch = trainer.collector.collect(trainer._take_shard(), seed=0)
-    inputs, _ = trainer._update_inputs(batch)
+    with trainer.updater.autocast("cpu"):
+        inputs, _ = trainer.parts.old_logprobs(batch)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logprobs = trainer.policy(inputs.input_ids, inputs.attention_mask, inputs.completion_mask.shape[1])
     torch.testing.assert_close(inputs.old_logprobs, logprobs.float(), rtol=0, atol=1e-6)

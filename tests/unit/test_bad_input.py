@@ -44,7 +44,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     ("optim.max_grad_norm=-1", "optim.max_grad_norm=-1.0 must be >= 0"),
     ("reward.none_policy=skip", "reward.none_policy='skip' is not one of zero, error"),
     ("moe.routing_replay=r4", "is not one of off, r2, r3"),
-    ("rollout.engine_dtype=float16", "is not one of auto, float32, bfloat16"),
+    ("rollout.engine_dtype=float8", "is not one of auto, float32, bfloat16, float16"),
     ("seed=-1", "seed=-1 must be >= 0"),
 ])
 def test_more_out_of_range_values_are_named(override, fragment):
@@ -99,7 +99,7 @@ def test_a_tokenizer_without_pad_pads_with_eos_and_trains(tmp_path, tiny_model_d
     assert tokenizer.pad_token_id == tokenizer.eos_token_id is not None
     from gspo.trainer.trainer import Trainer
 
-    trainer = Trainer(load_config(None, [*tiny_overrides, f"model={path}"]))
+    trainer = Trainer.from_config(load_config(None, [*tiny_overrides, f"model={path}"]))
     metrics = trainer.train_step()
     assert trainer.parts.engine.pad_token_id == tokenizer.eos_token_id
     assert metrics["optim/skipped"] == 0.0 and metrics["response/length_mean"] > 0

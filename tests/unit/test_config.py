@@ -130,6 +130,26 @@ VALUES = st.one_of(st.text(max_size=12), st.integers(-5, 1000).map(str), st.floa
 def test_fuzzed_overrides_either_load_or_raise_config_error(pairs):
     try:
         config = load_config(None, [f"{k}={v}" for k, v in pairs])
-    except ConfigError:
+    except ConfigError as exc:
+        assert str(exc).strip()  # always a message that names the problem
         return
-    assert isinstance(config, Config)
+    from gspo.config import from_dict
+    from gspo.config.validate import validate
+
+    validate(config)  # what loads is valid ...
+    assert from_dict(config.to_dict()) == config  # ... round-trips through its dict ...
+    loaded, defaults = _flat(config.to_dict()), _flat(Config().to_dict())
+    touched = {key for key, _ in pairs}
+    for key, value in loaded.items():  # ... and keys nobody set keep their defaults
+        if key not in touched:
+            assert value == defaults[key], key
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out

@@ -39,6 +39,7 @@ def test_second_sigint_raises_keyboard_interrupt():
 
 def test_previous_handlers_restored():
     seen = []
+    sigint_before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN in a background job
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
     try:
         with GracefulInterrupt(quiet=True):
@@ -48,7 +49,7 @@ def test_previous_handlers_restored():
         assert seen == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is sigint_before
 
 
 def test_message_tells_what_happens_next(capfd):

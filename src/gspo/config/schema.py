@@ -30,7 +30,8 @@ class DataConfig:
     answer_column: str = "answer"
     """Column holding the reference answer passed to rewards as ``answer``."""
     eval_path: str = ""
-    """Held-out file or directory; empty = the task's held-out split, or the last ``eval.size`` rows."""
+    """Held-out file or directory; empty = the task's held-out split, or a dataset's last ``eval.size`` rows
+    (at most a fifth of its rows; the start line says how many)."""
     system_prompt: str = ""
     """System message prepended when the prompt is rendered with the tokenizer's chat template."""
     chat_template: str = "auto"
@@ -51,8 +52,19 @@ class RolloutConfig:
     """Nucleus sampling threshold (1.0 = off)."""
     top_k: int = 0
     """Top-k sampling (0 = off)."""
+    engine: str = "hf"
+    """Rollout engine: hf (in-process, transformers' model or gspo's native decode step), vllm (vLLM in
+    this process, colocated with training), vllm-server (a vLLM server: started by gspo on 127.0.0.1, or
+    the one at rollout.server_url)."""
+    server_url: str = ""
+    """rollout.engine=vllm-server: URL of a running vLLM server (empty = gspo starts and stops one)."""
+    vllm_kv_cache_gb: float = 1.0
+    """vLLM on a CPU: GiB of RAM for its KV cache (VLLM_CPU_KVCACHE_SPACE; unset, vLLM takes ~92% of RAM)."""
+    vllm_gpu_memory: float = 0.3
+    """vLLM on a GPU: fraction of GPU memory it may take (gpu_memory_utilization; the rest is training's)."""
     engine_dtype: str = "auto"
-    """Sampler precision: auto (the policy's), float32 or bfloat16 (a separate low-precision copy)."""
+    """Sampler precision: auto (the policy's), float32, bfloat16 or float16 (a separate lower-precision
+    copy, or the vLLM engine's dtype)."""
     ignore_eos: bool = False
     """Never stop at EOS: every response is max_new_tokens long (benchmarks: fixed-length generation)."""
     decoder: str = "auto"
@@ -223,4 +235,11 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def resolved_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` with the algorithm-dependent defaults filled in (what ``config.json`` records)."""
+        out = self.to_dict()
+        out["loss"]["clip_low"], out["loss"]["clip_high"] = self.clip_range
+        out["loss"]["dynamic_sampling"] = self.dynamic_sampling
+        return out
 

@@ -29,7 +29,8 @@ def validate(config: Config) -> None:
     if not 0 < r.top_p <= 1:
         raise ConfigError(f"rollout.top_p={r.top_p} must be in (0, 1]; 1.0 turns nucleus sampling off")
     _minimum("rollout.top_k", r.top_k, 0)
-    _choice("rollout.engine_dtype", r.engine_dtype, ("auto", "float32", "bfloat16"))
+    _choice("rollout.engine", r.engine, ("hf", "vllm", "vllm-server"))
+    _choice("rollout.engine_dtype", r.engine_dtype, ("auto", "float32", "bfloat16", "float16"))
     _choice("rollout.decoder", r.decoder, ("auto", "native", "hf"))
 
     loss = config.loss
@@ -83,6 +84,10 @@ def validate(config: Config) -> None:
     _positive("checkpoint.keep_last", config.checkpoint.keep_last)
     _minimum("log.samples", config.log.samples, 0)
     _choice("moe.routing_replay", config.moe.routing_replay, ("off", "r2", "r3"))
+    if config.dynamic_sampling and config.moe.routing_replay == "r3":
+        raise ConfigError("DAPO dynamic sampling with moe.routing_replay=r3 is not supported (the kept groups of "
+                          "several rounds would need their routing records merged); use moe.routing_replay=r2 "
+                          "or loss.dynamic_sampling=false")
     _choice("distributed.strategy", config.distributed.strategy, ("ddp", "fsdp"))
     _choice("data.chat_template", config.data.chat_template, ("auto", "always", "never"))
     _validate_lora(config)

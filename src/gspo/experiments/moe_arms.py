@@ -11,13 +11,12 @@ Arms (GSPO paper section 5.3 and 5.4):
 
 Every arm of one seed sees the same prompts (the data order and sampling seeds depend only on the
 seed) and the same compute (steps x prompts x group size x minibatches). The run goes through the
-public :class:`~gspo.trainer.trainer.Trainer` API; the only addition is a tap on the loss's policy
-forward that hands each minibatch's log-probabilities to a :class:`LogRatioBins`.
+public :class:`~gspo.trainer.trainer.Trainer` API; the only addition is the updater's public
+``on_logprobs`` hook, which hands each minibatch's log-probabilities to a :class:`LogRatioBins`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,6 @@ import torch
 from gspo.config import load_config
 from gspo.experiments.logratio_bins import LogRatioBins
 from gspo.trainer.trainer import Trainer
-from gspo.trainer.update import Updater
 
 GRPO_PAPER_CLIP = ("loss.clip_low=0.2", "loss.clip_high=0.27")  # the GSPO paper's GRPO baseline (section 5.1)
 BF16_ROLLOUT = ("rollout.engine_dtype=bfloat16", "loss.old_logprobs=rollout")  # section 5.4
@@ -81,47 +79,28 @@ class RunSettings:
                 "log.progress=false", "log.tensorboard=false", "checkpoint.every=0", "log.samples=0"]
 
 
-@dataclass
-class _TapUpdater(Updater):
-    """An :class:`Updater` whose loss forwards are also reported to ``bins`` (read-only)."""
+def _tap(bins: LogRatioBins):
+    """An ``Updater.on_logprobs`` hook: hands each loss forward's (b, T) log-probabilities to ``bins``."""
+    def on_logprobs(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> None:
+        bins.add(logprobs, old_logprobs, mask)
 
-    bins: LogRatioBins | None = None
-
-    def _loss(self, policy, rows, normaliser):  # wraps Updater._loss: (policy, rows, normaliser) -> LossOutput
-        return super()._loss(_Tap(policy, rows, self.bins), rows, normaliser)
-
-
-class _Tap:
-    """Calls the policy and passes its (b, T) log-probabilities, detached, to the bins."""
-
-    def __init__(self, policy, rows, bins: LogRatioBins) -> None:
-        self.policy, self.rows, self.bins = policy, rows, bins
-
-    def __call__(self, *args, **kwargs) -> torch.Tensor:
-        logprobs = self.policy(*args, **kwargs)  # (b, T)
-        old = self.rows.old_logprobs  # (b, T)
-        reuse = getattr(self.rows, "reuse_old", None)  # dense models: on-policy rows filled in from this forward
-        if reuse is not None and bool(reuse.any()):
-            old = torch.where(reuse[:, None], logprobs.detach().float(), old)
-        self.bins.add(logprobs, old, self.rows.completion_mask)
-        return logprobs
+    return on_logprobs
 
 
 def run_arm(arm: Arm, seed: int, settings: RunSettings, run_dir: Path, bins: LogRatioBins) -> dict:
     """Train one arm for ``settings.steps`` steps; returns its curves and per-minibatch metrics."""
     started, cpu = time.perf_counter(), time.process_time()
     config = load_config(None, [*settings.overrides(seed), *arm.overrides])
-    trainer = Trainer(config, run_dir)
+    trainer = Trainer.from_config(config, run_dir)
     trainer.save_resolved_config()
-    fields = {f.name: getattr(trainer.updater, f.name) for f in dataclasses.fields(Updater)}
-    trainer.updater = _TapUpdater(**fields, bins=bins)
+    trainer.updater.on_logprobs = _tap(bins)
     evals = [{"step": 0, **trainer.evaluate()}]
     steps, minibatches = [], []
     for step in range(1, settings.steps + 1):
         bins.start_step()
         metrics = trainer.train_step()
         if bins.calls == 0:
-            raise RuntimeError("the log-ratio tap saw no loss forward: Updater._loss changed; update _TapUpdater")
+            raise RuntimeError("the log-ratio tap saw no loss forward: Updater.on_logprobs is no longer called")
         steps.append({"step": step, **{k: float(metrics[k]) for k in STEP_KEYS if k in metrics}})
         minibatches.append([{k: float(h[k]) for k in MINIBATCH_KEYS if k in h} for h in trainer.last_updates])
         if step % settings.eval_every == 0 or step == settings.steps:

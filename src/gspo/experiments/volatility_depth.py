@@ -31,14 +31,15 @@ from dataclasses import dataclass
 import torch
 
 from gspo.algorithms import group_advantages, gspo_loss
+from gspo.config.schema import Config
 from gspo.logprobs import token_logprobs
 from gspo.models.tiny import build_char_tokenizer
 from gspo.models.tiny_moe import build_tiny_qwen3_moe
 from gspo.moe import capture_routing, expert_volatility
 from gspo.rollout.base import SamplingParams
-from gspo.rollout.hf import HFEngine
 from gspo.sft import train_sft
 from gspo.tasks.arithmetic import ArithmeticTask, EOS_TEXT
+from gspo.trainer.build import build_engine
 
 GSPO_CLIP = (3e-4, 4e-4)  # paper section 5.1
 
@@ -142,7 +143,7 @@ def _rollout_batch(model, tokenizer, task: ArithmeticTask, settings: ProbeSettin
     rows = task.train_rows(settings.prompts)
     prompts = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
     prompts = [p for p in prompts for _ in range(settings.group_size)]
-    engine = HFEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    engine = build_engine(Config(), model, tokenizer, None)  # the default engine (in-process, transformers)
     rollout = engine.generate(prompts, SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=1.0),
                               torch.Generator().manual_seed(seed))
     texts = [tokenizer.decode(c[m].tolist()) for c, m in zip(rollout.completion_ids, rollout.completion_mask)]

@@ -15,7 +15,10 @@ from pathlib import Path
 import torch
 
 from gspo.errors import ModelLoadError
+from gspo.models.lora import require_peft
 
+ADAPTER_CONFIG = "adapter_config.json"  # what PEFT's save_pretrained writes for a LoRA model
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED = {"tiny-arith": ASSETS / "tiny-arith", "tiny-moe": ASSETS / "tiny-moe-arith"}
 CODE_MAPS = ("config.json", "tokenizer_config.json")  # where transformers looks for auto_map
@@ -50,18 +53,21 @@ def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     if (Path(path) / "adapter_config.json").exists() and not (Path(path) / "tokenizer_config.json").exists():
-        from gspo.models.lora import adapter_base
-
         path = adapter_base(path)  # a bare adapter directory: the base model's tokenizer
     refuse_custom_code(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"no usable tokenizer in '{path}' ({exc}); save one with tokenizer.save_pretrained")
+    return prepare_tokenizer(tokenizer, where=f"the tokenizer in '{path}'")
+
+
+def prepare_tokenizer(tokenizer, *, where: str = "the tokenizer"):
+    """Check that ``tokenizer`` can end a generation (EOS) and give it pad = EOS if it has no pad."""
     if tokenizer.eos_token_id is None:
         raise ModelLoadError(
-            f"the tokenizer in '{path}' has no EOS token, so generation can never stop; "
-            "set tokenizer.eos_token and save it again"
+            f"{where} has no EOS token, so generation can never stop; "
+            "set tokenizer.eos_token (and save it again)"
         )
     if tokenizer.pad_token_id is None:  # documented handling: pad with EOS (pad positions are masked out)
         tokenizer.pad_token = tokenizer.eos_token
@@ -75,8 +81,6 @@ def load_model(path: Path, *, dtype: torch.dtype = torch.float32, device: str | 
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if (Path(path) / "adapter_config.json").exists():  # LoRA adapter: its base with the adapter merged in
-        from gspo.models.lora import load_adapter_model
-
         return load_adapter_model(path, dtype=dtype, device=device)
     refuse_custom_code(path)
     try:
@@ -94,6 +98,38 @@ def load_model(path: Path, *, dtype: torch.dtype = torch.float32, device: str | 
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load the weights in '{path}': {exc}") from None
     return model.to(device)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(path: str | Path) -> Path:
+    """The base model directory an adapter directory was trained on."""
+    path = Path(path)
+    try:
+        base = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"'{path / ADAPTER_CONFIG}' does not name its base model ({exc})") from None
+    try:
+        return resolve_model_path(str(base))
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"the adapter in '{path}' was trained on '{base}', which cannot be loaded: {exc}. "
+                             f"Edit base_model_name_or_path in {path / ADAPTER_CONFIG} to the base model's "
+                             "directory") from None
+
+
+def load_adapter_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device="cpu",
+                       merge: bool = True) -> torch.nn.Module:
+    """The base model with the adapter in ``path``: merged into plain weights, or a PeftModel (``merge=False``)."""
+    peft = require_peft()
+
+    base = load_model(adapter_base(path), dtype=dtype, device=device)
+    model = peft.PeftModel.from_pretrained(base, str(path), is_trainable=False)
+    if not merge:
+        return model
+    # PEFT froze the base weights; merged, they are an ordinary model again (e.g. model=<adapter> to train on)
+    return model.merge_and_unload().requires_grad_(True)
 
 
 def refuse_custom_code(path: Path) -> None:

@@ -1,4 +1,7 @@
-"""LoRA adapters with PEFT: wrap the policy, load adapter directories, merge them into plain weights.
+"""LoRA adapters with PEFT: wrap the policy and merge adapters into plain weights.
+
+Loading adapter directories belongs to :mod:`gspo.models.load` (the one owner of loading); this module
+only applies adapters to a loaded model and never imports the loader.
 
 With ``lora.rank > 0`` the policy is a ``peft.PeftModel``: the base weights are frozen and only the
 adapters train (the optimizer sees only parameters that require gradients). The wrapper forwards
@@ -14,15 +17,12 @@ such a directory back into a model: the base with the adapter merged in, or stil
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from gspo.errors import ConfigError, ModelLoadError
+from gspo.errors import ConfigError
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ALL_LINEAR = "all-linear"
 
 
@@ -31,16 +31,12 @@ def is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 
 
-def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file()
-
-
-def apply_lora(model: torch.nn.Module, lora, *, base_path: str | Path) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, lora, *, base_path: str | Path | None = None) -> torch.nn.Module:
     """``model`` wrapped with fresh LoRA adapters per ``lora`` (a :class:`gspo.config.schema.LoraConfig`).
 
     The adapters start as an exact no-op (PEFT initialises B = 0), so step 0 samples the base model.
     """
-    peft = _require_peft()
+    peft = require_peft()
     targets = list(lora.target_modules)
     parameters = None
     if targets == [ALL_LINEAR]:
@@ -52,7 +48,8 @@ def apply_lora(model: torch.nn.Module, lora, *, base_path: str | Path) -> torch.
     except ValueError as exc:  # e.g. no module matches target_modules
         raise ConfigError(f"lora.target_modules={','.join(targets)}: {exc}") from None
     # An absolute path: AutoModelForCausalLM.from_pretrained(adapter checkpoint) finds the base from anywhere.
-    wrapped.peft_config["default"].base_model_name_or_path = str(Path(base_path).resolve())
+    if base_path is not None:
+        wrapped.peft_config["default"].base_model_name_or_path = str(Path(base_path).resolve())
     return wrapped
 
 
@@ -70,37 +67,6 @@ def all_linear_targets(model: torch.nn.Module) -> tuple[list[str], list[str]]:
     return linear, experts
 
 
-def adapter_base(path: str | Path) -> Path:
-    """The base model directory an adapter directory was trained on."""
-    path = Path(path)
-    try:
-        base = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelLoadError(f"'{path / ADAPTER_CONFIG}' does not name its base model ({exc})") from None
-    from gspo.models.load import resolve_model_path
-
-    try:
-        return resolve_model_path(str(base))
-    except ModelLoadError as exc:
-        raise ModelLoadError(f"the adapter in '{path}' was trained on '{base}', which cannot be loaded: {exc}. "
-                             f"Edit base_model_name_or_path in {path / ADAPTER_CONFIG} to the base model's "
-                             "directory") from None
-
-
-def load_adapter_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device="cpu",
-                       merge: bool = True) -> torch.nn.Module:
-    """The base model with the adapter in ``path``: merged into plain weights, or a PeftModel (``merge=False``)."""
-    peft = _require_peft()
-    from gspo.models.load import load_model
-
-    base = load_model(adapter_base(path), dtype=dtype, device=device)
-    model = peft.PeftModel.from_pretrained(base, str(path), is_trainable=False)
-    if not merge:
-        return model
-    # PEFT froze the base weights; merged, they are an ordinary model again (e.g. model=<adapter> to train on)
-    return model.merge_and_unload().requires_grad_(True)
-
-
 def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A plain transformers model with ``model``'s adapter merged in; ``model`` itself is left as it is."""
     import copy
@@ -108,7 +74,7 @@ def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model).merge_and_unload()
 
 
-def _require_peft():
+def require_peft():
     try:
         import peft
     except ImportError:

@@ -1,9 +1,11 @@
 """The rollout-engine interface: what the trainer asks of any sampler.
 
-The trainer only ever talks to a :class:`RolloutEngine`. The in-process Hugging Face engine
-(:mod:`gspo.rollout.hf`) is the one shipped today; a vLLM / SGLang / remote-server engine plugs in by
-implementing the same two methods and returning a :class:`Rollout`. The engine knows nothing about
-tasks or rewards: it maps token ids to token ids (plus the sampler's log-probabilities).
+The trainer only ever talks to a :class:`RolloutEngine`: ``generate``, ``sync_weights``, ``close`` and
+the declared :class:`EngineInfo`; nothing else of an engine (its model, its EOS ids, its decoder) is
+visible above this interface. The in-process Hugging Face engine (:mod:`gspo.rollout.hf`) and vLLM
+(:mod:`gspo.rollout.vllm`) implement it; the trainer's assembly point (:mod:`gspo.trainer.build`) is
+the only code that names a concrete engine. The engine knows nothing about tasks or rewards: it maps
+token ids to token ids (plus the sampler's log-probabilities).
 
 Layout convention shared by every engine and by log-probability recomputation:
 ``[left-padded prompt | right-padded completion]``. Position ids always come from the attention mask
@@ -13,9 +15,11 @@ Layout convention shared by every engine and by log-probability recomputation:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Iterator, Protocol, runtime_checkable
 
 import torch
+
+from gspo import distributed as dist
 
 
 @dataclass(frozen=True)
@@ -75,26 +79,79 @@ class Rollout:
         )
 
 
+@dataclass(frozen=True)
+class EngineInfo:
+    """What an engine declares about itself: everything the trainer may know of it.
+
+    name: how it samples, for the run's start line ("native decode step", "vLLM 0.x in-process").
+    exact_logprobs: its log-probabilities are those of a float32 forward of the training module itself
+        (same weights, same precision, same kernels up to float rounding, ~1e-7 per token), so a
+        recomputation of pi_old could only reproduce them (``loss.old_logprobs=auto`` then skips it).
+        False for a lower-precision copy, another inference engine, or a remote server.
+    records_routing: ``generate(..., record_routing=True)`` returns the experts each MoE layer chose at
+        every position (Routing Replay R3).
+    weight_sync: how ``sync_weights`` moves weights: "shared" (samples with the training module
+        itself: nothing to move), "copy" (an in-process copy refreshed in place), "reload" (the engine
+        loads new weights from memory or a path).
+    reproducible: honours ``row_seeds``, so a seeded run samples the same tokens whatever the batch
+        split or the number of processes.
+    """
+
+    name: str
+    exact_logprobs: bool = False
+    records_routing: bool = False
+    weight_sync: str = "copy"
+    reproducible: bool = True
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
     """Anything that turns prompts into sampled completions with per-token log-probabilities."""
 
+    @property
+    def info(self) -> EngineInfo:
+        """The engine's declared properties (constant over its lifetime)."""
+        ...
+
     def generate(
         self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None = None, *,
-        row_seeds: list[int] | None = None,
+        row_seeds: list[int] | None = None, record_routing: bool = False,
     ) -> Rollout:
         """Sample one completion per entry of ``prompts`` (token-id lists, unpadded).
 
         Repeat a prompt G times in ``prompts`` to get a group of G responses. ``row_seeds`` (one per
         prompt) makes each row's sample independent of the rest of the batch, which is what lets N
-        processes reproduce a 1-process run; engines that cannot honour it may ignore it.
+        processes reproduce a 1-process run (``info.reproducible`` says whether the engine honours it).
+        ``record_routing`` (MoE, only when ``info.records_routing``): fill ``Rollout.routing`` with the
+        experts chosen at every prompt and completion position.
+        Every response ends at its first EOS (kept, inside ``completion_mask``) or after
+        ``params.max_new_tokens`` tokens (``truncated``); padding is the engine's pad id, masked out.
         """
         ...
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        """Make the engine sample from ``model``'s current weights (no-op for an in-process engine
-        that shares the training module; a copy for a bfloat16 or remote engine)."""
+        """Make the engine sample from ``model``'s current weights.
+
+        Called on every process after every update with the training module, possibly wrapped (DDP)
+        or sharded (FSDP2): engines that keep their own weights read them with :func:`full_weights`,
+        which is a collective under FSDP2, so every process calls this. A no-op for an engine that
+        samples with the training module itself.
+        """
         ...
+
+    def close(self) -> None:
+        """Release what the engine holds (a server process, caches). Idempotent."""
+        ...
+
+
+def full_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, whole tensor) for every parameter and buffer of the policy, named as in its Hugging Face
+    state dict: wrappers (DDP's ``module.``, FSDP's ``_fsdp_wrapped_module.``) removed, FSDP2 shards
+    gathered (a collective: every process must consume the whole iterator)."""
+    model = getattr(model, "module", model)
+    for kind in ("named_parameters", "named_buffers"):
+        for name, tensor in getattr(model, kind)():
+            yield name.replace("_fsdp_wrapped_module.", ""), dist.full_tensor(tensor)
 
 
 def concat_rollouts(rollouts: list[Rollout], pad_token_id: int = 0) -> Rollout:

@@ -35,7 +35,8 @@ import torch
 from transformers.cache_utils import DynamicCache, StaticCache
 
 from gspo.errors import ConfigError
-from gspo.rollout.base import Rollout, SamplingParams
+from gspo.moe import capture_routing, supports_routing
+from gspo.rollout.base import EngineInfo, Rollout, SamplingParams, full_weights
 from gspo.rollout.native import NativeDecoder, native_support
 
 DECODERS = ("auto", "native", "hf")
@@ -44,7 +45,7 @@ DECODERS = ("auto", "native", "hf")
 class HFEngine:
     """Samples completions from a Hugging Face causal LM with a KV cache (see module docstring).
 
-    Attributes:
+    Attributes (the engine's own business: the trainer sees only :attr:`info` and the interface):
         model: the module sampled from: the policy itself, or the engine's own copy in ``dtype``.
         shares_model: True when ``model`` is the policy (``sync_weights`` is then a no-op).
         static_cache: use transformers' StaticCache (default when the model supports it) rather than
@@ -61,15 +62,18 @@ class HFEngine:
         eos_token_id: int | list[int],
         dtype: torch.dtype | None = None,
         decoder: str = "auto",
+        copy: bool = False,
     ) -> None:
+        """``dtype``: sample from a copy in this dtype (None: the model's). ``copy``: keep an own copy even
+        in the model's dtype (the policy is about to be sharded by FSDP2 and cannot be sampled from)."""
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         self.pad_token_id = int(pad_token_id)
         eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         self.eos_ids = torch.tensor(eos_ids, dtype=torch.long)  # (E,)
         model_dtype = next(model.parameters()).dtype
-        self.shares_model = dtype is None or dtype == model_dtype
-        self.model = model if self.shares_model else _copy_in_dtype(model, dtype)
+        self.shares_model = (dtype is None or dtype == model_dtype) and not copy
+        self.model = model if self.shares_model else _copy_in_dtype(model, dtype or model_dtype)
         # A PEFT (LoRA) wrapper's forward hides the keyword but passes it through to the model it wraps.
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self._keeps_last_logits = "logits_to_keep" in inspect.signature(inner.forward).parameters
@@ -85,6 +89,22 @@ class HFEngine:
                               "use rollout.decoder=auto (falls back to transformers' forward)")
         self.native = NativeDecoder(self.model) if self.native_reason is None else None
         self._decoder = self.native if self.native is not None else _TransformersDecoder(self)
+        engine_dtype = next(self.model.parameters()).dtype
+        self._info = EngineInfo(
+            name=("native decode step" if self.native is not None else "transformers' forward")
+            + ("" if engine_dtype == torch.float32 else f", {str(engine_dtype).removeprefix('torch.')}"),
+            # the training module's own float32 weights (or an exact float32 copy refreshed every step)
+            exact_logprobs=engine_dtype == model_dtype == torch.float32,
+            records_routing=supports_routing(self.model),
+            weight_sync="shared" if self.shares_model else "copy",
+        )
+
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    def close(self) -> None:
+        self._decoder.release()
 
     @torch.no_grad()
     def sync_weights(self, model: torch.nn.Module) -> None:
@@ -92,20 +112,22 @@ class HFEngine:
 
         A no-op when the engine samples with ``model`` itself.
         """
-        model = getattr(model, "module", model)  # unwrap DistributedDataParallel-style wrappers
-        if model is self.model:
+        if getattr(model, "module", model) is self.model:
             return
-        for kind in ("named_parameters", "named_buffers"):
-            sources = dict(getattr(model, kind)())
-            targets = dict(getattr(self.model, kind)())
-            if sources.keys() != targets.keys():
-                raise ValueError(f"sync_weights: {kind} differ between the policy and the engine's copy")
-            for name, target in targets.items():
-                target.copy_(sources[name])  # casts to the engine's dtype, no re-allocation
+        targets = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        seen = set()
+        for name, tensor in full_weights(model):  # gathers FSDP2 shards (every process iterates)
+            if name not in targets:
+                raise ValueError(f"sync_weights: the policy's '{name}' has no counterpart in the engine's copy")
+            targets[name].copy_(tensor)  # casts to the engine's dtype, no re-allocation
+            seen.add(name)
+        if seen != targets.keys():
+            missing = sorted(targets.keys() - seen)[:3]
+            raise ValueError(f"sync_weights: the policy has no {', '.join(missing)} (engine copy differs)")
 
     def generate(
         self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None = None, *,
-        row_seeds: list[int] | None = None,
+        row_seeds: list[int] | None = None, record_routing: bool = False,
     ) -> Rollout:
         """Sample one completion per prompt (token-id lists, unpadded) in one batch.
 
@@ -122,7 +144,10 @@ class HFEngine:
         if row_seeds is not None:
             uniforms = torch.stack([torch.rand(params.max_new_tokens, generator=torch.Generator().manual_seed(s))
                                     for s in row_seeds]).to(device)  # (B, N)
-        with _eval_mode(self.model), torch.inference_mode():
+        if record_routing and not self._info.records_routing:
+            raise ValueError("record_routing needs a Mixture-of-Experts model (engine.info.records_routing)")
+        recorder = capture_routing(self.model, concat="sequence") if record_routing else contextlib.nullcontext()
+        with _eval_mode(self.model), torch.inference_mode(), recorder as routing:
             try:
                 out = self._sample(prompt_ids, prompt_mask, params, generator, uniforms)
             finally:
@@ -135,6 +160,7 @@ class HFEngine:
             completion_mask=out["completion_mask"].clone(),
             logprobs=out["logprobs"].clone(),
             truncated=out["truncated"].clone(),
+            routing=routing.pad_to(prompt_ids.shape[1] + out["completion_ids"].shape[1]) if record_routing else None,
             timings=out["timings"],
         )
 

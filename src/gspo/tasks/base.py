@@ -28,6 +28,16 @@ class Task:
     train_stream: Callable[[], Iterator[Row]]
     eval_rows: list[Row]
     rewards: dict[str, tuple[RewardFn, float]] = field(default_factory=dict)
+    note: str = ""  # one line for the run's start (e.g. how a dataset was split into training and held-out rows)
+
+
+def reward_prompt(row: Row) -> str:
+    """The ``prompt`` a reward function receives, in training and in evaluation alike: the row's prompt
+    text, or for a list of chat messages the content of the last one (the user's question)."""
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        return prompt
+    return str(prompt[-1].get("content", "")) if prompt else ""
 
 
 def shuffled_epochs(rows: Sequence[Row], seed: int) -> Iterator[Row]:

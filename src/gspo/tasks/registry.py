@@ -26,6 +26,11 @@ def build_task(data: DataConfig, *, seed: int, eval_size: int, needs_answer: boo
                       "or set data.path to a local dataset file")
 
 
+# Without data.eval_path the held-out rows are the last eval.size rows, but never more than a fifth of the
+# dataset: a 300-row file keeps 240 rows to train on instead of losing 200 to evaluation.
+HELD_OUT_MAX_SHARE = 5
+
+
 def _dataset_task(data: DataConfig, *, seed: int, eval_size: int, needs_answer: bool) -> Task:
     from gspo.tasks.answers import ANSWER_REWARDS
 
@@ -38,6 +43,15 @@ def _dataset_task(data: DataConfig, *, seed: int, eval_size: int, needs_answer: 
         if len(rows) < 2:
             raise DataError(f"dataset '{data.path}' has {len(rows)} row; it needs at least 2 to hold some out "
                             "(or set data.eval_path)")
-        held = min(eval_size, len(rows) // 5) if eval_size else 0
+        held = min(eval_size, len(rows) // HELD_OUT_MAX_SHARE) if eval_size else 0
         eval_rows, rows = rows[len(rows) - held:], rows[: len(rows) - held]
-    return Task(f"dataset:{data.path}", lambda: shuffled_epochs(rows, seed), eval_rows, dict(ANSWER_REWARDS))
+    note = f"data: {len(rows)} training rows, {len(eval_rows)} held out"
+    if data.eval_path:
+        note += f" (from {data.eval_path})"
+    elif held < eval_size:
+        note += (f" (the last {held}: eval.size={eval_size} is capped at 1/{HELD_OUT_MAX_SHARE} of the rows; "
+                 "set data.eval_path for a separate held-out file)")
+    else:
+        note += f" (the last {held} rows)"
+    return Task(f"dataset:{data.path}", lambda: shuffled_epochs(rows, seed), eval_rows, dict(ANSWER_REWARDS),
+                note=note)

@@ -8,9 +8,20 @@ from gspo.errors import ConfigError, DataError
 from gspo.tasks.base import Row
 
 
+def _single_bos(ids: list[int], bos: int | None) -> list[int]:
+    """``ids`` with a doubled leading BOS (a template that writes BOS, tokenized with BOS added) made one."""
+    while bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+        ids = ids[1:]
+    return ids
+
+
 @dataclass
 class PromptRenderer:
     """Renders a row's prompt with the tokenizer's chat template (when it has one) or as plain text.
+
+    The prompt's token ids are the ones the model was trained to continue: plain text is encoded with
+    the tokenizer's own special tokens (a base model's BOS, exactly once, never a trailing EOS); a chat
+    template's output is used as the template wrote it (its BOS, if it writes one, once).
 
     ``max_prompt_tokens``: prompts longer than this (the context minus the generation budget) are an
     error naming the row, rather than a silently truncated prompt.
@@ -37,12 +48,13 @@ class PromptRenderer:
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
+            ids = _single_bos(list(ids), self.tokenizer.bos_token_id)
         else:
             if not isinstance(prompt, str):
                 raise DataError("a prompt is a list of chat messages but the tokenizer has no chat template; "
                                 "use plain-text prompts or a tokenizer with a chat template")
             text = f"{self.system_prompt}\n{prompt}" if self.system_prompt else prompt
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = self._encode_plain(text)
         ids = list(ids)
         if not ids:
             raise DataError(f"prompt {prompt!r:.60} encodes to no tokens")
@@ -53,6 +65,16 @@ class PromptRenderer:
                 "rollout.max_new_tokens"
             )
         return ids
+
+    def _encode_plain(self, text: str) -> list[int]:
+        """Plain text as the model saw text in pre-training: with the tokenizer's own special tokens
+        (a base model's BOS), but never an EOS that some tokenizers append (the prompt must not end)."""
+        ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        bare = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        eos = self.tokenizer.eos_token_id
+        if len(ids) > len(bare) and ids[-1] == eos and (not bare or bare[-1] != eos):
+            ids = ids[:-1]
+        return _single_bos(ids, self.tokenizer.bos_token_id)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -1,4 +1,11 @@
-"""Build the trainer's parts from a config: policy, tokenizer, engine, optimizer, schedule, reference."""
+"""The one assembly point: everything a run needs, built once from its config.
+
+:func:`build` makes a training run's :class:`Components` (model, engine, policy wrapper, optimizer,
+scheduler, reference, task, renderer, rewards, collector, evaluator, updater, the old-log-probability
+plan, logger), including the FSDP2 case; :func:`build_evaluation` makes only what ``gspo eval`` needs.
+This is the only module above :mod:`gspo.rollout` that names a concrete engine; the trainer sees the
+engine through :class:`~gspo.rollout.base.RolloutEngine` alone.
+"""
 
 from __future__ import annotations
 
@@ -10,53 +17,223 @@ from typing import Iterator
 
 import torch
 
-from gspo.config.schema import Config
-from gspo.models.load import load_model, load_tokenizer, pick_device, resolve_model_path
-from gspo.rollout.hf import HFEngine
+from pathlib import Path
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from gspo import distributed as dist
+from gspo.config.schema import Config
+from gspo.errors import ConfigError
+from gspo.evaluate import Evaluator
+from gspo.logprobs import token_logprobs
+from gspo.models.load import load_model, load_tokenizer, pick_device, prepare_tokenizer, resolve_model_path
+from gspo.models.lora import apply_lora
+from gspo.rollout.base import RolloutEngine, SamplingParams
+from gspo.rollout.hf import HFEngine
+from gspo.tasks.base import Task
+from gspo.tasks.registry import build_task
+from gspo.tasks.render import PromptRenderer
+from gspo.tasks.rewards import WeightedReward, resolve_rewards
+from gspo.trainer.collect import Collector
+from gspo.trainer.logging import MetricsLogger
+from gspo.trainer.old_logprobs import OldLogprobs, has_dropout, plan_old_logprobs
+from gspo.trainer.policy import PolicyLogprobs
+from gspo.trainer.update import Updater
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
-class Parts:
-    model: torch.nn.Module
+class Components:
+    """Everything one run needs, built once by :func:`build` (the trainer only runs steps with it)."""
+
+    config: Config
+    run_dir: Path | None
+    model: torch.nn.Module  # the Hugging Face policy, unwrapped (float32 master weights; sharded under FSDP2)
+    whole_model: torch.nn.Module  # whole weights for checkpoints: ``model`` itself, or its gathered copy (FSDP2)
     tokenizer: object
-    engine: HFEngine
+    engine: RolloutEngine
+    policy: torch.nn.Module  # PolicyLogprobs around ``model``, wrapped by DDP / FSDP2 under torchrun
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     reference: torch.nn.Module | None
     device: torch.device
+    task: Task
+    render: PromptRenderer
+    rewards: list[WeightedReward]
+    params: SamplingParams
+    collector: Collector
+    evaluator: Evaluator
+    updater: Updater
+    old_logprobs: OldLogprobs
+    logger: MetricsLogger
+    moe: bool
+    sharded: bool
+
+    def sync_weights(self) -> None:
+        """Make the sampler use the weights just trained (every process: FSDP2 gathers shards)."""
+        if self.sharded:
+            dist.copy_full_weights(self.model, self.whole_model)
+            self.engine.sync_weights(self.whole_model)
+        else:
+            self.engine.sync_weights(self.model)
+
+    def refresh_reference(self) -> None:
+        """The KL reference becomes a frozen copy of the current policy (``loss.ref_refresh_steps``)."""
+        self.reference = frozen_copy(self.whole_model)
 
 
-def build_parts(config: Config) -> Parts:
-    """Load the policy and everything that depends on it. Master weights are float32."""
+@dataclass
+class EvalComponents:
+    """What evaluation alone needs (``gspo eval``): no optimizer, no update, no run directory."""
+
+    config: Config
+    model: torch.nn.Module
+    tokenizer: object
+    engine: RolloutEngine
+    task: Task
+    evaluator: Evaluator
+
+
+def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module | None = None, tokenizer=None,
+          task: Task | None = None, rewards: list[WeightedReward] | None = None,
+          engine: RolloutEngine | None = None) -> Components:
+    """Build a training run from ``config``; the keyword arguments replace what the config would build.
+
+    The data and the rewards come first, so a missing file or a reward that cannot be imported is
+    reported before a model is loaded.
+    """
+    from gspo.moe import SUPPORTED_ARCHITECTURES, supports_routing
+
+    r, o = config.rollout, config.optim
+    task = task or build_task(config.data, seed=config.seed, eval_size=config.eval.size)
+    device = pick_device(config.device)
+    rewards = rewards or resolve_rewards(config.reward.functions, task.rewards, device=device)
+    model, tokenizer, path = _load_policy(config, device, model, tokenizer)
+    moe = supports_routing(model)
+    replay = config.moe.routing_replay
+    if replay != "off" and not moe:
+        raise ConfigError(f"moe.routing_replay={replay} needs a Mixture-of-Experts model "
+                          f"({', '.join(SUPPORTED_ARCHITECTURES)}); '{config.model}' is dense: set moe.routing_replay=off")
+    sharded = dist.is_initialized() and config.distributed.strategy == "fsdp"
+    # FSDP2 shards ``model`` in place: the sampler and the checkpoints need whole weights, kept in a copy
+    # made before sharding and refreshed after every update (Components.sync_weights).
+    whole = copy.deepcopy(model) if sharded else model
+    engine = engine or build_engine(config, whole, tokenizer, path)
+    if replay == "r3" and not engine.info.records_routing:
+        raise ConfigError(f"moe.routing_replay=r3 needs the rollout engine's expert choices, which {engine.info.name} "
+                          "does not return; use moe.routing_replay=r2 (experts from the trainer's old-policy pass)")
+    policy = dist.wrap_for_training(PolicyLogprobs(model), config.distributed.strategy)
+    optimizer = build_optimizer(policy, config)  # after wrapping: FSDP2 replaced the parameters
+    scheduler = build_scheduler(optimizer, config, config.steps * o.minibatches * o.epochs)
+    reference = None
+    if config.loss.beta > 0:  # LoRA: the policy itself, run with its adapter disabled (see reference_policy)
+        reference = model if config.lora.rank else frozen_copy(whole)
+    context = getattr(model.config, "max_position_embeddings", None)
+    render = PromptRenderer(tokenizer, config.data.system_prompt, config.data.chat_template,
+                            max_prompt_tokens=(context - r.max_new_tokens) if context else None)
+    params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                            top_k=r.top_k, ignore_eos=r.ignore_eos)
+    collector = Collector(engine, render, render.decode, rewards, params, r.group_size, config.loss.advantage_scale,
+                          config.loss.overlong_buffer, config.reward.none_policy, record_routing=replay == "r3")
+    evaluator = Evaluator(engine, render, render.decode, rewards, r.max_new_tokens,
+                          none_policy=config.reward.none_policy)
+    low, high = config.clip_range
+    updater = Updater(config.algorithm, low, high, beta=config.loss.beta, kl_estimator=config.loss.kl_estimator,
+                      temperature=r.temperature, minibatches=o.minibatches, epochs=o.epochs,
+                      micro_batch_size=o.micro_batch_size, max_grad_norm=o.max_grad_norm,
+                      autocast_dtype=DTYPES[o.dtype] if o.dtype != "float32" else None,
+                      routing_replay=replay != "off")
+    plan = plan_old_logprobs(config.loss.old_logprobs, engine=engine.info, training_dtype=o.dtype,
+                             dropout=has_dropout(model), moe=moe, routing_replay=replay,
+                             diagnostics=config.moe.diagnostics)
+    temperature = r.temperature
+    rows_per_pass = o.micro_batch_size or -(-r.prompts_per_step * r.group_size // dist.world_size() // o.minibatches)
+    parts = Components(
+        config=config, run_dir=Path(run_dir) if run_dir else None, model=model, whole_model=whole,
+        tokenizer=tokenizer, engine=engine, policy=policy, optimizer=optimizer, scheduler=scheduler,
+        reference=reference, device=device, task=task, render=render, rewards=rewards, params=params,
+        collector=collector, evaluator=evaluator, updater=updater, old_logprobs=None,  # type: ignore[arg-type]
+        logger=MetricsLogger(Path(run_dir) if run_dir else None, tensorboard=config.log.tensorboard,
+                             enabled=dist.is_main(), trackers=config.log.trackers, project=config.log.project,
+                             run_config=config.to_dict()),
+        moe=moe, sharded=sharded)
+
+    def reference_logprobs():
+        return _reference_fn(parts, temperature)
+
+    parts.old_logprobs = OldLogprobs(
+        plan, policy=lambda ids, attn, num_t: policy(ids, attn, num_t, temperature),
+        reference=reference_logprobs if reference is not None else None,
+        # one process only: under DDP / FSDP2 every forward is a collective, chunk counts must not differ
+        chunk_rows=rows_per_pass if dist.world_size() == 1 else 0, routed_model=model)
+    return parts
+
+
+def build_evaluation(config: Config, *, model: torch.nn.Module | None = None, tokenizer=None,
+                     task: Task | None = None) -> EvalComponents:
+    """The model, engine, task and evaluator of ``config`` (``gspo eval``): nothing else is built."""
+    task = task or build_task(config.data, seed=config.seed, eval_size=config.eval.size)
+    device = pick_device(config.device)
+    rewards = resolve_rewards(config.reward.functions, task.rewards, device=device)
+    model, tokenizer, path = _load_policy(config, device, model, tokenizer)
+    model.eval()
+    engine = build_engine(config, model, tokenizer, path)
+    context = getattr(model.config, "max_position_embeddings", None)
+    render = PromptRenderer(tokenizer, config.data.system_prompt, config.data.chat_template,
+                            max_prompt_tokens=(context - config.rollout.max_new_tokens) if context else None)
+    evaluator = Evaluator(engine, render, render.decode, rewards, config.rollout.max_new_tokens,
+                          none_policy=config.reward.none_policy)
+    return EvalComponents(config, model, tokenizer, engine, task, evaluator)
+
+
+def _load_policy(config: Config, device: torch.device, model=None, tokenizer=None):
+    """(model, tokenizer, path): the policy in float32 master weights, LoRA applied, ready to train."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file load/save bars would interleave with gspo's own progress
-    device = pick_device(config.device)
-    path = resolve_model_path(config.model)
-    tokenizer = load_tokenizer(path)
+    path = None
+    if model is None or tokenizer is None:
+        path = resolve_model_path(config.model)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(path)
+    else:
+        tokenizer = prepare_tokenizer(tokenizer, where="the tokenizer passed in")
     torch.manual_seed(config.seed)
-    model = load_model(path, dtype=torch.float32, device=device)
+    if model is None:
+        model = load_model(path, dtype=torch.float32, device=device)
+    else:
+        model = model.to(device=device, dtype=torch.float32)
     if config.lora.rank:  # PEFT adapters: the base weights freeze, the optimizer sees only the adapters
-        from gspo.models.lora import apply_lora
-
         model = apply_lora(model, config.lora, base_path=path)
     _set_cpu_threads(model, config.cpu_threads, device)
     if config.optim.gradient_checkpointing:  # training forwards only: the sampler runs in eval mode
         _enable_checkpointing(model)
     model.config.use_cache = False  # training forwards; the engine asks for a cache explicitly
     model.train()
-    engine_dtype = None if config.rollout.engine_dtype in ("auto", "float32") else DTYPES[config.rollout.engine_dtype]
-    engine = HFEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                      dtype=engine_dtype, decoder=config.rollout.decoder)
-    optimizer = build_optimizer(model, config)
-    total = config.steps * config.optim.minibatches * config.optim.epochs
-    scheduler = build_scheduler(optimizer, config, total)
-    reference = None
-    if config.loss.beta > 0:  # LoRA: the policy itself, run with its adapter disabled (see reference_policy)
-        reference = model if config.lora.rank else frozen_copy(model)
-    return Parts(model, tokenizer, engine, optimizer, scheduler, reference, device)
+    return model, tokenizer, path
+
+
+@contextlib.contextmanager
+def _reference_fn(parts: Components, temperature: float):
+    with reference_policy(parts) as reference:
+        yield lambda ids, attn, num_t: token_logprobs(reference, ids, attn, num_t, temperature=temperature)
+
+
+def build_engine(config: Config, model: torch.nn.Module, tokenizer, path, *, separate_copy: bool = False):
+    """The rollout engine named by ``rollout.engine``: the one place that names a concrete engine.
+
+    ``separate_copy``: the engine must not sample with ``model`` itself (FSDP2 shards it), so the
+    in-process engine keeps its own whole copy, refreshed by ``sync_weights``.
+    """
+    r = config.rollout
+    dtype = None if r.engine_dtype == "auto" else DTYPES[r.engine_dtype]
+    if r.engine in ("vllm", "vllm-server"):
+        from gspo.rollout.vllm import build_vllm_engine
+
+        return build_vllm_engine(config, model, tokenizer, path)
+    if dtype == next(model.parameters()).dtype and not separate_copy:
+        dtype = None
+    return HFEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                    dtype=dtype, decoder=r.decoder, copy=separate_copy)
 
 
 # Below this size a forward is a few hundred tiny ops: measured on the 1M-parameter default, one
@@ -110,7 +287,7 @@ def build_scheduler(optimizer, config: Config, total_steps: int) -> torch.optim.
 
 
 @contextlib.contextmanager
-def reference_policy(parts: Parts) -> Iterator[torch.nn.Module]:
+def reference_policy(parts: "Components") -> Iterator[torch.nn.Module]:
     """The module whose log-probabilities are the KL reference, for the duration of the block.
 
     Full fine-tuning: the frozen copy. LoRA: the policy with its adapter disabled, i.e. the base model,
@@ -131,22 +308,3 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     for p in reference.parameters():
         p.requires_grad_(False)
     return reference
-
-
-def resolve_old_logprobs(config: Config, model: torch.nn.Module, engine: HFEngine, moe: bool) -> str:
-    """``loss.old_logprobs`` with ``auto`` resolved to ``rollout`` or ``recompute``.
-
-    ``auto`` takes the sampler's log-probabilities when a recomputation could only reproduce them up to
-    float rounding: the sampler runs the training module's own float32 weights (no lower-precision copy),
-    training runs in float32 (no autocast), the model has no dropout (the sampler runs in eval mode,
-    training forwards in train mode) and is dense (MoE runs keep the old-policy pass: it records the
-    experts for R2 replay and the volatility diagnostics). Otherwise the pass is needed: ``recompute``.
-    """
-    source = config.loss.old_logprobs
-    if source != "auto":
-        return source
-    same_weights = engine.shares_model and next(model.parameters()).dtype == torch.float32
-    dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()) or any(
-        float(getattr(model.config, name, 0.0) or 0.0) > 0 for name in ("attention_dropout", "hidden_dropout"))
-    exact = same_weights and config.optim.dtype == "float32" and not dropout and not moe
-    return "rollout" if exact else "recompute"

@@ -15,9 +15,8 @@ import torch
 
 from gspo.algorithms import group_advantages, groups_with_signal, overlong_penalty
 from gspo.evaluate import CORRECT_THRESHOLD
-from gspo.moe import capture_routing
 from gspo.rollout.base import Rollout, RolloutEngine, SamplingParams
-from gspo.tasks.base import Row
+from gspo.tasks.base import Row, reward_prompt
 from gspo.tasks.rewards import WeightedReward, score
 
 # DAPO dynamic sampling gives up after this many extra rollout rounds per step and trains on the
@@ -51,7 +50,7 @@ class Collector:
     advantage_scale: str = "group"
     overlong_buffer: int = 0
     none_policy: str = "zero"
-    capture_routing: bool = False  # MoE: record the sampler's expert choices (Routing Replay R3)
+    record_routing: bool = False  # MoE: record the sampler's expert choices (Routing Replay R3)
 
     def collect(self, rows: list[Row], seed: int, first_index: int = 0) -> ScoredBatch:
         """Sample ``group_size`` completions per row and score them.
@@ -62,17 +61,13 @@ class Collector:
         prompts = [ids for row in rows for ids in [self.render(row)] * self.group_size]
         row_seeds = [_row_seed(seed, first_index + i, j) for i in range(len(rows)) for j in range(self.group_size)]
         generator = torch.Generator().manual_seed(seed)
-        if self.capture_routing:  # R3: the experts the rollout engine used, for every position
-            with capture_routing(self.engine.model, concat="sequence") as routing:
-                rollout = self.engine.generate(prompts, self.params, generator, row_seeds=row_seeds)
-            rollout.routing = routing.pad_to(rollout.input_ids.shape[1])
-        else:
-            rollout = self.engine.generate(prompts, self.params, generator, row_seeds=row_seeds)
+        rollout = self.engine.generate(prompts, self.params, generator, row_seeds=row_seeds,
+                                       record_routing=self.record_routing)  # R3: the engine's experts
         t0 = time.perf_counter()
         group_rows = [row for row in rows for _ in range(self.group_size)]
         completions = [self.decode(ids[mask].tolist()) for ids, mask in
                        zip(rollout.completion_ids, rollout.completion_mask)]
-        prompt_texts = [_prompt_text(row) for row in group_rows]
+        prompt_texts = [reward_prompt(row) for row in group_rows]
         totals, columns, metrics = score(self.rewards, prompt_texts, completions, group_rows,
                                          none_policy=self.none_policy)
         rewards = torch.tensor(totals, dtype=torch.float32)  # (B,)
@@ -82,30 +77,54 @@ class Collector:
             rewards = rewards + penalty.float()
             metrics["reward/overlong_penalty"] = float(penalty.float().mean())
         advantages = group_advantages(rewards, self.group_size, scale=self.advantage_scale)  # (B,)
+        metrics["reward/zero_std_frac"] = zero_variance_fraction(rewards, self.group_size)
         metrics.update(rollout.timings)
         metrics["time/score_s"] = time.perf_counter() - t0
         return ScoredBatch(rollout, group_rows, completions, rewards, advantages, correct, metrics)
 
-    def collect_with_signal(self, next_rows: Callable[[int], list[Row]], num_prompts: int, seed: int) -> ScoredBatch:
-        """DAPO dynamic sampling: keep only groups with non-equal rewards, topping up from ``next_rows``."""
+    def collect_with_signal(self, next_shard: Callable[[], tuple[list[Row], int]], num_groups: int, seed: int, *,
+                            gather: Callable[[ScoredBatch], list[ScoredBatch]] = lambda b: [b],
+                            rank: int = 0, world_size: int = 1) -> ScoredBatch:
+        """DAPO dynamic sampling: keep only groups whose rewards are not all equal, topping up with more
+        rollout rounds, and return this process's share of the ``num_groups`` kept groups.
+
+        Exact under data parallelism: every round each process samples its shard of the round's global
+        prompts (``next_shard()`` -> (rows, global index of rows[0])), ``gather`` hands every process all
+        shards in rank order, and the choice of groups is made on the global round, identically
+        everywhere, so every process runs the same rounds, reads the stream equally and trains on
+        ``num_groups / world_size`` groups: N processes select exactly the groups one process would.
+        After ``MAX_DYNAMIC_SAMPLING_ROUNDS`` extra rounds the batch is filled up with the last round's
+        zero-signal groups (advantage 0) so that its size never depends on luck or on the process count.
+        """
         kept: list[ScoredBatch] = []
-        have = 0
-        sampled_groups = 0
+        have = sampled = 0
         for round_ in range(1 + MAX_DYNAMIC_SAMPLING_ROUNDS):
-            batch = self.collect(next_rows(num_prompts), seed + 7919 * round_)
-            sampled_groups += num_prompts
+            rows, first_index = next_shard()
+            local = self.collect(rows, seed + 7919 * round_, first_index=first_index)
+            batch = _concat(gather(local))  # the whole round, in global prompt order
+            sampled += len(batch.rewards) // self.group_size
             signal = groups_with_signal(batch.rewards, self.group_size)  # (groups,)
-            keep = signal.repeat_interleave(self.group_size).nonzero().squeeze(1)[: (num_prompts - have) * self.group_size]
-            if len(keep):
-                kept.append(_select(batch, keep))
-                have += len(keep) // self.group_size
-            if have >= num_prompts:
+            take = signal.nonzero().squeeze(1)[: num_groups - have]  # (k,) group indices
+            if len(take):
+                kept.append(_select_groups(batch, take, self.group_size))
+                have += len(take)
+            if have >= num_groups:
                 break
-        merged = _concat(kept) if kept else batch
+        if have < num_groups:  # out of rounds: fill with the last round's zero-signal groups, in order
+            kept.append(_select_groups(batch, (~signal).nonzero().squeeze(1)[: num_groups - have], self.group_size))
+        merged = _concat(kept)
         merged.advantages = group_advantages(merged.rewards, self.group_size, scale=self.advantage_scale)
-        merged.metrics["dapo/kept_group_frac"] = have / max(sampled_groups, 1)
-        merged.metrics["dapo/rounds"] = round_ + 1
-        return merged
+        share = num_groups // world_size
+        mine = _select_groups(merged, torch.arange(rank * share, (rank + 1) * share), self.group_size)
+        mine.metrics["dapo/kept_group_frac"] = have / max(sampled, 1)
+        mine.metrics["dapo/rounds"] = round_ + 1
+        return mine
+
+
+def _select_groups(batch: ScoredBatch, groups: torch.Tensor, group_size: int) -> ScoredBatch:
+    """The responses of ``groups`` ((k,) group indices), in that order."""
+    rows = (groups[:, None] * group_size + torch.arange(group_size)).reshape(-1)  # (k * G,)
+    return _select(batch, rows)
 
 
 def _row_seed(seed: int, prompt_index: int, sample: int) -> int:
@@ -113,9 +132,9 @@ def _row_seed(seed: int, prompt_index: int, sample: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + prompt_index * 0xBF58476D1CE4E5B9 + sample * 0x94D049BB133111EB) % (1 << 63)
 
 
-def _prompt_text(row: Row) -> str:
-    prompt = row["prompt"]
-    return prompt if isinstance(prompt, str) else str(prompt[-1].get("content", ""))
+def zero_variance_fraction(rewards: torch.Tensor, group_size: int) -> float:
+    """Share of groups whose rewards are all equal: their advantages are 0, they carry no signal."""
+    return float((~groups_with_signal(rewards, group_size)).float().mean())
 
 
 def _select(batch: ScoredBatch, index: torch.Tensor) -> ScoredBatch:
@@ -137,7 +156,7 @@ def _concat(batches: list[ScoredBatch]) -> ScoredBatch:
     from gspo.rollout.base import concat_rollouts
 
     return ScoredBatch(
-        rollout=concat_rollouts([b.rollout for b in batches]),
+        rollout=concat_rollouts([b.rollout for b in batches]),  # padding is masked out: its id does not matter
         rows=[r for b in batches for r in b.rows],
         completions=[c for b in batches for c in b.completions],
         rewards=torch.cat([b.rewards for b in batches]),

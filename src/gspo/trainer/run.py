@@ -15,7 +15,7 @@ from gspo.errors import CheckpointError, TrainingDiverged
 from gspo.signals import GracefulInterrupt
 from gspo.trainer.logging import drop_records_after
 from gspo.trainer.progress import Progress
-from gspo.trainer.trainer import Trainer, TrainState
+from gspo.trainer.trainer import NO_SIGNAL_HINT, Trainer, TrainState
 
 # Config sections that may differ between a run and its resumption (they change no training math).
 RESUMABLE_DIFFERENCES = ("steps", "eval", "checkpoint", "log", "device")
@@ -31,17 +31,22 @@ def train(config: Config, run_dir: Path | None = None, *, resume: bool = False, 
     run_dir = Path(run_dir or config.run_dir or default_run_dir(config))
     if resume:
         check_resumable(config, run_dir)
-    trainer = Trainer(config, run_dir)
+    trainer = Trainer.from_config(config, run_dir)
     trainer.save_resolved_config()
     progress = Progress(config.steps, enabled=config.log.progress and dist.is_main(), console=console)
     if resume:
         _restore(trainer, run_dir, progress)
     if dist.is_main():
         progress.note(_setup_text(trainer))
+        if trainer.task.note:
+            progress.note(trainer.task.note)
     if "before" not in trainer.state.history:
         trainer.state.history["before"] = trainer.evaluate()
         trainer.logger.log(0, trainer.state.history["before"])
         progress.note("held-out before training: " + _eval_text(trainer.state.history["before"]))
+        if trainer.state.history["before"].get("eval/accuracy", 1.0) == 0.0 and trainer.task.eval_rows:
+            _say(progress, "warning: 0% held-out accuracy before training: if the model should know this task, "
+                           + NO_SIGNAL_HINT)
     metrics: dict = {}
     with GracefulInterrupt() as interrupt, progress:
         while trainer.state.step < config.steps:
@@ -51,6 +56,8 @@ def train(config: Config, run_dir: Path | None = None, *, resume: bool = False, 
                 raise TrainingDiverged(f"training diverged at step {trainer.state.step + 1}: {exc}. "
                                        f"{_last_good_text(run_dir)}") from None
             progress.update(trainer.state.step, metrics)
+            while trainer.notes:
+                _say(progress, trainer.notes.pop(0))
             step = trainer.state.step
             if config.eval.every and step % config.eval.every == 0 and step < config.steps:
                 evaluation = trainer.evaluate()
@@ -79,12 +86,14 @@ def train(config: Config, run_dir: Path | None = None, *, resume: bool = False, 
 
 
 def _setup_text(trainer) -> str:
-    """One line on how this run samples and where its old log-probabilities come from."""
-    sampler = "native decode step" if trainer.parts.engine.native is not None else "transformers' forward"
-    source = {"rollout": "from the sampler", "recompute": "recomputed"}[trainer.old_logprobs_source]
-    if trainer.config.loss.old_logprobs == "auto":
-        source += " (auto)"
-    return f"{trainer.config.algorithm} on {trainer.config.model}: {sampler}; old log-probs {source}"
+    """One line on how this run samples, where its old log-probabilities come from and which replay is on."""
+    cfg = trainer.config
+    text = (f"{cfg.algorithm} on {cfg.model}: {trainer.parts.engine.info.name}; "
+            f"old log-probs {trainer.old_logprobs_plan.describe()}")
+    if trainer.parts.moe:
+        replay = cfg.moe.routing_replay
+        text += "; routing replay " + ({"off": "off", "r2": "R2 (old-policy pass)", "r3": "R3 (rollout engine)"}[replay])
+    return text
 
 
 def check_resumable(config: Config, run_dir: Path) -> None:
@@ -97,7 +106,7 @@ def check_resumable(config: Config, run_dir: Path) -> None:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"cannot resume: '{saved_path}' is not valid JSON ({exc}); "
                               "restore it or start a new run") from None
-    current = config.to_dict()
+    current = config.resolved_dict()
     diffs = [k for k in _flatten(current) if k.split(".")[0] not in RESUMABLE_DIFFERENCES
              and _flatten(saved).get(k) != _flatten(current)[k] and k != "run_dir"]
     if diffs:
@@ -126,7 +135,7 @@ def _restore(trainer: Trainer, run_dir: Path, progress: Progress) -> None:
             raise CheckpointError(f"{path / 'trainer_state.json'} does not fit this gspo's TrainState ({exc}); "
                                   "resume with the gspo version that wrote it") from None
         trainer.data.skip(trainer.state.data_position)
-        trainer.parts.engine.sync_weights(trainer.model)
+        trainer.sync_engine()
         if loaded.get("rng"):
             restore_rng_state(loaded["rng"])
         _say(progress, f"resuming from {path} (step {trainer.state.step})")
@@ -152,8 +161,7 @@ class FullStateOptimizer:
 def _save(trainer: Trainer, run_dir: Path) -> None:
     optimizer_state = dist.full_optimizer_state(trainer.policy, trainer.parts.optimizer)  # collective
     if dist.is_main():
-        model = trainer.parts.engine.model if trainer.sharded else trainer.model  # whole weights
-        save_checkpoint(run_dir, trainer.state.step, model=model, tokenizer=trainer.parts.tokenizer,
+        save_checkpoint(run_dir, trainer.state.step, model=trainer.parts.whole_model, tokenizer=trainer.parts.tokenizer,
                         optimizer=FullStateOptimizer(trainer, optimizer_state), scheduler=trainer.parts.scheduler,
                         trainer_state=vars(trainer.state), rng=capture_rng_state(),
                         keep_last=trainer.config.checkpoint.keep_last)

@@ -1,13 +1,13 @@
-"""The training loop, top-down: sample, score, advantages, update, log (SPEC "The training step").
+"""The training loop, top-down: sample, score, advantages, old log-probabilities, update, log.
 
-The trainer orchestrates; the math lives in :mod:`gspo.algorithms`, sampling behind the
-:class:`~gspo.rollout.base.RolloutEngine` interface, rewards with the task.
+The trainer only runs steps: :func:`gspo.trainer.build.build` assembles everything once; the math lives
+in :mod:`gspo.algorithms`, sampling behind the :class:`~gspo.rollout.base.RolloutEngine` interface,
+rewards with the task, the choice of pi_old in :mod:`gspo.trainer.old_logprobs`
+(docs/objectives.md, "The training step").
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -18,22 +18,10 @@ import torch
 from gspo import distributed as dist
 from gspo.checkpoint._fs import replace_file_atomic
 from gspo.config.schema import Config
-from gspo.errors import ConfigError
-from gspo.evaluate import Evaluator
-from gspo.logprobs import token_logprobs
-from gspo.moe import SUPPORTED_ARCHITECTURES, capture_routing, supports_routing
-from gspo.rollout.base import SamplingParams
 from gspo.tasks.base import DataCursor
-from gspo.tasks.registry import build_task
-from gspo.tasks.render import PromptRenderer
-from gspo.tasks.rewards import resolve_rewards
-from gspo.rollout.hf import HFEngine
-from gspo.trainer.build import (DTYPES, build_optimizer, build_parts, build_scheduler, frozen_copy, reference_policy,
-                                resolve_old_logprobs)
-from gspo.trainer.collect import Collector, ScoredBatch
-from gspo.trainer.logging import MetricsLogger
-from gspo.trainer.policy import PolicyLogprobs
-from gspo.trainer.update import Updater, UpdateInputs
+from gspo.trainer.build import Components, build
+from gspo.trainer.collect import ScoredBatch
+from gspo.trainer.old_logprobs import onpolicy_mismatch
 
 
 @dataclass
@@ -47,79 +35,54 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, config: Config, run_dir: Path | None = None) -> None:
-        self.config = config
-        self.run_dir = Path(run_dir) if run_dir else None
-        self.parts = build_parts(config)
-        self.model = self.parts.model  # the Hugging Face model (unwrapped)
-        self.sharded = dist.is_initialized() and config.distributed.strategy == "fsdp"
-        if self.sharded:  # the sampler needs whole weights: it gets its own copy, refreshed every step
-            self.parts.engine = HFEngine(copy.deepcopy(self.model), pad_token_id=self.parts.engine.pad_token_id,
-                                         eos_token_id=self.parts.engine.eos_ids.tolist(),
-                                         decoder=config.rollout.decoder)
-        self.policy = dist.wrap_for_training(PolicyLogprobs(self.model), config.distributed.strategy)
-        if self.sharded:  # fully_shard replaced the parameters: the optimizer must see the sharded ones
-            self.parts.optimizer = build_optimizer(self.policy, config)
-            self.parts.scheduler = build_scheduler(self.parts.optimizer, config,
-                                                   config.steps * config.optim.minibatches * config.optim.epochs)
-        tok = self.parts.tokenizer
-        r = config.rollout
-        self.task = build_task(config.data, seed=config.seed, eval_size=config.eval.size)
-        context = getattr(self.model.config, "max_position_embeddings", None)
-        self.render = PromptRenderer(tok, config.data.system_prompt, config.data.chat_template,
-                                     max_prompt_tokens=(context - r.max_new_tokens) if context else None)
-        self.rewards = resolve_rewards(config.reward.functions, self.task.rewards, device=self.parts.device)
-        self.params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                     top_p=r.top_p, top_k=r.top_k, ignore_eos=r.ignore_eos)
-        self.moe = supports_routing(self.model)
-        self.old_logprobs_source = resolve_old_logprobs(config, self.model, self.parts.engine, self.moe)
-        replay = config.moe.routing_replay
-        if replay != "off" and not self.moe:
-            raise ConfigError(f"moe.routing_replay={replay} needs a Mixture-of-Experts model ({', '.join(SUPPORTED_ARCHITECTURES)}); "
-                              f"'{config.model}' is dense: set moe.routing_replay=off")
-        self.collector = Collector(self.parts.engine, self.render, self.render.decode, self.rewards, self.params,
-                                   r.group_size, config.loss.advantage_scale, config.loss.overlong_buffer,
-                                   config.reward.none_policy, capture_routing=replay == "r3")
-        self.evaluator = Evaluator(self.parts.engine, self.render, self.render.decode, self.rewards, r.max_new_tokens)
-        low, high = config.clip_range
-        o = config.optim
-        self.updater = Updater(config.algorithm, low, high, beta=config.loss.beta,
-                               kl_estimator=config.loss.kl_estimator, temperature=r.temperature,
-                               minibatches=o.minibatches, epochs=o.epochs, micro_batch_size=o.micro_batch_size,
-                               max_grad_norm=o.max_grad_norm,
-                               autocast_dtype=DTYPES[o.dtype] if o.dtype != "float32" else None,
-                               routing_replay=replay != "off")
+    """Runs training steps and evaluations with the :class:`Components` that :func:`build` made.
+
+    ``Trainer.from_config(config, run_dir)`` builds and wraps in one call. Attributes are the components'
+    (``model``, ``task``, ``collector``, ``updater``, ``logger``, ...) plus the run's :class:`TrainState`.
+    """
+
+    def __init__(self, parts: Components) -> None:
+        self.parts = parts
+        self.config = parts.config
+        self.run_dir = parts.run_dir
+        self.model = parts.model  # the Hugging Face model (unwrapped)
+        self.policy = parts.policy
+        self.task, self.render, self.rewards = parts.task, parts.render, parts.rewards
+        self.collector, self.evaluator, self.updater = parts.collector, parts.evaluator, parts.updater
+        self.logger = parts.logger
         self.state = TrainState()
         self.last_updates: list[dict] = []
         self.data = DataCursor(self.task.train_stream)
-        self.logger = MetricsLogger(self.run_dir, tensorboard=config.log.tensorboard, enabled=dist.is_main(),
-                                    trackers=config.log.trackers, project=config.log.project,
-                                    run_config=config.to_dict())
+        self.zero_signal = ZeroSignalWatch()
+        self.notes: list[str] = []  # messages for the user (e.g. "no learning signal"), taken by the run loop
+
+    @classmethod
+    def from_config(cls, config: Config, run_dir: Path | None = None, **replace) -> "Trainer":
+        """Build the run described by ``config`` (keyword arguments as in :func:`build`) and wrap it."""
+        return cls(build(config, run_dir, **replace))
+
+    @property
+    def old_logprobs_plan(self):
+        return self.parts.old_logprobs.plan
 
     # -- one step -----------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         """One rollout batch and its ``minibatches`` optimizer steps; returns the step's metrics."""
         cfg, step = self.config, self.state.step
         t0 = time.perf_counter()
-        seed = _step_seed(cfg.seed, step, dist.rank())
-        if cfg.dynamic_sampling:
-            batch = self.collector.collect_with_signal(self._take_shard, self._shard_size(), seed)
-        else:  # per-response seeds from the step and the prompt's global index: independent of the split
-            batch = self.collector.collect(self._take_shard(), _step_seed(cfg.seed, step, rank=0),
-                                           first_index=dist.rank() * self._shard_size())
+        seed = _step_seed(cfg.seed, step, rank=0)  # per-response seeds: independent of the batch split
+        batch = self._collect(seed)
         t1 = time.perf_counter()
-        local = len(batch.advantages)
-        if cfg.dynamic_sampling:  # shard sizes differ per process: permute locally
-            plan = self.updater.plan(torch.Generator().manual_seed(seed + 1), local)
-        else:  # one permutation of the global batch, the same on every process
-            shared = torch.Generator().manual_seed(_step_seed(cfg.seed, step, rank=0) + 1)
-            plan = self.updater.plan(shared, local, offset=dist.rank() * local, total=local * dist.world_size())
-        inputs, lp_metrics = self._update_inputs(batch, onpolicy=plan[0] == 0)
+        local = len(batch.advantages)  # equal on every process (validated shard sizes)
+        shared = torch.Generator().manual_seed(seed + 1)  # one permutation of the global batch, everywhere
+        plan = self.updater.plan(shared, local, offset=dist.rank() * local, total=local * dist.world_size())
+        with self.updater.autocast(batch.rollout.prompt_ids.device.type):
+            inputs, lp_metrics = self.parts.old_logprobs(batch, onpolicy=plan[0] == 0)
         t2 = time.perf_counter()
         history = self.updater.update(self.policy, self.parts.optimizer, self.parts.scheduler, inputs, plan=plan)
         if inputs.measure_old is not None:  # old log-probs from the sampler: its mismatch, from the on-policy forward
-            lp_metrics.update(_onpolicy_mismatch(self.updater.onpolicy_pairs))
-        self.sync_engine()
+            lp_metrics.update(onpolicy_mismatch(self.updater.onpolicy_pairs))
+        self.parts.sync_weights()
         self.last_updates = history  # per-optimizer-step metrics, for inspection and tests
         t3 = time.perf_counter()
         self.state.step += 1
@@ -138,16 +101,25 @@ class Trainer:
                         "throughput/tokens_per_s": tokens / max(t3 - t0, 1e-9),
                         "throughput/sample_tokens_per_s": tokens / max(sampling or t1 - t0, 1e-9),
                         "throughput/train_tokens_per_s": trained / max(t3 - t1, 1e-9)})
+        warning = self.zero_signal.observe(metrics.get("reward/zero_std_frac", 0.0))
+        if warning:
+            self.notes.append(warning)
         self.logger.log(self.state.step, metrics)
         self.logger.samples(self.state.step, _sample_rows(batch, cfg.log.samples))
         return metrics
 
+    def _collect(self, seed: int) -> ScoredBatch:
+        """This process's share of the step's scored rollout batch."""
+        shard = self._shard_size()
+        if not self.config.dynamic_sampling:
+            return self.collector.collect(self._take_shard(), seed, first_index=dist.rank() * shard)
+        return self.collector.collect_with_signal(
+            lambda: (self._take_shard(), dist.rank() * shard), self.config.rollout.prompts_per_step, seed,
+            gather=dist.all_gather_object, rank=dist.rank(), world_size=dist.world_size())
+
     def sync_engine(self) -> None:
-        """Make the sampler use the weights just trained (gathers shards under FSDP2: every process)."""
-        if self.sharded:
-            dist.copy_full_weights(self.model, self.parts.engine.model)
-        else:
-            self.parts.engine.sync_weights(self.model)
+        """Make the sampler use the weights just trained (every process: FSDP2 gathers shards)."""
+        self.parts.sync_weights()
 
     def _shard_size(self) -> int:
         """Prompts this process samples per step (validated to divide evenly)."""
@@ -160,114 +132,64 @@ class Trainer:
         rows = self.data.take(n * dist.world_size())
         return rows[dist.rank() * n : (dist.rank() + 1) * n]
 
-    @torch.no_grad()
-    def _update_inputs(self, batch: ScoredBatch, onpolicy: torch.Tensor | None = None
-                       ) -> tuple[UpdateInputs, dict[str, float]]:
-        """Old (and reference) log-probabilities for the batch, recomputed in one no-grad pass each.
-
-        ``onpolicy``: (B,) bool, the rows of the first minibatch. The first optimizer step's forward runs
-        on them with the weights that sampled them, so their old log-probabilities are that forward's,
-        detached (:attr:`UpdateInputs.reuse_old`): the no-grad pass skips them, a quarter of its work with
-        4 minibatches. Dense models only (MoE passes record or replay the experts of every row).
-        Both passes run in the training forward's precision (bfloat16 autocast with ``optim.dtype=bfloat16``).
-        """
-        replay = self.config.moe.routing_replay
-        # R2 replay, or volatility diagnostics: the experts of the training model's own old-policy pass.
-        capture = self.moe and (replay == "r2" or (replay == "off" and self.config.moe.diagnostics))
-        with self.updater.autocast(batch.rollout.prompt_ids.device.type):
-            return self._old_and_reference(batch, onpolicy, capture)
-
-    def _old_and_reference(self, batch: ScoredBatch, onpolicy: torch.Tensor | None, capture: bool
-                           ) -> tuple[UpdateInputs, dict[str, float]]:
-        rollout, temp = batch.rollout, self.config.rollout.temperature
-        ids, attn, num_t = rollout.input_ids, rollout.attention_mask, rollout.completion_ids.shape[1]
-        mask = rollout.completion_mask
-        metrics: dict[str, float] = {}
-        replay = self.config.moe.routing_replay
-        recompute = self.old_logprobs_source == "recompute"
-        routing, reuse = None, None
-        if recompute and not self.moe and onpolicy is not None and not bool(onpolicy.all()):
-            reuse = onpolicy.clone()  # (B,) every process still runs the pass below on at least one row
-        if reuse is not None:
-            keep = (~reuse).nonzero().squeeze(1)  # (b,)
-            part = self._no_grad_logprobs(ids[keep], attn[keep], num_t, len(mask))  # (b, T)
-            old = part.new_zeros(mask.shape)  # (B, T) the on-policy rows are filled in by the first update step
-            old[keep] = part
-            metrics.update(_mismatch_metrics(old[keep], rollout.logprobs[keep], mask[keep]))
-        elif recompute or capture:
-            with capture_routing(self.model) if capture else contextlib.nullcontext() as routing:
-                old = self.policy(ids, attn, num_t, temp)  # (B, T)
-            metrics.update(_mismatch_metrics(old, rollout.logprobs, mask))
-        measure = None
-        if not recompute:
-            old = rollout.logprobs
-            if not self.moe and onpolicy is not None:
-                measure = onpolicy.clone()  # (B,) the first update's forward compares trainer and sampler
-        if replay == "r3":
-            routing = rollout.routing
-        ref = None
-        if self.parts.reference is not None:
-            with reference_policy(self.parts) as reference:  # LoRA: the base model, adapter disabled
-                ref = token_logprobs(reference, ids, attn, num_t, temperature=temp)  # (B, T)
-        return UpdateInputs(ids, attn, mask, batch.advantages, old, ref, routing, reuse, measure), metrics
-
-    def _no_grad_logprobs(self, ids: torch.Tensor, attn: torch.Tensor, num_t: int, batch_size: int) -> torch.Tensor:
-        """(b, T) log-probabilities in chunks of a training forward's rows (a minibatch, or a micro-batch),
-        so that this pass never holds more activations than a training step (which may checkpoint them).
-
-        One process only: under DDP / FSDP2 every forward is a collective and the chunk counts could
-        differ between processes, so those run one pass.
-        """
-        o, temp = self.config.optim, self.config.rollout.temperature
-        size = o.micro_batch_size or -(-batch_size // o.minibatches)
-        if dist.world_size() > 1 or len(ids) <= size:
-            return self.policy(ids, attn, num_t, temp)
-        return torch.cat([self.policy(i, a, num_t, temp) for i, a in zip(ids.split(size), attn.split(size))])
-
     def _maybe_refresh_reference(self) -> None:
         every = self.config.loss.ref_refresh_steps
         if self.parts.reference is not None and every and self.state.step % every == 0:
-            self.parts.reference = frozen_copy(self.model)
+            self.parts.refresh_reference()
 
     # -- evaluation ---------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy sampled at the training temperature, and greedy accuracy."""
-        rows = self.task.eval_rows
-        sampled = self.evaluator.evaluate(rows, temperature=self.config.rollout.temperature,
-                                          samples=self.config.eval.samples, seed=self.config.seed)
-        out = {"eval/accuracy": sampled.get("accuracy", 0.0), "eval/reward": sampled.get("reward", 0.0)}
-        if self.config.eval.greedy:
-            greedy = self.evaluator.evaluate(rows, temperature=0.0)
-            out["eval/greedy_accuracy"] = greedy.get("accuracy", 0.0)
-        return out
+        return evaluate_heldout(self.evaluator, self.task.eval_rows, self.config)
 
     def save_resolved_config(self) -> None:
+        """``config.json``: the run's config with every algorithm-dependent default resolved."""
         if self.run_dir is not None and dist.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # atomic: a kill mid-write must not leave a truncated config.json that blocks --resume
-            replace_file_atomic(self.run_dir / "config.json", json.dumps(self.config.to_dict(), indent=2).encode())
+            replace_file_atomic(self.run_dir / "config.json", json.dumps(self.config.resolved_dict(), indent=2).encode())
+
+
+def evaluate_heldout(evaluator, rows: list, config: Config) -> dict[str, float]:
+    """``eval/accuracy`` sampled at the training temperature (``eval.samples`` per prompt), ``eval/reward``
+    and, with ``eval.greedy``, ``eval/greedy_accuracy``."""
+    sampled = evaluator.evaluate(rows, temperature=config.rollout.temperature, samples=config.eval.samples,
+                                 seed=config.seed)
+    out = {"eval/accuracy": sampled.get("accuracy", 0.0), "eval/reward": sampled.get("reward", 0.0)}
+    if config.eval.greedy:
+        greedy = evaluator.evaluate(rows, temperature=0.0)
+        out["eval/greedy_accuracy"] = greedy.get("accuracy", 0.0)
+    return out
+
+
+# A run "has no learning signal" when at least this share of its groups had all-equal rewards (zero
+# advantage everywhere) for ZERO_SIGNAL_STEPS steps in a row: the gradient is then (nearly) zero.
+ZERO_SIGNAL_FRACTION = 0.9
+ZERO_SIGNAL_STEPS = 5
+NO_SIGNAL_HINT = ("check the prompt format (does the model see what it was trained on: BOS, chat template, "
+                  "data.system_prompt?), the reward function (does it ever return different values for one "
+                  "prompt?) and data.answer_column (is the reference answer the one rewards compare with?)")
+
+
+@dataclass
+class ZeroSignalWatch:
+    """Counts consecutive steps in which nearly every group had zero reward variance; warns once."""
+
+    streak: int = 0
+    warned: bool = False
+
+    def observe(self, zero_std_frac: float) -> str | None:
+        """The warning text when the streak first reaches ZERO_SIGNAL_STEPS, else None."""
+        self.streak = self.streak + 1 if zero_std_frac >= ZERO_SIGNAL_FRACTION else 0
+        if self.streak >= ZERO_SIGNAL_STEPS and not self.warned:
+            self.warned = True
+            return (f"warning: no learning signal: {zero_std_frac:.0%} of groups had identical rewards for "
+                    f"{self.streak} steps in a row (zero advantage, zero gradient); " + NO_SIGNAL_HINT)
+        return None
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 1009 + rank
-
-
-def _mismatch_metrics(recomputed: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """How far the sampler's log-probabilities are from the trainer's (paper section 5.4)."""
-    diff = torch.where(mask, recomputed - sampler, torch.zeros_like(recomputed))  # (B, T)
-    lengths = mask.sum(1).clamp_min(1)
-    seq = diff.sum(1) / lengths  # (B,) sequence log-ratio of trainer vs sampler
-    tokens = diff[mask]
-    return {"mismatch/token_abs_mean": float(tokens.abs().mean()) if tokens.numel() else 0.0,
-            "mismatch/token_std": float(tokens.std()) if tokens.numel() > 1 else 0.0,
-            "mismatch/seq_std": float(seq.std()) if seq.numel() > 1 else 0.0}
-
-
-def _onpolicy_mismatch(pairs: list) -> dict[str, float]:
-    """:func:`_mismatch_metrics` over the on-policy rows the update measured (all keys, even if none)."""
-    if not pairs:
-        return _mismatch_metrics(torch.zeros(0, 1), torch.zeros(0, 1), torch.zeros(0, 1, dtype=torch.bool))
-    return _mismatch_metrics(*(torch.cat(parts) for parts in zip(*pairs)))
 
 
 def _summarise_updates(history: list[dict]) -> dict[str, float]:

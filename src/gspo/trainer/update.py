@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -70,6 +71,9 @@ class Updater:
     max_grad_norm: float = 1.0
     autocast_dtype: torch.dtype | None = None
     routing_replay: bool = False  # MoE: force the behaviour policy's experts (Routing Replay)
+    # Public hook for experiments: called with every loss forward's (b, T) log-probabilities (detached), the
+    # old log-probabilities the loss uses and the completion mask (e.g. the MoE study's log-ratio bins).
+    on_logprobs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     nonfinite_streak: int = 0
     # (trainer log-probs, sampler log-probs, mask) of the rows in UpdateInputs.measure_old, per micro-batch
     onpolicy_pairs: list = field(default_factory=list)
@@ -170,6 +174,8 @@ class Updater:
         if rows.measure_old is not None and bool(rows.measure_old.any()):
             m = rows.measure_old
             self.onpolicy_pairs.append((logprobs.detach().float()[m], rows.old_logprobs[m], rows.completion_mask[m]))
+        if self.on_logprobs is not None:
+            self.on_logprobs(logprobs.detach(), rows.old_logprobs, rows.completion_mask)
         norm_key = "num_tokens" if self.algorithm in TOKEN_NORMALISED else "num_sequences"
         return LOSSES[self.algorithm](
             logprobs.float(), rows.old_logprobs, rows.advantages, rows.completion_mask,

@@ -1,0 +1,180 @@
+"""Where pi_old comes from: one decision per run, then one pass per rollout batch.
+
+The behaviour policy's log-probabilities (``old_logprobs``, the anchor of every clipped ratio) come
+either from the rollout engine itself or from a no-grad pass of the training module over the sampled
+tokens (SPEC "The training step", step 4; GSPO paper section 5.4). :func:`plan_old_logprobs` makes that
+choice once, from immutable facts about the run, and names its reason; :class:`OldLogprobs` then turns
+each scored batch into the update's inputs (old and reference log-probabilities, routing records) and
+the sampler-vs-trainer mismatch metrics. Nothing here is read or written inside the update loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, ContextManager
+
+import torch
+
+from gspo.moe import capture_routing
+from gspo.rollout.base import EngineInfo
+from gspo.trainer.collect import ScoredBatch
+from gspo.trainer.update import UpdateInputs
+
+SOURCES = ("auto", "recompute", "rollout")
+
+
+@dataclass(frozen=True)
+class OldLogprobPlan:
+    """The run's answer to "where does pi_old come from?", taken before the first step.
+
+    source: ``rollout`` (the engine's log-probabilities) or ``recompute`` (a training-module pass).
+    setting: the configured ``loss.old_logprobs`` (``auto`` is resolved into ``source``).
+    reason: one phrase saying why (shown in the run's start line).
+    capture_routing: record the experts of the old-policy pass (MoE: R2 replay or volatility diagnostics).
+    routing_from_rollout: R3, the experts recorded by the rollout engine.
+    reuse_onpolicy: dense recompute: the first (on-policy) minibatch's old log-probabilities are taken,
+        detached, from its own first training forward instead of a separate pass.
+    measure_onpolicy: engine log-probabilities used as pi_old: the first training forward measures how far
+        they are from the trainer's (the ``mismatch/*`` metrics) at no extra cost.
+    """
+
+    source: str
+    setting: str
+    reason: str
+    capture_routing: bool = False
+    routing_from_rollout: bool = False
+    reuse_onpolicy: bool = False
+    measure_onpolicy: bool = False
+
+    def describe(self) -> str:
+        text = {"rollout": "from the sampler", "recompute": "recomputed"}[self.source]
+        if self.setting != "auto":
+            return text
+        return text + (" (auto)" if self.source == "rollout" else f" (auto: {self.reason})")
+
+
+def plan_old_logprobs(setting: str, *, engine: EngineInfo, training_dtype: str, dropout: bool, moe: bool,
+                      routing_replay: str = "off", diagnostics: bool = False) -> OldLogprobPlan:
+    """Resolve ``loss.old_logprobs`` (auto | recompute | rollout) for one run.
+
+    ``auto`` takes the engine's log-probabilities when a recomputation could only reproduce them to float
+    rounding: the engine declares ``exact_logprobs`` (the training module's own float32 weights), training
+    runs in float32, the model has no dropout (the engine samples in eval mode, training forwards run in
+    train mode) and is dense (an MoE's old-policy pass records the experts for R2 and the volatility
+    diagnostics). Otherwise it recomputes.
+    """
+    if setting not in SOURCES:
+        raise ValueError(f"old log-probabilities source must be one of {', '.join(SOURCES)}, got {setting!r}")
+    if setting == "auto":
+        blockers = [why for why, present in (
+            ("the sampler is not the float32 policy", not engine.exact_logprobs),
+            (f"{training_dtype} training", training_dtype != "float32"),
+            ("dropout", dropout),
+            ("MoE routing record", moe)) if present]
+        source = "recompute" if blockers else "rollout"
+        reason = blockers[0] if blockers else "the sampler is the float32 training module"
+    else:
+        source, reason = setting, "configured"
+    capture = moe and (routing_replay == "r2" or (routing_replay == "off" and diagnostics))
+    return OldLogprobPlan(
+        source=source, setting=setting, reason=reason, capture_routing=capture,
+        routing_from_rollout=routing_replay == "r3",
+        reuse_onpolicy=source == "recompute" and not moe,
+        measure_onpolicy=source == "rollout" and not moe,
+    )
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """True when any dropout is active in training forwards (modules or attention/hidden config)."""
+    config = getattr(model, "config", None)
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()) or any(
+        float(getattr(config, name, 0.0) or 0.0) > 0 for name in ("attention_dropout", "hidden_dropout"))
+
+
+# (ids, attention, num_completion_tokens) -> (B, T) log-probabilities under the module given
+LogprobFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class OldLogprobs:
+    """Computes one batch's :class:`UpdateInputs` according to a plan.
+
+    policy: (ids, attention, T) -> (B, T) training-module log-probabilities (no grad is taken here).
+    reference: a context manager yielding the KL reference's log-probability function, or None.
+    chunk_rows: rows per no-grad forward (a training step's rows, so this pass never holds more
+        activations than a training step); 0 = one pass.
+    routed_model: the Hugging Face model whose routers are recorded (MoE R2 / diagnostics).
+    """
+
+    plan: OldLogprobPlan
+    policy: LogprobFn
+    reference: Callable[[], ContextManager[LogprobFn]] | None = None
+    chunk_rows: int = 0
+    routed_model: torch.nn.Module | None = None
+
+    @torch.no_grad()
+    def __call__(self, batch: ScoredBatch, onpolicy: torch.Tensor | None = None
+                 ) -> tuple[UpdateInputs, dict[str, float]]:
+        """``onpolicy``: (B,) bool, the rows of the first minibatch (trained with the sampling weights)."""
+        rollout, plan = batch.rollout, self.plan
+        ids, attn, num_t = rollout.input_ids, rollout.attention_mask, rollout.completion_ids.shape[1]
+        mask = rollout.completion_mask  # (B, T)
+        metrics: dict[str, float] = {}
+        routing, reuse, measure = None, None, None
+        if plan.source == "recompute":
+            if plan.reuse_onpolicy and onpolicy is not None and not bool(onpolicy.all()):
+                reuse = onpolicy.clone()  # (B,) every process still runs the pass on at least one row
+                keep = (~reuse).nonzero().squeeze(1)  # (b,)
+                old = mask.new_zeros(mask.shape, dtype=torch.float32)  # (B, T) reused rows: filled by the update
+                old[keep] = self._chunked(ids[keep], attn[keep], num_t)
+                metrics.update(mismatch_metrics(old[keep], rollout.logprobs[keep], mask[keep]))
+            else:
+                with self._recording() as routing:
+                    old = self.policy(ids, attn, num_t)  # (B, T)
+                metrics.update(mismatch_metrics(old, rollout.logprobs, mask))
+        else:
+            old = rollout.logprobs  # (B, T) the engine's
+            if plan.capture_routing:  # MoE diagnostics / R2 still need the old-policy experts
+                with self._recording() as routing:
+                    recomputed = self.policy(ids, attn, num_t)
+                metrics.update(mismatch_metrics(recomputed, rollout.logprobs, mask))
+            elif plan.measure_onpolicy and onpolicy is not None:
+                measure = onpolicy.clone()  # (B,) the first update's forward compares trainer and sampler
+        if plan.routing_from_rollout:
+            routing = rollout.routing
+        ref = None
+        if self.reference is not None:
+            with self.reference() as reference:  # LoRA: the base model, adapter disabled
+                ref = reference(ids, attn, num_t)  # (B, T)
+        return UpdateInputs(ids, attn, mask, batch.advantages, old, ref, routing, reuse, measure), metrics
+
+    def _recording(self) -> ContextManager:
+        if self.plan.capture_routing and self.routed_model is not None:
+            return capture_routing(self.routed_model)
+        return contextlib.nullcontext()
+
+    def _chunked(self, ids: torch.Tensor, attn: torch.Tensor, num_t: int) -> torch.Tensor:
+        """(b, T) log-probabilities in chunks of ``chunk_rows`` rows (one pass when 0 or enough)."""
+        size = self.chunk_rows
+        if not size or len(ids) <= size:
+            return self.policy(ids, attn, num_t)
+        return torch.cat([self.policy(i, a, num_t) for i, a in zip(ids.split(size), attn.split(size))])
+
+
+def mismatch_metrics(recomputed: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """How far the sampler's log-probabilities are from the trainer's (GSPO paper section 5.4)."""
+    diff = torch.where(mask, recomputed - sampler, torch.zeros_like(recomputed))  # (B, T)
+    lengths = mask.sum(1).clamp_min(1)
+    seq = diff.sum(1) / lengths  # (B,) sequence log-ratio of trainer vs sampler
+    tokens = diff[mask]
+    return {"mismatch/token_abs_mean": float(tokens.abs().mean()) if tokens.numel() else 0.0,
+            "mismatch/token_std": float(tokens.std()) if tokens.numel() > 1 else 0.0,
+            "mismatch/seq_std": float(seq.std()) if seq.numel() > 1 else 0.0}
+
+
+def onpolicy_mismatch(pairs: list) -> dict[str, float]:
+    """:func:`mismatch_metrics` over the on-policy rows an update measured (all keys, even if none)."""
+    if not pairs:
+        return mismatch_metrics(torch.zeros(0, 1), torch.zeros(0, 1), torch.zeros(0, 1, dtype=torch.bool))
+    return mismatch_metrics(*(torch.cat(parts) for parts in zip(*pairs)))
