@@ -374,6 +374,18 @@ def test_without_a_terminal_one_plain_line_every_n_steps():
     assert lines[3:] == [long_note]  # whole, on one line, never cut to 80 columns
 
 
+def test_a_resumed_run_estimates_the_eta_from_the_steps_done_since(monkeypatch):
+    import gspo.trainer.progress as progress_module
+    from rich.console import Console
+
+    clock = iter([0.0, 0.0, 10.0])
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: next(clock))
+    out = io.StringIO()
+    with progress_module.Progress(200, console=Console(file=out), every=1) as progress:
+        progress.update(101, METRICS)  # resumed at step 100: one step in 10 s, 99 to go
+    assert out.getvalue().startswith("step 101/200  elapsed 0:00:10  eta 0:16:30  ")
+
+
 def test_a_disabled_progress_prints_nothing_but_notes(capsys):
     from gspo.trainer.progress import Progress
 

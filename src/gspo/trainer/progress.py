@@ -70,6 +70,8 @@ class Progress:
             return
         if self._start_step is None:  # a resumed run starts past 0: rate from the steps done here
             self._start_step = step - 1
+            if self._bar is not None and self._start_step > 0:  # not "N steps in one step's time"
+                self._bar.reset(self._task, completed=self._start_step)
         if self._bar is not None:
             self._bar.update(self._task, completed=step, stats=self._fit(metrics))
         elif step % self.every == 0 or step == self.total:
