@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config, items):
     """Without vLLM every test of this tier is skipped (the main environment's suite)."""
     skip = pytest.mark.skip(reason="vllm is not installed (the vLLM tier runs in its own venv: docs/vllm.md)")
     for item in items:
-        if not HAS_VLLM and HERE in Path(item.fspath).resolve().parents:
+        if not HAS_VLLM and item.get_closest_marker("vllm") is not None:
             item.add_marker(skip)
 
 

@@ -58,8 +58,8 @@ class RolloutConfig:
     the one at rollout.server_url)."""
     server_url: str = ""
     """rollout.engine=vllm-server: URL of a running vLLM server (empty = gspo starts and stops one)."""
-    vllm_kv_cache_gb: float = 1.0
-    """vLLM on a CPU: GiB of RAM for its KV cache (VLLM_CPU_KVCACHE_SPACE; unset, vLLM takes ~92% of RAM)."""
+    vllm_kv_cache_gb: int = 1
+    """vLLM on a CPU: whole GiB of RAM for its KV cache (VLLM_CPU_KVCACHE_SPACE; unset, vLLM takes ~92% of RAM)."""
     vllm_gpu_memory: float = 0.3
     """vLLM on a GPU: fraction of GPU memory it may take (gpu_memory_utilization; the rest is training's)."""
     engine_dtype: str = "auto"

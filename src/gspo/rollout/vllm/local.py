@@ -24,7 +24,7 @@ from gspo.rollout.vllm.weights import engine_weights
 LOGPROBS_MODE = "processed_logprobs"  # after temperature and top-k / top-p: the distribution sampled from
 
 
-def vllm_environment(kv_cache_gb: float, *, server: bool) -> dict[str, str]:
+def vllm_environment(kv_cache_gb: int, *, server: bool) -> dict[str, str]:
     """Environment variables vLLM reads at start.
 
     ``VLLM_CPU_KVCACHE_SPACE`` (GiB) is always set: without it vLLM's CPU backend reserves ~92% of RAM.
@@ -32,7 +32,9 @@ def vllm_environment(kv_cache_gb: float, *, server: bool) -> dict[str, str]:
     then pushed without pickling); a server gets ``VLLM_SERVER_DEV_MODE=1``, which opens its
     ``/collective_rpc`` and ``/reset_prefix_cache`` endpoints.
     """
-    env = {"VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gb:g}"}
+    if int(kv_cache_gb) != kv_cache_gb or kv_cache_gb < 1:  # vLLM parses it as an int
+        raise ConfigError(f"rollout.vllm_kv_cache_gb={kv_cache_gb}: vLLM takes a whole number of GiB >= 1")
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(int(kv_cache_gb))}
     env.update({"VLLM_SERVER_DEV_MODE": "1"} if server else {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     return env
 
@@ -56,7 +58,7 @@ class VLLMEngine:
     """vLLM's ``LLM`` in this process, behind gspo's :class:`~gspo.rollout.base.RolloutEngine`."""
 
     def __init__(self, model_path, *, pad_token_id: int, eos_ids: list[int], dtype: str = "float32",
-                 max_model_len: int, kv_cache_gb: float = 1.0, gpu_memory: float = 0.3, seed: int = 0,
+                 max_model_len: int, kv_cache_gb: int = 1, gpu_memory: float = 0.3, seed: int = 0,
                  routed_experts: bool = False) -> None:
         os.environ.update(vllm_environment(kv_cache_gb, server=False))
         self.pad_token_id, self.eos_ids = int(pad_token_id), list(eos_ids)

@@ -58,7 +58,7 @@ class ServerError(GspoError):
 class ServerProcess:
     """A vLLM server child process on 127.0.0.1 and a free port; stopped by :meth:`stop` or at exit."""
 
-    def __init__(self, args: dict, *, kv_cache_gb: float, weight_transfer: bool, log_dir: Path | None = None) -> None:
+    def __init__(self, args: dict, *, kv_cache_gb: int, weight_transfer: bool, log_dir: Path | None = None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_dir or tempfile.mkdtemp(prefix="gspo-vllm-server-")) / "vllm-server.log"

@@ -1,0 +1,61 @@
+"""End to end: ``gspo train rollout.engine=vllm`` completes, trains on vLLM's log-probs, resumes after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.vllm
+
+SHORT = ["rollout.prompts_per_step=4", "rollout.group_size=4", "eval.size=8", "log.progress=false",
+         "log.tensorboard=false"]
+
+
+def _gspo(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gspo", "train", *args]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_train_with_vllm_on_its_logprobs(tmp_path):
+    """Three steps with the in-process engine, old log-probs straight from vLLM, weights synced every step."""
+    run_dir = tmp_path / "run"
+    done = subprocess.run(_gspo("rollout.engine=vllm", "steps=3", "loss.old_logprobs=rollout", "checkpoint.every=0",
+                                f"run_dir={run_dir}", *SHORT), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "vLLM" in done.stdout  # the start line names the engine
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 3 and "lift/accuracy" in summary
+    steps = [r for r in _records(run_dir) if r.get("step", 0) >= 1 and "sample/generate_s" in r]
+    assert len(steps) == 3
+    assert all(r["sync/weights_s"] > 0 for r in steps[1:])  # the sync after step k is reported with step k + 1
+
+
+def test_resume_after_sigkill_restarts_the_engine(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["rollout.engine=vllm", "steps=4", "checkpoint.every=1", f"run_dir={run_dir}", *SHORT]
+    first = subprocess.Popen(_gspo(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while not (run_dir / "checkpoints" / "step-00000002").exists():
+            assert first.poll() is None and time.monotonic() < deadline, "the first run ended before step 2"
+            time.sleep(0.5)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    done = subprocess.run([sys.executable, "-m", "gspo", "train", "--resume", str(run_dir)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "resuming from" in done.stdout + done.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
