@@ -82,6 +82,8 @@ def test_sampler_logprobs_equal_recomputation(params, decoder, static_cache):
             rollout.attention_mask,
             rollout.completion_ids.shape[1],
             temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
         )
     assert rollout.logprobs.dtype == torch.float32
     torch.testing.assert_close(rollout.logprobs, recomputed, atol=1e-5, rtol=1e-5)
@@ -89,15 +91,16 @@ def test_sampler_logprobs_equal_recomputation(params, decoder, static_cache):
 
 
 @DECODERS
-def test_logprobs_are_unfiltered_by_top_k(decoder):
-    """top_k = 1 draws the argmax, but the reported log-probability is the full distribution's."""
+def test_logprobs_are_those_of_the_truncated_distribution(decoder):
+    """top_k = 1 draws the argmax with probability 1: the behaviour policy's log-probability is log 1 = 0,
+    not the full distribution's (which would bias every ratio by the kept mass)."""
     model = tiny_qwen3()
     engine = engine_for(model, decoder=decoder)
     greedy = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, temperature=0.0))
     top1 = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, temperature=1.0, top_k=1))
     assert torch.equal(top1.completion_ids, greedy.completion_ids)
-    torch.testing.assert_close(top1.logprobs, greedy.logprobs)  # both untempered at temperature 1
-    assert (top1.logprobs < -1e-3).all()  # not log(1) = 0, as a filtered distribution would give
+    assert (greedy.logprobs[greedy.completion_mask] < -1e-3).all()  # the full distribution's
+    torch.testing.assert_close(top1.logprobs, torch.zeros_like(top1.logprobs))  # the truncated one's
 
 
 @DECODERS

@@ -224,6 +224,13 @@ class NaNLoss:
         return dataclasses.replace(out, loss=out.loss * float("nan")) if self.bad(self.calls) else out
 
 
+def _poison_gspo(monkeypatch, bad) -> None:
+    """The trainer's GSPO loss returns NaN on the calls ``bad(n)`` selects (n counts loss calls)."""
+    real = update.get_objective
+    poisoned = dataclasses.replace(real("gspo"), loss=NaNLoss(real("gspo").loss, bad))
+    monkeypatch.setattr(update, "get_objective", lambda name: poisoned if name == "gspo" else real(name))
+
+
 @pytest.mark.parametrize("kind", ["loss", "gradient"])
 def test_a_nonfinite_step_is_skipped_counted_and_logged(tmp_path, tiny_overrides, monkeypatch, kind):
     trainer = Trainer.from_config(load_config(None, tiny_overrides), run_dir=tmp_path)  # 2 optimizer steps per train step
@@ -232,7 +239,7 @@ def test_a_nonfinite_step_is_skipped_counted_and_logged(tmp_path, tiny_overrides
     before = {n: p.detach().clone() for n, p in params.items()}
     adam_steps = [float(s["step"]) for s in trainer.parts.optimizer.state.values()]
     if kind == "loss":
-        monkeypatch.setitem(update.LOSSES, "gspo", NaNLoss(update.LOSSES["gspo"], lambda n: True))
+        _poison_gspo(monkeypatch, lambda n: True)
     else:
         hook = next(iter(params.values())).register_hook(lambda grad: torch.full_like(grad, float("inf")))
     metrics = trainer.train_step()
@@ -253,7 +260,7 @@ def test_a_nonfinite_step_is_skipped_counted_and_logged(tmp_path, tiny_overrides
 
 def test_a_streak_of_nonfinite_steps_stops_the_run_and_keeps_the_last_good_checkpoint(
         tmp_path, base_args, monkeypatch, capsys):
-    monkeypatch.setitem(update.LOSSES, "gspo", NaNLoss(update.LOSSES["gspo"], lambda n: n >= 5))  # from step 3
+    _poison_gspo(monkeypatch, lambda n: n >= 5)  # from step 3
     run = tmp_path / "run"
     assert main(["train", *base_args, "steps=5", f"run_dir={run}"]) == 2
     err = capsys.readouterr().err

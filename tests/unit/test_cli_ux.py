@@ -148,7 +148,7 @@ def test_help_and_mistakes_import_no_torch(argv, code):
 def test_the_probe_sees_torch_when_it_is_imported():
     """Control: the probe above can fail."""
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    probe = NO_TORCH_PROBE.replace("import sys, gspo.cli", "import sys, gspo.cli, gspo.algorithms")
+    probe = NO_TORCH_PROBE.replace("import sys, gspo.cli", "import sys, gspo.cli, gspo.algorithms.gspo")
     out = subprocess.run([sys.executable, "-c", probe.format(argv=["--help"])], capture_output=True, text=True,
                          env=env, timeout=120)
     assert "RESULT 0 torch" in out.stdout

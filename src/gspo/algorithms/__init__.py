@@ -1,4 +1,4 @@
-"""The objective family as pure functions of tensors (imports only torch).
+"""The objective family as pure functions of tensors (imports only torch, on first use).
 
 Losses: `gspo_loss`, `gspo_token_loss`, `grpo_loss`, `dapo_loss`, `dr_grpo_loss`, `cispo_loss`,
 `sapo_loss`, `gmpo_loss`, `dppo_tv_loss`, `dppo_kl_loss`, `luspo_loss`, each returning a `LossOutput`,
@@ -8,21 +8,36 @@ Around them: `group_advantages`, `kl_penalty`, DAPO's `overlong_penalty` and `gr
 and `reduce_metrics` to combine the metrics of several parts of one batch.
 """
 
-from gspo.algorithms._metrics import reduce_metrics
-from gspo.algorithms.advantages import group_advantages
-from gspo.algorithms.cispo import cispo_loss
-from gspo.algorithms.corrections import CORRECTION_DEFAULTS, CORRECTION_MODES, Correction, rollout_correction
-from gspo.algorithms.dapo import dapo_loss, groups_with_signal, overlong_penalty
-from gspo.algorithms.dppo import dppo_kl_loss, dppo_tv_loss
-from gspo.algorithms.dr_grpo import dr_grpo_loss
-from gspo.algorithms.gmpo import gmpo_loss
-from gspo.algorithms.grpo import grpo_loss
-from gspo.algorithms.gspo import gspo_loss, gspo_token_loss
-from gspo.algorithms.kl import KL_ESTIMATORS, kl_penalty
-from gspo.algorithms.luspo import luspo_loss
-from gspo.algorithms.registry import OBJECTIVES, Objective, get_objective
-from gspo.algorithms.sapo import sapo_loss
-from gspo.algorithms.types import MAX_LOG_RATIO, LossOutput
+# name -> defining module; loaded on first use (PEP 562) so that `gspo.algorithms.catalogue` (names
+# and paper defaults, read by config validation and --help) imports without torch.
+_EXPORTS = {
+    "reduce_metrics": "gspo.algorithms._metrics",
+    "group_advantages": "gspo.algorithms.advantages",
+    "cispo_loss": "gspo.algorithms.cispo",
+    "CORRECTION_DEFAULTS": "gspo.algorithms.corrections",
+    "CORRECTION_MODES": "gspo.algorithms.corrections",
+    "Correction": "gspo.algorithms.corrections",
+    "rollout_correction": "gspo.algorithms.corrections",
+    "dapo_loss": "gspo.algorithms.dapo",
+    "groups_with_signal": "gspo.algorithms.dapo",
+    "overlong_penalty": "gspo.algorithms.dapo",
+    "dppo_kl_loss": "gspo.algorithms.dppo",
+    "dppo_tv_loss": "gspo.algorithms.dppo",
+    "dr_grpo_loss": "gspo.algorithms.dr_grpo",
+    "gmpo_loss": "gspo.algorithms.gmpo",
+    "grpo_loss": "gspo.algorithms.grpo",
+    "gspo_loss": "gspo.algorithms.gspo",
+    "gspo_token_loss": "gspo.algorithms.gspo",
+    "KL_ESTIMATORS": "gspo.algorithms.kl",
+    "kl_penalty": "gspo.algorithms.kl",
+    "luspo_loss": "gspo.algorithms.luspo",
+    "OBJECTIVES": "gspo.algorithms.registry",
+    "Objective": "gspo.algorithms.registry",
+    "get_objective": "gspo.algorithms.registry",
+    "sapo_loss": "gspo.algorithms.sapo",
+    "MAX_LOG_RATIO": "gspo.algorithms.types",
+    "LossOutput": "gspo.algorithms.types",
+}
 
 __all__ = [
     "CORRECTION_DEFAULTS",
@@ -52,3 +67,17 @@ __all__ = [
     "overlong_penalty",
     "reduce_metrics",
 ]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gspo.algorithms' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -14,6 +14,7 @@ from numbers import Real
 
 import torch
 
+from gspo.algorithms.catalogue import PAPER_DEFAULTS
 from gspo.algorithms._inputs import check_clip, normaliser, prepare
 from gspo.algorithms._masked import token_sum_mean
 from gspo.algorithms._metrics import policy_metrics
@@ -27,8 +28,8 @@ def cispo_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    clip_low: float = 1.0,
-    clip_high: float = 3.0,
+    clip_low: float = PAPER_DEFAULTS["cispo"]["clip_low"],
+    clip_high: float = PAPER_DEFAULTS["cispo"]["clip_high"],
     num_tokens: Real | torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     beta: float = 0.0,

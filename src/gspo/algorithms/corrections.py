@@ -43,22 +43,8 @@ import torch
 from gspo.algorithms._inputs import as_bool_mask
 from gspo.algorithms._masked import clamp_log_ratio, compute_dtype, masked, per_sequence_mean
 from gspo.algorithms._metrics import MetricsBuilder, _count, _mean, _std
+from gspo.algorithms.catalogue import CORRECTION_DEFAULTS, CORRECTION_MODES
 
-CORRECTION_MODES = ("none", "bypass", "tis", "mis", "seq_tis", "seq_mis", "geo_tis", "geo_mis", "geo_reject",
-                    "opsm")
-
-# mode -> {threshold keyword: default}; the only keywords each mode accepts.
-CORRECTION_DEFAULTS: Mapping[str, Mapping[str, float]] = MappingProxyType({
-    "none": {}, "bypass": {},
-    "tis": {"threshold": 2.0},
-    "mis": {"low": 0.5, "high": 5.0},
-    "seq_tis": {"threshold": 2.0},
-    "seq_mis": {"low": 0.5, "high": 2.0},
-    "geo_tis": {"threshold": 2.0},
-    "geo_mis": {"low": 0.99, "high": 1.01},
-    "geo_reject": {"low": 0.99, "high": 1.01},
-    "opsm": {"delta": 1e-4},
-})
 
 
 @dataclass(frozen=True)

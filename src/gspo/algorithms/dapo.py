@@ -12,6 +12,7 @@ from numbers import Real
 
 import torch
 
+from gspo.algorithms.catalogue import PAPER_DEFAULTS
 from gspo.algorithms._inputs import check_clip, normaliser, prepare
 from gspo.algorithms._masked import clip_indicators, clipped_surrogate, token_sum_mean
 from gspo.algorithms._metrics import policy_metrics
@@ -26,8 +27,8 @@ def dapo_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    clip_low: float = 0.2,
-    clip_high: float = 0.28,
+    clip_low: float = PAPER_DEFAULTS["dapo"]["clip_low"],
+    clip_high: float = PAPER_DEFAULTS["dapo"]["clip_high"],
     num_tokens: Real | torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     beta: float = 0.0,

@@ -22,6 +22,7 @@ from numbers import Real
 
 import torch
 
+from gspo.algorithms.catalogue import PAPER_DEFAULTS
 from gspo.algorithms._inputs import PolicyBatch, normaliser, prepare
 from gspo.algorithms._masked import token_sum_mean
 from gspo.algorithms._metrics import policy_metrics
@@ -80,9 +81,9 @@ def dppo_tv_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    delta_low: float = 0.2,
-    delta_high: float = 0.2,
-    max_ratio: float = 10.0,
+    delta_low: float = PAPER_DEFAULTS["dppo_tv"]["delta_low"],
+    delta_high: float = PAPER_DEFAULTS["dppo_tv"]["delta_high"],
+    max_ratio: float = PAPER_DEFAULTS["dppo_tv"]["max_ratio"],
     num_tokens: Real | torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     beta: float = 0.0,
@@ -114,9 +115,9 @@ def dppo_kl_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    delta_low: float = 0.05,
-    delta_high: float = 0.05,
-    max_ratio: float = 10.0,
+    delta_low: float = PAPER_DEFAULTS["dppo_kl"]["delta_low"],
+    delta_high: float = PAPER_DEFAULTS["dppo_kl"]["delta_high"],
+    max_ratio: float = PAPER_DEFAULTS["dppo_kl"]["max_ratio"],
     num_tokens: Real | torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     beta: float = 0.0,

@@ -13,6 +13,7 @@ from numbers import Real
 
 import torch
 
+from gspo.algorithms.catalogue import PAPER_DEFAULTS
 from gspo.algorithms._inputs import check_clip, normaliser, prepare
 from gspo.algorithms._masked import clip_indicators, clipped_surrogate, token_sum_mean
 from gspo.algorithms._metrics import policy_metrics
@@ -27,8 +28,8 @@ def dr_grpo_loss(
     mask: torch.Tensor,
     *,
     max_length: int | None = None,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
+    clip_low: float = PAPER_DEFAULTS["dr_grpo"]["clip_low"],
+    clip_high: float = PAPER_DEFAULTS["dr_grpo"]["clip_high"],
     num_sequences: Real | torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     beta: float = 0.0,

@@ -12,6 +12,7 @@ from numbers import Real
 
 import torch
 
+from gspo.algorithms.catalogue import PAPER_DEFAULTS
 from gspo.algorithms._inputs import normaliser, prepare
 from gspo.algorithms._masked import masked, per_sequence_mean, seq_mean_token_mean
 from gspo.algorithms._metrics import policy_metrics
@@ -25,8 +26,8 @@ def gmpo_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    clip_low: float = 0.4,
-    clip_high: float = 0.4,
+    clip_low: float = PAPER_DEFAULTS["gmpo"]["clip_low"],
+    clip_high: float = PAPER_DEFAULTS["gmpo"]["clip_high"],
     num_sequences: Real | torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     beta: float = 0.0,

@@ -11,6 +11,7 @@ from numbers import Real
 
 import torch
 
+from gspo.algorithms.catalogue import PAPER_DEFAULTS
 from gspo.algorithms._inputs import check_clip, normaliser, prepare
 from gspo.algorithms._masked import clip_indicators, clipped_surrogate, seq_mean_token_mean
 from gspo.algorithms._metrics import policy_metrics
@@ -24,8 +25,8 @@ def grpo_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
+    clip_low: float = PAPER_DEFAULTS["grpo"]["clip_low"],
+    clip_high: float = PAPER_DEFAULTS["grpo"]["clip_high"],
     num_sequences: Real | torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     beta: float = 0.0,

@@ -12,6 +12,7 @@ from numbers import Real
 
 import torch
 
+from gspo.algorithms.catalogue import PAPER_DEFAULTS
 from gspo.algorithms._inputs import check_clip, normaliser, prepare
 from gspo.algorithms._masked import clamp_log_ratio, clip_indicators, clipped_surrogate, masked
 from gspo.algorithms._masked import seq_mean_token_mean
@@ -26,8 +27,8 @@ def gspo_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    clip_low: float = 3e-4,
-    clip_high: float = 4e-4,
+    clip_low: float = PAPER_DEFAULTS["gspo"]["clip_low"],
+    clip_high: float = PAPER_DEFAULTS["gspo"]["clip_high"],
     num_sequences: Real | torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     beta: float = 0.0,
@@ -78,8 +79,8 @@ def gspo_token_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    clip_low: float = 3e-4,
-    clip_high: float = 4e-4,
+    clip_low: float = PAPER_DEFAULTS["gspo_token"]["clip_low"],
+    clip_high: float = PAPER_DEFAULTS["gspo_token"]["clip_high"],
     num_sequences: Real | torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     beta: float = 0.0,

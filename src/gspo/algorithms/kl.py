@@ -13,8 +13,7 @@ import torch
 
 from gspo.algorithms._inputs import PolicyBatch, as_bool_mask
 from gspo.algorithms._masked import clamp_log_ratio, compute_dtype, masked
-
-KL_ESTIMATORS = ("k1", "k2", "k3")
+from gspo.algorithms.catalogue import KL_ESTIMATORS
 
 
 def check_kl_args(ref_logprobs: torch.Tensor | None, beta: float, kl_estimator: str) -> None:

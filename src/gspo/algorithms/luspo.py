@@ -15,6 +15,7 @@ from numbers import Real
 
 import torch
 
+from gspo.algorithms.catalogue import PAPER_DEFAULTS
 from gspo.algorithms._inputs import check_clip, normaliser, prepare
 from gspo.algorithms._masked import clip_indicators, clipped_surrogate, masked
 from gspo.algorithms._metrics import policy_metrics
@@ -28,8 +29,8 @@ def luspo_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    clip_low: float = 3e-4,
-    clip_high: float = 4e-4,
+    clip_low: float = PAPER_DEFAULTS["luspo"]["clip_low"],
+    clip_high: float = PAPER_DEFAULTS["luspo"]["clip_high"],
     num_sequences: Real | torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     beta: float = 0.0,

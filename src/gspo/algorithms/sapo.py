@@ -13,6 +13,7 @@ from numbers import Real
 
 import torch
 
+from gspo.algorithms.catalogue import PAPER_DEFAULTS
 from gspo.algorithms._inputs import normaliser, prepare
 from gspo.algorithms._masked import seq_mean_token_mean
 from gspo.algorithms._metrics import _mean, policy_metrics
@@ -31,8 +32,8 @@ def sapo_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    tau_pos: float = 1.0,
-    tau_neg: float = 1.05,
+    tau_pos: float = PAPER_DEFAULTS["sapo"]["tau_pos"],
+    tau_neg: float = PAPER_DEFAULTS["sapo"]["tau_neg"],
     num_sequences: Real | torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     beta: float = 0.0,

@@ -40,7 +40,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         key, value = _split_override(item)
         _set_dotted(raw, key, value)
     config = from_dict(raw)
-    check_choice("algorithm", config.algorithm, ALGORITHMS)
     check_model(config.model)
     from gspo.config.validate import validate
 

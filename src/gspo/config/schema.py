@@ -12,11 +12,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-ALGORITHMS = ("gspo", "gspo_token", "grpo", "dapo")
+from gspo.algorithms.catalogue import CORRECTION_DEFAULTS, SPECS
 
-# Paper defaults per algorithm: (clip_low, clip_high). GSPO: paper section 5.1; GRPO: the symmetric
-# 0.2 of DeepSeekMath (the GSPO paper's GRPO baseline used 0.2 / 0.27); DAPO: clip-higher 0.2 / 0.28.
-CLIP_DEFAULTS = {"gspo": (3e-4, 4e-4), "gspo_token": (3e-4, 4e-4), "grpo": (0.2, 0.2), "dapo": (0.2, 0.28)}
+# Read from the objectives' catalogue (the one place their names and paper defaults are written).
+ALGORITHMS = tuple(SPECS)
+CLIP_DEFAULTS = {name: (spec.hyperparameters["clip_low"], spec.hyperparameters["clip_high"])
+                 for name, spec in SPECS.items() if "clip_low" in spec.hyperparameters}
 
 
 @dataclass
@@ -78,6 +79,9 @@ class LossConfig:
     """Lower clip range epsilon_low; default: the algorithm's paper value (GSPO 3e-4)."""
     clip_high: float | None = None
     """Upper clip range epsilon_high; default: the algorithm's paper value (GSPO 4e-4)."""
+    params: list[str] = field(default_factory=list)
+    """Other hyperparameters of the algorithm as name=value (e.g. sapo: tau_pos=1.0,tau_neg=1.05; dppo_tv:
+    delta_low=0.2); default: its paper's values (docs/objectives.md lists each algorithm's)."""
     advantage_scale: str = "group"
     """group: divide by the group std (paper eq. 6); batch: by the batch std; none: only centre."""
     beta: float = 0.0
@@ -94,6 +98,28 @@ class LossConfig:
     """DAPO: drop groups whose rewards are all equal and sample more (default: on for dapo)."""
     overlong_buffer: int = 0
     """DAPO overlong reward shaping buffer L_cache in tokens (0 = off)."""
+
+
+@dataclass
+class CorrectionConfig:
+    mode: str = "none"
+    """Rollout correction between the engine's and the trainer's old probabilities (docs/objectives.md):
+    none; tis / mis (token truncation / masking); seq_tis / seq_mis (sequence, product form); geo_tis /
+    geo_mis / geo_reject (sequence, geometric mean); opsm (off-policy sequence masking); bypass (pi_old =
+    the engine's log-probabilities, i.e. loss.old_logprobs=rollout)."""
+    threshold: float | None = None
+    """Truncation cap C of tis / seq_tis / geo_tis (default 2)."""
+    low: float | None = None
+    """Lower bound of the kept ratio band of mis / seq_mis / geo_mis / geo_reject (default: the mode's)."""
+    high: float | None = None
+    """Upper bound of that band (default: the mode's)."""
+    delta: float | None = None
+    """opsm: the mean log-ratio above which a negative-advantage response is dropped (default 1e-4)."""
+
+    def thresholds(self) -> dict[str, float]:
+        """The mode's threshold keywords: the configured values, else the mode's defaults."""
+        defaults = CORRECTION_DEFAULTS.get(self.mode, {})
+        return {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in defaults.items()}
 
 
 @dataclass
@@ -172,7 +198,9 @@ class LogConfig:
     project: str = "gspo"
     """Project (W&B) or experiment (MLflow) name the run is logged under."""
     progress: bool = True
-    """Show the live progress bar."""
+    """Show the live progress bar (on a terminal), or plain progress lines (when output is redirected)."""
+    every: int = 10
+    """Without a terminal (nohup, a scheduler, | tee): one plain progress line every N steps."""
     samples: int = 4
     """Completions written to samples.jsonl per step."""
 
@@ -196,7 +224,8 @@ class Config:
     model: str = "tiny-arith"
     """Embedded model name (tiny-arith, tiny-moe) or a local Hugging Face causal-LM directory."""
     algorithm: str = "gspo"
-    """gspo, gspo_token, grpo or dapo (each with its paper defaults)."""
+    """The objective (gspo, gspo_token, grpo, dapo, dr_grpo, cispo, sapo, gmpo, dppo_tv, dppo_kl, luspo),
+    each with its paper's defaults; docs/objectives.md has their equations."""
     steps: int = 200
     """Rollout batches (training steps)."""
     seed: int = 0
@@ -211,6 +240,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -221,17 +251,30 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @property
-    def clip_range(self) -> tuple[float, float]:
-        """(clip_low, clip_high) with the algorithm's paper defaults filled in."""
-        low, high = CLIP_DEFAULTS[self.algorithm]
+    def clip_range(self) -> tuple[float | None, float | None]:
+        """(clip_low, clip_high) with the algorithm's paper defaults filled in (None without a clip)."""
+        low, high = CLIP_DEFAULTS.get(self.algorithm, (None, None))
         return (
             low if self.loss.clip_low is None else self.loss.clip_low,
             high if self.loss.clip_high is None else self.loss.clip_high,
         )
 
     @property
+    def hyperparameters(self) -> dict[str, float]:
+        """The algorithm's keyword hyperparameters: paper defaults, then clip_low / clip_high, then loss.params."""
+        out = dict(SPECS[self.algorithm].hyperparameters)
+        low, high = self.clip_range
+        if "clip_low" in out:
+            out["clip_low"], out["clip_high"] = low, high
+        for item in self.loss.params:
+            key, _, value = item.partition("=")
+            out[key.strip()] = float(value)
+        return out
+
+    @property
     def dynamic_sampling(self) -> bool:
-        return self.algorithm == "dapo" if self.loss.dynamic_sampling is None else self.loss.dynamic_sampling
+        default = SPECS[self.algorithm].dynamic_sampling if self.algorithm in SPECS else False
+        return default if self.loss.dynamic_sampling is None else self.loss.dynamic_sampling
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -241,5 +284,6 @@ class Config:
         out = self.to_dict()
         out["loss"]["clip_low"], out["loss"]["clip_high"] = self.clip_range
         out["loss"]["dynamic_sampling"] = self.dynamic_sampling
+        out["correction"].update(self.correction.thresholds())
         return out
 

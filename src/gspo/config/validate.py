@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from gspo.algorithms.catalogue import CORRECTION_MODES, KL_ESTIMATORS, SPECS
 from gspo.config.schema import ALGORITHMS, Config
 from gspo.errors import ConfigError
+
+OLD_LOGPROB_SOURCES = ("auto", "recompute", "rollout")
 
 
 def validate(config: Config) -> None:
@@ -34,17 +37,23 @@ def validate(config: Config) -> None:
     _choice("rollout.decoder", r.decoder, ("auto", "native", "hf"))
 
     loss = config.loss
+    spec = SPECS[config.algorithm]
     low, high = config.clip_range
+    if low is None and (loss.clip_low is not None or loss.clip_high is not None):
+        raise ConfigError(f"algorithm={config.algorithm} has no clip range (its hyperparameters: "
+                          f"{', '.join(spec.hyperparameters)}); set them with loss.params=name=value")
     for key, value in (("loss.clip_low", low), ("loss.clip_high", high)):
-        if value < 0:
+        if value is not None and value < 0:
             raise ConfigError(f"{key}={value} is negative; clip ranges are epsilons >= 0 (GSPO: 3e-4 / 4e-4)")
-    if low >= 1:
+    if low is not None and low >= 1 and config.algorithm != "cispo":  # CISPO's lower bound may reach 0
         raise ConfigError(f"loss.clip_low={low} must be below 1 (the ratio is clipped to [1 - clip_low, ...])")
+    _validate_params(config.algorithm, loss.params, spec.hyperparameters)
+    _validate_correction(config)
     _choice("loss.advantage_scale", loss.advantage_scale, ("group", "batch", "none"))
     _minimum("loss.beta", loss.beta, 0.0)
-    _choice("loss.kl_estimator", loss.kl_estimator, ("k1", "k2", "k3"))
+    _choice("loss.kl_estimator", loss.kl_estimator, KL_ESTIMATORS)
     _minimum("loss.ref_refresh_steps", loss.ref_refresh_steps, 0)
-    _choice("loss.old_logprobs", loss.old_logprobs, ("auto", "recompute", "rollout"))
+    _choice("loss.old_logprobs", loss.old_logprobs, OLD_LOGPROB_SOURCES)
     _minimum("loss.overlong_buffer", loss.overlong_buffer, 0)
     if loss.overlong_buffer >= r.max_new_tokens:
         raise ConfigError(
@@ -83,6 +92,7 @@ def validate(config: Config) -> None:
     _minimum("checkpoint.every", config.checkpoint.every, 0)
     _positive("checkpoint.keep_last", config.checkpoint.keep_last)
     _minimum("log.samples", config.log.samples, 0)
+    _positive("log.every", config.log.every)
     _choice("moe.routing_replay", config.moe.routing_replay, ("off", "r2", "r3"))
     if config.dynamic_sampling and config.moe.routing_replay == "r3":
         raise ConfigError("DAPO dynamic sampling with moe.routing_replay=r3 is not supported (the kept groups of "
@@ -92,6 +102,36 @@ def validate(config: Config) -> None:
     _choice("data.chat_template", config.data.chat_template, ("auto", "always", "never"))
     _validate_lora(config)
     _validate_trackers(config.log.trackers)
+
+
+def _validate_params(algorithm: str, params: list[str], allowed) -> None:
+    for item in params:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in allowed or key in ("clip_low", "clip_high"):
+            names = ", ".join(k for k in allowed if k not in ("clip_low", "clip_high")) or "none besides the clip range"
+            raise ConfigError(f"loss.params={item!r}: {algorithm} takes name=value for {names} "
+                              "(clip_low / clip_high have their own keys, loss.clip_low=...)")
+        try:
+            float(value)
+        except ValueError:
+            raise ConfigError(f"loss.params={item!r}: {value!r} is not a number") from None
+
+
+def _validate_correction(config: Config) -> None:
+    c = config.correction
+    _choice("correction.mode", c.mode, CORRECTION_MODES)
+    for key in ("threshold", "low", "high", "delta"):
+        if getattr(c, key) is not None and key not in c.thresholds():
+            takes = ", ".join(c.thresholds()) or "no thresholds"
+            raise ConfigError(f"correction.{key} does not apply to correction.mode={c.mode} (it takes {takes})")
+    if c.mode == "bypass" and config.loss.old_logprobs == "recompute":
+        raise ConfigError("correction.mode=bypass means pi_old = the engine's log-probabilities, but "
+                          "loss.old_logprobs=recompute; drop one of the two")
+    if c.mode not in ("none", "bypass") and config.loss.old_logprobs == "rollout":
+        raise ConfigError(f"correction.mode={c.mode} corrects between recomputed old log-probabilities and the "
+                          "engine's, but loss.old_logprobs=rollout makes them the same; set loss.old_logprobs=recompute "
+                          "(or auto)")
 
 
 # log.trackers name -> (module that must import, the extra that installs it)
@@ -139,11 +179,10 @@ def _installed(module: str) -> bool:
 
 def _choice(key: str, value: object, allowed: tuple) -> None:
     if value not in allowed:
-        import difflib
+        from gspo.suggest import did_you_mean
 
-        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.{hint}")
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}."
+                          f"{did_you_mean(str(value), [str(a) for a in allowed])}")
 
 
 def _positive(key: str, value: int | float) -> None:

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import torch
 
+from gspo.config.load import EMBEDDED_MODELS
 from gspo.errors import ModelLoadError
 from gspo.models.lora import require_peft
 
 ADAPTER_CONFIG = "adapter_config.json"  # what PEFT's save_pretrained writes for a LoRA model
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-EMBEDDED = {"tiny-arith": ASSETS / "tiny-arith", "tiny-moe": ASSETS / "tiny-moe-arith"}
+# the embedded models by the names the config accepts (gspo.config.load.EMBEDDED_MODELS, torch-free)
+EMBEDDED = dict(zip(EMBEDDED_MODELS, (ASSETS / "tiny-arith", ASSETS / "tiny-moe-arith")))
 CODE_MAPS = ("config.json", "tokenizer_config.json")  # where transformers looks for auto_map
 
 

@@ -48,6 +48,11 @@ class Rollout:
     truncated: torch.Tensor  # (B,) bool: reached max_new_tokens without emitting EOS
     routing: Any = None  # optional MoE routing record over all P + T positions (see gspo.moe.routing)
     timings: dict[str, float] = field(default_factory=dict)  # seconds spent per phase, for metrics
+    # (B, T) bool or None: real tokens of the completion segment. None = completion_mask. Multi-turn
+    # episodes put environment tokens (tool results, feedback) between the model's turns: they are
+    # attended (True here) but carry no loss and no sampler log-probability (False in completion_mask).
+    completion_attention: torch.Tensor | None = None
+    policy_version: int = -1  # the weights version that sampled this batch (pipelined sampling), -1 = current
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -56,8 +61,9 @@ class Rollout:
 
     @property
     def attention_mask(self) -> torch.Tensor:
-        """(B, P + T) bool: real tokens of prompt and completion."""
-        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+        """(B, P + T) bool: real tokens of prompt and completion (environment tokens included)."""
+        completion = self.completion_mask if self.completion_attention is None else self.completion_attention
+        return torch.cat([self.prompt_mask, completion], dim=1)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -166,6 +172,10 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int = 0) -> Rollout:
     routing = None
     if rollouts[0].routing is not None:
         raise NotImplementedError("concatenating rollouts that carry MoE routing records is not supported")
+    attention = None
+    if any(r.completion_attention is not None for r in rollouts):
+        attention = torch.cat([pad(r.completion_attention if r.completion_attention is not None else r.completion_mask,
+                                   width_t, False, False) for r in rollouts])
     return Rollout(
         prompt_ids=torch.cat([pad(r.prompt_ids, width_p, True, pad_token_id) for r in rollouts]),
         prompt_mask=torch.cat([pad(r.prompt_mask, width_p, True, False) for r in rollouts]),
@@ -175,4 +185,6 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int = 0) -> Rollout:
         truncated=torch.cat([r.truncated for r in rollouts]),
         routing=routing,
         timings={k: sum(r.timings.get(k, 0.0) for r in rollouts) for k in rollouts[0].timings},
+        completion_attention=attention,
+        policy_version=min(r.policy_version for r in rollouts),
     )

@@ -5,11 +5,11 @@ One prefill over the left-padded prompts, then batched decoding with a KV cache 
 per-token work to the model call plus a few in-place tensor ops on preallocated buffers, and stops as
 soon as every sequence has emitted EOS (unless ``ignore_eos``).
 
-Log-probabilities returned with the rollout are the sampler's, ``log_softmax(logits / temperature)``
-of the sampled token, computed BEFORE top-k / top-p filtering: top-k / top-p only restrict which tokens
-can be drawn, while the trainer recomputes log-probabilities under the unfiltered tempered
-distribution (``gspo.logprobs.token_logprobs(..., temperature=T)``), so that is the distribution both
-sides must agree on. With temperature 0 (greedy) the log-probabilities are untempered (temperature 1).
+Log-probabilities returned with the rollout are the sampler's: ``log_softmax(logits / temperature)`` of
+the sampled token, over the top-k / top-p support renormalised when those are on (the behaviour policy
+is the truncated distribution); the trainer computes its log-probabilities over the same support
+(``gspo.logprobs.token_logprobs(..., temperature=T, top_k=k, top_p=p)``), so the ratio is not biased by
+the kept mass. With temperature 0 (greedy) the log-probabilities are untempered (temperature 1).
 
 Decode step: for Llama-family models (Llama, Mistral, Qwen2, Qwen3) the engine runs gspo's own
 prefill and decode step (:mod:`gspo.rollout.native`: fused projections, a preallocated cache, grouped
@@ -35,6 +35,7 @@ import torch
 from transformers.cache_utils import DynamicCache, StaticCache
 
 from gspo.errors import ConfigError
+from gspo.logprobs import truncated_log_softmax, truncation_mask
 from gspo.moe import capture_routing, supports_routing
 from gspo.rollout.base import EngineInfo, Rollout, SamplingParams, full_weights
 from gspo.rollout.native import NativeDecoder, native_support
@@ -267,9 +268,12 @@ def sample_next_token(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from (B, V) float32 ``logits``; return (B,) tokens and (B,) log-probs.
 
-    The log-probabilities are of ``log_softmax(logits / temperature)`` before top-k / top-p filtering
-    (untempered for greedy); ``logits`` is overwritten. With ``uniform`` ((B,) in [0, 1)) the token is
-    the inverse CDF of each row's distribution at its own uniform draw instead of ``torch.multinomial``.
+    The log-probabilities are those of the distribution actually sampled: ``log_softmax(logits /
+    temperature)``, truncated to the top-k / top-p support and renormalised when those are on
+    (:func:`gspo.logprobs.truncated_log_softmax`, which the trainer applies to its own logits too, so the
+    on-policy ratio is 1); untempered for greedy. ``logits`` is overwritten. With ``uniform`` ((B,) in
+    [0, 1)) the token is the inverse CDF of each row's distribution at its own uniform draw instead of
+    ``torch.multinomial``.
     """
     if params.temperature == 0:
         tokens = logits.argmax(dim=-1)  # (B,)
@@ -277,11 +281,8 @@ def sample_next_token(
         return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
     if params.temperature != 1.0:
         logits.div_(params.temperature)
-    logprobs = logits.log_softmax(dim=-1)  # (B, V)
-    if params.top_k > 0 or params.top_p < 1.0:
-        probs = _filtered_logits(logits, params.top_k, params.top_p).softmax(dim=-1)  # (B, V)
-    else:
-        probs = logprobs.exp()  # (B, V)
+    logprobs = truncated_log_softmax(logits, params.top_k, params.top_p)  # (B, V), -inf outside the support
+    probs = logprobs.exp()  # (B, V)
     if uniform is None:
         tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
     else:
@@ -292,21 +293,8 @@ def sample_next_token(
 
 
 def _filtered_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """(B, V) tempered logits with everything outside the top-k and the top-p nucleus set to -inf.
-
-    The nucleus is the smallest set of most likely tokens whose probability reaches ``top_p``; the most
-    likely token is always kept.
-    """
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
-        sorted_probs = sorted_logits.softmax(dim=-1)  # (B, V)
-        # Drop a token when the tokens ranked strictly above it already reach top_p.
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # (B, V)
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return logits
+    """(B, V) tempered logits with everything outside the top-k / top-p support set to -inf."""
+    return logits.masked_fill(~truncation_mask(logits, top_k, top_p), float("-inf"))
 
 
 def _left_pad(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -121,7 +121,7 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     if replay == "r3" and not engine.info.records_routing:
         raise ConfigError(f"moe.routing_replay=r3 needs the rollout engine's expert choices, which {engine.info.name} "
                           "does not return; use moe.routing_replay=r2 (experts from the trainer's old-policy pass)")
-    policy = dist.wrap_for_training(PolicyLogprobs(model), config.distributed.strategy)
+    policy = dist.wrap_for_training(PolicyLogprobs(model, top_k=r.top_k, top_p=r.top_p), config.distributed.strategy)
     optimizer = build_optimizer(policy, config)  # after wrapping: FSDP2 replaced the parameters
     scheduler = build_scheduler(optimizer, config, config.steps * o.minibatches * o.epochs)
     reference = None
@@ -136,13 +136,15 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
                           config.loss.overlong_buffer, config.reward.none_policy, record_routing=replay == "r3")
     evaluator = Evaluator(engine, render, render.decode, rewards, r.max_new_tokens,
                           none_policy=config.reward.none_policy)
-    low, high = config.clip_range
-    updater = Updater(config.algorithm, low, high, beta=config.loss.beta, kl_estimator=config.loss.kl_estimator,
+    updater = Updater(config.algorithm, config.hyperparameters, max_length=r.max_new_tokens,
+                      correction=config.correction.mode, correction_thresholds=config.correction.thresholds(),
+                      beta=config.loss.beta, kl_estimator=config.loss.kl_estimator,
                       temperature=r.temperature, minibatches=o.minibatches, epochs=o.epochs,
                       micro_batch_size=o.micro_batch_size, max_grad_norm=o.max_grad_norm,
                       autocast_dtype=DTYPES[o.dtype] if o.dtype != "float32" else None,
                       routing_replay=replay != "off")
-    plan = plan_old_logprobs(config.loss.old_logprobs, engine=engine.info, training_dtype=o.dtype,
+    source = "rollout" if config.correction.mode == "bypass" else config.loss.old_logprobs
+    plan = plan_old_logprobs(source, engine=engine.info, training_dtype=o.dtype,
                              dropout=has_dropout(model), moe=moe, routing_replay=replay,
                              diagnostics=config.moe.diagnostics)
     temperature = r.temperature

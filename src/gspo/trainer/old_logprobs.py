@@ -147,7 +147,8 @@ class OldLogprobs:
         if self.reference is not None:
             with self.reference() as reference:  # LoRA: the base model, adapter disabled
                 ref = reference(ids, attn, num_t)  # (B, T)
-        return UpdateInputs(ids, attn, mask, batch.advantages, old, ref, routing, reuse, measure), metrics
+        return UpdateInputs(ids, attn, mask, batch.advantages, old, ref, routing, reuse, measure,
+                            rollout_logprobs=rollout.logprobs), metrics
 
     def _recording(self) -> ContextManager:
         if self.plan.capture_routing and self.routed_model is not None:

@@ -13,11 +13,16 @@ from gspo.logprobs import token_logprobs
 
 
 class PolicyLogprobs(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
+    """``top_k`` / ``top_p``: the sampler's truncation; log-probabilities are then over the same support
+    (the behaviour policy is the truncated distribution, so an untruncated trainer would bias every ratio)."""
+
+    def __init__(self, model: torch.nn.Module, *, top_k: int = 0, top_p: float = 1.0) -> None:
         super().__init__()
         self.model = model
+        self.top_k, self.top_p = top_k, top_p
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_completion_tokens: int,
                 temperature: float = 1.0) -> torch.Tensor:
         """(B, T) log pi(y_t | x, y_<t) of the last ``num_completion_tokens`` positions."""
-        return token_logprobs(self.model, input_ids, attention_mask, num_completion_tokens, temperature=temperature)
+        return token_logprobs(self.model, input_ids, attention_mask, num_completion_tokens, temperature=temperature,
+                              top_k=self.top_k, top_p=self.top_p)

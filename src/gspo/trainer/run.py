@@ -33,7 +33,8 @@ def train(config: Config, run_dir: Path | None = None, *, resume: bool = False, 
         check_resumable(config, run_dir)
     trainer = Trainer.from_config(config, run_dir)
     trainer.save_resolved_config()
-    progress = Progress(config.steps, enabled=config.log.progress and dist.is_main(), console=console)
+    progress = Progress(config.steps, enabled=config.log.progress and dist.is_main(), console=console,
+                        every=config.log.every)
     if resume:
         _restore(trainer, run_dir, progress)
     if dist.is_main():

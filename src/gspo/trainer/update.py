@@ -16,12 +16,9 @@ from typing import Callable
 import torch
 
 from gspo import distributed as dist
-from gspo.algorithms import dapo_loss, grpo_loss, gspo_loss, gspo_token_loss
+from gspo.algorithms import LossOutput, get_objective, rollout_correction
 from gspo.errors import TrainingDiverged
 from gspo.moe import RoutingRecord, capture_routing, expert_volatility, replay_routing
-
-LOSSES = {"gspo": gspo_loss, "gspo_token": gspo_token_loss, "grpo": grpo_loss, "dapo": dapo_loss}
-TOKEN_NORMALISED = {"dapo"}  # token-mean over the batch; the others average per response
 
 # Consecutive optimizer steps with a non-finite loss or gradient after which the run stops: one bad
 # step is skipped and logged, a streak means the policy itself has diverged.
@@ -45,23 +42,34 @@ class UpdateInputs:
     # (B,) bool or None: rows whose old_logprobs are the sampler's and whose first training forward is still
     # pi_old's (the on-policy minibatch): that forward measures the sampler/trainer mismatch for free.
     measure_old: torch.Tensor | None = None
+    # (B, T) the rollout engine's own log-probabilities, kept apart from pi_old (rollout corrections)
+    rollout_logprobs: torch.Tensor | None = None
 
     def rows(self, index: torch.Tensor) -> "UpdateInputs":
-        ref = self.ref_logprobs[index] if self.ref_logprobs is not None else None
+        def pick(t):
+            return t[index] if t is not None else None
+
         routing = self.routing.select(index) if self.routing is not None else None
-        reuse = self.reuse_old[index] if self.reuse_old is not None else None
-        measure = self.measure_old[index] if self.measure_old is not None else None
         return UpdateInputs(self.input_ids[index], self.attention_mask[index], self.completion_mask[index],
-                            self.advantages[index], self.old_logprobs[index], ref, routing, reuse, measure)
+                            self.advantages[index], self.old_logprobs[index], pick(self.ref_logprobs), routing,
+                            pick(self.reuse_old), pick(self.measure_old), pick(self.rollout_logprobs))
 
 
 @dataclass
 class Updater:
-    """Runs the minibatch loop for one algorithm with fixed loss settings."""
+    """Runs the minibatch loop for one objective with fixed loss settings.
+
+    ``algorithm`` names a registered objective (:mod:`gspo.algorithms.registry`); ``hyperparameters`` are
+    its keywords (paper defaults unless configured); ``max_length`` is the generation budget for the
+    objectives that normalise by it (Dr. GRPO). ``correction`` / ``correction_thresholds``: the rollout
+    correction between pi_old and the engine's probabilities (docs/objectives.md), ``none`` by default.
+    """
 
     algorithm: str
-    clip_low: float
-    clip_high: float
+    hyperparameters: dict = field(default_factory=dict)
+    max_length: int = 0
+    correction: str = "none"
+    correction_thresholds: dict = field(default_factory=dict)
     beta: float = 0.0
     kl_estimator: str = "k3"
     temperature: float = 1.0
@@ -176,12 +184,22 @@ class Updater:
             self.onpolicy_pairs.append((logprobs.detach().float()[m], rows.old_logprobs[m], rows.completion_mask[m]))
         if self.on_logprobs is not None:
             self.on_logprobs(logprobs.detach(), rows.old_logprobs, rows.completion_mask)
-        norm_key = "num_tokens" if self.algorithm in TOKEN_NORMALISED else "num_sequences"
-        return LOSSES[self.algorithm](
+        objective = get_objective(self.algorithm)
+        extra = {"max_length": self.max_length} if objective.needs_max_length else {}
+        weights, correction = None, None
+        if self.correction not in ("none", "bypass") and rows.rollout_logprobs is not None:
+            opsm = {"logprobs": logprobs.detach().float(), "advantages": rows.advantages} if self.correction == "opsm" else {}
+            correction = rollout_correction(rows.old_logprobs, rows.rollout_logprobs, rows.completion_mask,
+                                            mode=self.correction, **opsm, **self.correction_thresholds)
+            weights = correction.weights  # (b, T) detached, 0 where masked
+        out = objective.loss(
             logprobs.float(), rows.old_logprobs, rows.advantages, rows.completion_mask,
-            clip_low=self.clip_low, clip_high=self.clip_high, ref_logprobs=rows.ref_logprobs,
-            beta=self.beta, kl_estimator=self.kl_estimator, **{norm_key: normaliser},
+            ref_logprobs=rows.ref_logprobs, beta=self.beta, kl_estimator=self.kl_estimator, correction=weights,
+            **self.hyperparameters, **extra, **{objective.normaliser: normaliser},
         )
+        if correction is None:
+            return out
+        return LossOutput(out.loss, {**out.metrics, **correction.metrics}, {**out.reductions, **correction.reductions})
 
     def autocast(self, device_type: str) -> contextlib.AbstractContextManager:
         """The training forward's precision: bfloat16 autocast with ``optim.dtype=bfloat16``, else float32.
@@ -195,7 +213,7 @@ class Updater:
     def _global_normaliser(self, completion_mask: torch.Tensor) -> torch.Tensor:
         """Responses (with >= 1 token) or response tokens in this minibatch over all processes."""
         lengths = completion_mask.sum(dim=1)  # (b,)
-        count = lengths.sum() if self.algorithm in TOKEN_NORMALISED else (lengths > 0).sum()
+        count = lengths.sum() if get_objective(self.algorithm).normaliser == "num_tokens" else (lengths > 0).sum()
         return dist.all_reduce_sum(count.to(torch.float64).reshape(1)).squeeze(0)
 
     def _clip_and_check(self, policy) -> float:
