@@ -1,7 +1,7 @@
 """gspo: GSPO, GSPO-token, GRPO, DAPO and the post-GSPO objectives for fine-tuning causal LMs.
 
-The package root re-exports only the pure objective functions of `gspo.algorithms`, which import
-nothing but torch. Everything else (models, rollout, trainer, distributed) is imported explicitly by
+The package root re-exports the Python training API (`gspo.Trainer`, see `gspo.api`) and the pure
+objective functions of `gspo.algorithms`, which import nothing but torch. Everything else (models, rollout, trainer, distributed) is imported explicitly by
 its users, so `import gspo` stays light: no transformers, no torch.distributed of its own. The
 re-exports load on first use (PEP 562), so `import gspo.cli` answers `gspo --help` without torch.
 """
@@ -9,6 +9,7 @@ re-exports load on first use (PEP 562), so `import gspo.cli` answers `gspo --hel
 __version__ = "0.1.0"
 
 __all__ = [
+    "Trainer",
     "CORRECTION_DEFAULTS",
     "CORRECTION_MODES",
     "Correction",
@@ -39,6 +40,10 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    if name == "Trainer":  # the Python training API (gspo.api), loaded on first use
+        from gspo.api import Trainer
+
+        return Trainer
     if name in __all__:
         import gspo.algorithms
 

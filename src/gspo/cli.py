@@ -110,8 +110,13 @@ def _train(args: list[str]) -> int:
     from gspo.launch import maybe_init_distributed
     from gspo.trainer.run import train
 
+    from gspo.errors import RunInterrupted
+
     maybe_init_distributed()
-    summary = train(config, Path(resume) if resume else None, resume=bool(resume))
+    try:
+        summary = train(config, Path(resume) if resume else None, resume=bool(resume))
+    except RunInterrupted as stop:  # the checkpoint is saved and the resume command printed
+        return stop.exit_code
     return 0 if summary else 1
 
 

@@ -45,3 +45,15 @@ __all__ = [
     "RewardError",
     "TrainingDiverged",
 ]
+
+
+class RunInterrupted(GspoError, KeyboardInterrupt):
+    """A run stopped by Ctrl-C or SIGTERM after saving a checkpoint (the message says how to resume).
+
+    A KeyboardInterrupt too, so a notebook cell stops as users expect; the CLI exits with ``exit_code``
+    (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, message: str, *, exit_code: int, run_dir=None) -> None:
+        super().__init__(message)
+        self.exit_code, self.run_dir = exit_code, run_dir

@@ -71,6 +71,10 @@ class RolloutConfig:
     decoder: str = "auto"
     """Sampler forward: auto (gspo's native decode step for Llama/Mistral/Qwen2/Qwen3, else transformers'),
     native (require it) or hf (always transformers' forward)."""
+    max_staleness: int = 0
+    """Pipelined sampling (issue 14, docs/pipeline.md): a sampler process generates batch k+s while the trainer
+    updates on batch k; batch k is always sampled with the weights after update k-1-s (reproducible, resumable).
+    0 = the synchronous loop (sample, then update)."""
 
 
 @dataclass
@@ -158,8 +162,9 @@ class RewardConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 0
-    """Evaluate on held-out prompts every N steps (0 = only before and after training)."""
+    every: int = -1
+    """Evaluate on held-out prompts every N steps: -1 = auto (4 times during the run, every steps/5 steps,
+    so the accuracy curve has 6 points), 0 = only before and after training."""
     size: int = 200
     """Held-out prompts per evaluation."""
     samples: int = 4
@@ -270,6 +275,11 @@ class Config:
             key, _, value = item.partition("=")
             out[key.strip()] = float(value)
         return out
+
+    @property
+    def eval_every(self) -> int:
+        """``eval.every`` with auto (-1) resolved: every steps/5 steps (0 for runs under 5 steps)."""
+        return self.steps // 5 if self.eval.every < 0 else self.eval.every
 
     @property
     def dynamic_sampling(self) -> bool:

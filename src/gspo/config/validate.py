@@ -35,6 +35,7 @@ def validate(config: Config) -> None:
     _choice("rollout.engine", r.engine, ("hf", "vllm", "vllm-server"))
     _choice("rollout.engine_dtype", r.engine_dtype, ("auto", "float32", "bfloat16", "float16"))
     _choice("rollout.decoder", r.decoder, ("auto", "native", "hf"))
+    _validate_pipeline(config)  # issue 14: rollout.max_staleness
 
     loss = config.loss
     spec = SPECS[config.algorithm]
@@ -86,7 +87,7 @@ def validate(config: Config) -> None:
         )
 
     _choice("reward.none_policy", config.reward.none_policy, ("zero", "error"))
-    _minimum("eval.every", config.eval.every, 0)
+    _minimum("eval.every", config.eval.every, -1)
     _minimum("eval.size", config.eval.size, 0)
     _minimum("eval.samples", config.eval.samples, 1)
     _minimum("checkpoint.every", config.checkpoint.every, 0)
@@ -132,6 +133,25 @@ def _validate_correction(config: Config) -> None:
         raise ConfigError(f"correction.mode={c.mode} corrects between recomputed old log-probabilities and the "
                           "engine's, but loss.old_logprobs=rollout makes them the same; set loss.old_logprobs=recompute "
                           "(or auto)")
+
+
+def _validate_pipeline(config: Config) -> None:
+    """rollout.max_staleness > 0 (docs/pipeline.md): pi_old of a stale batch is the sampler's own policy."""
+    s = config.rollout.max_staleness
+    _minimum("rollout.max_staleness", s, 0)
+    if not s:
+        return
+    if config.loss.old_logprobs == "recompute" or config.correction.mode not in ("none", "bypass"):
+        raise ConfigError(f"rollout.max_staleness={s}: pi_old of a stale batch is the policy that sampled it (the "
+                          "sampler's log-probabilities); a recomputation with the current weights would be another "
+                          "policy. Use loss.old_logprobs=auto or rollout and correction.mode=none, or max_staleness=0")
+    if config.dynamic_sampling:
+        raise ConfigError(f"rollout.max_staleness={s} with DAPO dynamic sampling is not supported (its extra "
+                          "rounds depend on the batch just scored); set loss.dynamic_sampling=false or "
+                          "rollout.max_staleness=0")
+    if config.rollout.engine != "hf":
+        raise ConfigError(f"rollout.max_staleness={s} runs the in-process engine in a sampler process; "
+                          f"rollout.engine={config.rollout.engine} is not supported: set rollout.engine=hf")
 
 
 # log.trackers name -> (module that must import, the extra that installs it)

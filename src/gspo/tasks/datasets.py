@@ -29,15 +29,24 @@ def load_rows(
     if not path.exists():
         raise DataError(f"dataset '{path}' does not exist; set data.path to a local {'/'.join(SUFFIXES)} file "
                         "or a directory written by datasets' save_to_disk")
-    raw = _read(path)
+    return rows_from_records(_read(path), path, prompt_column=prompt_column, answer_column=answer_column,
+                             require_answer=require_answer)
+
+
+def rows_from_records(raw: list[dict[str, Any]], source, *, prompt_column: str = "prompt",
+                      answer_column: str = "answer", require_answer: bool = False) -> list[Row]:
+    """Rows from in-memory records (dicts), checked and mapped like a file's; ``source`` names them in errors."""
     if not raw:
-        raise DataError(f"dataset '{path}' has no rows; add rows or point data.path at another file")
-    rows = [_map_columns(row, i, path, prompt_column, answer_column) for i, row in enumerate(raw)]
+        raise DataError(f"dataset '{source}' has no rows; add rows or point data.path at another file")
+    for i, row in enumerate(raw):
+        if not isinstance(row, dict):
+            raise DataError(f"dataset '{source}' row {i} must be a mapping of columns to values, got {row!r:.60}")
+    rows = [_map_columns(row, i, source, prompt_column, answer_column) for i, row in enumerate(raw)]
     missing = next((i for i, row in enumerate(rows) if "answer" not in row), None)
     if require_answer and missing is not None:
         columns = ", ".join(map(str, raw[missing]))
         raise DataError(
-            f"dataset '{path}' row {missing} has no column '{answer_column}' (columns: {columns}); "
+            f"dataset '{source}' row {missing} has no column '{answer_column}' (columns: {columns}); "
             "set data.answer_column to the column with the reference answer, or use rewards that need none"
         )
     return rows

@@ -18,11 +18,15 @@ def build_task(data: DataConfig, *, seed: int, eval_size: int, needs_answer: boo
         task = arithmetic.ArithmeticTask(seed=seed)
         rewards = {"exact_answer": (arithmetic.exact_answer_reward, 1.0), "format": (arithmetic.format_reward, 0.0)}
         return Task("arithmetic", task.iter_train, task.eval_rows(eval_size), rewards)
+    if data.task == "calculator":  # agents (issue 16): multi-turn, tool-using episodes (gspo.agents)
+        from gspo.agents.calculator import build_task as calculator_task
+
+        return calculator_task(seed=seed, eval_size=eval_size)
     if data.task.startswith("reasoning_gym:"):
         from gspo.tasks.reasoning_gym import reasoning_gym_task
 
         return reasoning_gym_task(data.task.split(":", 1)[1], seed=seed, eval_size=eval_size)
-    raise ConfigError(f"data.task={data.task!r} is not a built-in task (arithmetic, reasoning_gym:<name>); "
+    raise ConfigError(f"data.task={data.task!r} is not a built-in task (arithmetic, calculator, reasoning_gym:<name>); "
                       "or set data.path to a local dataset file")
 
 
@@ -32,26 +36,31 @@ HELD_OUT_MAX_SHARE = 5
 
 
 def _dataset_task(data: DataConfig, *, seed: int, eval_size: int, needs_answer: bool) -> Task:
-    from gspo.tasks.answers import ANSWER_REWARDS
-
     rows = load_rows(data.path, prompt_column=data.prompt_column, answer_column=data.answer_column,
                      require_answer=needs_answer)
+    eval_rows = None
     if data.eval_path:
         eval_rows = load_rows(data.eval_path, prompt_column=data.prompt_column, answer_column=data.answer_column,
-                              require_answer=needs_answer)[:eval_size]
+                              require_answer=needs_answer)
+    return rows_task(f"dataset:{data.path}", rows, eval_rows, seed=seed, eval_size=eval_size, source=data.path,
+                     eval_source=data.eval_path or None)
+
+
+def rows_task(name: str, rows: list, eval_rows: list | None, *, seed: int, eval_size: int, source: str = "rows",
+              eval_source: str | None = None) -> Task:
+    """A task over in-memory rows: the held-out rows given, else the last ``eval_size`` (at most a fifth)."""
+    from gspo.tasks.answers import ANSWER_REWARDS
+
+    if eval_rows is not None:
+        eval_rows = eval_rows[:eval_size]
+        how = f" (from {eval_source or 'the held-out rows given'})"
     else:
         if len(rows) < 2:
-            raise DataError(f"dataset '{data.path}' has {len(rows)} row; it needs at least 2 to hold some out "
-                            "(or set data.eval_path)")
+            raise DataError(f"dataset '{source}' has {len(rows)} row; it needs at least 2 to hold some out "
+                            "(or give held-out rows: data.eval_path, or eval_dataset in the Python API)")
         held = min(eval_size, len(rows) // HELD_OUT_MAX_SHARE) if eval_size else 0
         eval_rows, rows = rows[len(rows) - held:], rows[: len(rows) - held]
-    note = f"data: {len(rows)} training rows, {len(eval_rows)} held out"
-    if data.eval_path:
-        note += f" (from {data.eval_path})"
-    elif held < eval_size:
-        note += (f" (the last {held}: eval.size={eval_size} is capped at 1/{HELD_OUT_MAX_SHARE} of the rows; "
-                 "set data.eval_path for a separate held-out file)")
-    else:
-        note += f" (the last {held} rows)"
-    return Task(f"dataset:{data.path}", lambda: shuffled_epochs(rows, seed), eval_rows, dict(ANSWER_REWARDS),
-                note=note)
+        how = (f" (the last {held}: eval.size={eval_size} is capped at 1/{HELD_OUT_MAX_SHARE} of the rows; set "
+               "data.eval_path for a separate held-out file)") if held < eval_size else f" (the last {held} rows)"
+    note = f"data: {len(rows)} training rows, {len(eval_rows)} held out{how}"
+    return Task(name, lambda: shuffled_epochs(rows, seed), eval_rows, dict(ANSWER_REWARDS), note=note)

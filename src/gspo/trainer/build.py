@@ -67,6 +67,7 @@ class Components:
     logger: MetricsLogger
     moe: bool
     sharded: bool
+    pipeline: object = None  # trainer.pipeline.Pipeline when rollout.max_staleness > 0 (issue 14)
 
     def sync_weights(self) -> None:
         """Make the sampler use the weights just trained (every process: FSDP2 gathers shards)."""
@@ -167,6 +168,10 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
         reference=reference_logprobs if reference is not None else None,
         # one process only: under DDP / FSDP2 every forward is a collective, chunk counts must not differ
         chunk_rows=rows_per_pass if dist.world_size() == 1 else 0, routed_model=model)
+    if r.max_staleness:  # a sampler process samples ahead of the update (trainer/pipeline.py)
+        from gspo.trainer.pipeline import build_pipeline
+
+        parts.pipeline = build_pipeline(parts, path)
     return parts
 
 

@@ -6,12 +6,13 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 from gspo import distributed as dist
 from gspo.checkpoint import find_latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint, capture_rng_state
 from gspo.checkpoint.manifest import checkpoints_root, list_step_dirs
 from gspo.config.schema import Config
-from gspo.errors import CheckpointError, TrainingDiverged
+from gspo.errors import CheckpointError, RunInterrupted, TrainingDiverged
 from gspo.signals import GracefulInterrupt
 from gspo.trainer.logging import drop_records_after
 from gspo.trainer.progress import Progress
@@ -26,29 +27,51 @@ def default_run_dir(config: Config) -> Path:
     return Path("runs") / f"{config.algorithm}-{model}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def train(config: Config, run_dir: Path | None = None, *, resume: bool = False, console=None) -> dict:
-    """Train per ``config``; returns the summary (also written to ``run_dir/summary.json``)."""
+def train(config: Config, run_dir: Path | None = None, *, resume: bool = False, console=None,
+          callbacks: Sequence = (), **replace) -> dict:
+    """Train per ``config``; returns the summary (also written to ``run_dir/summary.json``).
+
+    ``callbacks``: objects with any of ``on_step(trainer, step, metrics)``, ``on_eval(trainer, step,
+    metrics)`` and ``on_save(trainer, step, path)``. ``replace``: components given instead of built
+    (``model``, ``tokenizer``, ``task``, ``rewards``, ``engine``; see :func:`gspo.trainer.build.build`).
+    A signal (Ctrl-C, SIGTERM) finishes the step, saves a checkpoint and raises :class:`RunInterrupted`.
+    """
     run_dir = Path(run_dir or config.run_dir or default_run_dir(config))
     if resume:
         check_resumable(config, run_dir)
-    trainer = Trainer.from_config(config, run_dir)
+        finished = _finished_summary(run_dir, config.steps)
+        if finished is not None:
+            _say(None, f"'{run_dir}' already finished {finished['steps']} of {config.steps} steps; nothing to do "
+                       f"(resume with steps=<more> to train on)")
+            return finished
+    trainer = Trainer.from_config(config, run_dir, **replace)
+    try:  # rollout.max_staleness > 0: the sampler process stops with the run, however the run ends
+        return _run(trainer, config, run_dir, resume, console, callbacks)
+    finally:
+        trainer.close()
+
+
+def _run(trainer: Trainer, config: Config, run_dir: Path, resume: bool, console, callbacks: Sequence) -> dict:
+    """The body of :func:`train` once the trainer is built."""
+    hooks = _Callbacks(trainer, callbacks)
     trainer.save_resolved_config()
     progress = Progress(config.steps, enabled=config.log.progress and dist.is_main(), console=console,
                         every=config.log.every)
     if resume:
         _restore(trainer, run_dir, progress)
-    if dist.is_main():
-        progress.note(_setup_text(trainer))
-        if trainer.task.note:
-            progress.note(trainer.task.note)
+    _say(progress, _setup_text(trainer))
+    if trainer.task.note:
+        _say(progress, trainer.task.note)
     if "before" not in trainer.state.history:
         trainer.state.history["before"] = trainer.evaluate()
         trainer.logger.log(0, trainer.state.history["before"])
-        progress.note("held-out before training: " + _eval_text(trainer.state.history["before"]))
+        hooks.on_eval(0, trainer.state.history["before"])
+        _say(progress, "held-out before training: " + _eval_text(trainer.state.history["before"]))
         if trainer.state.history["before"].get("eval/accuracy", 1.0) == 0.0 and trainer.task.eval_rows:
             _say(progress, "warning: 0% held-out accuracy before training: if the model should know this task, "
                            + NO_SIGNAL_HINT)
     metrics: dict = {}
+    every = config.eval_every
     with GracefulInterrupt() as interrupt, progress:
         while trainer.state.step < config.steps:
             try:
@@ -56,34 +79,70 @@ def train(config: Config, run_dir: Path | None = None, *, resume: bool = False, 
             except TrainingDiverged as exc:
                 raise TrainingDiverged(f"training diverged at step {trainer.state.step + 1}: {exc}. "
                                        f"{_last_good_text(run_dir)}") from None
-            progress.update(trainer.state.step, metrics)
+            step = trainer.state.step
+            progress.update(step, metrics)
+            hooks.on_step(step, metrics)
             while trainer.notes:
                 _say(progress, trainer.notes.pop(0))
-            step = trainer.state.step
-            if config.eval.every and step % config.eval.every == 0 and step < config.steps:
+            if every and step % every == 0 and step < config.steps:
                 evaluation = trainer.evaluate()
                 trainer.logger.log(step, evaluation)
-                progress.note(f"step {step} held-out: " + _eval_text(evaluation))
+                hooks.on_eval(step, evaluation)
+                _say(progress, f"step {step} held-out: " + _eval_text(evaluation))
             saved = bool(config.checkpoint.every) and step % config.checkpoint.every == 0
             if saved:
-                _save(trainer, run_dir)
+                hooks.on_save(step, _save(trainer, run_dir))
             if interrupt.requested:
                 if not saved:
-                    _save(trainer, run_dir)
+                    hooks.on_save(step, _save(trainer, run_dir))
                 break
     if interrupt.requested:  # signal handlers are restored: a second signal now acts at once
         trainer.logger.close()
-        _say(progress, f"interrupted at step {trainer.state.step} of {config.steps}; checkpoint saved. "
-                       f"Resume with: gspo train --resume {run_dir}")
-        sys.exit(interrupt.exit_code)
+        message = (f"interrupted at step {trainer.state.step} of {config.steps}; checkpoint saved. "
+                   f"Resume with: gspo train --resume {run_dir}")
+        _say(progress, message)
+        raise RunInterrupted(message, exit_code=interrupt.exit_code, run_dir=run_dir)
     after = trainer.evaluate()
     trainer.logger.log(trainer.state.step, after)
-    _save(trainer, run_dir)
+    hooks.on_eval(trainer.state.step, after)
+    hooks.on_save(trainer.state.step, _save(trainer, run_dir))
     summary = _summary(trainer, after, metrics, run_dir)
-    progress.note("held-out after training:  " + _eval_text(after))
-    progress.note(_lift_text(summary))
+    _say(progress, "held-out after training:  " + _eval_text(after))
+    _say(progress, _lift_text(summary))
     trainer.logger.close()
     return summary
+
+
+class _Callbacks:
+    """Calls the user's callbacks (any object with some of on_step / on_eval / on_save), on rank 0."""
+
+    def __init__(self, trainer: Trainer, callbacks: Sequence) -> None:
+        self.trainer, self.callbacks = trainer, list(callbacks) if dist.is_main() else []
+
+    def _call(self, name: str, *args) -> None:
+        for callback in self.callbacks:
+            method = getattr(callback, name, None)
+            if method is not None:
+                method(self.trainer, *args)
+
+    def on_step(self, step: int, metrics: dict) -> None:
+        self._call("on_step", step, metrics)
+
+    def on_eval(self, step: int, metrics: dict) -> None:
+        self._call("on_eval", step, metrics)
+
+    def on_save(self, step: int, path) -> None:
+        self._call("on_save", step, path)
+
+
+def _finished_summary(run_dir: Path, steps: int) -> dict | None:
+    """The saved summary of a run that already trained ``steps`` steps (a resume then has nothing to do)."""
+    path = run_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if summary.get("steps", 0) >= steps else None
 
 
 def _setup_text(trainer) -> str:
@@ -159,14 +218,19 @@ class FullStateOptimizer:
         dist.load_full_optimizer_state(self.trainer.policy, self.trainer.parts.optimizer, state)
 
 
-def _save(trainer: Trainer, run_dir: Path) -> None:
+def _save(trainer: Trainer, run_dir: Path) -> Path:
+    """Save a checkpoint of the current step (every process takes part; rank 0 writes); its path."""
+    if trainer.pipeline is not None:  # the batches in flight, with the weights version that sampled them
+        trainer.state.in_flight = trainer.pipeline.checkpoint_state()
     optimizer_state = dist.full_optimizer_state(trainer.policy, trainer.parts.optimizer)  # collective
+    path = checkpoints_root(run_dir) / f"step-{trainer.state.step:08d}"
     if dist.is_main():
-        save_checkpoint(run_dir, trainer.state.step, model=trainer.parts.whole_model, tokenizer=trainer.parts.tokenizer,
+        path = save_checkpoint(run_dir, trainer.state.step, model=trainer.parts.whole_model, tokenizer=trainer.parts.tokenizer,
                         optimizer=FullStateOptimizer(trainer, optimizer_state), scheduler=trainer.parts.scheduler,
                         trainer_state=vars(trainer.state), rng=capture_rng_state(),
                         keep_last=trainer.config.checkpoint.keep_last)
     dist.barrier()
+    return path
 
 
 def _summary(trainer: Trainer, after: dict, last: dict, run_dir: Path) -> dict:
@@ -191,11 +255,13 @@ def _last_good_text(run_dir: Path) -> str:
             "and a lower optim.lr")
 
 
-def _say(progress: Progress, text: str) -> None:
-    """A message the user must see even when the progress display is off."""
-    if progress.enabled:
+def _say(progress: Progress | None, text: str) -> None:
+    """A message for the user, above the progress bar or on stderr; said once, by rank 0."""
+    if not dist.is_main():
+        return
+    if progress is not None and progress.enabled:
         progress.note(text)
-    elif dist.is_main():
+    else:
         print(text, file=sys.stderr, flush=True)
 
 
