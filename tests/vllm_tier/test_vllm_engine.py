@@ -126,3 +126,18 @@ def test_generator_seeds_reproduce(vllm_engine):
     a = vllm_engine.generate(prompts, params, torch.Generator().manual_seed(9))
     b = vllm_engine.generate(prompts, params, torch.Generator().manual_seed(9))
     assert torch.equal(a.completion_ids, b.completion_ids)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (0, 0.8), (6, 0.9)])
+def test_truncated_logprobs_equal_training_module(vllm_engine, policy, top_k, top_p):
+    """vLLM's processed log-probs are over the top-k / top-p support renormalised, as gspo's trainer's."""
+    params = SamplingParams(max_new_tokens=16, temperature=0.9, top_k=top_k, top_p=top_p, ignore_eos=True)
+    rollout = vllm_engine.generate(_prompts(8, 40, 8), params, torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        reference = token_logprobs(policy, rollout.input_ids, rollout.attention_mask,
+                                   rollout.completion_ids.shape[1], temperature=0.9, top_k=top_k, top_p=top_p)
+    diff = (rollout.logprobs - reference)[rollout.completion_mask].abs()
+    print(f"vllm truncated logprobs top_k={top_k} top_p={top_p}: max |diff| {diff.max():.2e}, "
+          f"{int((diff > LOGPROB_ATOL).sum())} of {diff.numel()} tokens beyond {LOGPROB_ATOL}")
+    assert torch.isfinite(reference[rollout.completion_mask]).all()  # every sampled token inside gspo's support
+    assert float(diff.max()) < LOGPROB_ATOL
