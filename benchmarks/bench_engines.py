@@ -5,7 +5,7 @@ weight sync takes.
 Workload: 128 prompts (12-token arithmetic-like prompts of the character vocabulary) x 64 new tokens,
 fixed length (``ignore_eos``), temperature 1, float32, per-row seeds. Models are built locally (no
 download): ``tiny`` is the embedded model's shape (~1M parameters), ``small`` the ~17M-parameter Qwen3
-of bench_vs_trl.py; both with 128 positions.
+of bench_vs_trl.py, ``mid`` (~5M) between them to place the crossover; all with 128 positions.
 
 All three engines live in one process per size (vLLM in-process, with gspo's host-state guard) and run
 interleaved: every round runs each engine once, in an order that rotates, so machine load hits all
@@ -14,7 +14,7 @@ rounds and the ratios to the native step. The step share: vLLM's ``sync_weights`
 training step made of the vLLM rollout, one training pass over the batch (4 minibatches of 32:
 forward, backward, AdamW) and the sync itself.
 
-    OMP_WAIT_POLICY=PASSIVE <vLLM venv>/bin/python benchmarks/bench_engines.py --sizes tiny small --rounds 4
+    OMP_WAIT_POLICY=PASSIVE <vLLM venv>/bin/python benchmarks/bench_engines.py --sizes tiny mid small --rounds 4
 
 Needs vLLM (the CPU tier's venv, docs/vllm.md). ``OMP_WAIT_POLICY=PASSIVE`` is set when unset: on a
 shared 2-core machine libgomp's spin-waiting made every op wait for a descheduled thread (see README).
@@ -39,6 +39,7 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {  # keyword arguments of gspo.models.tiny.build_tiny_qwen3 (as in bench_vs_trl.py)
     "tiny": {},
+    "mid": {"hidden_size": 256, "num_layers": 6, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 1024},
     "small": {"hidden_size": 384, "num_layers": 8, "num_heads": 6, "num_kv_heads": 2, "intermediate_size": 1536},
 }
 MAX_POSITIONS = 128
@@ -132,7 +133,7 @@ def bench_size(size: str, rounds: int, threads: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=["tiny", "small"])
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
@@ -144,7 +145,8 @@ def main() -> None:
                "workload": {"batch": BATCH, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS},
                "sizes": [bench_size(size, args.rounds, args.threads) for size in args.sizes]}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bench_engines.json").write_text(json.dumps(results, indent=2))
+    name = "bench_engines.json" if args.sizes == list(SIZES) else f"bench_engines_{'_'.join(args.sizes)}.json"
+    (RESULTS / name).write_text(json.dumps(results, indent=2))
     print(f"{'size':6} {'params':>7} | {'vllm':>8} {'native':>8} {'hf':>8} tok/s | vllm/native hf/native | "
           "sync s, share of step")
     for r in results["sizes"]:
