@@ -112,7 +112,17 @@ class Progress:
 
 def _metric_parts(metrics: dict) -> list[str]:
     """``reward 0.412``, ``acc 0.41``, ... in the progress columns' priority order."""
-    return [f"{label} {fmt.format(metrics[key])}" for key, label, fmt in PROGRESS_COLUMNS if key in metrics]
+    parts = [f"{label} {fmt.format(metrics[key])}" for key, label, fmt in PROGRESS_COLUMNS if key in metrics]
+    if "pipeline/wait_s" in metrics:  # rollout.max_staleness > 0: after reward, acc and clip
+        parts.insert(min(3, len(parts)), _pipeline_part(metrics))
+    return parts
+
+
+def _pipeline_part(metrics: dict) -> str:
+    """``s/t/wait 0.81/1.23/0.00s``: sampler busy, trainer busy, trainer waiting for the sampler (seconds
+    of the last step). The larger busy side is the bottleneck; a wait near 0 means sampling is hidden."""
+    return (f"s/t/wait {metrics.get('pipeline/sampler_busy_s', 0.0):.2f}/"
+            f"{metrics.get('pipeline/trainer_busy_s', 0.0):.2f}/{metrics['pipeline/wait_s']:.2f}s")
 
 
 def _clock(seconds: float) -> str:

@@ -32,6 +32,8 @@ class TrainState:
     data_position: int = 0
     history: dict = field(default_factory=dict)  # e.g. the evaluation before training
     skipped_steps: int = 0  # optimizer steps skipped so far for a non-finite loss or gradient
+    # rollout.max_staleness > 0: the batches in flight at the checkpoint, with their weights version (trainer/pipeline.py)
+    in_flight: list = field(default_factory=list)
 
 
 class Trainer:
@@ -50,6 +52,7 @@ class Trainer:
         self.task, self.render, self.rewards = parts.task, parts.render, parts.rewards
         self.collector, self.evaluator, self.updater = parts.collector, parts.evaluator, parts.updater
         self.logger = parts.logger
+        self.pipeline = parts.pipeline  # None unless rollout.max_staleness > 0 (trainer/pipeline.py)
         self.state = TrainState()
         self.last_updates: list[dict] = []
         self.data = DataCursor(self.task.train_stream)
@@ -76,17 +79,20 @@ class Trainer:
         local = len(batch.advantages)  # equal on every process (validated shard sizes)
         shared = torch.Generator().manual_seed(seed + 1)  # one permutation of the global batch, everywhere
         plan = self.updater.plan(shared, local, offset=dist.rank() * local, total=local * dist.world_size())
+        onpolicy = plan[0] == 0 if batch.rollout.policy_version in (-1, step) else None  # a stale batch has none
         with self.updater.autocast(batch.rollout.prompt_ids.device.type):
-            inputs, lp_metrics = self.parts.old_logprobs(batch, onpolicy=plan[0] == 0)
+            inputs, lp_metrics = self.parts.old_logprobs(batch, onpolicy=onpolicy)
         t2 = time.perf_counter()
         history = self.updater.update(self.policy, self.parts.optimizer, self.parts.scheduler, inputs, plan=plan)
         if inputs.measure_old is not None:  # old log-probs from the sampler: its mismatch, from the on-policy forward
             lp_metrics.update(onpolicy_mismatch(self.updater.onpolicy_pairs))
         self.parts.sync_weights()
+        if self.pipeline is not None:  # the weights after step + 1 updates, queued behind the requests so far
+            self.pipeline.push_weights(self.model, step + 1)
         self.last_updates = history  # per-optimizer-step metrics, for inspection and tests
         t3 = time.perf_counter()
         self.state.step += 1
-        self.state.data_position = self.data.position
+        self.state.data_position = self.pipeline.consumed_position if self.pipeline else self.data.position
         self.state.skipped_steps += int(sum(h["optim/skipped"] for h in history))
         self._maybe_refresh_reference()
         metrics = {**batch.metrics, **lp_metrics, **_summarise_updates(history), **_batch_metrics(batch)}
@@ -101,6 +107,8 @@ class Trainer:
                         "throughput/tokens_per_s": tokens / max(t3 - t0, 1e-9),
                         "throughput/sample_tokens_per_s": tokens / max(sampling or t1 - t0, 1e-9),
                         "throughput/train_tokens_per_s": trained / max(t3 - t1, 1e-9)})
+        if self.pipeline is not None:
+            metrics.update(self.pipeline.step_metrics(t3 - t0))
         warning = self.zero_signal.observe(metrics.get("reward/zero_std_frac", 0.0))
         if warning:
             self.notes.append(warning)
@@ -111,11 +119,20 @@ class Trainer:
     def _collect(self, seed: int) -> ScoredBatch:
         """This process's share of the step's scored rollout batch."""
         shard = self._shard_size()
+        if self.pipeline is not None:  # sampled ahead by the sampler process (trainer/pipeline.py)
+            return self.pipeline.collect(self.state.step, model=self.model, take_rows=self._take_shard,
+                                         seed_of=lambda step: _step_seed(self.config.seed, step, rank=0),
+                                         position=lambda: self.data.position, restored=self.state.in_flight)
         if not self.config.dynamic_sampling:
             return self.collector.collect(self._take_shard(), seed, first_index=dist.rank() * shard)
         return self.collector.collect_with_signal(
             lambda: (self._take_shard(), dist.rank() * shard), self.config.rollout.prompts_per_step, seed,
             gather=dist.all_gather_object, rank=dist.rank(), world_size=dist.world_size())
+
+    def close(self) -> None:
+        """Stop what the run started besides this process (the pipeline's sampler process). Idempotent."""
+        if self.pipeline is not None:
+            self.pipeline.close()
 
     def sync_engine(self) -> None:
         """Make the sampler use the weights just trained (every process: FSDP2 gathers shards)."""

@@ -1,0 +1,246 @@
+"""A rollout engine in its own process: sampling runs beside training instead of taking turns with it.
+
+:class:`SubprocessEngine` spawns one sampler process (``torch.multiprocessing``, spawn start method)
+holding its own copy of the policy and an engine built there by the assembly point's factory
+(:func:`gspo.trainer.build.build_engine`, passed in as a picklable callable, so this module names no
+trainer code). Requests and weights travel through one FIFO queue, results through another:
+
+- ``submit(prompts, params, row_seeds, seed)`` queues a request and returns a ticket at once;
+  ``result(ticket)`` blocks for that rollout. ``generate`` is the two in a row (the plain
+  :class:`~gspo.rollout.base.RolloutEngine` interface).
+- ``sync_weights(model)`` queues a copy of the weights (shared-memory tensors). Because weights and
+  requests share one queue, a request is always sampled with the weights pushed before it, never with
+  "whatever was current": which weights sample which batch is decided by the caller's order of calls
+  (:mod:`gspo.trainer.pipeline` makes that order deterministic).
+
+The sampler never outlives its parent: it is a daemon process, asks the kernel for SIGKILL when the
+parent dies (``PR_SET_PDEATHSIG``, Linux), and checks that its parent is alive while it waits; an
+exception in the sampler reaches the caller of ``result`` with the sampler's traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import queue
+import signal
+import sys
+import time
+import traceback
+import weakref
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+import torch.multiprocessing as mp
+
+from gspo.rollout.base import EngineInfo, Rollout, SamplingParams, full_weights
+
+POLL_S = 0.5  # how often a blocked side checks that the other one is still alive
+START_TIMEOUT_S = 600.0  # importing torch + transformers on a loaded machine can take a minute
+CLOSE_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Cores and threads of one process: ``cores`` empty = leave the affinity alone."""
+
+    cores: tuple[int, ...]
+    threads: int
+
+
+class SamplerDied(RuntimeError):
+    """The sampler process exited or raised; the message carries its traceback when there is one."""
+
+
+class SubprocessEngine:
+    """A :class:`~gspo.rollout.base.RolloutEngine` whose sampling runs in a separate process.
+
+    ``factory(model, tokenizer, path)`` builds the inner engine inside the sampler process; ``model`` is
+    copied (the sampler's own weights, version 0 until the first :meth:`sync_weights`); ``tokenizer`` is
+    reduced to its pad / EOS ids (all an engine needs); ``placement`` pins the sampler's cores and threads.
+    """
+
+    def __init__(self, factory: Callable, model: torch.nn.Module, tokenizer, path, *,
+                 placement: Placement = Placement((), 1)) -> None:
+        import copy
+
+        ctx = mp.get_context("spawn")
+        self._requests, self._results = ctx.Queue(), ctx.Queue()
+        ids = SimpleNamespace(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        weights = copy.deepcopy(model).cpu()
+        for p in weights.parameters():
+            p.requires_grad_(False)
+        self._process = ctx.Process(target=_serve, name="gspo-sampler", daemon=True,
+                                    args=(self._requests, self._results, factory, weights, ids, path, placement,
+                                          os.getpid()))
+        with _main_module_hidden():
+            self._process.start()
+        self._keep = [weights]  # shared-memory storage: alive until the sampler has received it
+        self._tickets = 0
+        self._done: dict[int, tuple[Rollout, float]] = {}
+        self._info: EngineInfo | None = None
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _stop, self._process, self._requests)
+
+    # -- the engine interface -----------------------------------------------------------------------
+    @property
+    def info(self) -> EngineInfo:
+        """The inner engine's declared properties (waits for the sampler to start)."""
+        if self._info is None:
+            self._info = self._receive(expect="ready", timeout=START_TIMEOUT_S)
+            self._keep.clear()
+        return self._info
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None = None, *,
+                 row_seeds: list[int] | None = None, record_routing: bool = False) -> Rollout:
+        if record_routing:
+            raise ValueError("the sampler process does not return MoE routing records")
+        seed = int(generator.initial_seed()) if generator is not None else 0
+        return self.result(self.submit(prompts, params, row_seeds, seed))[0]
+
+    @torch.no_grad()
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Queue a copy of ``model``'s weights: every request submitted after this samples with them."""
+        self._check_open()
+        state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in full_weights(model)}
+        self._requests.put(("weights", state))
+
+    def close(self) -> None:
+        """Stop the sampler process (waits briefly, then kills it). Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._finalizer()
+
+    # -- asynchronous use ---------------------------------------------------------------------------
+    def submit(self, prompts: list[list[int]], params: SamplingParams, row_seeds: list[int] | None,
+               seed: int) -> int:
+        """Queue one rollout request; returns its ticket (requests are served in order)."""
+        self._check_open()
+        self._tickets += 1
+        self._requests.put(("generate", self._tickets, prompts, params, row_seeds, seed))
+        return self._tickets
+
+    def result(self, ticket: int) -> tuple[Rollout, float]:
+        """(rollout, seconds the sampler spent generating it) for ``ticket``; blocks until it is done."""
+        self.info  # noqa: B018  the start message comes first
+        while ticket not in self._done:
+            got, rollout, busy = self._receive(expect="rollout")
+            self._done[got] = (rollout, busy)
+        return self._done.pop(ticket)
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def _receive(self, expect: str, timeout: float = float("inf")):
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                message = self._results.get(timeout=POLL_S)
+            except queue.Empty:
+                if not self._process.is_alive():
+                    self.close()
+                    raise SamplerDied(f"the sampler process exited (code {self._process.exitcode})") from None
+                if time.monotonic() > end:
+                    self.close()
+                    raise SamplerDied(f"the sampler process did not start within {timeout:.0f} s") from None
+                continue
+            kind, *payload = message
+            if kind == "error":
+                self.close()
+                raise SamplerDied("the sampler process failed:\n" + payload[0])
+            if kind != expect:
+                raise SamplerDied(f"sampler protocol: expected {expect!r}, got {kind!r}")
+            return payload[0] if len(payload) == 1 else payload
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SamplerDied("the sampler process is closed")
+
+
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Spawn re-runs the parent's main script in the child unless it is hidden: a user's script without an
+    ``if __name__ == "__main__"`` guard would train again in the sampler. Nothing the sampler receives
+    lives in ``__main__`` (its target and factory are gspo functions), so the child needs none of it."""
+    main = sys.modules["__main__"]
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
+
+
+def _stop(process, requests) -> None:
+    """Ask the sampler to stop, then make sure it has (also run at garbage collection and exit)."""
+    if process.is_alive():
+        try:
+            requests.put(("close",))
+        except (OSError, ValueError):
+            pass
+        process.join(CLOSE_TIMEOUT_S)
+    if process.is_alive():
+        process.kill()
+        process.join(CLOSE_TIMEOUT_S)
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel sends SIGKILL to this process when its parent exits, however it exits."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the liveness checks below still apply
+        pass
+
+
+def place(placement: Placement) -> None:
+    """Pin this process to ``placement.cores`` (where the OS allows it) and set torch's thread count."""
+    if placement.cores and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, placement.cores)
+    torch.set_num_threads(max(1, placement.threads))
+
+
+def _serve(requests, results, factory, model, tokenizer, path, placement: Placement, parent: int) -> None:
+    """The sampler process: build the engine, then serve weights and requests in queue order."""
+    _die_with_parent()
+    try:
+        place(placement)
+        engine = factory(model, tokenizer, path)
+        targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        results.put(("ready", engine.info))
+    except BaseException:  # noqa: BLE001  reported to the trainer, which raises it
+        results.put(("error", traceback.format_exc()))
+        return
+    ticket = None
+    try:
+        while True:
+            try:
+                message = requests.get(timeout=POLL_S)
+            except queue.Empty:
+                if os.getppid() != parent:  # orphaned (no PR_SET_PDEATHSIG here): stop
+                    return
+                continue
+            kind = message[0]
+            if kind == "close":
+                return
+            if kind == "weights":
+                with torch.no_grad():
+                    for name, tensor in message[1].items():
+                        targets[name].copy_(tensor)
+                engine.sync_weights(model)  # engines with their own copy (e.g. bfloat16) refresh it
+                continue
+            _, ticket, prompts, params, row_seeds, seed = message
+            start = time.perf_counter()
+            rollout = engine.generate(prompts, params, torch.Generator().manual_seed(seed), row_seeds=row_seeds)
+            results.put(("rollout", ticket, rollout, time.perf_counter() - start))
+    except BaseException:  # noqa: BLE001
+        results.put(("error", f"(request {ticket})\n" + traceback.format_exc()))
+    finally:
+        engine.close()
