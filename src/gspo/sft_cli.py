@@ -8,7 +8,7 @@ from gspo.cli_args import Command, Option, UsageError, parse, render_help
 
 SFT = Command(
     "sft", "rebuild the embedded warm-start checkpoint",
-    options=(Option("model", "tiny-arith", "the embedded model to build (tiny-arith, tiny-moe)"),
+    options=(Option("model", "tiny-arith", "the embedded model to build (tiny-arith, tiny-moe, tiny-calc)"),
              Option("out", "", "output directory (default: the embedded checkpoint in the package)"),
              Option("seed", "0", "seed of the initialisation and the data", kind="int"),
              Option("steps", "", "supervised steps (default: the model's recipe)", kind="int", minimum=1)),
@@ -36,7 +36,11 @@ def run_sft(args: list[str]) -> int:
     kwargs = {"seed": options["seed"]}
     if "steps" in options:
         kwargs["steps"] = options["steps"]
-    if options["model"] == "tiny-moe":  # the MoE has its own calibrated recipe (docs/moe-stability.md)
+    if options["model"] == "tiny-calc":  # agents (issue 16): calculator demonstrations (gspo.agents.warm_start)
+        from gspo.agents.warm_start import warm_start_calculator
+
+        path = warm_start_calculator(out, **kwargs)
+    elif options["model"] == "tiny-moe":  # the MoE has its own calibrated recipe (docs/moe-stability.md)
         from gspo.experiments.moe_warm_start import warm_start_moe
 
         path = warm_start_moe(out, **kwargs)

@@ -225,6 +225,18 @@ class DistributedConfig:
 
 
 @dataclass
+class AgentConfig:  # agents (issue 16): multi-turn, tool-using tasks (docs/agents.md)
+    max_turns: int = 0
+    """Model turns per episode of an agent task (data.task=calculator, or a task with an environment);
+    0 = the environment's own limit."""
+    tool_timeout_s: float = 0.0
+    """Wall-clock limit of one tool call in seconds (the model sees a timeout error); 0 = each tool's own."""
+    advantages: str = "episode"
+    """episode: one group advantage per episode (eq. 6); turn: per-turn advantages from per-turn rewards,
+    (B, T), for the objectives that take token advantages (gspo_token, dr_grpo, cispo, sapo, dppo_*)."""
+
+
+@dataclass
 class Config:
     model: str = "tiny-arith"
     """Embedded model name (tiny-arith, tiny-moe) or a local Hugging Face causal-LM directory."""
@@ -254,6 +266,7 @@ class Config:
     moe: MoEConfig = field(default_factory=MoEConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
 
     @property
     def clip_range(self) -> tuple[float | None, float | None]:

@@ -137,6 +137,12 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
                           config.loss.overlong_buffer, config.reward.none_policy, record_routing=replay == "r3")
     evaluator = Evaluator(engine, render, render.decode, rewards, r.max_new_tokens,
                           none_policy=config.reward.none_policy)
+    if task.environment is not None:  # agents (issue 16): multi-turn episodes instead of single completions
+        from gspo.agents.build import agent_collector, agent_evaluator, episode_runner
+
+        runner = episode_runner(config, task, engine, render, tokenizer, model)
+        collector = agent_collector(config, runner, render, rewards, params)
+        evaluator = agent_evaluator(config, runner, render, rewards)
     updater = Updater(config.algorithm, config.hyperparameters, max_length=r.max_new_tokens,
                       correction=config.correction.mode, correction_thresholds=config.correction.thresholds(),
                       beta=config.loss.beta, kl_estimator=config.loss.kl_estimator,
@@ -189,6 +195,11 @@ def build_evaluation(config: Config, *, model: torch.nn.Module | None = None, to
                             max_prompt_tokens=(context - config.rollout.max_new_tokens) if context else None)
     evaluator = Evaluator(engine, render, render.decode, rewards, config.rollout.max_new_tokens,
                           none_policy=config.reward.none_policy)
+    if task.environment is not None:  # agents (issue 16): evaluation runs episodes
+        from gspo.agents.build import agent_evaluator, episode_runner
+
+        evaluator = agent_evaluator(config, episode_runner(config, task, engine, render, tokenizer, model),
+                                    render, rewards)
     return EvalComponents(config, model, tokenizer, engine, task, evaluator)
 
 
