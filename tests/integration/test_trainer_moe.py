@@ -36,8 +36,8 @@ def test_routing_replay_trains_and_forces_behaviour_experts(moe_overrides, repla
 
     @contextlib.contextmanager
     def observed_replay(model, record):  # the experts the training forward really used, after replay
-        with real_replay(model, record), capture_routing(model) as live:
-            yield
+        with real_replay(model, record) as stats, capture_routing(model) as live:
+            yield stats
         seen.append((record, live))
 
     monkeypatch.setattr(update, "replay_routing", observed_replay)
@@ -49,6 +49,9 @@ def test_routing_replay_trains_and_forces_behaviour_experts(moe_overrides, repla
             assert torch.equal(used, recorded)  # exactly the behaviour policy's experts, every position and layer
     # (without replay the same settings change experts in later minibatches: the volatility test above)
     assert all("moe/volatility" not in m for m in trainer.last_updates)  # replayed: nothing to measure
+    # ... but replay is observable: the first minibatch needs no override (same weights), later ones do
+    changed = [m["moe/replay_changed_frac"] for m in trainer.last_updates]
+    assert changed[0] == 0.0 and max(changed[1:]) > 0
     router_after = [p for n, p in trainer.model.named_parameters() if ".gate." in n]
     assert router_before and all(not torch.equal(a, b) for a, b in zip(router_before, router_after))
 

@@ -199,7 +199,9 @@ def test_replay_with_gradient_checkpointing_matches_plain_replay(input_ids):
         return [r.weight.grad.clone() for r in _routers(model)]
 
     expected = router_grads()
-    model.activation_checkpointing_enable()
+    from gspo.trainer.build import _enable_checkpointing
+
+    _enable_checkpointing(model)  # either transformers name of the switch (it changed in 5.2x)
     for got, want in zip(router_grads(), expected, strict=True):
         torch.testing.assert_close(got, want)
 

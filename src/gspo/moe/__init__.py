@@ -2,6 +2,7 @@
 
 from gspo.moe.routing import (
     SUPPORTED_ARCHITECTURES,
+    ReplayStats,
     RoutingRecord,
     capture_routing,
     replay_routing,
@@ -11,6 +12,7 @@ from gspo.moe.volatility import expert_volatility, token_volatility
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
+    "ReplayStats",
     "RoutingRecord",
     "capture_routing",
     "expert_volatility",

@@ -208,8 +208,16 @@ def capture_routing(
         yield record
 
 
+@dataclass
+class ReplayStats:
+    """What a replay block overrode: per forward and MoE layer, a ``(B, S)`` bool tensor that is True where
+    the live router's own top-k set differed from the replayed one (the routing that replay held fixed)."""
+
+    changed: list[torch.Tensor] = field(default_factory=list)
+
+
 @contextlib.contextmanager
-def replay_routing(model: nn.Module, record: RoutingRecord) -> Iterator[None]:
+def replay_routing(model: nn.Module, record: RoutingRecord) -> Iterator[ReplayStats]:
     """Force every MoE layer to use ``record``'s experts during the forwards run inside the block.
 
     Routing Replay (GSPO section 5.3): the expert set of each token and layer comes from ``record``
@@ -218,7 +226,8 @@ def replay_routing(model: nn.Module, record: RoutingRecord) -> Iterator[None]:
     architecture's own formula (softmax over all experts, gather, renormalise if it does), so the
     router still gets a gradient. Every forward in the block must have the record's ``(B, S)``;
     slice micro-batches with ``record.select(rows)``. With gradient checkpointing, call
-    ``backward()`` inside the block so the recomputed forward replays too.
+    ``backward()`` inside the block so the recomputed forward replays too. Yields a :class:`ReplayStats`
+    saying where the live routers would have chosen other experts.
     """
     layers = _find_moe_layers(model)
     if record.num_layers != len(layers):
@@ -228,15 +237,17 @@ def replay_routing(model: nn.Module, record: RoutingRecord) -> Iterator[None]:
     if any(layer.router.top_k != record.top_k for layer in layers):
         raise ValueError(f"routing record has top-k {record.top_k} but the model's routers use another")
 
+    stats = ReplayStats()
+
     def register(handles: list) -> None:
         for layer, indices in zip(layers, record.indices):
             handles.append(layer.block.register_forward_pre_hook(_check_shape(indices.shape[:2])))
             # prepend: any capture hook on the same router then sees the replayed output.
-            hook = _replay_hook(indices, layer.spec)
+            hook = _replay_hook(indices, layer.spec, stats)
             handles.append(layer.router.register_forward_hook(hook, prepend=True))
 
     with _hooks(register):
-        yield
+        yield stats
 
 
 def _remember_shape(shape: dict):
@@ -278,10 +289,13 @@ def _check_shape(expected: torch.Size):
     return pre_hook
 
 
-def _replay_hook(indices: torch.Tensor, spec: _RouterSpec):
+def _replay_hook(indices: torch.Tensor, spec: _RouterSpec, stats: ReplayStats):
     def hook(router: nn.Module, args: tuple, output: tuple) -> tuple:
         router_logits = output[0]  # (B*S, E), live: carries the router's gradient
         cached = indices.reshape(-1, indices.shape[-1]).to(router_logits.device)  # (B*S, k)
+        live = output[2].detach()  # (B*S, k) the router's own choice, which replay replaces
+        changed = (live.sort(dim=-1).values != cached.sort(dim=-1).values).any(dim=-1)  # (B*S,) as sets
+        stats.changed.append(changed.reshape(indices.shape[:2]))  # (B, S)
         return router_logits, replay_weights(router_logits, cached, router, spec), cached
 
     return hook

@@ -77,7 +77,10 @@ class HFEngine:
         self.model = model if self.shares_model else _copy_in_dtype(model, dtype or model_dtype)
         # A PEFT (LoRA) wrapper's forward hides the keyword but passes it through to the model it wraps.
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        self._keeps_last_logits = "logits_to_keep" in inspect.signature(inner.forward).parameters
+        forward_params = inspect.signature(inner.forward).parameters
+        self._keeps_last_logits = "logits_to_keep" in forward_params
+        # transformers >= 5.2x names the KV cache argument `cache` (`past_key_values` is removed in 5.40)
+        self._cache_keyword = "cache" if "cache" in forward_params else "past_key_values"
         # StaticCache writes keys/values in place into buffers preallocated for P + max_new_tokens;
         # DynamicCache re-allocates (torch.cat) every layer's cache at every step. On the CPU, 128
         # sequences, the static cache measured 3-10% faster (it attends over the full preallocated
@@ -243,8 +246,9 @@ class _TransformersDecoder:
         # A static cache always attends over its full length (causality hides the unwritten part).
         mask = self.attention if self.static else self.attention[:, : self.length]  # (B, P + N or length)
         kwargs = {"logits_to_keep": 1} if self.engine._keeps_last_logits else {}
+        kwargs[self.engine._cache_keyword] = self.cache
         out = self.engine.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                                past_key_values=self.cache, use_cache=True, **kwargs)
+                                use_cache=True, **kwargs)
         return out.logits[:, -1].float()  # (B, V)
 
 

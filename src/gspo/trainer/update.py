@@ -18,7 +18,7 @@ import torch
 from gspo import distributed as dist
 from gspo.algorithms import LossOutput, get_objective, rollout_correction
 from gspo.errors import TrainingDiverged
-from gspo.moe import RoutingRecord, capture_routing, expert_volatility, replay_routing
+from gspo.moe import ReplayStats, RoutingRecord, capture_routing, expert_volatility, replay_routing
 
 # Consecutive optimizer steps with a non-finite loss or gradient after which the run stops: one bad
 # step is skipped and logged, a streak means the policy itself has diverged.
@@ -122,7 +122,7 @@ class Updater:
         minibatch = inputs.rows(index)
         normaliser = self._global_normaliser(minibatch.completion_mask)
         optimizer.zero_grad(set_to_none=True)
-        parts, volatility = [], []
+        parts, volatility, replayed = [], [], []
         size = self.micro_batch_size or max(len(index), 1)
         micros = torch.split(torch.arange(len(index)), size)
         model = _inner_model(policy)
@@ -139,12 +139,16 @@ class Updater:
             if rows.measure_old is not None:
                 inputs.measure_old[index[micro]] = False  # measured once, by the on-policy forward
             parts.append(out)
-            if live is not None:
+            if isinstance(live, ReplayStats):
+                replayed.append(_replay_changed(rows, live))
+            elif live is not None:
                 volatility.append(_volatility(rows, live))
         grad_norm = self._clip_and_check(policy)
         metrics = _merge_metrics(parts)
         if volatility:
             metrics["moe/volatility"] = sum(volatility) / len(volatility)
+        if replayed:  # Routing Replay on: the share of expert sets it held fixed against the live routers
+            metrics["moe/replay_changed_frac"] = sum(replayed) / len(replayed)
         metrics["optim/grad_norm"] = grad_norm
         metrics["optim/lr"] = optimizer.param_groups[0]["lr"]
         if math.isfinite(grad_norm):
@@ -168,7 +172,7 @@ class Updater:
         if rows.routing is None:
             return contextlib.nullcontext()
         if self.routing_replay:
-            return _yield_none(replay_routing(model, rows.routing))
+            return replay_routing(model, rows.routing)
         return capture_routing(model)
 
     def _loss(self, policy, rows: UpdateInputs, normaliser: torch.Tensor):
@@ -228,10 +232,17 @@ def _inner_model(policy: torch.nn.Module) -> torch.nn.Module:
     return getattr(policy, "module", policy).model
 
 
-@contextlib.contextmanager
-def _yield_none(context):
-    with context:
-        yield None
+def _replay_changed(rows: UpdateInputs, stats: ReplayStats) -> float:
+    """Share of (position, MoE layer) expert sets where the live router disagreed with the replayed one, over
+    the positions whose output predicts a response token (position t predicts token t + 1; the last token's
+    own routing feeds nothing, and R3's engine never routed it)."""
+    if not stats.changed:
+        return 0.0
+    positions = torch.zeros_like(rows.attention_mask)  # (b, P + T) bool
+    num_t = rows.completion_mask.shape[1]
+    positions[:, -num_t - 1 : -1] = rows.completion_mask
+    per_layer = [changed[positions].float().mean() for changed in stats.changed if changed.shape == positions.shape]
+    return float(torch.stack(per_layer).mean()) if per_layer and positions.any() else 0.0
 
 
 def _volatility(rows: UpdateInputs, live: RoutingRecord) -> float:
