@@ -86,7 +86,8 @@ def to_rollout(prompts: list[list[int]], completions: list[Completion], params: 
     if completions and completions[0].routed_experts is not None:
         routing = routing_record([c.routed_experts for c in completions], [len(p) for p in prompts],
                                  [n for n, _ in cut], width_p, width_t)
-    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, logprobs, truncated, routing)
+    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                   completion_mask=completion_mask, logprobs=logprobs, truncated=truncated, routing=routing)
 
 
 def _end(token_ids: list[int], eos_ids: list[int], params: SamplingParams) -> tuple[int, bool]:
