@@ -45,8 +45,9 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], out: str, sy
             metrics = [trainer.train_step() for _ in range(config.steps)]
             if rank == 0:
                 whole = trainer.parts.whole_model  # FSDP: the gathered copy
+                engine_dtype = str(next(trainer.parts.engine.model.parameters()).dtype)  # the built-in engine's copy
                 torch.save({"params": {n: p.detach().clone() for n, p in whole.named_parameters()},
-                            "metrics": metrics}, out)
+                            "metrics": metrics, "engine_dtype": engine_dtype}, out)
     finally:
         dist.shutdown()
 
@@ -112,3 +113,25 @@ def test_fsdp2_matches_one_process_and_its_checkpoint_loads_in_one(tmp_path, dp_
     summary = train(load_config(None, [*args, "distributed.strategy=fsdp", "steps=3", f"run_dir={run}"]), run,
                     resume=True)
     assert summary["steps"] == 3
+
+
+def test_dapo_dynamic_sampling_two_processes_match_one(tmp_path, dp_overrides):
+    # 2-token completions: many groups have all-equal rewards, so dynamic sampling needs extra rounds,
+    # agreed globally (every process runs the same rounds and keeps the groups one process would)
+    overrides = [o for o in dp_overrides if not o.startswith("rollout.max_new_tokens")]
+    overrides += ["algorithm=dapo", "rollout.max_new_tokens=2", "steps=3"]
+    _spawn(2, overrides, tmp_path / "two.pt")
+    two = torch.load(tmp_path / "two.pt", weights_only=True)
+    one_params, one_metrics = _single(overrides)
+    assert any(m["dapo/rounds"] > 1 for m in one_metrics)  # the extra rounds really happened
+    for a, b in zip(two["metrics"], one_metrics):
+        assert a["dapo/rounds"] == b["dapo/rounds"] and a["dapo/kept_group_frac"] == pytest.approx(b["dapo/kept_group_frac"])
+        assert a["reward/mean"] == pytest.approx(b["reward/mean"], abs=1e-6)
+    for name, tensor in one_params.items():
+        torch.testing.assert_close(two["params"][name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+def test_fsdp2_sampler_keeps_its_configured_precision(tmp_path, dp_overrides):
+    _spawn(2, [*dp_overrides, "distributed.strategy=fsdp", "rollout.engine_dtype=bfloat16", "steps=1"],
+           tmp_path / "fsdp.pt")
+    assert torch.load(tmp_path / "fsdp.pt", weights_only=True)["engine_dtype"] == "torch.bfloat16"

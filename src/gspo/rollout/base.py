@@ -101,6 +101,9 @@ class EngineInfo:
         loads new weights from memory or a path).
     reproducible: honours ``row_seeds``, so a seeded run samples the same tokens whatever the batch
         split or the number of processes.
+    behaviour_logprobs: another inference engine (vLLM) whose float32 log-probabilities are those of the
+        distribution it sampled (temperature, top-k / top-p applied) from weights synced after every
+        update: the GSPO paper's section 5.4 setting, where ``auto`` trains on them without recomputation.
     """
 
     name: str
@@ -108,6 +111,7 @@ class EngineInfo:
     records_routing: bool = False
     weight_sync: str = "copy"
     reproducible: bool = True
+    behaviour_logprobs: bool = False
 
 
 @runtime_checkable
@@ -148,6 +152,20 @@ class RolloutEngine(Protocol):
     def close(self) -> None:
         """Release what the engine holds (a server process, caches). Idempotent."""
         ...
+
+
+def check_request(prompts: list[list[int]], params: SamplingParams) -> None:
+    """Reject empty prompts and sampling parameters outside their ranges, naming the field."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
+    if params.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
+    if params.temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {params.temperature}")
+    if not 0 < params.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
+    if params.top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {params.top_k}")
 
 
 def full_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

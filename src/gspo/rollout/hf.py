@@ -37,7 +37,7 @@ from transformers.cache_utils import DynamicCache, StaticCache
 from gspo.errors import ConfigError
 from gspo.logprobs import truncated_log_softmax, truncation_mask
 from gspo.moe import capture_routing, supports_routing
-from gspo.rollout.base import EngineInfo, Rollout, SamplingParams, full_weights
+from gspo.rollout.base import EngineInfo, Rollout, SamplingParams, check_request, full_weights
 from gspo.rollout.native import NativeDecoder, native_support
 
 DECODERS = ("auto", "native", "hf")
@@ -139,7 +139,7 @@ class HFEngine:
         (pre-drawn uniforms, inverse-CDF sampling), so a row's sample does not depend on which other
         rows share the batch (the same response whether sampled by 1 process or as part of a shard).
         """
-        _check_request(prompts, params)
+        check_request(prompts, params)
         if row_seeds is not None and len(row_seeds) != len(prompts):
             raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {len(prompts)} prompts")
         device = next(self.model.parameters()).device
@@ -250,20 +250,6 @@ class _TransformersDecoder:
         out = self.engine.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                                 use_cache=True, **kwargs)
         return out.logits[:, -1].float()  # (B, V)
-
-
-def _check_request(prompts: list[list[int]], params: SamplingParams) -> None:
-    """Reject empty prompts and sampling parameters outside their ranges, naming the field."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
-    if params.max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
-    if params.temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {params.temperature}")
-    if not 0 < params.top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
-    if params.top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {params.top_k}")
 
 
 def sample_next_token(

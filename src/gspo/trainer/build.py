@@ -153,7 +153,7 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     source = "rollout" if config.correction.mode == "bypass" else config.loss.old_logprobs
     plan = plan_old_logprobs(source, engine=engine.info, training_dtype=o.dtype,
                              dropout=has_dropout(model), moe=moe, routing_replay=replay,
-                             diagnostics=config.moe.diagnostics)
+                             diagnostics=config.moe.diagnostics, correction=config.correction.mode)
     temperature = r.temperature
     rows_per_pass = o.micro_batch_size or -(-r.prompts_per_step * r.group_size // dist.world_size() // o.minibatches)
     parts = Components(

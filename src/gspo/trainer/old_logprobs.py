@@ -55,20 +55,24 @@ class OldLogprobPlan:
 
 
 def plan_old_logprobs(setting: str, *, engine: EngineInfo, training_dtype: str, dropout: bool, moe: bool,
-                      routing_replay: str = "off", diagnostics: bool = False) -> OldLogprobPlan:
+                      routing_replay: str = "off", diagnostics: bool = False,
+                      correction: str = "none") -> OldLogprobPlan:
     """Resolve ``loss.old_logprobs`` (auto | recompute | rollout) for one run.
 
     ``auto`` takes the engine's log-probabilities when a recomputation could only reproduce them to float
     rounding: the engine declares ``exact_logprobs`` (the training module's own float32 weights), training
     runs in float32, the model has no dropout (the engine samples in eval mode, training forwards run in
     train mode) and is dense (an MoE's old-policy pass records the experts for R2 and the volatility
-    diagnostics). Otherwise it recomputes.
+    diagnostics). An inference engine that declares ``behaviour_logprobs`` (vLLM: the sampled
+    distribution's float32 log-probabilities, ~1e-5 from the trainer's) is taken the same way: the GSPO
+    paper's section 5.4 setting. A rollout correction (``correction``) needs both channels, so it recomputes.
     """
     if setting not in SOURCES:
         raise ValueError(f"old log-probabilities source must be one of {', '.join(SOURCES)}, got {setting!r}")
     if setting == "auto":
         blockers = [why for why, present in (
-            ("the sampler is not the float32 policy", not engine.exact_logprobs),
+            ("the sampler is not the float32 policy", not (engine.exact_logprobs or engine.behaviour_logprobs)),
+            (f"correction.mode={correction}", correction not in ("none", "bypass")),
             (f"{training_dtype} training", training_dtype != "float32"),
             ("dropout", dropout),
             ("MoE routing record", moe)) if present]

@@ -16,7 +16,7 @@ import torch
 
 from gspo.errors import ConfigError
 from gspo.rollout.base import EngineInfo, Rollout, SamplingParams
-from gspo.rollout.hf import _check_request
+from gspo.rollout.base import check_request
 from gspo.rollout.vllm.convert import Completion, request_seeds, sampling_kwargs, to_rollout
 from gspo.rollout.vllm.host import preserved_host_state
 from gspo.rollout.vllm.weights import engine_weights
@@ -79,6 +79,7 @@ class VLLMEngine:
                 raise
         self._vllm = vllm
         self._info = EngineInfo(name=f"vLLM {vllm.__version__} in-process ({dtype})", exact_logprobs=False,
+                                behaviour_logprobs=dtype == "float32",  # loss.old_logprobs=auto: sampler's
                                 records_routing=routed_experts, weight_sync="reload", reproducible=True)
 
     @property
@@ -88,7 +89,7 @@ class VLLMEngine:
     def generate(self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None = None,
                  *, row_seeds: list[int] | None = None, record_routing: bool = False) -> Rollout:
         """One completion per prompt; every request is seeded (``row_seeds``, else drawn from ``generator``)."""
-        _check_request(prompts, params)
+        check_request(prompts, params)
         if record_routing and not self.routed_experts:
             raise ValueError("record_routing=True: this engine was started without routed experts")
         seeds = request_seeds(len(prompts), row_seeds, generator)

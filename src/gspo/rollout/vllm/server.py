@@ -39,7 +39,7 @@ import torch
 from gspo import distributed as dist
 from gspo.errors import GspoError
 from gspo.rollout.base import EngineInfo, Rollout, SamplingParams
-from gspo.rollout.hf import _check_request
+from gspo.rollout.base import check_request
 from gspo.rollout.vllm.convert import Completion, request_seeds, sampling_kwargs, to_rollout
 from gspo.rollout.vllm.local import LOGPROBS_MODE, vllm_environment
 from gspo.rollout.vllm.weights import engine_weights, shm_directory, write_safetensors
@@ -125,7 +125,7 @@ class VLLMServerEngine:
         self._nccl = None  # the trainer side of vLLM's NCCL weight transfer (GPU), made at the first sync
         self._pool = ThreadPoolExecutor(MAX_CONCURRENT_REQUESTS, thread_name_prefix="gspo-vllm-client")
         version = self._get("/version").get("version", "?")
-        self._info = EngineInfo(name=f"vLLM {version} server at {self.url}", exact_logprobs=False,
+        self._info = EngineInfo(name=f"vLLM {version} server at {self.url}", exact_logprobs=False, behaviour_logprobs=True,
                                 records_routing=False, weight_sync="reload", reproducible=True)
 
     @property
@@ -135,7 +135,7 @@ class VLLMServerEngine:
     def generate(self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None = None,
                  *, row_seeds: list[int] | None = None, record_routing: bool = False) -> Rollout:
         """One ``/v1/completions`` request per prompt, sent concurrently; every request is seeded."""
-        _check_request(prompts, params)
+        check_request(prompts, params)
         if record_routing:  # the OpenAI endpoints do not return routed experts
             raise ValueError("record_routing=True: the vLLM server engine does not return routed experts; "
                              "use rollout.engine=vllm or moe.routing_replay=r2")
