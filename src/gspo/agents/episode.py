@@ -103,17 +103,17 @@ class EpisodeRunner:
         # went on after the tool-call marker (not just its EOS): keep the turn up to the marker
         if cut is not None and cut < len(ids) - int(ended_with_eos):
             ids, logprobs, ended_with_eos = ids[:cut], logprobs[:cut], False
-        if len(ids) > room:  # the context is full (the shared budget was another episode's room)
-            ids, logprobs = ids[:room], logprobs[:room]
-            episode.truncated = True
-        elif cut is None and not ended_with_eos:
+        full = len(ids) >= room  # the context is full (the shared budget may have been another episode's room)
+        ids, logprobs = ids[:room], logprobs[:room]
+        if full or (cut is None and not ended_with_eos):  # the turn used its budget without ending
             episode.truncated = True
         turn = len(episode.state.turns)
         self._append(episode, ids, True, logprobs, turn)
         episode.state.turns.append(self.decode(ids))
         reply = self.environment.step(episode.state, episode.state.turns[-1])
         episode.turn_rewards.append(float(reply.reward))
-        if reply.done or reply.message is None or last or episode.truncated:
+        # a truncated turn still goes to the environment, which decides (a ToolEnvironment sees no call: done)
+        if reply.done or reply.message is None or last or full:
             episode.done = True
             return
         env_ids = self.format.message_ids(reply.message, ended_with_eos=ended_with_eos)
