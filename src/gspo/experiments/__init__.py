@@ -4,6 +4,8 @@
 
 - ``moe-stability``: GSPO vs GRPO vs GRPO + Routing Replay on a tiny Qwen3-MoE, expert volatility by
   depth, token vs sequence log-ratio spread, and the bf16-rollout precision check (sections 5.3-5.4).
+- ``algorithms``: every objective (GSPO, GSPO-token, GRPO, DAPO, CISPO, SAPO, GMPO, ...) on the same
+  model, prompts, seeds and compute, then a bf16 sampler with and without each rollout correction.
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ from __future__ import annotations
 from gspo.cli_args import Command, UsageError, parse, render_help
 from gspo.suggest import did_you_mean
 
-EXPERIMENTS = {"moe-stability": "gspo.experiments.moe_stability"}
+EXPERIMENTS = {"moe-stability": "gspo.experiments.moe_stability", "algorithms": "gspo.experiments.algorithms"}
 EXPERIMENT = Command(
-    "experiment", "a paper-reproduction study (moe-stability: GSPO vs GRPO on a tiny MoE)",
+    "experiment", "a reproduction study (moe-stability: GSPO vs GRPO on a tiny MoE; algorithms: the objectives side by side)",
     positionals=(("NAME", "the study: " + ", ".join(EXPERIMENTS)),),
     required=1,
     free_keys=True,
