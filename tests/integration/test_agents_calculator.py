@@ -142,7 +142,6 @@ def test_trainer_runs_agent_steps_with_metrics_and_resumes_exactly(tmp_path):
 
 
 @pytest.mark.parametrize("extra, fragment", [
-    (["moe.routing_replay=r3"], "routing_replay"),
     (["agent.advantages=turn"], "agent.advantages=turn"),
     (["algorithm=dapo"], "dynamic_sampling"),
 ])

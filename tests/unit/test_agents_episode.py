@@ -207,3 +207,23 @@ def test_objectives_on_multiturn_batches_are_split_invariant(algorithm):
     assert torch.allclose(whole, parts, atol=1e-6)
     (grad,) = torch.autograd.grad(whole, new)
     assert (grad[~mask] == 0).all() and grad[mask].abs().sum() > 0  # loss flows through model tokens only
+
+
+class Chars:
+    """A stand-in tokenizer: one id per character (ord), no special tokens."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+    def get_vocab(self):
+        return {"<|im_start|>": 1}
+
+
+def test_qwen3_message_format_follows_the_chat_template_shape():
+    fmt = MessageFormat.for_tokenizer(Chars())
+    text = "".join(map(chr, fmt.message_ids("9716", ended_with_eos=False)))
+    assert text == ("<|im_end|>\n<|im_start|>user\n<tool_response>\n9716\n</tool_response><|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    assert "".join(map(chr, fmt.message_ids("x", ended_with_eos=True))).startswith("\n<|im_start|>user")
+    ids = [ord(c) for c in 'a</tool_call>junk']
+    assert fmt.turn_end(ids) == len("a</tool_call>") and fmt.turn_end([1, 2]) is None

@@ -26,7 +26,8 @@ def episode_runner(config, task, engine, render, tokenizer, model) -> EpisodeRun
         env.toolbox = ToolBox(list(env.toolbox.tools.values()), timeout_s=a.tool_timeout_s)
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None) or DEFAULT_CONTEXT
     return EpisodeRunner(engine, env, MessageFormat.for_tokenizer(tokenizer), render.decode,
-                         tokenizer.pad_token_id, context, max_turns=a.max_turns)
+                         tokenizer.pad_token_id, context, max_turns=a.max_turns,
+                         record_routing=config.moe.routing_replay == "r3")  # R3: the engine's experts, stitched
 
 
 def agent_collector(config, runner: EpisodeRunner, render, rewards, params) -> EpisodeCollector:
@@ -40,10 +41,6 @@ def agent_collector(config, runner: EpisodeRunner, render, rewards, params) -> E
         takes = ", ".join(name for name, spec in SPECS.items() if spec.token_advantages)
         raise ConfigError(f"agent.advantages=turn needs an objective that takes (B, T) advantages ({takes}); "
                           f"algorithm={config.algorithm} takes one per response: set agent.advantages=episode")
-    if config.moe.routing_replay == "r3":
-        raise ConfigError("moe.routing_replay=r3 is not supported with agent tasks yet (the engine's routes would "
-                          "have to be stitched across turns); use moe.routing_replay=r2, which records the routes "
-                          "of every turn in the trainer's old-policy pass")
     if config.loss.overlong_buffer:
         raise ConfigError("loss.overlong_buffer (DAPO's overlong shaping) is per response; with agent tasks "
                           "set loss.overlong_buffer=0")

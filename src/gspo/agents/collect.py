@@ -147,7 +147,8 @@ class EpisodeEvaluator:
             chunk = rows[start : start + self.batch_prompts]
             sample_rows = [row for row in chunk for _ in range(samples)]
             seeds = [_row_seed(seed, start + i, j) for i in range(len(chunk)) for j in range(samples)]
-            episodes, _ = self.runner.run([self.render(r) for r in sample_rows], sample_rows, params, seeds, seed=seed)
+            episodes, _ = self.runner.run([self.render(r) for r in sample_rows], sample_rows, params, seeds, seed=seed,
+                                          record_routing=False)
             total, flags, _ = score_episodes(self.runner, episodes, sample_rows, self.rewards, self.none_policy)
             totals += total.tolist()
             correct += [int(flags[i * samples : (i + 1) * samples].sum()) for i in range(len(chunk))]

@@ -40,6 +40,7 @@ class Episode:
     logprobs: list[float] = field(default_factory=list)  # sampler's on model tokens, 0.0 on env tokens
     turn: list[int] = field(default_factory=list)  # per token: the model turn it belongs to or follows
     turn_rewards: list[float] = field(default_factory=list)  # per model turn
+    routes: list[list[torch.Tensor]] | None = None  # R3: per MoE layer, (n, k) chunks over positions 0.. in order
     truncated: bool = False  # a turn hit its token budget without ending, or the context was full
     done: bool = False
 
@@ -68,10 +69,14 @@ class EpisodeRunner:
     pad_token_id: int
     context: int
     max_turns: int = 0  # 0 = the environment's own
+    record_routing: bool = False  # MoE R3: keep the engine's experts of every position (see _record_routes)
 
     def run(self, prompts: list[list[int]], rows: list[Row], params: SamplingParams, row_seeds: list[int],
-            *, seed: int = 0) -> tuple[list[Episode], dict[str, float]]:
-        """One episode per prompt (``rows[i]`` is prompt i's row); returns them and the sampler's timings."""
+            *, seed: int = 0, record_routing: bool | None = None) -> tuple[list[Episode], dict[str, float]]:
+        """One episode per prompt (``rows[i]`` is prompt i's row); returns them and the sampler's timings.
+
+        ``record_routing``: override :attr:`record_routing` (evaluation does not need the routes)."""
+        record = self.record_routing if record_routing is None else record_routing
         episodes = [Episode(self.environment.reset(row), list(p)) for p, row in zip(prompts, rows)]
         max_turns = self.max_turns or self.environment.max_turns
         timings: dict[str, float] = {}
@@ -84,7 +89,8 @@ class EpisodeRunner:
             budget = max(1, min(params.max_new_tokens, max(rooms)))
             rollout = self.engine.generate([e.prompt + e.ids for e in active], replace(params, max_new_tokens=budget),
                                            torch.Generator().manual_seed(seed + k),
-                                           row_seeds=[turn_seed(row_seeds[i], k) for i in index])
+                                           row_seeds=[turn_seed(row_seeds[i], k) for i in index],
+                                           record_routing=record)
             for name, value in rollout.timings.items():
                 timings[name] = timings.get(name, 0.0) + value
             t0 = time.perf_counter()
@@ -98,6 +104,7 @@ class EpisodeRunner:
         mask = rollout.completion_mask[j]
         ids = rollout.completion_ids[j][mask].tolist()
         logprobs = rollout.logprobs[j][mask].tolist()
+        sampled, context = len(ids), len(episode.prompt) + len(episode.ids)
         ended_with_eos = not bool(rollout.truncated[j])
         cut = self.format.turn_end(ids)
         # went on after the tool-call marker (not just its EOS): keep the turn up to the marker
@@ -107,6 +114,8 @@ class EpisodeRunner:
         ids, logprobs = ids[:room], logprobs[:room]
         if full or (cut is None and not ended_with_eos):  # the turn used its budget without ending
             episode.truncated = True
+        if rollout.routing is not None:
+            _record_routes(episode, rollout, j, context, sampled, len(ids))
         turn = len(episode.state.turns)
         self._append(episode, ids, True, logprobs, turn)
         episode.state.turns.append(self.decode(ids))
@@ -130,6 +139,42 @@ class EpisodeRunner:
         episode.turn += [turn] * len(ids)
 
 
+def _record_routes(episode: Episode, rollout: Rollout, j: int, context: int, sampled: int, kept: int) -> None:
+    """Keep the experts the engine used at the positions this call fed to the model for the first time.
+
+    Each position's route is taken from the first call that ran the model on it: the prompt and the
+    previous environment message from this call's prefill, this turn's tokens from its decode steps
+    (all but the last sampled one, which is fed by the next call's prefill, or never: the single-turn
+    convention, where the filler of :meth:`RoutingRecord.pad_to` stands in for it). Those are exactly
+    the forwards that produced the sampler's log-probabilities. In the call's record the context sits
+    right-aligned before column P (left padding) and the completion follows it.
+    """
+    done = sum(chunk.shape[0] for chunk in episode.routes[0]) if episode.routes else 0
+    end = context + (kept if kept < sampled else kept - 1)  # positions fed so far, exclusive
+    start_col = rollout.prompt_ids.shape[1] - context  # column of the episode's position 0
+    chunks = [layer[j, start_col + done : start_col + end] for layer in rollout.routing.indices]  # (n, k) each
+    if episode.routes is None:
+        episode.routes = [[] for _ in chunks]
+    for store, chunk in zip(episode.routes, chunks):
+        store.append(chunk)
+
+
+def _assemble_routing(episodes: list[Episode], width_p: int, width_t: int):
+    """The episodes' stitched routes as one RoutingRecord over ``[prompt | completion]`` columns."""
+    from gspo.moe.routing import RoutingRecord
+
+    layers = []
+    for layer in range(len(episodes[0].routes)):
+        k = episodes[0].routes[layer][0].shape[-1]
+        out = torch.arange(k).expand(len(episodes), width_p + width_t, k).clone()  # (B, P + T, k) filler
+        for i, e in enumerate(episodes):
+            routes = torch.cat(e.routes[layer])  # (n, k) positions 0..n-1 of the episode
+            start = width_p - len(e.prompt)
+            out[i, start : start + len(routes)] = routes
+        layers.append(out)
+    return RoutingRecord(layers)
+
+
 def assemble(episodes: list[Episode], pad_token_id: int) -> Rollout:
     """The episodes as one :class:`Rollout` in the ``[left-padded prompt | completion segment]`` layout."""
     width_p = max(len(e.prompt) for e in episodes)
@@ -151,7 +196,8 @@ def assemble(episodes: list[Episode], pad_token_id: int) -> Rollout:
             attention[i, :t] = True
             logprobs[i, :t] = torch.tensor(e.logprobs, dtype=torch.float32)
     truncated = torch.tensor([e.truncated for e in episodes], dtype=torch.bool)  # (B,)
-    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, logprobs, truncated,
+    routing = _assemble_routing(episodes, width_p, width_t) if episodes[0].routes is not None else None
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, logprobs, truncated, routing=routing,
                    completion_attention=attention)
 
 

@@ -57,7 +57,7 @@ def demo_batch(rows: list[dict], uses: list[bool], tokenizer, fmt: MessageFormat
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
-def warm_start_calculator(out_dir: str | Path, *, seed: int = 0, steps: int = 500, batch_size: int = 64,
+def warm_start_calculator(out_dir: str | Path, *, seed: int = 0, steps: int = 600, batch_size: int = 64,
                           lr: float = 2e-3, tool_fraction: float = 0.5, n_eval: int = 128, eval_samples: int = 4,
                           num_threads: int | None = 1) -> Path:
     """Train ``tiny-calc`` from scratch on demonstrations and save it (weights, tokenizer, ``warm_start.json``)."""
