@@ -48,7 +48,8 @@ PROBE_SEED_OFFSET = 7919  # the early-stopping probe rows come from their own st
 
 def encode_sft_batch(tokenizer, rows: list[dict]) -> dict[str, torch.Tensor]:
     """Right-padded ``prompt + answer + <eos>`` ids with labels on the answer and EOS only."""
-    prompts = tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
+    # prompts as the RL trainer renders them (gspo.tasks.render): with the tokenizer's own BOS, if any
+    prompts = tokenizer([r["prompt"] for r in rows], add_special_tokens=True)["input_ids"]
     answers = tokenizer([r["answer"] for r in rows], add_special_tokens=False)["input_ids"]
     seqs = [p + a + [tokenizer.eos_token_id] for p, a in zip(prompts, answers)]
     width = max(len(s) for s in seqs)
@@ -119,7 +120,7 @@ def _split_row(row: dict) -> tuple[str, dict]:
 def _generate(model, tokenizer, prompts: list[str], *, temperature: float, n_samples: int,
               max_new_tokens: int) -> torch.Tensor:
     """(len(prompts) * n_samples, <= max_new_tokens) completion ids from left-padded ``model.generate``."""
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)  # BOS if it has one
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
         dict(do_sample=False)  # pure sampling: no top-k / top-p truncation
     out = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=n_samples,
@@ -196,7 +197,7 @@ def warm_start(out_dir: str | Path, *, seed: int = 0, steps: int = 800, batch_si
                weight_decay: float = 0.0, label_smoothing: float = 0.1, target_accuracy: float | None = 0.75,
                check_every: int = 20, n_probe: int = 256, arch: str = "qwen3", model_kwargs: dict | None = None,
                task_kwargs: dict | None = None, n_eval: int = 256, eval_samples: int = 8, max_new_tokens: int = 8,
-               num_threads: int | None = 1) -> Path:
+               num_threads: int | None = 1, bos: bool = False) -> Path:
     """Train the tiny model from scratch on the task's training rows and save the checkpoint to ``out_dir``.
 
     ``steps`` is the maximum (and the length of the learning-rate schedule). ``target_accuracy`` (if
@@ -212,7 +213,7 @@ def warm_start(out_dir: str | Path, *, seed: int = 0, steps: int = 800, batch_si
     """
     args = {k: v for k, v in locals().items() if k != "out_dir"}
     task = ArithmeticTask(seed=seed, **(task_kwargs or {}))
-    tokenizer = build_char_tokenizer()
+    tokenizer = build_char_tokenizer(bos=bos)  # bos: a base-model-style tokenizer that adds <bos>
     model = _build_model(arch, tokenizer, seed, dict(model_kwargs or {}))
     probe_accuracy: list[float] = []
     stop = None

@@ -11,7 +11,9 @@ SFT = Command(
     options=(Option("model", "tiny-arith", "the embedded model to build (tiny-arith, tiny-moe, tiny-calc)"),
              Option("out", "", "output directory (default: the embedded checkpoint in the package)"),
              Option("seed", "0", "seed of the initialisation and the data", kind="int"),
-             Option("steps", "", "supervised steps (default: the model's recipe)", kind="int", minimum=1)),
+             Option("steps", "", "supervised steps (default: the model's recipe)", kind="int", minimum=1),
+             Option("bos", "false", "tiny-arith only: a base-model-style tokenizer that adds <bos> to every text "
+                    "(no chat template), trained with it; for trying gspo on an own model directory", kind="bool")),
     description="Trains the embedded model from scratch with a short supervised stage on the arithmetic task and\n"
                 "saves a Hugging Face checkpoint. Without out=, it rewrites the embedded checkpoint in the package\n"
                 "(src/gspo/assets/<model>), which is how the committed one was made.",
@@ -34,6 +36,12 @@ def run_sft(args: list[str]) -> int:
     from gspo.sft import warm_start_embedded
     out = Path(options["out"]) if options.get("out") else EMBEDDED[options["model"]]
     kwargs = {"seed": options["seed"]}
+    if options.get("bos"):
+        if options["model"] != "tiny-arith":
+            raise UsageError(f"bos=true builds tiny-arith with a <bos> tokenizer; model={options['model']} has its own")
+        if not options.get("out"):
+            raise UsageError("bos=true needs out=DIR: the embedded tiny-arith stays as it is")
+        kwargs["bos"] = True
     if "steps" in options:
         kwargs["steps"] = options["steps"]
     if options["model"] == "tiny-calc":  # agents (issue 16): calculator demonstrations (gspo.agents.warm_start)

@@ -26,7 +26,7 @@ r_t = pi_old(y_t) / pi_rollout(y_t) = exp(old_logprobs - rollout_logprobs):
               detached) and `advantages`, so it is recomputed at every micro-step.
 
 Sequence-level weights are broadcast to every token of the response. The product form is the right
-quantity for this job (SPEC misreading 1 is about the GSPO ratio, not about corrections); the geometric
+quantity for this job (docs/objectives.md misreading 1 is about the GSPO ratio, not about corrections); the geometric
 form is its length-normalised, far less extreme, variant. The band and threshold defaults of the geometric
 modes are this library's choice (no paper fixes them). Every threshold a mode does not use is an error.
 """

@@ -44,7 +44,7 @@ def gspo_loss(
     clipped. G = `num_sequences`: the number of responses (with >= 1 token) in the whole optimizer step,
     across processes and minibatch slices; default: this call's. A response with no tokens adds nothing.
     The clip ranges are the paper's (3e-4, 4e-4): s_i is an average, so it moves orders of magnitude less
-    than a token ratio. GRPO's 0.2 is accepted but almost never clips (SPEC misreading 3).
+    than a token ratio. GRPO's 0.2 is accepted but almost never clips (docs/objectives.md, misreading 3).
 
     Shapes: logprobs, old_logprobs, mask (B, T); advantages (B,). ref_logprobs / beta / kl_estimator:
     optional beta * KL to a reference policy, averaged over each response's tokens, then over responses.

@@ -14,7 +14,7 @@ Tokenizer conventions (the trainer relies on them):
 
 from __future__ import annotations
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 PAD_TOKEN = "<pad>"
@@ -24,8 +24,15 @@ SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, UNK_TOKEN)  # ids 0, 1, 2
 ALPHABET = "0123456789+-*= "  # everything the arithmetic task writes, plus a space
 
 
-def build_char_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
-    """A fast tokenizer with one token per character of ``alphabet`` and no automatic special tokens."""
+BOS_TOKEN = "<bos>"
+
+
+def build_char_tokenizer(alphabet: str = ALPHABET, *, bos: bool = False) -> PreTrainedTokenizerFast:
+    """A fast tokenizer with one token per character of ``alphabet`` and no automatic special tokens.
+
+    ``bos``: like a base model's tokenizer, encoding text adds a ``<bos>`` token in front (id after the
+    alphabet, so the other ids are unchanged) and there is no chat template.
+    """
     if len(set(alphabet)) != len(alphabet):
         raise ValueError(f"alphabet has repeated characters: {alphabet!r}")
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
@@ -34,11 +41,19 @@ def build_char_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
     # Every character (space included) becomes its own pre-token, hence its own token.
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()  # join tokens without separators
+    extra = {}
+    if bos:
+        vocab_size = len(vocab)
+        backend.add_special_tokens([BOS_TOKEN])
+        backend.post_processor = processors.TemplateProcessing(single=f"{BOS_TOKEN} $A",
+                                                               special_tokens=[(BOS_TOKEN, vocab_size)])
+        extra["bos_token"] = BOS_TOKEN
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD_TOKEN,
         eos_token=EOS_TOKEN,
         unk_token=UNK_TOKEN,
+        **extra,
         padding_side="left",  # generation-friendly default; training code pads explicitly
         clean_up_tokenization_spaces=False,
         model_max_length=64,

@@ -1,6 +1,6 @@
 """Collect one rollout batch: prompts -> groups of completions -> rewards -> group advantages.
 
-Paper section 3 / SPEC "The training step", steps 1-2. DAPO's dynamic sampling (drop groups whose
+Paper section 3 / docs/objectives.md, "The training step".  DAPO's dynamic sampling (drop groups whose
 rewards are all equal, sample more until the batch is full) and overlong shaping live here too, as
 calls to the pure functions in :mod:`gspo.algorithms`.
 """

@@ -2,7 +2,7 @@
 
 The behaviour policy's log-probabilities (``old_logprobs``, the anchor of every clipped ratio) come
 either from the rollout engine itself or from a no-grad pass of the training module over the sampled
-tokens (SPEC "The training step", step 4; GSPO paper section 5.4). :func:`plan_old_logprobs` makes that
+tokens (docs/objectives.md, "The training step"; GSPO paper section 5.4). :func:`plan_old_logprobs` makes that
 choice once, from immutable facts about the run, and names its reason; :class:`OldLogprobs` then turns
 each scored batch into the update's inputs (old and reference log-probabilities, routing records) and
 the sampler-vs-trainer mismatch metrics. Nothing here is read or written inside the update loop.

@@ -1,9 +1,9 @@
-"""The policy update: one rollout batch -> ``minibatches`` optimizer steps (SPEC "The training step", 3-4).
+"""The policy update: one rollout batch -> ``minibatches`` optimizer steps (docs/objectives.md, "The training step").
 
 The first minibatch is on-policy; later ones see a policy that has already moved, which is why
 ratios and clipping exist. Every loss receives the *global* normaliser of its minibatch (responses or
 response tokens summed over every process and micro-batch), so the gradient does not depend on how
-the batch is split (SPEC misreading 6).
+the batch is split (docs/objectives.md, misreading 6).
 """
 
 from __future__ import annotations
