@@ -52,3 +52,16 @@ def test_chat_template_without_bos_is_used_as_written():
     template = "{% for m in messages %}[u] {{ m['content'] }} {% endfor %}[a]"
     render = PromptRenderer(_tokenizer(bos=True, adds_bos=True, template=template))
     assert render({"prompt": "what is 2+2 ?"}) == [8, 4, 5, 6, 7, 9]
+
+
+def test_the_bos_variant_of_the_embedded_tokenizer_is_rendered_and_trained_with_one_bos():
+    from gspo.models.tiny import build_char_tokenizer
+    from gspo.sft import encode_sft_batch
+
+    tok = build_char_tokenizer(bos=True)
+    ids = PromptRenderer(tok)({"prompt": "12+3="})
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    batch = encode_sft_batch(tok, [{"prompt": "12+3=", "answer": "15"}])
+    assert batch["input_ids"][0, : len(ids)].tolist() == ids  # SFT saw exactly what RL will render
+    plain = build_char_tokenizer()
+    assert PromptRenderer(plain)({"prompt": "12+3="}) == plain("12+3=", add_special_tokens=False)["input_ids"]
