@@ -135,7 +135,8 @@ def test_trainer_runs_agent_steps_with_metrics_and_resumes_exactly(tmp_path):
     train(load_config(None, [*overrides, "steps=2"]), tmp_path / "resumed", resume=True)
     from safetensors.torch import load_file
 
-    a, b = (load_file(tmp_path / n / "checkpoints" / "step-00000002" / "model.safetensors") for n in ("straight", "resumed"))
+    a, b = (load_file(tmp_path / name / "checkpoints" / "step-00000002" / "model.safetensors")
+            for name in ("straight", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     lines = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "agent/tool_call_ok_frac" in x] == [1, 2]
