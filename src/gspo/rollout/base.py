@@ -82,6 +82,8 @@ class Rollout:
             truncated=self.truncated[index],
             routing=routing,
             timings=dict(self.timings),
+            completion_attention=self.completion_attention[index] if self.completion_attention is not None else None,
+            policy_version=self.policy_version,
         )
 
 
