@@ -100,6 +100,37 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+def profile_update(steps: int = 3, top: int = 15) -> dict:
+    """Per-op self CPU time of the main job's update (its 4 optimizer steps), after ``steps`` warm-up steps."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from gspo.config import load_config
+    from gspo.trainer.trainer import Trainer
+
+    torch.set_num_threads(1)
+    trainer = Trainer.from_config(load_config(None, ["log.progress=false", "log.tensorboard=false"]))
+    for _ in range(steps):
+        trainer.train_step()
+    real = trainer.updater.update
+    holder = {}
+
+    def profiled(*a, **kw):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = real(*a, **kw)
+        holder["prof"] = prof
+        return out
+
+    trainer.updater.update = profiled
+    metrics = trainer.train_step()
+    events = holder["prof"].key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / 1e6
+    rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {"update_s": metrics["time/update_s"], "profiled_self_cpu_s": total,
+            "ops": [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / 1e6 / total,
+                     "calls": e.count} for e in rows]}
+
+
 def cpu_model() -> str:
     try:
         for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
@@ -118,7 +149,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--override", nargs="*", default=[], help="extra key=value for every run")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_pipeline.json")
+    parser.add_argument("--profile", action="store_true", help="only profile the update, per op")
     args = parser.parse_args()
+    if args.profile:
+        result = profile_update()
+        args.out.write_text(json.dumps(result, indent=2))
+        for op in result["ops"]:
+            print(f"{op['op']:<40} {op['self_s'] * 1000:8.1f} ms  {op['share']:6.1%}  x{op['calls']}")
+        return
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         for i, seed in enumerate(args.seeds):

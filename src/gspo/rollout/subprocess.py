@@ -29,10 +29,12 @@ import sys
 import time
 import traceback
 import weakref
+import dataclasses
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.multiprocessing as mp
 
@@ -105,8 +107,7 @@ class SubprocessEngine:
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Queue a copy of ``model``'s weights: every request submitted after this samples with them."""
         self._check_open()
-        state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in full_weights(model)}
-        self._requests.put(("weights", state))
+        self._requests.put(("weights", {name: pack(tensor) for name, tensor in full_weights(model)}))
 
     def close(self) -> None:
         """Stop the sampler process (waits briefly, then kills it). Idempotent."""
@@ -128,7 +129,7 @@ class SubprocessEngine:
         self.info  # noqa: B018  the start message comes first
         while ticket not in self._done:
             got, rollout, busy = self._receive(expect="rollout")
-            self._done[got] = (rollout, busy)
+            self._done[got] = (unpack_rollout(rollout), busy)
         return self._done.pop(ticket)
 
     @property
@@ -175,6 +176,40 @@ def _main_module_hidden():
     finally:
         main.__dict__.pop("__spec__", None)
         main.__dict__.update(saved)
+
+
+# -- what crosses the queues: plain bytes ---------------------------------------------------------------
+# Tensors are sent as numpy arrays (pickled bytes through the pipe), not as torch shared-memory tensors:
+# torch passes each shared tensor as a file descriptor fetched from the *sender's* resource-sharer thread,
+# which a busy trainer serves late; measured on the main job, a 0.3 s rollout then took 0.5-1.5 s to arrive.
+
+def pack(tensor: torch.Tensor) -> tuple[str, "np.ndarray"]:
+    """(torch dtype name, numpy array) of a CPU copy; dtypes numpy lacks travel as same-width integers."""
+    t = tensor.detach().to("cpu")
+    name = str(t.dtype).removeprefix("torch.")
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.view(torch.int16)
+    return name, t.contiguous().numpy().copy()
+
+
+def unpack(packed: tuple[str, "np.ndarray"]) -> torch.Tensor:
+    name, array = packed
+    t = torch.from_numpy(array)
+    return t.view(getattr(torch, name)) if name in ("bfloat16", "float16") else t
+
+
+def pack_rollout(rollout: Rollout) -> dict:
+    if rollout.routing is not None:
+        raise ValueError("the sampler process does not return MoE routing records")
+    out = {}
+    for f in dataclasses.fields(rollout):
+        value = getattr(rollout, f.name)
+        out[f.name] = ("tensor", pack(value)) if isinstance(value, torch.Tensor) else ("plain", value)
+    return out
+
+
+def unpack_rollout(data: dict) -> Rollout:
+    return Rollout(**{k: unpack(v) if kind == "tensor" else v for k, (kind, v) in data.items()})
 
 
 def _stop(process, requests) -> None:
@@ -232,14 +267,14 @@ def _serve(requests, results, factory, model, tokenizer, path, placement: Placem
                 return
             if kind == "weights":
                 with torch.no_grad():
-                    for name, tensor in message[1].items():
-                        targets[name].copy_(tensor)
+                    for name, packed in message[1].items():
+                        targets[name].copy_(unpack(packed))
                 engine.sync_weights(model)  # engines with their own copy (e.g. bfloat16) refresh it
                 continue
             _, ticket, prompts, params, row_seeds, seed = message
             start = time.perf_counter()
             rollout = engine.generate(prompts, params, torch.Generator().manual_seed(seed), row_seeds=row_seeds)
-            results.put(("rollout", ticket, rollout, time.perf_counter() - start))
+            results.put(("rollout", ticket, pack_rollout(rollout), time.perf_counter() - start))
     except BaseException:  # noqa: BLE001
         results.put(("error", f"(request {ticket})\n" + traceback.format_exc()))
     finally:
