@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -175,9 +176,11 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
         # one process only: under DDP / FSDP2 every forward is a collective, chunk counts must not differ
         chunk_rows=rows_per_pass if dist.world_size() == 1 else 0, routed_model=model)
     if r.max_staleness:  # a sampler process samples ahead of the update (trainer/pipeline.py)
+        from gspo.rollout.subprocess import SubprocessEngine
         from gspo.trainer.pipeline import build_pipeline
 
-        parts.pipeline = build_pipeline(parts, path)
+        parts.pipeline = build_pipeline(parts, lambda placement: SubprocessEngine(
+            functools.partial(build_engine, config), whole, tokenizer, path, placement=placement))
     return parts
 
 

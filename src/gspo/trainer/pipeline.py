@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import functools
 import os
 import time
 from collections import deque
@@ -188,10 +187,12 @@ class _Ready:
         return r
 
 
-def build_pipeline(parts, path) -> Pipeline:
-    """The pipeline of ``parts`` (``rollout.max_staleness > 0``): checks what only the built run can tell."""
-    from gspo.trainer.build import build_engine
+def build_pipeline(parts, sampler: Callable[[Placement], SubprocessEngine]) -> Pipeline:
+    """The pipeline of ``parts`` (``rollout.max_staleness > 0``): checks what only the built run can tell.
 
+    ``sampler(placement)`` starts the sampler engine (the assembly point names it: a
+    :class:`~gspo.rollout.subprocess.SubprocessEngine` running ``build_engine`` in its own process).
+    """
     config = parts.config
     s = config.rollout.max_staleness
     if dist.world_size() > 1:
@@ -205,10 +206,8 @@ def build_pipeline(parts, path) -> Pipeline:
                           f"i.e. the sampler's log-probabilities, but this run recomputes them "
                           f"({parts.old_logprobs.plan.reason}); set rollout.max_staleness=0")
     num_params = sum(p.numel() for p in parts.model.parameters())
-    trainer, sampler = plan_placement(num_params, config.cpu_threads)
-    engine = SubprocessEngine(functools.partial(build_engine, config), parts.whole_model, parts.tokenizer, path,
-                              placement=sampler)
-    return Pipeline(engine, parts.collector, staleness=s, steps=config.steps, trainer_placement=trainer)
+    trainer, placement = plan_placement(num_params, config.cpu_threads)
+    return Pipeline(sampler(placement), parts.collector, staleness=s, steps=config.steps, trainer_placement=trainer)
 
 
 # -- rollouts as JSON (checkpointed in trainer_state.json, covered by the manifest's digest) ---------
