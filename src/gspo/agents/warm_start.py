@@ -107,11 +107,12 @@ def heldout_report(model, tokenizer, rows: list[dict], samples: int, seed: int) 
     """Greedy and T=1 held-out accuracy and tool rates, through the trainer's episode runner."""
     from gspo.agents.collect import EpisodeEvaluator
     from gspo.agents.episode import EpisodeRunner
-    from gspo.rollout.hf import HFEngine
+    from gspo.config.schema import Config
     from gspo.tasks.rewards import resolve_rewards
+    from gspo.trainer.build import build_engine
     from gspo.tasks.arithmetic import exact_answer_reward
 
-    engine = HFEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    engine = build_engine(Config(), model, tokenizer, None)  # the default in-process engine, via the assembly point
     runner = EpisodeRunner(engine, calculator_environment(), MessageFormat(tokenizer),
                            lambda ids: tokenizer.decode(ids, skip_special_tokens=True), tokenizer.pad_token_id, CONTEXT)
     render = lambda row: list(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])  # noqa: E731

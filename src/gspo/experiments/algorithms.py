@@ -246,12 +246,20 @@ def report(summary: dict[str, dict], options: Options, seconds: float) -> str:
     rows = [f"| {name} | {r['seeds']} | {r['final_accuracy']:.1%} ({r['final_min']:.1%}..{r['final_max']:.1%}) | "
             f"{r['lift'] * 100:+.1f} | {_num(r['clip_frac'])} | {_num(r['seq_logratio_std'])} | "
             f"{r['seconds_per_step']:.2f} |" for name, r in summary.items()]
+    corrected = {name: r for name, r in summary.items() if r["correction"] is not None}
+    fixes = ["| bf16-sampler arm | sampler/trainer seq log-ratio std | tokens masked | sequences masked | "
+             "tokens truncated | weight std |", "|---|---:|---:|---:|---:|---:|"]
+    fixes += [f"| {name} | {_num(r['mismatch_seq_std'])} | {_num(r.get('correction/masked_frac'))} | "
+              f"{_num(r.get('correction/seq_masked_frac'))} | {_num(r.get('correction/truncated_frac'))} | "
+              f"{_num(r.get('correction/weight_std'))} |" for name, r in corrected.items()]
     return "\n".join([
         "# Objectives side by side", "",
         f"{options.model}, {options.steps} steps of {options.prompts_per_step} prompts x {options.group_size} "
         f"responses, 4 minibatches, {options.seeds} seed(s) per arm, held-out {options.eval_size} prompts x 2 "
         f"samples; {seconds / 60:.1f} minutes on {describe_machine()}.", "",
-        *head, *rows, "", "## What reproduced", "", *[f"- {line}" for line in claims(summary)], "",
+        *head, *rows, "", *(["## The bf16 sampler and the rollout corrections", "", *fixes, ""] if corrected else []),
+        "s/step is wall time on a shared machine: compare arms within one report only.", "",
+        "## What reproduced", "", *[f"- {line}" for line in claims(summary)], "",
         "Curves: curves.png (held-out accuracy vs steps and vs training seconds, mean over seeds).", ""])
 
 
