@@ -129,28 +129,9 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     reference = None
     if config.loss.beta > 0:  # LoRA: the policy itself, run with its adapter disabled (see reference_policy)
         reference = model if config.lora.rank else frozen_copy(whole)
-    context = getattr(model.config, "max_position_embeddings", None)
-    render = PromptRenderer(tokenizer, config.data.system_prompt, config.data.chat_template,
-                            max_prompt_tokens=(context - r.max_new_tokens) if context else None)
-    params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                            top_k=r.top_k, ignore_eos=r.ignore_eos)
-    collector = Collector(engine, render, render.decode, rewards, params, r.group_size, config.loss.advantage_scale,
-                          config.loss.overlong_buffer, config.reward.none_policy, record_routing=replay == "r3")
-    evaluator = Evaluator(engine, render, render.decode, rewards, r.max_new_tokens,
-                          none_policy=config.reward.none_policy)
-    if task.environment is not None:  # agents (issue 16): multi-turn episodes instead of single completions
-        from gspo.agents.build import agent_collector, agent_evaluator, episode_runner
-
-        runner = episode_runner(config, task, engine, render, tokenizer, model)
-        collector = agent_collector(config, runner, render, rewards, params)
-        evaluator = agent_evaluator(config, runner, render, rewards)
-    updater = Updater(config.algorithm, config.hyperparameters, max_length=r.max_new_tokens,
-                      correction=config.correction.mode, correction_thresholds=config.correction.thresholds(),
-                      beta=config.loss.beta, kl_estimator=config.loss.kl_estimator,
-                      temperature=r.temperature, minibatches=o.minibatches, epochs=o.epochs,
-                      micro_batch_size=o.micro_batch_size, max_grad_norm=o.max_grad_norm,
-                      autocast_dtype=DTYPES[o.dtype] if o.dtype != "float32" else None,
-                      routing_replay=replay != "off")
+    render = _renderer(config, tokenizer, model)
+    params, collector, evaluator = _sampling(config, task, engine, render, tokenizer, model, rewards)
+    updater = _updater(config)
     source = "rollout" if config.correction.mode == "bypass" else config.loss.old_logprobs
     plan = plan_old_logprobs(source, engine=engine.info, training_dtype=o.dtype,
                              dropout=has_dropout(model), moe=moe, routing_replay=replay,
@@ -184,6 +165,44 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     return parts
 
 
+def _renderer(config: Config, tokenizer, model) -> PromptRenderer:
+    """Rows -> prompt ids; a prompt longer than the context minus the generation budget is an error."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    return PromptRenderer(tokenizer, config.data.system_prompt, config.data.chat_template,
+                          max_prompt_tokens=(context - config.rollout.max_new_tokens) if context else None)
+
+
+def _sampling(config: Config, task: Task, engine, render: PromptRenderer, tokenizer, model, rewards):
+    """(sampling params, collector, evaluator): single completions, or multi-turn episodes for agent tasks."""
+    r = config.rollout
+    params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                            top_k=r.top_k, ignore_eos=r.ignore_eos)
+    if task.environment is not None:  # agents: multi-turn episodes instead of single completions (docs/agents.md)
+        from gspo.agents.build import agent_collector, agent_evaluator, episode_runner
+
+        runner = episode_runner(config, task, engine, render, tokenizer, model)
+        return params, agent_collector(config, runner, render, rewards, params), agent_evaluator(
+            config, runner, render, rewards)
+    collector = Collector(engine, render, render.decode, rewards, params, r.group_size, config.loss.advantage_scale,
+                          config.loss.overlong_buffer, config.reward.none_policy,
+                          record_routing=config.moe.routing_replay == "r3")
+    evaluator = Evaluator(engine, render, render.decode, rewards, r.max_new_tokens,
+                          none_policy=config.reward.none_policy)
+    return params, collector, evaluator
+
+
+def _updater(config: Config) -> Updater:
+    """The minibatch loop for the configured objective, its hyperparameters and rollout correction."""
+    r, o = config.rollout, config.optim
+    return Updater(config.algorithm, config.hyperparameters, max_length=r.max_new_tokens,
+                   correction=config.correction.mode, correction_thresholds=config.correction.thresholds(),
+                   beta=config.loss.beta, kl_estimator=config.loss.kl_estimator,
+                   temperature=r.temperature, minibatches=o.minibatches, epochs=o.epochs,
+                   micro_batch_size=o.micro_batch_size, max_grad_norm=o.max_grad_norm,
+                   autocast_dtype=DTYPES[o.dtype] if o.dtype != "float32" else None,
+                   routing_replay=config.moe.routing_replay != "off")
+
+
 def build_evaluation(config: Config, *, model: torch.nn.Module | None = None, tokenizer=None,
                      task: Task | None = None) -> EvalComponents:
     """The model, engine, task and evaluator of ``config`` (``gspo eval``): nothing else is built."""
@@ -193,16 +212,8 @@ def build_evaluation(config: Config, *, model: torch.nn.Module | None = None, to
     model, tokenizer, path = _load_policy(config, device, model, tokenizer)
     model.eval()
     engine = build_engine(config, model, tokenizer, path)
-    context = getattr(model.config, "max_position_embeddings", None)
-    render = PromptRenderer(tokenizer, config.data.system_prompt, config.data.chat_template,
-                            max_prompt_tokens=(context - config.rollout.max_new_tokens) if context else None)
-    evaluator = Evaluator(engine, render, render.decode, rewards, config.rollout.max_new_tokens,
-                          none_policy=config.reward.none_policy)
-    if task.environment is not None:  # agents (issue 16): evaluation runs episodes
-        from gspo.agents.build import agent_evaluator, episode_runner
-
-        evaluator = agent_evaluator(config, episode_runner(config, task, engine, render, tokenizer, model),
-                                    render, rewards)
+    # agent tasks evaluate whole episodes: _sampling picks the evaluator for the task
+    _, _, evaluator = _sampling(config, task, engine, _renderer(config, tokenizer, model), tokenizer, model, rewards)
     return EvalComponents(config, model, tokenizer, engine, task, evaluator)
 
 
