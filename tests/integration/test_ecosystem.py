@@ -181,15 +181,31 @@ def test_chat_dataset_with_a_system_prompt_and_math_verify(tmp_path, wide_model_
     assert "reward/math_verify" in metrics and metrics["optim/skipped"] == 0.0
 
 
-def test_gspo_eval_on_a_saved_hf_dataset(tmp_path, tiny_model_dir):
+def test_gspo_eval_on_a_saved_hf_dataset(tmp_path, tiny_model_dir, monkeypatch):
     datasets = needs("datasets", "datasets")
     rows = [{"question": f"{i}+{i}=", "target": str(2 * i)} for i in range(10)]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "recording_reward.py").write_text(
+        "import json\n"
+        "def rec(prompt, completion, answer, **row):\n"
+        "    with open('scored.jsonl', 'a') as f:\n"
+        "        f.write(json.dumps([prompt, completion, answer]) + '\\n')\n"
+        "    return float(completion.strip() == answer)\n")
+    monkeypatch.chdir(tmp_path)  # the reward module is found in the working directory
     out = tmp_path / "report.json"
     code = main(["eval", str(tiny_model_dir), f"data.path={tmp_path / 'saved'}", "data.prompt_column=question",
-                 "data.answer_column=target", "samples=2", "k=1,2", f"out={out}"])
+                 "data.answer_column=target", "reward.functions=recording_reward:rec", "samples=2", "k=1,2",
+                 f"out={out}"])
     report = json.loads(out.read_text())
     assert code == 0 and report["task"] == f"dataset:{tmp_path / 'saved'}" and report["prompts"] == 2
+    scored = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
+    sampled, greedy = scored[:4], scored[4:]  # 2 held-out prompts x 2 samples, then 2 greedy
+    assert [p for p, _, _ in sampled] == ["8+8=", "8+8=", "9+9=", "9+9="]  # the last rows, as plain text
+    assert [a for _, _, a in sampled] == ["16", "16", "18", "18"]
+    assert report["sampled/accuracy"] == sum(c.strip() == a for _, c, a in sampled) / 4
+    assert report["greedy/accuracy"] == sum(c.strip() == a for _, c, a in greedy) / 2
+    per_prompt = [sum(c.strip() == a for _, c, a in sampled[i:i + 2]) for i in (0, 2)]
+    assert report["sampled/pass@2"] == sum(1.0 if n else 0.0 for n in per_prompt) / 2
 
 
 # -- reward models --------------------------------------------------------------------------------------
