@@ -1,42 +1,16 @@
 """gspo: GSPO, GSPO-token, GRPO, DAPO and the post-GSPO objectives for fine-tuning causal LMs.
 
 The package root re-exports the Python training API (`gspo.Trainer`, see `gspo.api`) and the pure
-objective functions of `gspo.algorithms`, which import nothing but torch. Everything else (models, rollout, trainer, distributed) is imported explicitly by
-its users, so `import gspo` stays light: no transformers, no torch.distributed of its own. The
+objective functions of `gspo.algorithms`, which import nothing but torch. Everything else (models,
+rollout, trainer, distributed) is imported explicitly by its users, so `import gspo` stays light: no transformers, no torch.distributed of its own. The
 re-exports load on first use (PEP 562), so `import gspo.cli` answers `gspo --help` without torch.
 """
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Trainer",
-    "CORRECTION_DEFAULTS",
-    "CORRECTION_MODES",
-    "Correction",
-    "OBJECTIVES",
-    "Objective",
-    "cispo_loss",
-    "dppo_kl_loss",
-    "dppo_tv_loss",
-    "dr_grpo_loss",
-    "get_objective",
-    "gmpo_loss",
-    "luspo_loss",
-    "rollout_correction",
-    "sapo_loss",
-    "KL_ESTIMATORS",
-    "MAX_LOG_RATIO",
-    "LossOutput",
-    "dapo_loss",
-    "group_advantages",
-    "groups_with_signal",
-    "grpo_loss",
-    "gspo_loss",
-    "gspo_token_loss",
-    "kl_penalty",
-    "overlong_penalty",
-    "reduce_metrics",
-]
+from gspo.algorithms import __all__ as _ALGORITHMS  # the package's name table only: no torch until used
+
+__all__ = ["Trainer", *_ALGORITHMS]
 
 
 def __getattr__(name: str):
@@ -44,7 +18,7 @@ def __getattr__(name: str):
         from gspo.api import Trainer
 
         return Trainer
-    if name in __all__:
+    if name in _ALGORITHMS:
         import gspo.algorithms
 
         return getattr(gspo.algorithms, name)

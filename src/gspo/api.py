@@ -215,12 +215,13 @@ def _rewards(rewards: list, weights: Sequence[float] | None, config: Config):
     from gspo.tasks.rewards import WeightedReward, resolve_rewards
 
     weights = list(weights) if weights is not None else [1.0] * len(rewards)
+    named = [f"{reward}@{weight}" for reward, weight in zip(rewards, weights) if isinstance(reward, str)]
+    task_rewards = build_task(config.data, seed=config.seed, eval_size=0).rewards if named else {}
+    resolved = iter(resolve_rewards(named, task_rewards) if named else ())
     out, names = [], set()
     for reward, weight in zip(rewards, weights):
         if isinstance(reward, str):  # a built-in or module:function, resolved as the CLI does
-            task_rewards = build_task(config.data, seed=config.seed, eval_size=0).rewards
-            (resolved,) = resolve_rewards([f"{reward}@{weight}"], task_rewards)
-            out.append(resolved)
+            out.append(next(resolved))
             continue
         if not callable(reward):
             raise ConfigError(f"rewards must be callables or reward names; got {reward!r:.60}")

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from gspo.agents.env import ToolEnvironment
 from gspo.agents.tools import Tool
 from gspo.tasks.arithmetic import exact_answer_reward
+from gspo.tasks.base import first_distinct
 
 TOOL_TAGS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
 CALC_ALPHABET = "0123456789+-*= abcdefghijklmnopqrstuvwxyz{}[]\":,._'()/<>!?"
@@ -85,14 +86,7 @@ class CalculatorTask:
         return self._stream(random.Random(self.seed), heldout=False)
 
     def eval_rows(self, n: int) -> list[dict]:
-        rows, seen = [], set()
-        for row in self._stream(random.Random(self.seed + _EVAL_STREAM), heldout=True):
-            if row["prompt"] not in seen:
-                seen.add(row["prompt"])
-                rows.append(row)
-            if len(rows) == n:
-                return rows
-        raise AssertionError("unreachable")
+        return first_distinct(self._stream(random.Random(self.seed + _EVAL_STREAM), heldout=True), n)
 
     def _stream(self, rng: random.Random, *, heldout: bool) -> Iterator[dict]:
         while True:

@@ -19,9 +19,9 @@ from typing import Any
 
 import yaml
 
-from gspo.config.schema import ALGORITHMS, Config
+from gspo.config.schema import Config
 from gspo.errors import ConfigError
-from gspo.suggest import closest, did_you_mean
+from gspo.suggest import closest
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -45,13 +45,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
     validate(config)
     return config
-
-
-def check_choice(key: str, value: object, allowed: tuple) -> None:
-    """ConfigError naming the allowed values and the closest one (``algorithm=gpro`` -> ``grpo``)."""
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}."
-                          f"{did_you_mean(str(value), [str(a) for a in allowed])}")
 
 
 def check_model(model: str) -> None:

@@ -22,7 +22,7 @@ ADAPTER_CONFIG = "adapter_config.json"  # what PEFT's save_pretrained writes for
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # the embedded models by the names the config accepts (gspo.config.load.EMBEDDED_MODELS, torch-free)
-EMBEDDED = dict(zip(EMBEDDED_MODELS, (ASSETS / "tiny-arith", ASSETS / "tiny-moe-arith", ASSETS / "tiny-calc")))
+EMBEDDED = dict(zip(EMBEDDED_MODELS, (ASSETS / "tiny-arith", ASSETS / "tiny-moe-arith", ASSETS / "tiny-calc"), strict=True))
 CODE_MAPS = ("config.json", "tokenizer_config.json")  # where transformers looks for auto_map
 
 

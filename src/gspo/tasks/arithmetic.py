@@ -23,6 +23,8 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from gspo.tasks.base import first_distinct
+
 EOS_TEXT = "<eos>"  # the tokenizer's EOS string (gspo.models.tiny.EOS_TOKEN), if the trainer decodes it
 PAD_TEXT = "<pad>"
 _INTEGER = re.compile(r"-?\d+")
@@ -66,14 +68,7 @@ class ArithmeticTask:
 
     def eval_rows(self, n: int) -> list[dict]:
         """``n`` distinct held-out rows, deterministic in ``seed``, disjoint from every training row."""
-        rows, seen = [], set()
-        for row in self._stream(random.Random(self.seed + _EVAL_STREAM), heldout=True):
-            if row["prompt"] not in seen:
-                seen.add(row["prompt"])
-                rows.append(row)
-            if len(rows) == n:
-                return rows
-        raise AssertionError("unreachable: the stream is infinite")
+        return first_distinct(self._stream(random.Random(self.seed + _EVAL_STREAM), heldout=True), n)
 
     # -- sampling ----------------------------------------------------------------------------------
     def _operand(self, rng: random.Random) -> int:

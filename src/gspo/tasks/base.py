@@ -42,6 +42,18 @@ def reward_prompt(row: Row) -> str:
     return str(prompt[-1].get("content", "")) if prompt else ""
 
 
+def first_distinct(rows: Iterator[Row], n: int) -> list[Row]:
+    """The first ``n`` rows of an endless stream with distinct prompts (held-out sets count each once)."""
+    out, seen = [], set()
+    for row in rows:
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            out.append(row)
+        if len(out) == n:
+            return out
+    raise ValueError(f"the stream ended before {n} distinct prompts")
+
+
 def shuffled_epochs(rows: Sequence[Row], seed: int) -> Iterator[Row]:
     """Endless epochs over ``rows``, each a fresh seeded permutation."""
     for epoch in itertools.count():
