@@ -147,3 +147,21 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_overrides):
         plain.train_step(), checkpointed.train_step()
     for p, q in zip(plain.model.parameters(), checkpointed.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_prompt_forwards_give_the_same_update_with_fewer_prompt_rows(tiny_overrides):
+    # optim.share_prompts (default on): each distinct prompt of a minibatch runs once; the update is the
+    # one-forward-per-response update up to float rounding.
+    shared, plain = _trainer(tiny_overrides), _trainer(tiny_overrides, "optim.share_prompts=false")
+    rows = {"shared": [], "plain": []}
+    for name, trainer in (("shared", shared), ("plain", plain)):
+        trainer.model.get_decoder().register_forward_pre_hook(
+            lambda module, args, kwargs, seen=rows[name]: seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    for _ in range(2):
+        shared.train_step(), plain.train_step()
+    for p, q in zip(shared.model.parameters(), plain.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    # 16 responses of 4 prompts in 2 minibatches of 8: the plain run's training forwards are 8 rows each,
+    # the shared run's first forward of each minibatch holds at most its 4 distinct prompts
+    assert set(rows["plain"]) == {8}
+    assert max(rows["shared"][0::2]) <= 4 and set(rows["shared"][1::2]) == {8}

@@ -149,6 +149,10 @@ class OptimConfig:
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward: activation memory of about one layer
     for about a third more training compute (TRL's default; benchmarks/README.md)."""
+    share_prompts: bool = True
+    """Training forwards run each distinct prompt once and reuse its keys/values for all of its responses
+    (exact up to float rounding; skipped where no prompt repeats, with activation checkpointing, sliding-window
+    attention or MoE routing capture). Off = one full forward per response."""
 
 
 @dataclass

@@ -123,7 +123,9 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     if replay == "r3" and not engine.info.records_routing:
         raise ConfigError(f"moe.routing_replay=r3 needs the rollout engine's expert choices, which {engine.info.name} "
                           "does not return; use moe.routing_replay=r2 (experts from the trainer's old-policy pass)")
-    policy = dist.wrap_for_training(PolicyLogprobs(model, top_k=r.top_k, top_p=r.top_p), config.distributed.strategy)
+    # FSDP2 gathers a unit's shards once per forward call; the shared-prompt path calls the body twice
+    policy = PolicyLogprobs(model, top_k=r.top_k, top_p=r.top_p, share_prompts=o.share_prompts and not sharded)
+    policy = dist.wrap_for_training(policy, config.distributed.strategy)
     optimizer = build_optimizer(policy, config)  # after wrapping: FSDP2 replaced the parameters
     scheduler = build_scheduler(optimizer, config, config.steps * o.minibatches * o.epochs)
     reference = None
@@ -152,7 +154,7 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
         return _reference_fn(parts, temperature)
 
     parts.old_logprobs = OldLogprobs(
-        plan, policy=lambda ids, attn, num_t: policy(ids, attn, num_t, temperature),
+        plan, policy=lambda ids, attn, num_t, routed=False: policy(ids, attn, num_t, temperature, routed=routed),
         reference=reference_logprobs if reference is not None else None,
         # one process only: under DDP / FSDP2 every forward is a collective, chunk counts must not differ
         chunk_rows=rows_per_pass if dist.world_size() == 1 else 0, routed_model=model)

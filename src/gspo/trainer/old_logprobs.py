@@ -96,15 +96,16 @@ def has_dropout(model: torch.nn.Module) -> bool:
         float(getattr(config, name, 0.0) or 0.0) > 0 for name in ("attention_dropout", "hidden_dropout"))
 
 
-# (ids, attention, num_completion_tokens) -> (B, T) log-probabilities under the module given
-LogprobFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+# (ids, attention, num_completion_tokens, routed=False) -> (B, T) log-probabilities under the module given;
+# ``routed``: the call runs inside a routing capture (one plain forward, see PolicyLogprobs.forward)
+LogprobFn = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
 class OldLogprobs:
     """Computes one batch's :class:`UpdateInputs` according to a plan.
 
-    policy: (ids, attention, T) -> (B, T) training-module log-probabilities (no grad is taken here).
+    policy: (ids, attention, T, routed=False) -> (B, T) training-module log-probabilities (no grad is taken here).
     reference: a context manager yielding the KL reference's log-probability function, or None.
     chunk_rows: rows per no-grad forward (a training step's rows, so this pass never holds more
         activations than a training step); 0 = one pass.
@@ -135,13 +136,13 @@ class OldLogprobs:
                 metrics.update(mismatch_metrics(old[keep], rollout.logprobs[keep], mask[keep]))
             else:
                 with self._recording() as routing:
-                    old = self.policy(ids, attn, num_t)  # (B, T)
+                    old = self.policy(ids, attn, num_t, routed=self._routed)  # (B, T)
                 metrics.update(mismatch_metrics(old, rollout.logprobs, mask))
         else:
             old = rollout.logprobs  # (B, T) the engine's
             if plan.capture_routing:  # MoE diagnostics / R2 still need the old-policy experts
                 with self._recording() as routing:
-                    recomputed = self.policy(ids, attn, num_t)
+                    recomputed = self.policy(ids, attn, num_t, routed=self._routed)
                 metrics.update(mismatch_metrics(recomputed, rollout.logprobs, mask))
             elif plan.measure_onpolicy and onpolicy is not None:
                 measure = onpolicy.clone()  # (B,) the first update's forward compares trainer and sampler
@@ -154,8 +155,13 @@ class OldLogprobs:
         return UpdateInputs(ids, attn, mask, batch.advantages, old, ref, routing, reuse, measure,
                             rollout_logprobs=rollout.logprobs), metrics
 
+    @property
+    def _routed(self) -> bool:
+        """The pass runs inside a routing capture (its hooks need one plain forward of the whole batch)."""
+        return self.plan.capture_routing and self.routed_model is not None
+
     def _recording(self) -> ContextManager:
-        if self.plan.capture_routing and self.routed_model is not None:
+        if self._routed:
             return capture_routing(self.routed_model)
         return contextlib.nullcontext()
 

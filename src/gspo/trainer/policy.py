@@ -14,15 +14,22 @@ from gspo.logprobs import token_logprobs
 
 class PolicyLogprobs(torch.nn.Module):
     """``top_k`` / ``top_p``: the sampler's truncation; log-probabilities are then over the same support
-    (the behaviour policy is the truncated distribution, so an untruncated trainer would bias every ratio)."""
+    (the behaviour policy is the truncated distribution, so an untruncated trainer would bias every ratio).
+    ``share_prompts``: each distinct prompt of a forward runs once (``optim.share_prompts``,
+    :func:`gspo.logprobs.shared_prompt_hidden`)."""
 
-    def __init__(self, model: torch.nn.Module, *, top_k: int = 0, top_p: float = 1.0) -> None:
+    def __init__(self, model: torch.nn.Module, *, top_k: int = 0, top_p: float = 1.0, share_prompts: bool = False) -> None:
         super().__init__()
         self.model = model
         self.top_k, self.top_p = top_k, top_p
+        self.share_prompts = share_prompts
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_completion_tokens: int,
-                temperature: float = 1.0) -> torch.Tensor:
-        """(B, T) log pi(y_t | x, y_<t) of the last ``num_completion_tokens`` positions."""
+                temperature: float = 1.0, *, routed: bool = False) -> torch.Tensor:
+        """(B, T) log pi(y_t | x, y_<t) of the last ``num_completion_tokens`` positions.
+
+        ``routed``: a MoE routing capture or replay block is around this call; its hooks record (B, L)
+        tensors, so the batch must go through the model in one forward as laid out (no prompt sharing).
+        """
         return token_logprobs(self.model, input_ids, attention_mask, num_completion_tokens, temperature=temperature,
-                              top_k=self.top_k, top_p=self.top_p)
+                              top_k=self.top_k, top_p=self.top_p, share_prompts=self.share_prompts and not routed)

@@ -178,7 +178,8 @@ class Updater:
     def _loss(self, policy, rows: UpdateInputs, normaliser: torch.Tensor):
         num_completion = rows.completion_mask.shape[1]
         with self.autocast(rows.input_ids.device.type):
-            logprobs = policy(rows.input_ids, rows.attention_mask, num_completion, self.temperature)  # (b, T)
+            logprobs = policy(rows.input_ids, rows.attention_mask, num_completion, self.temperature,
+                              routed=rows.routing is not None)  # (b, T)
         if rows.reuse_old is not None and bool(rows.reuse_old.any()):
             # On-policy rows not recomputed (see UpdateInputs.reuse_old): this forward is pi_old's. Written
             # into ``rows`` so that _step can keep them for later epochs.
