@@ -82,6 +82,16 @@ def test_two_processes_match_one_process(tmp_path, dp_overrides):
         assert a["reward/mean"] == pytest.approx(b["reward/mean"], abs=1e-6)
 
 
+def test_batch_advantage_scale_two_processes_match_one(tmp_path, dp_overrides):
+    # loss.advantage_scale=batch divides by the std of the whole global batch, not of one process's share
+    overrides = [*dp_overrides, "loss.advantage_scale=batch"]
+    _spawn(2, overrides, tmp_path / "two.pt")
+    two = torch.load(tmp_path / "two.pt", weights_only=True)
+    one_params, _ = _single(overrides)
+    for name, tensor in one_params.items():
+        torch.testing.assert_close(two["params"][name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
 def test_save_with_two_processes_load_with_one(tmp_path, dp_overrides):
     run = tmp_path / "run"
     args = [o for o in dp_overrides if not o.startswith(("checkpoint.", "steps="))]

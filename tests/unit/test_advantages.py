@@ -63,3 +63,21 @@ def test_errors():
         group_advantages(torch.zeros(2, 2), 2)
     with pytest.raises(ValueError, match="eps must be >= 0"):
         group_advantages(torch.zeros(4), 2, eps=-1.0)
+
+
+def test_batch_scale_from_moments_of_shards_equals_the_whole_batch():
+    # Under data parallelism each process holds some groups; "batch" scale must divide by the std of the
+    # whole batch, which the summed (count, sum, sum of squares) of the shards give exactly.
+    from gspo.algorithms.advantages import batch_std_from_moments, reward_moments
+
+    gen = torch.Generator().manual_seed(0)
+    rewards = torch.rand(24, generator=gen) * 3 - 1  # 6 groups of 4
+    whole = group_advantages(rewards, 4, scale="batch")
+    shards = rewards.split(8)  # 3 processes, 2 groups each
+    std = batch_std_from_moments(sum(reward_moments(s) for s in shards))
+    torch.testing.assert_close(std, rewards.double().std(), rtol=1e-12, atol=0)
+    split = torch.cat([group_advantages(s, 4, scale="batch", batch_std=std) for s in shards])
+    torch.testing.assert_close(split, whole, rtol=1e-6, atol=1e-7)
+    # without the global std, one process's share gives other advantages (what the bug did)
+    local = torch.cat([group_advantages(s, 4, scale="batch") for s in shards])
+    assert not torch.allclose(local, whole, rtol=1e-3)

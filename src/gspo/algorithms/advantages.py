@@ -21,15 +21,18 @@ def check_groups(rewards: torch.Tensor, group_size: int) -> None:
 
 
 def group_advantages(
-    rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-6
+    rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-6,
+    batch_std: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Advantages (N,) for rewards (N,) laid out group by group (eq. 6).
 
     scale="group": divide by each group's sample std + eps (default, as in the paper);
     scale="batch": divide by the sample std of all N rewards + eps (centred still by the group mean);
+        ``batch_std`` replaces that std when the batch is larger than ``rewards`` (a data-parallel
+        process's share: :func:`batch_std_from_moments` of every process's :func:`reward_moments`);
     scale="none": only centre by the group mean (Dr. GRPO; not GSPO's choice).
     A group whose rewards are all equal gets exactly 0. Computed in float32 (float64 for float64 input);
-    call it on the whole rollout batch, before splitting into minibatches or processes.
+    call it on the whole rollout batch, before splitting into minibatches.
     """
     check_groups(rewards, group_size)
     if scale not in SCALES:
@@ -42,7 +45,22 @@ def group_advantages(
     if scale == "group":
         centred = centred / (groups.std(dim=-1, keepdim=True) + eps)  # (N / G, G)
     elif scale == "batch":
-        centred = centred / (groups.std() + eps)  # (N / G, G)
+        std = groups.std() if batch_std is None else torch.as_tensor(batch_std, dtype=dtype)
+        centred = centred / (std + eps)  # (N / G, G)
     # Exact zeros for all-equal groups: the float mean of equal values need not equal them.
     flat = (groups == groups[:, :1]).all(dim=-1, keepdim=True)  # (N / G, 1)
     return torch.where(flat, torch.zeros_like(centred), centred).view(-1)  # (N,)
+
+
+def reward_moments(rewards: torch.Tensor) -> torch.Tensor:
+    """(3,) float64 [count, sum, sum of squares] of rewards (N,): summed over processes, they give the whole
+    batch's std (:func:`batch_std_from_moments`) without gathering the rewards."""
+    r = rewards.to(torch.float64)
+    return torch.stack([r.new_tensor(float(r.numel())), r.sum(), (r * r).sum()])
+
+
+def batch_std_from_moments(moments: torch.Tensor) -> torch.Tensor:
+    """The sample std (N - 1 in the denominator, as ``Tensor.std``) from (3,) [count, sum, sum of squares]."""
+    n, total, squares = moments.unbind()
+    variance = (squares - total * total / n) / (n - 1)
+    return variance.clamp(min=0.0).sqrt()

@@ -187,7 +187,7 @@ def _sampling(config: Config, task: Task, engine, render: PromptRenderer, tokeni
             config, runner, render, rewards)
     collector = Collector(engine, render, render.decode, rewards, params, r.group_size, config.loss.advantage_scale,
                           config.loss.overlong_buffer, config.reward.none_policy,
-                          record_routing=config.moe.routing_replay == "r3")
+                          record_routing=config.moe.routing_replay == "r3", sum_over_processes=dist.all_reduce_sum)
     evaluator = Evaluator(engine, render, render.decode, rewards, r.max_new_tokens,
                           none_policy=config.reward.none_policy)
     return params, collector, evaluator

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from gspo.algorithms import group_advantages, groups_with_signal, overlong_penalty
+from gspo.algorithms.advantages import batch_std_from_moments, reward_moments
 from gspo.evaluate import CORRECT_THRESHOLD
 from gspo.rollout.base import Rollout, RolloutEngine, SamplingParams
 from gspo.tasks.base import Row, reward_prompt
@@ -51,6 +52,9 @@ class Collector:
     overlong_buffer: int = 0
     none_policy: str = "zero"
     record_routing: bool = False  # MoE: record the sampler's expert choices (Routing Replay R3)
+    # sums a tensor over the data-parallel processes (gspo.distributed.all_reduce_sum under torchrun): the
+    # "batch" advantage scale is the std of the whole batch, not of one process's share
+    sum_over_processes: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
 
     def collect(self, rows: list[Row], seed: int, first_index: int = 0) -> ScoredBatch:
         """Sample ``group_size`` completions per row and score them.
@@ -76,7 +80,11 @@ class Collector:
             penalty = overlong_penalty(rollout.lengths, self.params.max_new_tokens, self.overlong_buffer)
             rewards = rewards + penalty.float()
             metrics["reward/overlong_penalty"] = float(penalty.float().mean())
-        advantages = group_advantages(rewards, self.group_size, scale=self.advantage_scale)  # (B,)
+        batch_std = None
+        if self.advantage_scale == "batch":  # the std of the whole batch, every process's rewards included
+            batch_std = batch_std_from_moments(self.sum_over_processes(reward_moments(rewards)))
+        advantages = group_advantages(rewards, self.group_size, scale=self.advantage_scale,
+                                      batch_std=batch_std)  # (B,)
         metrics["reward/zero_std_frac"] = zero_variance_fraction(rewards, self.group_size)
         metrics.update(rollout.timings)
         metrics["time/score_s"] = time.perf_counter() - t0
