@@ -343,3 +343,30 @@ def test_code_planted_in_a_checkpoint_is_never_executed(tmp_path, base_args, cap
     assert main(["eval", str(run), "samples=1", "k=1", "eval.size=2"]) == 2
     assert "custom code is never executed" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_tensorboard_forgets_the_redone_steps_after_a_resume(tmp_path, base_args):
+    # A run that died after step 4 with its newest checkpoint at step 2 redoes steps 3 and 4 on resume:
+    # TensorBoard must show each step once, with the values of the resumed run (metrics.jsonl is cut too).
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    args = [a for a in base_args if not a.startswith(("steps=", "checkpoint.every=", "log.tensorboard="))]
+    args += ["log.tensorboard=true", "checkpoint.every=2", f"run_dir={run}"]
+    assert main(["train", *args, "steps=4"]) == 0
+    newest = find_latest_checkpoint(run)
+    assert newest.name.endswith("4")
+    import shutil
+
+    shutil.rmtree(newest)  # as if the process had died before writing it, and before its summary
+    (run / "summary.json").unlink()
+    assert main(["train", *args, "steps=4", "--resume", str(run)]) == 0
+    accumulator = EventAccumulator(str(run / "tensorboard"))
+    accumulator.Reload()
+    steps = [event.step for event in accumulator.Scalars("reward/mean")]
+    assert len(list((run / "tensorboard").iterdir())) >= 2  # the resumed run wrote its own event file
+    assert steps == [1, 2, 3, 4]
+    logged = {r["step"]: r["reward/mean"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if "reward/mean" in r}
+    assert [event.value for event in accumulator.Scalars("reward/mean")] == pytest.approx([logged[s] for s in steps])

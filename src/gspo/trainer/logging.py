@@ -44,6 +44,13 @@ class MetricsLogger:
                           *build_sinks(run_dir, list(trackers), tensorboard=tensorboard, project=project,
                                        run_config=run_config)]
 
+    def resume_at(self, step: int) -> None:
+        """A resume from the checkpoint of ``step``: trackers that can forget the redone steps do
+        (TensorBoard); ``metrics.jsonl`` is cut by :func:`drop_records_after`."""
+        for sink in self.sinks:
+            if hasattr(sink, "resume_at"):
+                sink.resume_at(step)
+
     def log(self, step: int, metrics: dict[str, Any], file: str = "metrics.jsonl") -> None:
         """``file``: another JSON-lines file of the run; trackers then see the keys under ``<file stem>/``."""
         if not self.enabled:

@@ -201,6 +201,7 @@ def _restore(trainer: Trainer, run_dir: Path, progress: Progress) -> None:
         _say(progress, f"resuming from {path} (step {trainer.state.step})")
     if dist.is_main():  # the steps after the checkpoint are redone: their old log lines go
         drop_records_after(run_dir, trainer.state.step)
+        trainer.logger.resume_at(trainer.state.step)
 
 
 class FullStateOptimizer:

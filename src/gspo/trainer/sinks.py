@@ -43,11 +43,20 @@ class TensorBoardSink:
     def __init__(self, run_dir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.directory = str(run_dir / "tensorboard")
+        self.writer = SummaryWriter(self.directory)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         for key, value in scalars(metrics).items():
             self.writer.add_scalar(key, value, step)
+
+    def resume_at(self, step: int) -> None:
+        """A resume from the checkpoint of ``step``: the later steps are redone, so TensorBoard is told to
+        drop their earlier events (``purge_step``) instead of drawing both runs' values."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer.close()
+        self.writer = SummaryWriter(self.directory, purge_step=step + 1)
 
     def close(self) -> None:
         self.writer.close()
