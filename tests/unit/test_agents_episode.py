@@ -176,6 +176,25 @@ def test_per_turn_rewards_and_turn_advantages():
     assert adv[1, :2].tolist() == pytest.approx([episode_adv[1].item()] * 2, abs=1e-5) and (adv[1, 2:] == 0).all()
 
 
+def test_batch_scaled_turn_advantages_use_the_given_batch_std():
+    # under torchrun each process holds some groups: the per-turn shift divides by the whole batch's std
+    script = {tuple(enc("1*1=")): [enc("2") + [EOS], enc("1") + [EOS]], tuple(enc("2*1=")): [enc("2") + [EOS]]}
+    rows = [{"prompt": "1*1=", "answer": "1"}, {"prompt": "2*1=", "answer": "2"}]
+    run = EpisodeRunner(ScriptedEngine(script), Feedback(), MessageFormat(TOK),
+                        lambda ids: TOK.decode(ids, skip_special_tokens=True), PAD, 64)
+    episodes, _ = run.run([enc(r["prompt"]) for r in rows], rows, SamplingParams(max_new_tokens=8), [1, 2])
+    rewards, _, _ = score_episodes(run, episodes, rows, [WeightedReward("exact", exact_answer_reward, 1.0)], "zero")
+    width = max(len(e.ids) for e in episodes)
+    whole_std = torch.tensor(0.5)  # the std of a larger batch than these two episodes
+    episode_adv = group_advantages(rewards, 2, scale="batch", batch_std=whole_std)
+    adv = turn_advantages(rewards, episodes, episode_adv, 2, "batch", width=width, batch_std=whole_std)
+    first = 2
+    later = (episode_adv[0] + 0.1 / (whole_std + 1e-6)).item()
+    assert adv[0, first + 4 : first + 6].tolist() == pytest.approx([later] * 2, abs=1e-5)
+    local = turn_advantages(rewards, episodes, episode_adv, 2, "batch", width=width)  # this shard's own std
+    assert not torch.allclose(local, adv)
+
+
 def test_turn_advantages_without_turn_rewards_equal_episode_advantages():
     _, episodes = run_scripted()
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from gspo import distributed as dist
 from gspo.agents.collect import ADVANTAGES, EpisodeCollector, EpisodeEvaluator
 from gspo.agents.env import ToolEnvironment
 from gspo.agents.episode import EpisodeRunner
@@ -45,7 +46,8 @@ def agent_collector(config, runner: EpisodeRunner, render, rewards, params) -> E
         raise ConfigError("loss.overlong_buffer (DAPO's overlong shaping) is per response; with agent tasks "
                           "set loss.overlong_buffer=0")
     return EpisodeCollector(runner, render, rewards, params, config.rollout.group_size, config.loss.advantage_scale,
-                            config.reward.none_policy, advantages=a.advantages)
+                            config.reward.none_policy, advantages=a.advantages,
+                            sum_over_processes=dist.all_reduce_sum)
 
 
 def agent_evaluator(config, runner: EpisodeRunner, render, rewards) -> EpisodeEvaluator:

@@ -21,6 +21,7 @@ import torch
 
 from gspo.agents.episode import Episode, EpisodeRunner, assemble, turn_index
 from gspo.algorithms import group_advantages
+from gspo.algorithms.advantages import batch_std_from_moments, reward_moments
 from gspo.errors import ConfigError
 from gspo.evaluate import CORRECT_THRESHOLD, pass_at_k
 from gspo.rollout.base import SamplingParams
@@ -43,6 +44,7 @@ class EpisodeCollector:
     advantage_scale: str = "group"
     none_policy: str = "zero"
     advantages: str = "episode"  # "turn": (B, T) per-turn advantages (token-level objectives only)
+    sum_over_processes: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # as Collector's ("batch" scale)
 
     def collect(self, rows: list[Row], seed: int, first_index: int = 0) -> ScoredBatch:
         """``group_size`` episodes per row; episode j of prompt i is seeded from (seed, first_index + i, j)."""
@@ -54,10 +56,14 @@ class EpisodeCollector:
         rollout = assemble(episodes, self.runner.pad_token_id)
         rollout.timings = timings
         rewards, correct, metrics = score_episodes(self.runner, episodes, group_rows, self.rewards, self.none_policy)
-        advantages = group_advantages(rewards, self.group_size, scale=self.advantage_scale)  # (B,)
+        batch_std = None
+        if self.advantage_scale == "batch":  # the std of the whole batch, every process's rewards included
+            batch_std = batch_std_from_moments(self.sum_over_processes(reward_moments(rewards)))
+        advantages = group_advantages(rewards, self.group_size, scale=self.advantage_scale,
+                                      batch_std=batch_std)  # (B,)
         if self.advantages == "turn":
             advantages = turn_advantages(rewards, episodes, advantages, self.group_size, self.advantage_scale,
-                                         width=rollout.completion_ids.shape[1])  # (B, T)
+                                         width=rollout.completion_ids.shape[1], batch_std=batch_std)  # (B, T)
         metrics["reward/zero_std_frac"] = zero_variance_fraction(rewards, self.group_size)
         metrics.update(timings)
         metrics["time/score_s"] = time.perf_counter() - t0
@@ -100,20 +106,21 @@ def agent_metrics(episodes: list[Episode]) -> dict[str, float]:
 
 
 def turn_advantages(rewards: torch.Tensor, episodes: list[Episode], advantages: torch.Tensor, group_size: int,
-                    scale: str, *, width: int, eps: float = 1e-6) -> torch.Tensor:
+                    scale: str, *, width: int, eps: float = 1e-6,
+                    batch_std: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T) per-turn advantages: the episode's group advantage plus the change of its return-to-go.
 
     Turn k's return-to-go is the episode reward minus the per-turn rewards earned before turn k
     (G_k = R - sum_{k' < k} r_k'). A_{i,t} = A_i + (G_{i,k(t)} - G_{i,0}) / s, with s the scale of eq. 6
-    (the group's reward std + eps, the batch's, or 1 for ``scale="none"``; 1 for a group of equal
-    rewards). Without per-turn rewards every token gets A_i: the episode advantage, broadcast. 0 on
+    (the group's reward std + eps, the batch's (``batch_std`` when the batch spans processes), or 1 for
+    ``scale="none"``; 1 for a group of equal rewards). Without per-turn rewards every token gets A_i: the episode advantage, broadcast. 0 on
     padding; environment tokens carry the value of the turn they follow but are masked out of every loss.
     """
     groups = rewards.view(-1, group_size)  # (N / G, G)
     if scale == "group":
         spread = groups.std(dim=-1, keepdim=True).expand_as(groups).reshape(-1)  # (B,)
     elif scale == "batch":
-        spread = rewards.std().expand_as(rewards)
+        spread = (rewards.std() if batch_std is None else batch_std.to(rewards.dtype)).expand_as(rewards)
     else:
         spread = torch.ones_like(rewards)
     spread = torch.where(spread > 0, spread + eps, torch.ones_like(spread))  # (B,)
