@@ -217,7 +217,7 @@ def test_the_sampler_process_dies_with_a_sigkilled_trainer(args, tmp_path, rewar
 
 @pytest.mark.parametrize("override, message", [
     ("loss.old_logprobs=recompute", "pi_old of a stale batch"),
-    ("rollout.engine=vllm", "rollout.engine=hf"),
+    ("algorithm=dapo", "DAPO dynamic sampling"),
     ("rollout.max_staleness=-1", "must be >= 0"),
 ])
 def test_invalid_pipeline_settings_name_the_key(args, override, message):

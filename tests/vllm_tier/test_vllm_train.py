@@ -82,3 +82,27 @@ def test_two_processes_with_their_own_engines_match_one(tmp_path):
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_pipelined_sampling_with_vllm_in_process_and_as_a_server(tmp_path):
+    """rollout.max_staleness=1 with vLLM as the sampler (docs/pipeline.md): the sampler process runs the
+    engine (in-process vLLM there, or a client of a vLLM server it starts) and is the run's only engine,
+    evaluation included. Batch k is sampled by the weights after update k-2, pi_old is vLLM's own
+    log-probabilities, and the in-process engine and the server train alike (same seeds, same kernels)."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for engine in ("vllm", "vllm-server"):
+        run_dir = tmp_path / engine
+        done = subprocess.run(_gspo(f"rollout.engine={engine}", "rollout.max_staleness=1", "steps=3",
+                                    "checkpoint.every=0", f"run_dir={run_dir}", *SHORT),
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        assert "old log-probs from the sampler" in done.stdout + done.stderr
+        steps = [r for r in _records(run_dir) if "pipeline/staleness" in r]
+        assert [r["pipeline/staleness"] for r in steps] == [0.0, 1.0, 1.0]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["steps"] == 3 and "lift/accuracy" in summary
+        weights[engine] = load_file(run_dir / "checkpoints" / "step-00000003" / "model.safetensors")
+    for name, tensor in weights["vllm"].items():
+        torch.testing.assert_close(weights["vllm-server"][name], tensor, rtol=0, atol=1e-6, msg=name)

@@ -153,9 +153,6 @@ def _validate_pipeline(config: Config) -> None:
         raise ConfigError(f"rollout.max_staleness={s} with DAPO dynamic sampling is not supported (its extra "
                           "rounds depend on the batch just scored); set loss.dynamic_sampling=false or "
                           "rollout.max_staleness=0")
-    if config.rollout.engine != "hf":
-        raise ConfigError(f"rollout.max_staleness={s} runs the in-process engine in a sampler process; "
-                          f"rollout.engine={config.rollout.engine} is not supported: set rollout.engine=hf")
 
 
 # log.trackers name -> (module that must import, the extra that installs it)

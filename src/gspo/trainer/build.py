@@ -119,6 +119,11 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     # FSDP2 shards ``model`` in place: the sampler and the checkpoints need whole weights, kept in a copy
     # made before sharding and refreshed after every update (Components.sync_weights).
     whole = copy.deepcopy(model) if sharded else model
+    sampler = None
+    if r.max_staleness and engine is None and r.engine != "hf":
+        # vLLM samples ahead in the sampler process and is the run's only engine, evaluation included: a
+        # second instance (or server) in the trainer process would double its memory and start-up
+        sampler = engine = _sampler_engine(config, whole, tokenizer, path, device)
     engine = engine or build_engine(config, whole, tokenizer, path)
     if replay == "r3" and not engine.info.records_routing:
         raise ConfigError(f"moe.routing_replay=r3 needs the rollout engine's expert choices, which {engine.info.name} "
@@ -162,9 +167,24 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
         from gspo.rollout.subprocess import SubprocessEngine
         from gspo.trainer.pipeline import build_pipeline
 
-        parts.pipeline = build_pipeline(parts, lambda placement: SubprocessEngine(
-            functools.partial(build_engine, config), whole, tokenizer, path, placement=placement))
+        try:
+            parts.pipeline = build_pipeline(parts, lambda placement: sampler or SubprocessEngine(
+                functools.partial(build_engine, config), whole, tokenizer, path, placement=placement))
+        except BaseException:
+            if sampler is not None:
+                sampler.close()
+            raise
     return parts
+
+
+def _sampler_engine(config: Config, model: torch.nn.Module, tokenizer, path, device: torch.device):
+    """The pipeline's sampler process running the configured engine (``build_engine`` over there)."""
+    from gspo.rollout.subprocess import SubprocessEngine
+    from gspo.trainer.pipeline import check_pipeline, placements
+
+    check_pipeline(config, device)
+    return SubprocessEngine(functools.partial(build_engine, config), model, tokenizer, path,
+                            placement=placements(model, config)[1])
 
 
 def _renderer(config: Config, tokenizer, model) -> PromptRenderer:

@@ -86,9 +86,12 @@ class Pipeline:
     """
 
     def __init__(self, engine: SubprocessEngine, collector: Collector, *, staleness: int, steps: int,
-                 trainer_placement: Placement | None = None) -> None:
+                 trainer_placement: Placement | None = None, shares_engine: bool = False) -> None:
         self.engine, self.collector = engine, collector
         self.staleness, self.steps = staleness, steps
+        # the sampler is also the run's engine (vLLM: evaluation samples there too), so every update's
+        # weights go to it, the last ones included
+        self.shares_engine = shares_engine
         self.pending: deque[_Batch] = deque()
         self.next_step = 0  # the next batch to request
         self.version = 0  # updates done, i.e. the weights the trainer holds now
@@ -132,7 +135,7 @@ class Pipeline:
     def push_weights(self, model: torch.nn.Module, version: int) -> None:
         """The weights after ``version`` updates: every later request samples with them."""
         self.version = version
-        if self.next_step < self.steps:  # nothing left to sample: no copy to send
+        if self.next_step < self.steps or self.shares_engine:  # else nothing left to sample: no copy to send
             self.engine.sync_weights(model)
 
     def step_metrics(self, step_s: float) -> dict[str, float]:
@@ -187,27 +190,40 @@ class _Ready:
         return r
 
 
-def build_pipeline(parts, sampler: Callable[[Placement], SubprocessEngine]) -> Pipeline:
-    """The pipeline of ``parts`` (``rollout.max_staleness > 0``): checks what only the built run can tell.
-
-    ``sampler(placement)`` starts the sampler engine (the assembly point names it: a
-    :class:`~gspo.rollout.subprocess.SubprocessEngine` running ``build_engine`` in its own process).
-    """
-    config = parts.config
+def check_pipeline(config, device: torch.device) -> None:
+    """What the pipeline needs of the run's processes and device (before any sampler starts)."""
     s = config.rollout.max_staleness
     if dist.world_size() > 1:
         raise ConfigError(f"rollout.max_staleness={s} runs one sampler process beside one trainer; under torchrun "
                           "set rollout.max_staleness=0 (data-parallel pipelining is not implemented)")
-    if parts.device.type != "cpu":
+    if device.type != "cpu":
         raise ConfigError(f"rollout.max_staleness={s} is implemented for the CPU (a sampler process on its own "
                           "cores); on a GPU set rollout.max_staleness=0")
+
+
+def placements(model: torch.nn.Module, config) -> tuple[Placement, Placement]:
+    """(trainer, sampler) placement of this run (:func:`plan_placement` from its size and cores)."""
+    return plan_placement(sum(p.numel() for p in model.parameters()), config.cpu_threads)
+
+
+def build_pipeline(parts, sampler: Callable[[Placement], SubprocessEngine]) -> Pipeline:
+    """The pipeline of ``parts`` (``rollout.max_staleness > 0``): checks what only the built run can tell.
+
+    ``sampler(placement)`` starts the sampler engine (the assembly point names it: a
+    :class:`~gspo.rollout.subprocess.SubprocessEngine` running ``build_engine`` in its own process), or
+    returns ``parts.engine`` when that already is one (vLLM: one engine serves sampling and evaluation).
+    """
+    config = parts.config
+    s = config.rollout.max_staleness
+    check_pipeline(config, parts.device)
     if parts.old_logprobs.plan.source != "rollout":
         raise ConfigError(f"rollout.max_staleness={s}: pi_old of a stale batch is the policy that sampled it, "
                           f"i.e. the sampler's log-probabilities, but this run recomputes them "
                           f"({parts.old_logprobs.plan.reason}); set rollout.max_staleness=0")
-    num_params = sum(p.numel() for p in parts.model.parameters())
-    trainer, placement = plan_placement(num_params, config.cpu_threads)
-    return Pipeline(sampler(placement), parts.collector, staleness=s, steps=config.steps, trainer_placement=trainer)
+    trainer, placement = placements(parts.model, config)
+    engine = sampler(placement)
+    return Pipeline(engine, parts.collector, staleness=s, steps=config.steps, trainer_placement=trainer,
+                    shares_engine=engine is parts.engine)
 
 
 # -- rollouts as JSON (checkpointed in trainer_state.json, covered by the manifest's digest) ---------
