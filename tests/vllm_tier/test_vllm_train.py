@@ -43,13 +43,21 @@ def test_train_with_vllm_on_its_logprobs(tmp_path):
 
 def test_resume_after_sigkill_restarts_the_engine(tmp_path):
     run_dir = tmp_path / "run"
-    args = ["rollout.engine=vllm", "steps=4", "checkpoint.every=1", f"run_dir={run_dir}", *SHORT]
+    # 8 steps, killed at the first checkpoint from step 2 on (checkpoint.keep_last=2 deletes older ones, and a
+    # step takes well under a second: poll often, and leave the run steps to do)
+    args = ["rollout.engine=vllm", "steps=8", "checkpoint.every=1", f"run_dir={run_dir}", *SHORT]
     first = subprocess.Popen(_gspo(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def saved_from_step_2() -> bool:
+        names = [p.name for p in (run_dir / "checkpoints").glob("step-*")]
+        return any(n[5:].isdigit() and int(n[5:]) >= 2 for n in names)
+
     try:
         deadline = time.monotonic() + 600
-        while not (run_dir / "checkpoints" / "step-00000002").exists():
+        while not saved_from_step_2():
             assert first.poll() is None and time.monotonic() < deadline, "the first run ended before step 2"
-            time.sleep(0.5)
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run finished before it could be killed"
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=60)
     finally:
@@ -59,7 +67,7 @@ def test_resume_after_sigkill_restarts_the_engine(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "resuming from" in done.stdout + done.stderr
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8
 
 
 def test_two_processes_with_their_own_engines_match_one(tmp_path):
