@@ -117,7 +117,10 @@ def test_close_stops_every_process(server_engine):
 
 OWNER = textwrap.dedent('''
     """Start a vLLM server through gspo, say where it is, then wait to be killed."""
-    import json, sys, time
+    import json, signal, sys, time
+    # Ctrl-C as in a terminal: a runner started in the background (CI, `cmd &`) passes SIGINT down ignored,
+    # and Python then keeps ignoring it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from gspo.rollout.vllm.local import engine_arguments
     from gspo.rollout.vllm.server import ServerProcess
 
