@@ -7,25 +7,9 @@ import torch
 
 from gspo.logprobs import token_logprobs
 from gspo.rollout.base import RolloutEngine, SamplingParams
+from vllm_helpers import LOGPROB_ATOL, LONG, max_logprob_diff, sample_prompts
+
 pytestmark = pytest.mark.vllm
-
-LOGPROB_ATOL = 1e-4  # fp32; measured max |diff| ~5e-6 (see docs/vllm.md)
-LONG = 160  # prompt tokens: longer than vLLM's 16-token prefix-cache block, many times over
-
-
-def _prompts(count: int, length: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    # ids 2..17: the tiny vocabulary without pad (0) and EOS (1)
-    return [torch.randint(2, 18, (length - (i % 3),), generator=g).tolist() for i in range(count)]
-
-
-def _max_diff(rollout, model, temperature: float) -> float:
-    """max |vLLM log-prob - training module's| over the generated tokens."""
-    with torch.no_grad():
-        reference = token_logprobs(model, rollout.input_ids, rollout.attention_mask,
-                                   rollout.completion_ids.shape[1], temperature=temperature)
-    mask = rollout.completion_mask
-    return float((rollout.logprobs - reference)[mask].abs().max())
 
 
 def test_engine_interface(vllm_engine):
@@ -37,7 +21,7 @@ def test_engine_interface(vllm_engine):
 
 def test_rollout_layout_and_eos(vllm_engine, tokenizer):
     params = SamplingParams(max_new_tokens=12, temperature=1.0)
-    rollout = vllm_engine.generate(_prompts(16, 20, 0), params, torch.Generator().manual_seed(0))
+    rollout = vllm_engine.generate(sample_prompts(16, 20, 0), params, torch.Generator().manual_seed(0))
     eos = tokenizer.eos_token_id
     assert rollout.prompt_ids.shape[0] == rollout.completion_ids.shape[0] == 16
     assert rollout.completion_ids.shape[1] <= 12
@@ -57,9 +41,9 @@ def test_rollout_layout_and_eos(vllm_engine, tokenizer):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_logprobs_equal_training_module_long_prompts(vllm_engine, policy, temperature):
     params = SamplingParams(max_new_tokens=24, temperature=temperature, ignore_eos=True)
-    rollout = vllm_engine.generate(_prompts(8, LONG, 1), params, torch.Generator().manual_seed(1))
+    rollout = vllm_engine.generate(sample_prompts(8, LONG, 1), params, torch.Generator().manual_seed(1))
     assert rollout.prompt_ids.shape[1] >= 128
-    diff = _max_diff(rollout, policy, temperature)
+    diff = max_logprob_diff(rollout, policy, temperature)
     print(f"vllm logprobs T={temperature}: max |diff| {diff:.2e}")
     assert diff < LOGPROB_ATOL
 
@@ -69,9 +53,9 @@ def test_logprobs_after_weight_sync_long_prompts(vllm_engine, policy):
     import copy
 
     params = SamplingParams(max_new_tokens=16, temperature=0.7, ignore_eos=True)
-    prompts = _prompts(8, LONG, 2)
+    prompts = sample_prompts(8, LONG, 2)
     before = vllm_engine.generate(prompts, params, torch.Generator().manual_seed(2))  # fills the prefix cache
-    assert _max_diff(before, policy, 0.7) < LOGPROB_ATOL
+    assert max_logprob_diff(before, policy, 0.7) < LOGPROB_ATOL
     changed = copy.deepcopy(policy)
     with torch.no_grad():
         g = torch.Generator().manual_seed(3)
@@ -81,7 +65,7 @@ def test_logprobs_after_weight_sync_long_prompts(vllm_engine, policy):
         vllm_engine.sync_weights(changed)
         after = vllm_engine.generate(prompts, params, torch.Generator().manual_seed(2))
         assert after.timings["sync/weights_s"] > 0
-        diff_new, diff_old = _max_diff(after, changed, 0.7), _max_diff(after, policy, 0.7)
+        diff_new, diff_old = max_logprob_diff(after, changed, 0.7), max_logprob_diff(after, policy, 0.7)
         print(f"vllm logprobs after sync: max |diff| {diff_new:.2e} (vs the old weights {diff_old:.2e})")
         assert diff_new < LOGPROB_ATOL
         assert diff_old > 100 * LOGPROB_ATOL  # the test could tell old weights from new ones
@@ -92,7 +76,7 @@ def test_logprobs_after_weight_sync_long_prompts(vllm_engine, policy):
 def test_greedy_tokens_equal_builtin_engine(vllm_engine, policy, tokenizer):
     from gspo.rollout.hf import HFEngine
 
-    prompts = _prompts(12, 30, 4)
+    prompts = sample_prompts(12, 30, 4)
     params = SamplingParams(max_new_tokens=20, temperature=0.0)
     ours = vllm_engine.generate(prompts, params)
     builtin = HFEngine(policy, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -105,7 +89,7 @@ def test_greedy_tokens_equal_builtin_engine(vllm_engine, policy, tokenizer):
 
 
 def test_row_seeds_independent_of_batch_split(vllm_engine):
-    prompts = _prompts(12, 20, 5)
+    prompts = sample_prompts(12, 20, 5)
     seeds = [1000 + i for i in range(12)]
     params = SamplingParams(max_new_tokens=16, temperature=1.0)
     whole = vllm_engine.generate(prompts, params, row_seeds=seeds)
@@ -121,7 +105,7 @@ def test_row_seeds_independent_of_batch_split(vllm_engine):
 
 
 def test_generator_seeds_reproduce(vllm_engine):
-    prompts = _prompts(6, 20, 6)
+    prompts = sample_prompts(6, 20, 6)
     params = SamplingParams(max_new_tokens=12, temperature=1.0)
     a = vllm_engine.generate(prompts, params, torch.Generator().manual_seed(9))
     b = vllm_engine.generate(prompts, params, torch.Generator().manual_seed(9))
@@ -132,7 +116,7 @@ def test_generator_seeds_reproduce(vllm_engine):
 def test_truncated_logprobs_equal_training_module(vllm_engine, policy, top_k, top_p):
     """vLLM's processed log-probs are over the top-k / top-p support renormalised, as gspo's trainer's."""
     params = SamplingParams(max_new_tokens=16, temperature=0.9, top_k=top_k, top_p=top_p, ignore_eos=True)
-    rollout = vllm_engine.generate(_prompts(8, 40, 8), params, torch.Generator().manual_seed(8))
+    rollout = vllm_engine.generate(sample_prompts(8, 40, 8), params, torch.Generator().manual_seed(8))
     with torch.no_grad():
         reference = token_logprobs(policy, rollout.input_ids, rollout.attention_mask,
                                    rollout.completion_ids.shape[1], temperature=0.9, top_k=top_k, top_p=top_p)

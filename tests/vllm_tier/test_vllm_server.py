@@ -16,25 +16,9 @@ import pytest
 import torch
 
 from gspo.rollout.base import RolloutEngine, SamplingParams
+from vllm_helpers import LOGPROB_ATOL, LONG, max_logprob_diff, sample_prompts
 
 pytestmark = pytest.mark.vllm
-
-LOGPROB_ATOL = 1e-4
-LONG = 160
-
-
-def _prompts(count: int, length: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, 18, (length - (i % 3),), generator=g).tolist() for i in range(count)]
-
-
-def _max_diff(rollout, model, temperature: float) -> float:
-    from gspo.logprobs import token_logprobs
-
-    with torch.no_grad():
-        reference = token_logprobs(model, rollout.input_ids, rollout.attention_mask,
-                                   rollout.completion_ids.shape[1], temperature=temperature)
-    return float((rollout.logprobs - reference)[rollout.completion_mask].abs().max())
 
 
 def group_members(pgid: int) -> list[int]:
@@ -77,7 +61,7 @@ def server_engine(long_model_dir, tokenizer):
 
 def test_server_row_seeds_match_in_process_engine(server_engine, vllm_engine):
     """The same seeds sample the same tokens through the server as in-process (same weights, fp32)."""
-    prompts = _prompts(8, 20, 7)
+    prompts = sample_prompts(8, 20, 7)
     params = SamplingParams(max_new_tokens=12, temperature=1.0)
     seeds = list(range(100, 108))
     ours = server_engine.generate(prompts, params, row_seeds=seeds)
@@ -90,9 +74,9 @@ def test_server_logprobs_before_and_after_sync(server_engine, policy):
     assert isinstance(server_engine, RolloutEngine)
     assert server_engine.info.weight_sync == "reload" and not server_engine.info.exact_logprobs
     params = SamplingParams(max_new_tokens=16, temperature=0.7, ignore_eos=True)
-    prompts = _prompts(8, LONG, 2)
+    prompts = sample_prompts(8, LONG, 2)
     before = server_engine.generate(prompts, params, torch.Generator().manual_seed(2))
-    diff_before = _max_diff(before, policy, 0.7)
+    diff_before = max_logprob_diff(before, policy, 0.7)
     changed = copy.deepcopy(policy)
     with torch.no_grad():
         g = torch.Generator().manual_seed(3)
@@ -100,7 +84,7 @@ def test_server_logprobs_before_and_after_sync(server_engine, policy):
             p.add_(torch.randn(p.shape, generator=g) * 0.05 * p.std())
     server_engine.sync_weights(changed)
     after = server_engine.generate(prompts, params, torch.Generator().manual_seed(2))
-    diff_after, diff_old = _max_diff(after, changed, 0.7), _max_diff(after, policy, 0.7)
+    diff_after, diff_old = max_logprob_diff(after, changed, 0.7), max_logprob_diff(after, policy, 0.7)
     print(f"vllm server logprobs: max |diff| {diff_before:.2e} before, {diff_after:.2e} after a sync "
           f"({after.timings['sync/weights_s']:.3f} s; vs the old weights {diff_old:.2e})")
     assert diff_before < LOGPROB_ATOL and diff_after < LOGPROB_ATOL and diff_old > 100 * LOGPROB_ATOL
@@ -147,7 +131,7 @@ def test_server_dies_with_its_owner_and_dead_server_is_a_clear_error(long_model_
         started = {sig: json.loads(p.stdout.readline()) for sig, p in owners.items()}
         client = VLLMServerEngine(started[signal.SIGKILL]["url"], pad_token_id=tokenizer.pad_token_id,
                                   eos_ids=[tokenizer.eos_token_id])
-        rollout = client.generate(_prompts(2, 10, 0), SamplingParams(max_new_tokens=4))  # it serves
+        rollout = client.generate(sample_prompts(2, 10, 0), SamplingParams(max_new_tokens=4))  # it serves
         assert rollout.completion_ids.shape[0] == 2
         for sig, owner in owners.items():
             owner.send_signal(sig)
@@ -155,7 +139,7 @@ def test_server_dies_with_its_owner_and_dead_server_is_a_clear_error(long_model_
             owner.wait(timeout=60)
             assert wait_gone(started[sig]["pgid"], timeout=60) == [], f"orphans after {sig.name}"
         with pytest.raises(ServerError, match=started[signal.SIGKILL]["url"].replace(".", r"\.")):
-            client.generate(_prompts(2, 10, 0), SamplingParams(max_new_tokens=4))
+            client.generate(sample_prompts(2, 10, 0), SamplingParams(max_new_tokens=4))
         client.close()
     finally:
         for owner in owners.values():

@@ -21,7 +21,7 @@ import torch
 
 from gspo.agents.episode import Episode, EpisodeRunner, assemble, turn_index
 from gspo.algorithms import group_advantages
-from gspo.algorithms.advantages import batch_std_from_moments, reward_moments
+from gspo.algorithms.advantages import global_batch_std
 from gspo.errors import ConfigError
 from gspo.evaluate import CORRECT_THRESHOLD, pass_at_k
 from gspo.rollout.base import SamplingParams
@@ -56,9 +56,8 @@ class EpisodeCollector:
         rollout = assemble(episodes, self.runner.pad_token_id)
         rollout.timings = timings
         rewards, correct, metrics = score_episodes(self.runner, episodes, group_rows, self.rewards, self.none_policy)
-        batch_std = None
-        if self.advantage_scale == "batch":  # the std of the whole batch, every process's rewards included
-            batch_std = batch_std_from_moments(self.sum_over_processes(reward_moments(rewards)))
+        # "batch" scale: the std of the whole batch, every process's rewards included
+        batch_std = global_batch_std(rewards, self.sum_over_processes) if self.advantage_scale == "batch" else None
         advantages = group_advantages(rewards, self.group_size, scale=self.advantage_scale,
                                       batch_std=batch_std)  # (B,)
         if self.advantages == "turn":
@@ -113,8 +112,9 @@ def turn_advantages(rewards: torch.Tensor, episodes: list[Episode], advantages: 
     Turn k's return-to-go is the episode reward minus the per-turn rewards earned before turn k
     (G_k = R - sum_{k' < k} r_k'). A_{i,t} = A_i + (G_{i,k(t)} - G_{i,0}) / s, with s the scale of eq. 6
     (the group's reward std + eps, the batch's (``batch_std`` when the batch spans processes), or 1 for
-    ``scale="none"``; 1 for a group of equal rewards). Without per-turn rewards every token gets A_i: the episode advantage, broadcast. 0 on
-    padding; environment tokens carry the value of the turn they follow but are masked out of every loss.
+    ``scale="none"``; 1 for a group of equal rewards). Without per-turn rewards every token gets A_i: the
+    episode advantage, broadcast. 0 on padding; environment tokens carry the value of the turn they follow
+    but are masked out of every loss.
     """
     groups = rewards.view(-1, group_size)  # (N / G, G)
     if scale == "group":

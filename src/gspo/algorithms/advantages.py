@@ -64,3 +64,9 @@ def batch_std_from_moments(moments: torch.Tensor) -> torch.Tensor:
     n, total, squares = moments.unbind()
     variance = (squares - total * total / n) / (n - 1)
     return variance.clamp(min=0.0).sqrt()
+
+
+def global_batch_std(rewards: torch.Tensor, sum_over_processes=lambda t: t) -> torch.Tensor:
+    """The sample std of the whole batch whose share on this process is ``rewards`` (N,): the moments of
+    every share, summed by ``sum_over_processes`` (e.g. an all-reduce), for ``group_advantages(batch_std=)``."""
+    return batch_std_from_moments(sum_over_processes(reward_moments(rewards)))

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from gspo.algorithms import group_advantages, groups_with_signal, overlong_penalty
-from gspo.algorithms.advantages import batch_std_from_moments, reward_moments
+from gspo.algorithms.advantages import global_batch_std
 from gspo.evaluate import CORRECT_THRESHOLD
 from gspo.rollout.base import Rollout, RolloutEngine, SamplingParams
 from gspo.tasks.base import Row, reward_prompt
@@ -80,9 +80,8 @@ class Collector:
             penalty = overlong_penalty(rollout.lengths, self.params.max_new_tokens, self.overlong_buffer)
             rewards = rewards + penalty.float()
             metrics["reward/overlong_penalty"] = float(penalty.float().mean())
-        batch_std = None
-        if self.advantage_scale == "batch":  # the std of the whole batch, every process's rewards included
-            batch_std = batch_std_from_moments(self.sum_over_processes(reward_moments(rewards)))
+        # "batch" scale: the std of the whole batch, every process's rewards included
+        batch_std = global_batch_std(rewards, self.sum_over_processes) if self.advantage_scale == "batch" else None
         advantages = group_advantages(rewards, self.group_size, scale=self.advantage_scale,
                                       batch_std=batch_std)  # (B,)
         metrics["reward/zero_std_frac"] = zero_variance_fraction(rewards, self.group_size)

@@ -89,8 +89,8 @@ class Pipeline:
                  trainer_placement: Placement | None = None, shares_engine: bool = False) -> None:
         self.engine, self.collector = engine, collector
         self.staleness, self.steps = staleness, steps
-        # the sampler is also the run's engine (vLLM: evaluation samples there too), so every update's
-        # weights go to it, the last ones included
+        # the sampler is also the run's engine (vLLM: evaluation samples there too): the run's own weight
+        # sync after every update (Components.sync_weights) already queues the weights, the last ones included
         self.shares_engine = shares_engine
         self.pending: deque[_Batch] = deque()
         self.next_step = 0  # the next batch to request
@@ -135,7 +135,7 @@ class Pipeline:
     def push_weights(self, model: torch.nn.Module, version: int) -> None:
         """The weights after ``version`` updates: every later request samples with them."""
         self.version = version
-        if self.next_step < self.steps or self.shares_engine:  # else nothing left to sample: no copy to send
+        if self.next_step < self.steps and not self.shares_engine:  # else nothing left to sample, or already sent
             self.engine.sync_weights(model)
 
     def step_metrics(self, step_s: float) -> dict[str, float]:

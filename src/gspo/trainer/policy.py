@@ -18,7 +18,8 @@ class PolicyLogprobs(torch.nn.Module):
     ``share_prompts``: each distinct prompt of a forward runs once (``optim.share_prompts``,
     :func:`gspo.logprobs.shared_prompt_hidden`)."""
 
-    def __init__(self, model: torch.nn.Module, *, top_k: int = 0, top_p: float = 1.0, share_prompts: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, *, top_k: int = 0, top_p: float = 1.0,
+                 share_prompts: bool = False) -> None:
         super().__init__()
         self.model = model
         self.top_k, self.top_p = top_k, top_p

@@ -86,8 +86,7 @@ class Trainer:
         history = self.updater.update(self.policy, self.parts.optimizer, self.parts.scheduler, inputs, plan=plan)
         if inputs.measure_old is not None:  # old log-probs from the sampler: its mismatch, from the on-policy forward
             lp_metrics.update(onpolicy_mismatch(self.updater.onpolicy_pairs))
-        if self.pipeline is None or not self.pipeline.shares_engine:  # else the pipeline's push is the sync
-            self.parts.sync_weights()
+        self.parts.sync_weights()
         if self.pipeline is not None:  # the weights after step + 1 updates, queued behind the requests so far
             self.pipeline.push_weights(self.model, step + 1)
         self.last_updates = history  # per-optimizer-step metrics, for inspection and tests
