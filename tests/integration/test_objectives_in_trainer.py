@@ -25,6 +25,15 @@ def test_every_objective_trains_a_step(tiny_overrides, algorithm):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
 
 
+def test_dr_grpo_trains_on_unscaled_advantages(tiny_overrides):
+    # Dr. GRPO's advantages are r - mean(group r), without eq. 6's std division (arXiv 2503.20783)
+    trainer = _trainer(tiny_overrides, "algorithm=dr_grpo")
+    batch = trainer.collector.collect(trainer.task.eval_rows[:2], seed=0)
+    expected = batch.rewards.view(-1, 4) - batch.rewards.view(-1, 4).mean(-1, keepdim=True)
+    assert trainer.collector.advantage_scale == "none"
+    assert torch.allclose(batch.advantages, expected.view(-1), atol=1e-6)
+
+
 def test_objective_hyperparameters_reach_the_loss(tiny_overrides):
     trainer = _trainer(tiny_overrides, "algorithm=sapo", "loss.params=tau_neg=2.5")
     assert trainer.updater.hyperparameters == {"tau_pos": 1.0, "tau_neg": 2.5}

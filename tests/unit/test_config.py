@@ -15,7 +15,16 @@ def test_defaults_are_the_papers():
     assert config.algorithm == "gspo"
     assert config.clip_range == (3e-4, 4e-4)
     assert config.optim.minibatches == 4
-    assert config.loss.advantage_scale == "group"
+    assert config.loss.advantage_scale == "auto" and config.advantage_scale == "group"
+
+
+@pytest.mark.parametrize("algorithm, scale", [("gspo", "group"), ("grpo", "group"), ("dapo", "group"),
+                                              ("dr_grpo", "none"), ("cispo", "group"), ("luspo", "group")])
+def test_each_algorithm_gets_its_paper_advantage_scale(algorithm, scale):
+    # Dr. GRPO drops eq. 6's std division (arXiv 2503.20783); config.json records the resolved scale
+    config = load_config(None, [f"algorithm={algorithm}"])
+    assert config.advantage_scale == scale and config.resolved_dict()["loss"]["advantage_scale"] == scale
+    assert load_config(None, [f"algorithm={algorithm}", "loss.advantage_scale=batch"]).advantage_scale == "batch"
 
 
 @pytest.mark.parametrize("algorithm, clip", [("grpo", (0.2, 0.2)), ("dapo", (0.2, 0.28)), ("gspo_token", (3e-4, 4e-4))])

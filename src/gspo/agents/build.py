@@ -45,7 +45,7 @@ def agent_collector(config, runner: EpisodeRunner, render, rewards, params) -> E
     if config.loss.overlong_buffer:
         raise ConfigError("loss.overlong_buffer (DAPO's overlong shaping) is per response; with agent tasks "
                           "set loss.overlong_buffer=0")
-    return EpisodeCollector(runner, render, rewards, params, config.rollout.group_size, config.loss.advantage_scale,
+    return EpisodeCollector(runner, render, rewards, params, config.rollout.group_size, config.advantage_scale,
                             config.reward.none_policy, advantages=a.advantages,
                             sum_over_processes=dist.all_reduce_sum)
 

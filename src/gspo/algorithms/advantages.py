@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-SCALES = ("group", "batch", "none")
+from gspo.algorithms.catalogue import ADVANTAGE_SCALES as SCALES
 
 
 def check_groups(rewards: torch.Tensor, group_size: int) -> None:

@@ -25,7 +25,8 @@ class ObjectiveSpec:
     summary: str  # one line for --help
     dynamic_sampling: bool = False  # default for DAPO-style dynamic sampling (drop groups with equal rewards)
     token_advantages: bool = False  # accepts (B, T) per-token advantages besides (B,)
-    needs_max_length: bool = False  # the loss takes `max_length`: the trainer passes rollout.max_new_tokens
+    needs_max_length: bool = False  # the loss takes `max_length`: the trainer passes the response budget
+    advantage_scale: str = "group"  # the paper's advantage scale (one of ADVANTAGE_SCALES): what `auto` resolves to
 
 
 def _spec(name: str, function: str, normaliser: str, hyperparameters: dict[str, float], **rest) -> ObjectiveSpec:
@@ -36,6 +37,10 @@ def _spec(name: str, function: str, normaliser: str, hyperparameters: dict[str, 
 # 0.2 / 0.27). DAPO: clip-higher 0.2 / 0.28. CISPO keeps the IS weight in [1 - 1, 1 + 3] = [0, 4]
 # (MiniMax-M1 publishes no upper bound; ScaleRL's cap). GMPO clips log-ratios to (-0.4, 0.4). SAPO's
 # temperatures and DPPO's trust-region deltas are their papers' (docs/objectives.md has each source).
+# Advantage scale: eq. 6's group std for every objective but Dr. GRPO, which drops the std division
+# (its "question-level difficulty bias", arXiv 2503.20783 section 3.1). GRPO, DAPO, GSPO (eq. 6),
+# CISPO (MiniMax-M1: GRPO's group-relative advantage), SAPO, GMPO and LUSPO (GSPO's) define A_i with the
+# group std; DPPO's code is a verl fork whose default keeps it (verl `norm_adv_by_std_in_grpo=True`).
 SPECS: Mapping[str, ObjectiveSpec] = MappingProxyType({s.name: s for s in (
     _spec("gspo", "gspo:gspo_loss", "num_sequences", {"clip_low": 3e-4, "clip_high": 4e-4},
           paper="Zheng et al., GSPO, arXiv 2507.18071, eq. 5-7",
@@ -50,7 +55,7 @@ SPECS: Mapping[str, ObjectiveSpec] = MappingProxyType({s.name: s for s in (
           paper="Yu et al., DAPO, arXiv 2503.14476, section 3",
           summary="clip-higher token ratio, token-mean over the step, dynamic sampling"),
     _spec("dr_grpo", "dr_grpo:dr_grpo_loss", "num_sequences", {"clip_low": 0.2, "clip_high": 0.2},
-          token_advantages=True, needs_max_length=True,
+          token_advantages=True, needs_max_length=True, advantage_scale="none",
           paper="Liu et al., Understanding R1-Zero-Like Training (Dr. GRPO), arXiv 2503.20783",
           summary="GRPO's token surrogate summed over a constant responses x max_length"),
     _spec("cispo", "cispo:cispo_loss", "num_tokens", {"clip_low": 1.0, "clip_high": 3.0}, token_advantages=True,
@@ -92,6 +97,9 @@ CORRECTION_DEFAULTS: Mapping[str, Mapping[str, float]] = MappingProxyType({
     "opsm": {"delta": 1e-4},
 })
 CORRECTION_MODES = tuple(CORRECTION_DEFAULTS)
+
+# Advantage scales of eq. 6 (gspo.algorithms.advantages): the group's std, the whole batch's, or none.
+ADVANTAGE_SCALES = ("group", "batch", "none")
 
 # KL estimators of the reference term (Schulman's k1 / k2 / k3; k3 is DeepSeekMath's).
 KL_ESTIMATORS = ("k1", "k2", "k3")

@@ -39,12 +39,13 @@ class Objective:
     token_advantages: bool  # accepts (B, T) per-token advantages besides (B,)
     paper: str  # one-line citation
     summary: str  # one line for --help
-    needs_max_length: bool = False  # the loss takes `max_length`: the trainer passes rollout max_new_tokens
+    needs_max_length: bool = False  # the loss takes `max_length`: the trainer passes the response budget
+    advantage_scale: str = "group"  # the paper's advantage scale (group, batch or none)
 
 
 def _objective(name: str, loss: Callable[..., LossOutput], normaliser: str, names: tuple[str, ...], *,
                paper: str, summary: str, dynamic_sampling: bool = False, token_advantages: bool = False,
-               needs_max_length: bool = False) -> Objective:
+               needs_max_length: bool = False, advantage_scale: str = "group") -> Objective:
     """An Objective whose hyperparameter defaults are read from `loss`'s signature."""
     params = inspect.signature(loss).parameters
     missing = [k for k in (*names, normaliser, *COMMON_KEYWORDS) if k not in params]
@@ -53,7 +54,7 @@ def _objective(name: str, loss: Callable[..., LossOutput], normaliser: str, name
     defaults = MappingProxyType({k: float(params[k].default) for k in names})
     return Objective(name=name, loss=loss, normaliser=normaliser, hyperparameters=defaults,
                      dynamic_sampling=dynamic_sampling, token_advantages=token_advantages, paper=paper,
-                     summary=summary, needs_max_length=needs_max_length)
+                     summary=summary, needs_max_length=needs_max_length, advantage_scale=advantage_scale)
 
 
 def _from_spec(spec: ObjectiveSpec) -> Objective:
@@ -61,7 +62,7 @@ def _from_spec(spec: ObjectiveSpec) -> Objective:
     return _objective(spec.name, getattr(importlib.import_module(module), function), spec.normaliser,
                       tuple(spec.hyperparameters), paper=spec.paper, summary=spec.summary,
                       dynamic_sampling=spec.dynamic_sampling, token_advantages=spec.token_advantages,
-                      needs_max_length=spec.needs_max_length)
+                      needs_max_length=spec.needs_max_length, advantage_scale=spec.advantage_scale)
 
 
 OBJECTIVES: Mapping[str, Objective] = MappingProxyType({name: _from_spec(spec) for name, spec in SPECS.items()})

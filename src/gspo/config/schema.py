@@ -86,8 +86,9 @@ class LossConfig:
     params: list[str] = field(default_factory=list)
     """Other hyperparameters of the algorithm as name=value (e.g. sapo: tau_pos=1.0,tau_neg=1.05; dppo_tv:
     delta_low=0.2); default: its paper's values (docs/objectives.md lists each algorithm's)."""
-    advantage_scale: str = "group"
-    """group: divide by the group std (paper eq. 6); batch: by the batch std; none: only centre."""
+    advantage_scale: str = "auto"
+    """group: divide by the group std (paper eq. 6); batch: by the batch std; none: only centre; auto: the
+    algorithm's paper choice (none for dr_grpo, group for the others)."""
     beta: float = 0.0
     """Weight of the KL penalty to the reference policy (0 = no reference model is kept)."""
     kl_estimator: str = "k3"
@@ -299,6 +300,13 @@ class Config:
         return self.steps // 5 if self.eval.every < 0 else self.eval.every
 
     @property
+    def advantage_scale(self) -> str:
+        """``loss.advantage_scale`` with auto resolved to the algorithm's paper choice (Dr. GRPO: none)."""
+        if self.loss.advantage_scale != "auto":
+            return self.loss.advantage_scale
+        return SPECS[self.algorithm].advantage_scale if self.algorithm in SPECS else "group"
+
+    @property
     def dynamic_sampling(self) -> bool:
         default = SPECS[self.algorithm].dynamic_sampling if self.algorithm in SPECS else False
         return default if self.loss.dynamic_sampling is None else self.loss.dynamic_sampling
@@ -311,6 +319,7 @@ class Config:
         out = self.to_dict()
         out["loss"]["clip_low"], out["loss"]["clip_high"] = self.clip_range
         out["loss"]["dynamic_sampling"] = self.dynamic_sampling
+        out["loss"]["advantage_scale"] = self.advantage_scale
         out["correction"].update(self.correction.thresholds())
         return out
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gspo.algorithms.catalogue import CORRECTION_MODES, KL_ESTIMATORS, SPECS
+from gspo.algorithms.catalogue import ADVANTAGE_SCALES, CORRECTION_MODES, KL_ESTIMATORS, SPECS
 from gspo.config.schema import ALGORITHMS, Config
 from gspo.errors import ConfigError
 
@@ -54,7 +54,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"loss.clip_low={low} must be below 1 (the ratio is clipped to [1 - clip_low, ...])")
     _validate_params(config.algorithm, loss.params, spec.hyperparameters)
     _validate_correction(config)
-    _choice("loss.advantage_scale", loss.advantage_scale, ("group", "batch", "none"))
+    _choice("loss.advantage_scale", loss.advantage_scale, ("auto", *ADVANTAGE_SCALES))
     _minimum("loss.beta", loss.beta, 0.0)
     _choice("loss.kl_estimator", loss.kl_estimator, KL_ESTIMATORS)
     _minimum("loss.ref_refresh_steps", loss.ref_refresh_steps, 0)

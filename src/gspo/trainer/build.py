@@ -205,7 +205,7 @@ def _sampling(config: Config, task: Task, engine, render: PromptRenderer, tokeni
         runner = episode_runner(config, task, engine, render, tokenizer, model)
         return params, agent_collector(config, runner, render, rewards, params), agent_evaluator(
             config, runner, render, rewards)
-    collector = Collector(engine, render, render.decode, rewards, params, r.group_size, config.loss.advantage_scale,
+    collector = Collector(engine, render, render.decode, rewards, params, r.group_size, config.advantage_scale,
                           config.loss.overlong_buffer, config.reward.none_policy,
                           record_routing=config.moe.routing_replay == "r3", sum_over_processes=dist.all_reduce_sum)
     evaluator = Evaluator(engine, render, render.decode, rewards, r.max_new_tokens,
