@@ -81,3 +81,33 @@ def test_batch_scale_from_moments_of_shards_equals_the_whole_batch():
     # without the global std, one process's share gives other advantages (what the bug did)
     local = torch.cat([group_advantages(s, 4, scale="batch") for s in shards])
     assert not torch.allclose(local, whole, rtol=1e-3)
+
+
+def test_turn_group_advantages_turn_zero_is_eq6_and_absent_turns_are_zero():
+    from gspo.algorithms.advantages import turn_group_advantages
+
+    gen = torch.Generator().manual_seed(0)
+    returns = torch.randn(8, 3, generator=gen, dtype=torch.float64)  # two groups of 4, up to 3 turns
+    present = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]] * 2, dtype=torch.bool)
+    for scale in ("group", "batch", "none"):
+        out = turn_group_advantages(returns, present, 4, scale=scale)
+        assert out.dtype == torch.float64 and (out[~present] == 0).all()
+        torch.testing.assert_close(out[:, 0], group_advantages(returns[:, 0], 4, scale=scale))
+    # turn 1 of group 0: episodes 0, 1 and 3 reached it; the baseline is their mean, the scale their std
+    g = returns[[0, 1, 3], 1]
+    torch.testing.assert_close(turn_group_advantages(returns, present, 4)[[0, 1, 3], 1], (g - g.mean()) / (g.std() + EPS))
+
+
+def test_turn_group_advantages_flat_turns_and_errors():
+    from gspo.algorithms.advantages import turn_group_advantages
+
+    returns = torch.tensor([[1.0, 0.3], [1.0, 0.3], [0.0, 0.3], [2.0, 5.0]])  # one group of 4
+    present = torch.tensor([[1, 1], [1, 1], [1, 1], [1, 0]], dtype=torch.bool)
+    out = turn_group_advantages(returns, present, 4)
+    assert (out[:, 1] == 0).all()  # turn 1's returns are equal over the episodes that reached it
+    with pytest.raises(ValueError, match="scale"):
+        turn_group_advantages(returns, present, 4, scale="std")
+    with pytest.raises(ValueError, match="alike"):
+        turn_group_advantages(returns, present[:, :1], 4)
+    with pytest.raises(ValueError, match="multiple"):
+        turn_group_advantages(returns, present, 3)

@@ -3,13 +3,15 @@ advantages, and the objectives on multi-turn batches invariant to how the batch 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from gspo.agents.calculator import build_calc_tokenizer, calculator_environment
 from gspo.agents.collect import score_episodes, turn_advantages
-from gspo.agents.env import Environment, Reply
-from gspo.agents.episode import EpisodeRunner, assemble, turn_seed
+from gspo.agents.env import Environment, EpisodeState, Reply
+from gspo.agents.episode import Episode, EpisodeRunner, assemble, turn_seed
 from gspo.agents.format import MessageFormat
 from gspo.algorithms import get_objective, group_advantages
 from gspo.rollout.base import EngineInfo, Rollout, SamplingParams
@@ -167,17 +169,16 @@ def test_per_turn_rewards_and_turn_advantages():
     assert metrics["agent/turns_mean"] == 1.5
     episode_adv = group_advantages(rewards, 2)
     width = max(len(e.ids) for e in episodes)
-    adv = turn_advantages(rewards, episodes, episode_adv, 2, "group", width=width)  # (B, T)
-    spread = rewards.std() + 1e-6
+    adv = turn_advantages(rewards, episodes, 2, "group", width=width)  # (B, T)
     first = 2  # "2" + EOS, then the 4-token "no" message, then "1" + EOS
     assert adv[0, :first].tolist() == pytest.approx([episode_adv[0].item()] * first, abs=1e-5)
-    later = (episode_adv[0] + 0.1 / spread).item()  # the second turn no longer pays for the first's mistake
-    assert adv[0, first + 4 : first + 6].tolist() == pytest.approx([later] * 2, abs=1e-4)
+    # the retry is the only second turn of its group: no baseline, no signal
+    assert adv[0, first + 4 : first + 6].tolist() == [0.0, 0.0]
     assert adv[1, :2].tolist() == pytest.approx([episode_adv[1].item()] * 2, abs=1e-5) and (adv[1, 2:] == 0).all()
 
 
 def test_batch_scaled_turn_advantages_use_the_given_batch_std():
-    # under torchrun each process holds some groups: the per-turn shift divides by the whole batch's std
+    # under torchrun each process holds some groups: the advantages divide by the whole batch's std
     script = {tuple(enc("1*1=")): [enc("2") + [EOS], enc("1") + [EOS]], tuple(enc("2*1=")): [enc("2") + [EOS]]}
     rows = [{"prompt": "1*1=", "answer": "1"}, {"prompt": "2*1=", "answer": "2"}]
     run = EpisodeRunner(ScriptedEngine(script), Feedback(), MessageFormat(TOK),
@@ -186,23 +187,79 @@ def test_batch_scaled_turn_advantages_use_the_given_batch_std():
     rewards, _, _ = score_episodes(run, episodes, rows, [WeightedReward("exact", exact_answer_reward, 1.0)], "zero")
     width = max(len(e.ids) for e in episodes)
     whole_std = torch.tensor(0.5)  # the std of a larger batch than these two episodes
-    episode_adv = group_advantages(rewards, 2, scale="batch", batch_std=whole_std)
-    adv = turn_advantages(rewards, episodes, episode_adv, 2, "batch", width=width, batch_std=whole_std)
-    first = 2
-    later = (episode_adv[0] + 0.1 / (whole_std + 1e-6)).item()
-    assert adv[0, first + 4 : first + 6].tolist() == pytest.approx([later] * 2, abs=1e-5)
-    local = turn_advantages(rewards, episodes, episode_adv, 2, "batch", width=width)  # this shard's own std
+    adv = turn_advantages(rewards, episodes, 2, "batch", width=width, batch_std=whole_std)
+    assert adv[0, :2].tolist() == pytest.approx([-0.05 / (0.5 + 1e-6)] * 2, abs=1e-6)
+    local = turn_advantages(rewards, episodes, 2, "batch", width=width)  # this shard's own std
     assert not torch.allclose(local, adv)
 
 
-def test_turn_advantages_without_turn_rewards_equal_episode_advantages():
-    _, episodes = run_scripted()
+def test_turn_advantages_without_turn_rewards_compare_episodes_that_reached_the_turn():
+    _, episodes = run_scripted()  # turns [2, 2, 2, 1], groups of two: (e0, e1), (e2, e3)
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
-    adv = torch.tensor([0.8, -0.8, -0.8, 0.8])
+    adv = group_advantages(rewards, 2)
     width = max(len(e.ids) for e in episodes)
-    out = turn_advantages(rewards, episodes, adv, 2, "group", width=width)
+    out = turn_advantages(rewards, episodes, 2, "group", width=width)
+    for i in (0, 1, 3):  # every turn of these is compared with a partner that reached it: A_i throughout
+        e = episodes[i]
+        assert out[i, : len(e.ids)].tolist() == pytest.approx([adv[i].item()] * len(e.ids), abs=1e-6)
+        assert (out[i, len(e.ids):] == 0).all()
+    second = torch.tensor(episodes[2].turn) == 1  # e2's second turn: its partner e3 stopped after one
+    assert (out[2, : len(episodes[2].ids)][~second] - adv[2]).abs().max() < 1e-6
+    assert (out[2, : len(episodes[2].ids)][second] == 0).all()
+
+
+def synthetic(turn_rewards: list[float], tokens_per_turn: int = 2) -> Episode:
+    """An episode of len(turn_rewards) model turns, each followed by a 1-token environment message."""
+    turns = [k for k in range(len(turn_rewards)) for _ in range(tokens_per_turn + 1)][:-1]
+    return Episode(EpisodeState({}), [1], ids=[5] * len(turns), model=[True] * len(turns), turn=turns,
+                   turn_rewards=list(turn_rewards))
+
+
+def per_token(adv: torch.Tensor, episodes: list[Episode], turn: int) -> list[float]:
+    """The advantage of each episode's turn-``turn`` tokens (all equal; None where it has no such turn)."""
+    out = []
     for i, e in enumerate(episodes):
-        assert (out[i, : len(e.ids)] == adv[i]).all() and (out[i, len(e.ids):] == 0).all()
+        cols = [t for t, k in enumerate(e.turn) if k == turn]
+        values = adv[i, cols].tolist()
+        assert len(set(values)) <= 1
+        out.append(values[0] if values else None)
+    return out
+
+
+def test_turn_advantages_identical_episodes_carry_no_signal():
+    # review D2: four identical episodes (tool call +0.1, then a correct answer +1.0): every token gets 0
+    episodes = [synthetic([0.1, 0.0]) for _ in range(4)]
+    rewards = torch.tensor([1.1, 1.1, 1.1, 1.1])
+    adv = turn_advantages(rewards, episodes, 4, "group", width=6)
+    assert (adv == 0).all()
+
+
+def test_turn_advantages_one_episode_skips_the_tool():
+    # review D2: the 4th answers at once (R = 1.0); the others' final answers (return-to-go 1.0) get 0, not -1.5
+    episodes = [synthetic([0.1, 0.0]) for _ in range(3)] + [synthetic([0.0])]
+    rewards = torch.tensor([1.1, 1.1, 1.1, 1.0])
+    adv = turn_advantages(rewards, episodes, 4, "group", width=6)
+    std = 0.05  # sample std of [1.1, 1.1, 1.1, 1.0]
+    assert per_token(adv, episodes, 0) == pytest.approx([0.025 / (std + 1e-6)] * 3 + [-0.075 / (std + 1e-6)],
+                                                        abs=1e-4)  # [0.5, 0.5, 0.5, -1.5]
+    assert per_token(adv, episodes, 1) == [0.0, 0.0, 0.0, None]
+
+
+@pytest.mark.parametrize("scale, spread", [("group", None), ("batch", 2.0), ("none", 1.0)])
+def test_turn_advantages_ragged_turns_closed_form(scale, spread):
+    # turns [3, 2, 2, 1]; returns-to-go G_k = R - rewards earned before turn k
+    episodes = [synthetic([0.1, 0.2, 0.0]), synthetic([0.1, 0.0]), synthetic([0.0, 0.5]), synthetic([0.3])]
+    rewards = torch.tensor([1.3, 0.1, 1.5, 0.3])  # task reward 1, 0, 1, 0 plus the per-turn rewards
+    # turn 0: G = [1.3, 0.1, 1.5, 0.3], mean 0.8; turn 1: G = [1.2, 0.0, 1.5] (3 episodes), mean 0.9;
+    # turn 2: only the first episode reached it: 0
+    s0, s1 = (math.sqrt(1.48 / 3), math.sqrt(0.63)) if scale == "group" else (spread, spread)
+    eps = 0.0 if scale == "none" else 1e-6
+    adv = turn_advantages(rewards, episodes, 4, scale, width=8,
+                          batch_std=torch.tensor(spread) if scale == "batch" else None)
+    assert per_token(adv, episodes, 0) == pytest.approx([c / (s0 + eps) for c in (0.5, -0.7, 0.7, -0.5)], abs=1e-5)
+    assert per_token(adv, episodes, 1) == pytest.approx([c / (s1 + eps) for c in (0.3, -0.9, 0.6)] + [None], abs=1e-5)
+    assert per_token(adv, episodes, 2) == [0.0, None, None, None]
+    assert (adv[3, 2:] == 0).all()  # padding
 
 
 @pytest.mark.parametrize("algorithm", ["gspo", "gspo_token", "grpo", "dapo", "cispo"])

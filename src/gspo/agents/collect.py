@@ -3,8 +3,8 @@
 :class:`EpisodeCollector` is what :func:`gspo.trainer.build.build` uses for a task with an
 environment: rows -> groups of episodes (:class:`~gspo.agents.episode.EpisodeRunner`) -> rewards
 (the task's reward functions on each episode's answer, plus per-turn rewards) -> group advantages
-(eq. 6 of the GSPO paper, on the episode reward), or per-turn advantages (:func:`turn_advantages`)
-for the objectives that take (B, T) advantages. The objectives then see one sequence per episode
+(eq. 6 of the GSPO paper, on the episode reward), or per-turn advantages (:func:`turn_advantages`: eq. 6
+per turn, on the returns-to-go) for the objectives that take (B, T) advantages. The objectives then see one sequence per episode
 whose ``completion_mask`` covers the model's tokens only, so GSPO's sequence ratio and its 1/|y|
 length normalisation run over the model's tokens of every turn, and nothing else.
 
@@ -21,7 +21,7 @@ import torch
 
 from gspo.agents.episode import Episode, EpisodeRunner, assemble, turn_index
 from gspo.algorithms import group_advantages
-from gspo.algorithms.advantages import global_batch_std
+from gspo.algorithms.advantages import global_batch_std, turn_group_advantages
 from gspo.errors import ConfigError
 from gspo.evaluate import CORRECT_THRESHOLD, pass_at_k
 from gspo.rollout.base import SamplingParams
@@ -61,7 +61,7 @@ class EpisodeCollector:
         advantages = group_advantages(rewards, self.group_size, scale=self.advantage_scale,
                                       batch_std=batch_std)  # (B,)
         if self.advantages == "turn":
-            advantages = turn_advantages(rewards, episodes, advantages, self.group_size, self.advantage_scale,
+            advantages = turn_advantages(rewards, episodes, self.group_size, self.advantage_scale,
                                          width=rollout.completion_ids.shape[1], batch_std=batch_std)  # (B, T)
         metrics["reward/zero_std_frac"] = zero_variance_fraction(rewards, self.group_size)
         metrics.update(timings)
@@ -104,33 +104,30 @@ def agent_metrics(episodes: list[Episode]) -> dict[str, float]:
     return out
 
 
-def turn_advantages(rewards: torch.Tensor, episodes: list[Episode], advantages: torch.Tensor, group_size: int,
-                    scale: str, *, width: int, eps: float = 1e-6,
-                    batch_std: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, T) per-turn advantages: the episode's group advantage plus the change of its return-to-go.
+def turn_advantages(rewards: torch.Tensor, episodes: list[Episode], group_size: int, scale: str, *, width: int,
+                    eps: float = 1e-6, batch_std: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) per-turn advantages: each model token gets its turn's group-relative advantage.
 
-    Turn k's return-to-go is the episode reward minus the per-turn rewards earned before turn k
-    (G_k = R - sum_{k' < k} r_k'). A_{i,t} = A_i + (G_{i,k(t)} - G_{i,0}) / s, with s the scale of eq. 6
-    (the group's reward std + eps, the batch's (``batch_std`` when the batch spans processes), or 1 for
-    ``scale="none"``; 1 for a group of equal rewards). Without per-turn rewards every token gets A_i: the
-    episode advantage, broadcast. 0 on padding; environment tokens carry the value of the turn they follow
-    but are masked out of every loss.
+    Turn k's return-to-go is the episode reward minus the per-turn rewards earned before turn k,
+    G_{i,k} = R_i - sum_{k' < k} r_{i,k'}, and it is baselined against the same turn of the group's other
+    episodes that reached turn k (:func:`~gspo.algorithms.advantages.turn_group_advantages`):
+    A_{i,t} = (G_{i,k(t)} - mean_j G_{j,k(t)}) / s_k. Turn 0 gets eq. 6 on R; without per-turn rewards
+    later turns get the same comparison among the episodes that lasted that long. 0 on padding; environment
+    tokens carry the value of the turn they follow but are masked out of every loss.
     """
-    groups = rewards.view(-1, group_size)  # (N / G, G)
-    if scale == "group":
-        spread = groups.std(dim=-1, keepdim=True).expand_as(groups).reshape(-1)  # (B,)
-    elif scale == "batch":
-        spread = (rewards.std() if batch_std is None else batch_std.to(rewards.dtype)).expand_as(rewards)
-    else:
-        spread = torch.ones_like(rewards)
-    spread = torch.where(spread > 0, spread + eps, torch.ones_like(spread))  # (B,)
-    turns = turn_index(episodes, width)  # (B, T)
-    out = torch.zeros(len(episodes), width, dtype=torch.float32)  # (B, T)
+    turns_per_episode = max(1, *(len(e.turn_rewards) for e in episodes))
+    earned = torch.zeros(len(episodes), turns_per_episode)  # (B, K) per-turn rewards before turn k
+    present = torch.zeros(len(episodes), turns_per_episode, dtype=torch.bool)  # (B, K)
     for i, e in enumerate(episodes):
-        earned = torch.tensor([0.0] + e.turn_rewards, dtype=torch.float32).cumsum(0)  # (K + 1,) before turn k
-        shift = -earned[turns[i].clamp_min(0)] / spread[i]  # (T,)
-        out[i] = torch.where(turns[i] >= 0, advantages[i] + shift, torch.zeros_like(shift))
-    return out
+        before = torch.tensor([0.0] + e.turn_rewards[:-1], dtype=torch.float32).cumsum(0)  # (K_i,)
+        earned[i, : len(before)] = before
+        present[i, : len(before)] = True
+    returns = rewards.to(torch.float32)[:, None] - earned  # (B, K) G_{i,k}
+    per_turn = turn_group_advantages(returns, present, group_size, scale=scale, eps=eps,
+                                     batch_std=batch_std)  # (B, K)
+    turns = turn_index(episodes, width)  # (B, T)
+    out = per_turn.gather(1, turns.clamp_min(0).clamp_max(turns_per_episode - 1))  # (B, T)
+    return torch.where(turns >= 0, out, torch.zeros_like(out))
 
 
 @dataclass
