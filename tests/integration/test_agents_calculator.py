@@ -157,3 +157,15 @@ def test_turn_advantages_train_with_gspo_token():
                             run_dir=None)
     metrics = t.train_step()
     assert "agent/turns_mean" in metrics
+
+
+def test_dr_grpo_normalises_agent_episodes_by_the_episode_budget():
+    # review D7: an episode's model tokens span its turns, so Dr. GRPO's constant L is the episode's budget
+    # (turns x rollout.max_new_tokens, within the context), not one turn's 8 tokens
+    fast = [o for o in AGENT if not o.startswith(("rollout.max_new_tokens", "rollout.prompts_per_step"))]
+    t = Trainer.from_config(load_config(None, [*fast, "algorithm=dr_grpo", "rollout.max_new_tokens=8",
+                                               "rollout.prompts_per_step=2", "steps=1"]), run_dir=None)
+    turns = calculator_environment().max_turns
+    assert t.updater.max_length == min(turns * 8, CONTEXT)
+    metrics = t.train_step()
+    assert torch.isfinite(torch.tensor(metrics["loss/policy"]))

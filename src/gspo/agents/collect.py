@@ -46,6 +46,11 @@ class EpisodeCollector:
     advantages: str = "episode"  # "turn": (B, T) per-turn advantages (token-level objectives only)
     sum_over_processes: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # as Collector's ("batch" scale)
 
+    @property
+    def max_response_tokens(self) -> int:
+        """The most model tokens of one episode (every turn's budget, within the context): Dr. GRPO's L."""
+        return self.runner.max_model_tokens(self.params.max_new_tokens)
+
     def collect(self, rows: list[Row], seed: int, first_index: int = 0) -> ScoredBatch:
         """``group_size`` episodes per row; episode j of prompt i is seeded from (seed, first_index + i, j)."""
         group_rows = [row for row in rows for _ in range(self.group_size)]

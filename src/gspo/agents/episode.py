@@ -71,6 +71,16 @@ class EpisodeRunner:
     max_turns: int = 0  # 0 = the environment's own
     record_routing: bool = False  # MoE R3: keep the engine's experts of every position (see _record_routes)
 
+    @property
+    def turn_limit(self) -> int:
+        """Model turns per episode: ``max_turns``, else the environment's own limit."""
+        return self.max_turns or self.environment.max_turns
+
+    def max_model_tokens(self, max_new_tokens: int) -> int:
+        """The most model tokens an episode can hold: each turn samples at most ``max_new_tokens``, and the
+        whole episode fits the context."""
+        return min(self.turn_limit * max_new_tokens, self.context)
+
     def run(self, prompts: list[list[int]], rows: list[Row], params: SamplingParams, row_seeds: list[int],
             *, seed: int = 0, record_routing: bool | None = None) -> tuple[list[Episode], dict[str, float]]:
         """One episode per prompt (``rows[i]`` is prompt i's row); returns them and the sampler's timings.
@@ -78,7 +88,7 @@ class EpisodeRunner:
         ``record_routing``: override :attr:`record_routing` (evaluation does not need the routes)."""
         record = self.record_routing if record_routing is None else record_routing
         episodes = [Episode(self.environment.reset(row), list(p)) for p, row in zip(prompts, rows)]
-        max_turns = self.max_turns or self.environment.max_turns
+        max_turns = self.turn_limit
         timings: dict[str, float] = {}
         for k in range(max_turns):
             index = [i for i, e in enumerate(episodes) if not e.done]

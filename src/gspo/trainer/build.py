@@ -138,7 +138,7 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
         reference = model if config.lora.rank else frozen_copy(whole)
     render = _renderer(config, tokenizer, model)
     params, collector, evaluator = _sampling(config, task, engine, render, tokenizer, model, rewards)
-    updater = _updater(config)
+    updater = _updater(config, max_length=collector.max_response_tokens)  # an agent episode spans its turns
     source = "rollout" if config.correction.mode == "bypass" else config.loss.old_logprobs
     plan = plan_old_logprobs(source, engine=engine.info, training_dtype=o.dtype,
                              dropout=has_dropout(model), moe=moe, routing_replay=replay,
@@ -213,10 +213,11 @@ def _sampling(config: Config, task: Task, engine, render: PromptRenderer, tokeni
     return params, collector, evaluator
 
 
-def _updater(config: Config) -> Updater:
-    """The minibatch loop for the configured objective, its hyperparameters and rollout correction."""
+def _updater(config: Config, *, max_length: int) -> Updater:
+    """The minibatch loop for the configured objective, its hyperparameters and rollout correction;
+    ``max_length``: the most trained tokens of one response or episode (Dr. GRPO's constant L)."""
     r, o = config.rollout, config.optim
-    return Updater(config.algorithm, config.hyperparameters, max_length=r.max_new_tokens,
+    return Updater(config.algorithm, config.hyperparameters, max_length=max_length,
                    correction=config.correction.mode, correction_thresholds=config.correction.thresholds(),
                    beta=config.loss.beta, kl_estimator=config.loss.kl_estimator,
                    temperature=r.temperature, minibatches=o.minibatches, epochs=o.epochs,

@@ -56,6 +56,11 @@ class Collector:
     # "batch" advantage scale is the std of the whole batch, not of one process's share
     sum_over_processes: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
 
+    @property
+    def max_response_tokens(self) -> int:
+        """The most tokens of one response (the generation limit): Dr. GRPO's L."""
+        return self.params.max_new_tokens
+
     def collect(self, rows: list[Row], seed: int, first_index: int = 0) -> ScoredBatch:
         """Sample ``group_size`` completions per row and score them.
 
