@@ -69,3 +69,50 @@ def test_groups_with_signal():
     assert groups_with_signal(rewards, 3).tolist() == [False, True, False, True]
     with pytest.raises(ValueError, match="not a multiple"):
         groups_with_signal(rewards, 5)
+
+
+class LengthEngine:
+    """Answers prompt p with the scripted completions of p, in order (one per response of its group)."""
+
+    info = None
+
+    def __init__(self, scripts: dict[str, list[str]]) -> None:
+        self.scripts = scripts
+
+    def generate(self, prompts, params, generator=None, *, row_seeds=None, record_routing=False):
+        from gspo.rollout.base import Rollout
+
+        seen: dict[str, int] = {}
+        texts = []
+        for p in prompts:
+            key = "".join(map(chr, p))
+            texts.append(self.scripts[key][seen.get(key, 0)])
+            seen[key] = seen.get(key, 0) + 1
+        width = max(len(t) for t in texts)
+        ids = torch.zeros(len(texts), width, dtype=torch.long)
+        mask = torch.zeros(len(texts), width, dtype=torch.bool)
+        for i, t in enumerate(texts):
+            ids[i, : len(t)] = torch.tensor([ord(c) for c in t])
+            mask[i, : len(t)] = True
+        return Rollout(torch.ones(len(texts), 1, dtype=torch.long), torch.ones(len(texts), 1, dtype=torch.bool), ids,
+                       mask, torch.zeros(len(texts), width), torch.zeros(len(texts), dtype=torch.bool))
+
+
+def test_dynamic_sampling_filters_on_accuracy_before_the_overlong_penalty():
+    # DAPO eq. 11 / verl filter_groups.metric=acc: a group whose answers are all right but whose lengths reach
+    # into the overlong buffer differently carries no accuracy signal and is dropped
+    from gspo.rollout.base import SamplingParams
+    from gspo.tasks.rewards import WeightedReward
+    from gspo.trainer.collect import Collector
+
+    def right(prompt, completion, **row):
+        return float(completion.strip() == row["answer"])
+
+    scripts = {"a": ["1", "1       "], "b": ["2", "3"], "c": ["4", "5"]}  # "a": both right, one long
+    rows = iter([[{"prompt": "a", "answer": "1"}], [{"prompt": "b", "answer": "2"}], [{"prompt": "c", "answer": "4"}]])
+    collector = Collector(LengthEngine(scripts), lambda row: [ord(c) for c in row["prompt"]],
+                          lambda ids: "".join(map(chr, ids)), [WeightedReward("right", right, 1.0)],
+                          SamplingParams(max_new_tokens=8), group_size=2, overlong_buffer=4)
+    batch = collector.collect_with_signal(lambda: (next(rows), 0), num_groups=2, seed=0)
+    assert [r["prompt"] for r in batch.rows] == ["b", "b", "c", "c"]  # "a" dropped though its rewards differ
+    assert batch.metrics["dapo/kept_group_frac"] == 2 / 3

@@ -78,8 +78,11 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, cache_len: int) -> tor
 
 
 def groups_with_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """DAPO "Dynamic Sampling" filter: (N / group_size,) bool, True for groups whose rewards are not
-    all equal (all-equal groups have zero advantage and carry no gradient). Rewards laid out group by group."""
+    """DAPO "Dynamic Sampling" filter (eq. 11: keep a group when 0 < #correct < G): (N / group_size,) bool,
+    True for groups whose rewards are not all equal (all-equal groups have zero advantage and carry no
+    gradient). Pass the rule-based rewards before the overlong shaping (eq. 13), as DAPO and verl's
+    ``filter_groups.metric=acc`` do: a group that differs only in its length penalties has no accuracy signal.
+    Rewards laid out group by group."""
     check_groups(rewards, group_size)
     groups = rewards.view(-1, group_size)  # (N / G, G)
     return (groups != groups[:, :1]).any(dim=-1)  # (N / G,)

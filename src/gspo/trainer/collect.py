@@ -36,6 +36,12 @@ class ScoredBatch:
     advantages: torch.Tensor  # (B,) float32
     correct: torch.Tensor  # (B,) bool: the task's correctness reward (its first) is >= 0.5
     metrics: dict[str, float] = field(default_factory=dict)
+    # (B,) the task's rewards before DAPO's overlong shaping: what dynamic sampling filters on (default: rewards)
+    task_rewards: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.task_rewards is None:
+            self.task_rewards = self.rewards
 
 
 @dataclass
@@ -81,6 +87,7 @@ class Collector:
                                          none_policy=self.none_policy)
         rewards = torch.tensor(totals, dtype=torch.float32)  # (B,)
         correct = torch.tensor(columns[self.rewards[0].name]) >= CORRECT_THRESHOLD  # (B,) by the task's first reward
+        task_rewards = rewards  # (B,) before the overlong shaping: DAPO's dynamic sampling filters on these
         if self.overlong_buffer:
             penalty = overlong_penalty(rollout.lengths, self.params.max_new_tokens, self.overlong_buffer)
             rewards = rewards + penalty.float()
@@ -92,13 +99,17 @@ class Collector:
         metrics["reward/zero_std_frac"] = zero_variance_fraction(rewards, self.group_size)
         metrics.update(rollout.timings)
         metrics["time/score_s"] = time.perf_counter() - t0
-        return ScoredBatch(rollout, group_rows, completions, rewards, advantages, correct, metrics)
+        return ScoredBatch(rollout, group_rows, completions, rewards, advantages, correct, metrics, task_rewards)
 
     def collect_with_signal(self, next_shard: Callable[[], tuple[list[Row], int]], num_groups: int, seed: int, *,
                             gather: Callable[[ScoredBatch], list[ScoredBatch]] = lambda b: [b],
                             rank: int = 0, world_size: int = 1) -> ScoredBatch:
-        """DAPO dynamic sampling: keep only groups whose rewards are not all equal, topping up with more
+        """DAPO dynamic sampling: keep only groups whose task rewards are not all equal, topping up with more
         rollout rounds, and return this process's share of the ``num_groups`` kept groups.
+
+        The filter reads the rewards before the overlong shaping (DAPO eq. 11 keeps a group when
+        0 < #correct < G; verl's ``filter_groups.metric=acc``): with DAPO's single rule-based reward that is
+        accuracy, and a group that differs only in its overlong penalties is dropped.
 
         Exact under data parallelism: every round each process samples its shard of the round's global
         prompts (``next_shard()`` -> (rows, global index of rows[0])), ``gather`` hands every process all
@@ -106,7 +117,8 @@ class Collector:
         everywhere, so every process runs the same rounds, reads the stream equally and trains on
         ``num_groups / world_size`` groups: N processes select exactly the groups one process would.
         After ``MAX_DYNAMIC_SAMPLING_ROUNDS`` extra rounds the batch is filled up with the last round's
-        zero-signal groups (advantage 0) so that its size never depends on luck or on the process count.
+        zero-signal groups (advantage 0 but for any overlong penalty) so that its size never depends on luck
+        or on the process count.
         """
         kept: list[ScoredBatch] = []
         have = sampled = 0
@@ -115,7 +127,7 @@ class Collector:
             local = self.collect(rows, seed + 7919 * round_, first_index=first_index)
             batch = _concat(gather(local))  # the whole round, in global prompt order
             sampled += len(batch.rewards) // self.group_size
-            signal = groups_with_signal(batch.rewards, self.group_size)  # (groups,)
+            signal = groups_with_signal(batch.task_rewards, self.group_size)  # (groups,) before overlong shaping
             take = signal.nonzero().squeeze(1)[: num_groups - have]  # (k,) group indices
             if len(take):
                 kept.append(_select_groups(batch, take, self.group_size))
@@ -159,6 +171,7 @@ def _select(batch: ScoredBatch, index: torch.Tensor) -> ScoredBatch:
         advantages=batch.advantages[index],
         correct=batch.correct[index],
         metrics=dict(batch.metrics),
+        task_rewards=batch.task_rewards[index],
     )
 
 
@@ -175,4 +188,5 @@ def _concat(batches: list[ScoredBatch]) -> ScoredBatch:
         advantages=torch.cat([b.advantages for b in batches]),
         correct=torch.cat([b.correct for b in batches]),
         metrics=dict(batches[0].metrics),
+        task_rewards=torch.cat([b.task_rewards for b in batches]),
     )
