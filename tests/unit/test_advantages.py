@@ -95,7 +95,8 @@ def test_turn_group_advantages_turn_zero_is_eq6_and_absent_turns_are_zero():
         torch.testing.assert_close(out[:, 0], group_advantages(returns[:, 0], 4, scale=scale))
     # turn 1 of group 0: episodes 0, 1 and 3 reached it; the baseline is their mean, the scale their std
     g = returns[[0, 1, 3], 1]
-    torch.testing.assert_close(turn_group_advantages(returns, present, 4)[[0, 1, 3], 1], (g - g.mean()) / (g.std() + EPS))
+    out = turn_group_advantages(returns, present, 4)
+    torch.testing.assert_close(out[[0, 1, 3], 1], (g - g.mean()) / (g.std() + EPS))
 
 
 def test_turn_group_advantages_flat_turns_and_errors():

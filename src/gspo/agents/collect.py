@@ -4,9 +4,9 @@
 environment: rows -> groups of episodes (:class:`~gspo.agents.episode.EpisodeRunner`) -> rewards
 (the task's reward functions on each episode's answer, plus per-turn rewards) -> group advantages
 (eq. 6 of the GSPO paper, on the episode reward), or per-turn advantages (:func:`turn_advantages`: eq. 6
-per turn, on the returns-to-go) for the objectives that take (B, T) advantages. The objectives then see one sequence per episode
-whose ``completion_mask`` covers the model's tokens only, so GSPO's sequence ratio and its 1/|y|
-length normalisation run over the model's tokens of every turn, and nothing else.
+per turn, on the returns-to-go) for the objectives that take (B, T) advantages. The objectives then see
+one sequence per episode whose ``completion_mask`` covers the model's tokens only, so GSPO's sequence
+ratio and its 1/|y| length normalisation run over the model's tokens of every turn, and nothing else.
 
 :class:`EpisodeEvaluator` is the held-out counterpart of :class:`gspo.evaluate.Evaluator`.
 """
