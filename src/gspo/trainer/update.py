@@ -174,8 +174,8 @@ class Updater:
         backward), or capture the live ones to measure volatility (forward only); unused ones are no-ops."""
         if rows.routing is None:
             return contextlib.nullcontext(), contextlib.nullcontext()
-        if self.routing_replay:
-            return replay_routing(model, rows.routing), contextlib.nullcontext()
+        if self.routing_replay:  # the record crosses to the device once per micro-batch, not per layer and pass
+            return replay_routing(model, rows.routing.to(rows.input_ids.device)), contextlib.nullcontext()
         return contextlib.nullcontext(), capture_routing(model)
 
     def _loss(self, policy, rows: UpdateInputs, normaliser: torch.Tensor):
