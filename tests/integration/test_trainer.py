@@ -192,5 +192,6 @@ def test_pi_old_and_the_reference_are_the_deterministic_policy_under_dropout(tin
     torch.testing.assert_close(first.old_logprobs[mask], batch.rollout.logprobs[mask], rtol=0, atol=1e-5)
     assert trainer.model.training  # training forwards still drop out
     # auto: the float32 sampler's log-probabilities are pi_old's; the first training forward measures nothing
-    auto = plan_old_logprobs("auto", engine=trainer.parts.engine.info, training_dtype="float32", dropout=True, moe=False)
+    auto = plan_old_logprobs("auto", engine=trainer.parts.engine.info, training_dtype="float32", dropout=True,
+                             moe=False)
     assert auto.source == "rollout" and not auto.measure_onpolicy

@@ -42,8 +42,9 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, t
     a PEFT model (its adapter only) or any ``nn.Module`` (saved as ``model.safetensors`` only). ``trainer_state`` must be JSON-serialisable.
     ``rng=None`` captures the current generators (:func:`capture_rng_state`). ``reference``: the KL
     reference when it is neither the base model nor ``model`` (``loss.ref_refresh_steps``), saved as
-    ``reference.safetensors``. The newest ``keep_last`` checkpoints are kept. Raises :class:`CheckpointError` (nothing is published, older checkpoints
-    untouched) if the state cannot be saved safely or the disk write fails.
+    ``reference.safetensors``. The newest ``keep_last`` checkpoints are kept. Raises
+    :class:`CheckpointError` (nothing is published, older checkpoints untouched) if the state cannot be
+    saved safely or the disk write fails.
     """
     state_json = _validate_args(step, trainer_state, keep_last)
     root = checkpoints_root(run_dir)
