@@ -192,7 +192,8 @@ def capture_routing(
     along the sequence for ``concat="sequence"`` (KV-cached generation, where each forward extends
     the sequence: the R3 source for an in-process engine). Captures what the experts actually used,
     so inside a :func:`replay_routing` block it records the replayed experts. Run capture under
-    ``torch.no_grad()``: gradient-checkpoint recomputation would fire the hooks a second time.
+    ``torch.no_grad()``, or call ``backward()`` after the block: gradient-checkpoint recomputation would
+    fire the hooks a second time.
     """
     if concat not in ("batch", "sequence"):
         raise ValueError(f"concat must be 'batch' or 'sequence', got {concat!r}")
