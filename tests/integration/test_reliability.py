@@ -370,3 +370,23 @@ def test_tensorboard_forgets_the_redone_steps_after_a_resume(tmp_path, base_args
     logged = {r["step"]: r["reward/mean"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
               if "reward/mean" in r}
     assert [event.value for event in accumulator.Scalars("reward/mean")] == pytest.approx([logged[s] for s in steps])
+
+
+def test_resume_keeps_the_refreshed_kl_reference(tiny_overrides, tmp_path):
+    # loss.ref_refresh_steps: the KL reference is a snapshot of an earlier step. A resume must get that
+    # snapshot back (it reset it to the initial model: review D5), whether it was taken before the
+    # checkpoint's step (saved as reference.safetensors) or at it (the checkpoint's own weights).
+    from gspo.trainer.run import train
+
+    overrides = [o for o in tiny_overrides if not o.startswith(("checkpoint.", "steps="))] + [
+        "algorithm=grpo", "loss.beta=0.5", "loss.ref_refresh_steps=2", "optim.lr=3e-2", "eval.size=4",
+        "eval.greedy=false", "checkpoint.every=1", "checkpoint.keep_last=10"]
+    train(load_config(None, [*overrides, "steps=5"]), tmp_path / "straight")
+    expected = weights(tmp_path / "straight" / "checkpoints" / "step-00000005")
+    for stop in (3, 2):  # the reference was taken at step 2: before the checkpoint, then at it
+        run = tmp_path / f"stopped-at-{stop}"
+        train(load_config(None, [*overrides, f"steps={stop}"]), run)
+        saved = {p.name for p in (run / "checkpoints" / f"step-{stop:08d}").iterdir()}
+        assert ("reference.safetensors" in saved) == (stop == 3)
+        train(load_config(None, [*overrides, "steps=5"]), run, resume=True)
+        assert_same_weights(weights(run / "checkpoints" / "step-00000005"), expected)

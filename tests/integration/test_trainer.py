@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 
 from gspo.config import load_config
+from gspo.trainer.old_logprobs import plan_old_logprobs
 from gspo.trainer.trainer import Trainer
 
 ALGORITHMS = ["gspo", "gspo_token", "grpo", "dapo"]
@@ -165,3 +169,29 @@ def test_shared_prompt_forwards_give_the_same_update_with_fewer_prompt_rows(tiny
     # the shared run's first forward of each minibatch holds at most its 4 distinct prompts
     assert set(rows["plain"]) == {8}
     assert max(rows["shared"][0::2]) <= 4 and set(rows["shared"][1::2]) == {8}
+
+
+def test_pi_old_and_the_reference_are_the_deterministic_policy_under_dropout(tiny_overrides, tiny_model_dir, tmp_path):
+    # With dropout (the model's attention dropout and LoRA's) the no-grad passes run in eval mode, as verl's
+    # compute_log_prob and TRL's reference model do: pi_old is the policy the engine samples from (eval mode),
+    # not one dropout sample per pass; only training forwards drop out.
+    model_dir = tmp_path / "dropout-model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.5}))
+    overrides = [o for o in tiny_overrides if not o.startswith("model=")]
+    trainer = _trainer(overrides, f"model={model_dir}", "lora.rank=4", "lora.dropout=0.5", "loss.beta=0.1",
+                       "loss.old_logprobs=recompute")
+    assert not trainer.old_logprobs_plan.reuse_onpolicy  # a train-mode forward is a dropout sample, not pi_old
+    batch = trainer.collector.collect(trainer._take_shard(), seed=0)
+    mask = batch.rollout.completion_mask
+    first, _ = trainer.parts.old_logprobs(batch, onpolicy=torch.arange(len(mask)) % 2 == 0)
+    second, _ = trainer.parts.old_logprobs(batch)
+    assert first.reuse_old is None  # every row recomputed
+    assert torch.equal(first.old_logprobs, second.old_logprobs) and torch.equal(first.ref_logprobs, second.ref_logprobs)
+    torch.testing.assert_close(first.old_logprobs[mask], batch.rollout.logprobs[mask], rtol=0, atol=1e-5)
+    assert trainer.model.training  # training forwards still drop out
+    # auto: the float32 sampler's log-probabilities are pi_old's; the first training forward measures nothing
+    auto = plan_old_logprobs("auto", engine=trainer.parts.engine.info, training_dtype="float32", dropout=True,
+                             moe=False)
+    assert auto.source == "rollout" and not auto.measure_onpolicy

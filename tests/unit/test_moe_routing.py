@@ -118,7 +118,10 @@ def test_capture_matches_the_routers_own_top_k(arch, model, input_ids):
     moe_logits = [x for x in router_logits if x is not None]
     for captured, logits in zip(record.indices, moe_logits, strict=True):
         expected = logits.topk(TOP_K, dim=-1).indices.reshape(3, 7, TOP_K)
-        assert torch.equal(captured.sort(-1).values, expected.sort(-1).values)
+        assert torch.equal(captured.long().sort(-1).values, expected.sort(-1).values)
+    # compact: one byte per expert id (8 experts), not int64's eight (R3 records at long lengths)
+    assert all(layer.dtype == torch.uint8 for layer in record.indices)
+    assert record.pad_to(9).indices[0].dtype == torch.uint8
 
 
 def test_replay_on_unchanged_model_changes_no_logit(model, input_ids):

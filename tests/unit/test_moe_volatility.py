@@ -81,3 +81,13 @@ def test_record_slicing_helpers():
     joined = RoutingRecord.cat([record.narrow(0, 1), record.narrow(1, 2)], dim=1)
     assert torch.equal(joined.indices[0], record.indices[0])
     assert RoutingRecord.cat([record.select(slice(0, 1)), record.select(slice(1, 2))]).shape == (2, 3)
+
+
+def test_sorted_search_equals_the_pairwise_definition_on_compact_ids():
+    # token_volatility searches sorted sets instead of building a (L, B, S, k, k) tensor; records hold uint8
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.rand(2, 3, 5, 64, generator=generator).argsort(-1)[..., :8] for _ in range(2))  # (L, B, S, k)
+    pairwise = 1.0 - (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).float().mean(-1)  # |A \\ B| / k
+    compact = RoutingRecord([layer.to(torch.uint8) for layer in a])
+    assert torch.equal(token_volatility(compact, list(b)), pairwise)
+    assert 0 < pairwise.mean() < 1

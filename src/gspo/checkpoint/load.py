@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from gspo.checkpoint.manifest import checkpoints_root, list_step_dirs, verify_checkpoint
-from gspo.checkpoint.save import unwrap_model
+from gspo.checkpoint.save import REFERENCE_WEIGHTS, unwrap_model
 from gspo.errors import CheckpointError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # what PEFT's save_pretrained writes for a LoRA model
@@ -44,13 +44,15 @@ def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path, *, model: torch.nn.Module | None = None,
-                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None) -> dict:
+                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+                    reference: torch.nn.Module | None = None) -> dict:
     """Verify the checkpoint at ``path`` and load it into the given objects.
 
     Weights are loaded in place into ``model`` (same architecture; every key must match, tied weights
     excepted; DDP and ``torch.compile`` wrappers are looked through); ``optimizer`` and ``scheduler``
-    get their ``load_state_dict`` called. Returns
-    ``{"step", "trainer_state", "rng", "path"}``; pass ``rng`` to :func:`restore_rng_state` last.
+    get their ``load_state_dict`` called; ``reference`` gets the saved KL reference, if the checkpoint has
+    one (``"reference"`` in the result says whether it had). Returns
+    ``{"step", "trainer_state", "rng", "path", "reference"}``; pass ``rng`` to :func:`restore_rng_state` last.
     Raises :class:`CheckpointError` naming the file if anything is missing, corrupt or mismatched.
     """
     path = Path(path)
@@ -66,9 +68,13 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module | None = None,
         _load_state(optimizer, path, files, "optimizer.pt")
     if scheduler is not None:
         _load_state(scheduler, path, files, "scheduler.pt")
+    has_reference = REFERENCE_WEIGHTS in files
+    if reference is not None and has_reference:
+        _load_reference(path / REFERENCE_WEIGHTS, unwrap_model(reference))
     rng = _torch_load(path / "rng.pt") if "rng.pt" in files else None
     trainer_state = json.loads((path / "trainer_state.json").read_text()) if "trainer_state.json" in files else {}
-    return {"step": manifest["step"], "trainer_state": trainer_state, "rng": rng, "path": path}
+    return {"step": manifest["step"], "trainer_state": trainer_state, "rng": rng, "path": path,
+            "reference": has_reference}
 
 
 def load_model_weights(ckpt_dir: Path, files: dict, model: torch.nn.Module) -> None:
@@ -121,6 +127,17 @@ def load_adapter_weights(ckpt_dir: Path, files: dict, model: torch.nn.Module) ->
         raise CheckpointError(f"{ckpt_dir / ADAPTER_WEIGHTS} does not match the model's adapter (unexpected: "
                               f"{_keys(sorted(result.unexpected_keys)) or 'none'}; missing: {_keys(missing) or 'none'}); "
                               "resume with the run's own lora.* settings")
+
+
+def _load_reference(file: Path, reference: torch.nn.Module) -> None:
+    """Load ``reference.safetensors`` into the reference module in place, strictly (tied weights allowed)."""
+    from safetensors.torch import load_model
+
+    try:
+        load_model(reference, str(file), strict=True)
+    except RuntimeError as exc:  # missing / unexpected keys or shapes
+        raise CheckpointError(f"{file} does not fit the KL reference model ({exc}); "
+                              "resume with the run's own model") from exc
 
 
 def _tied_to_loaded(key: str, state: dict[str, torch.Tensor], loaded: set[str]) -> bool:

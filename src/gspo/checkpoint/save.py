@@ -27,20 +27,24 @@ from gspo.errors import CheckpointError, ConfigError
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 LATEST_NAME = "latest"
+REFERENCE_WEIGHTS = "reference.safetensors"  # the KL reference, when it is not the checkpoint's own weights
 PLAIN_LEAVES = (torch.Tensor, torch.nn.Parameter, int, float, bool, str, bytes, type(None), torch.dtype, torch.device,
                 torch.Size)
 
 
 def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, tokenizer: Any = None,
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-                    trainer_state: dict, rng: dict | None = None, keep_last: int = 3) -> Path:
+                    trainer_state: dict, rng: dict | None = None, keep_last: int = 3,
+                    reference: torch.nn.Module | None = None) -> Path:
     """Save a complete, verifiable checkpoint to ``run_dir/checkpoints/step-XXXXXXXX`` and return its path.
 
     ``model`` is a transformers model (saved with ``save_pretrained``, so ``from_pretrained(path)`` works),
     a PEFT model (its adapter only) or any ``nn.Module`` (saved as ``model.safetensors`` only). ``trainer_state`` must be JSON-serialisable.
-    ``rng=None`` captures the current generators (:func:`capture_rng_state`). The newest ``keep_last``
-    checkpoints are kept. Raises :class:`CheckpointError` (nothing is published, older checkpoints
-    untouched) if the state cannot be saved safely or the disk write fails.
+    ``rng=None`` captures the current generators (:func:`capture_rng_state`). ``reference``: the KL
+    reference when it is neither the base model nor ``model`` (``loss.ref_refresh_steps``), saved as
+    ``reference.safetensors``. The newest ``keep_last`` checkpoints are kept. Raises
+    :class:`CheckpointError` (nothing is published, older checkpoints untouched) if the state cannot be
+    saved safely or the disk write fails.
     """
     state_json = _validate_args(step, trainer_state, keep_last)
     root = checkpoints_root(run_dir)
@@ -52,6 +56,10 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, t
     try:
         _write_payload(tmp, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                        state_json=state_json, rng=capture_rng_state() if rng is None else rng)
+        if reference is not None:
+            from safetensors.torch import save_model  # dedups tied tensors the way save_pretrained does
+
+            save_model(unwrap_model(reference), str(tmp / REFERENCE_WEIGHTS))
         write_manifest(tmp, step)
         final = _publish(tmp, root / name)
     except OSError as exc:  # disk full, quota, permissions: say so plainly

@@ -98,7 +98,8 @@ class LossConfig:
     old_logprobs: str = "auto"
     """recompute: old log-probabilities from a training-model pass; rollout: the sampler's own (paper
     section 5.4); auto: rollout when the sampler is the training module in float32 (they agree to float
-    rounding, ~1e-7, so the pass is pure cost), else recompute (bf16 sampler, bf16 training, MoE, dropout)."""
+    rounding, ~1e-7, so the pass is pure cost), else recompute (bf16 sampler, bf16 training, MoE). Either
+    way pi_old is the eval-mode (no dropout) policy."""
     dynamic_sampling: bool | None = None
     """DAPO: drop groups whose rewards are all equal and sample more (default: on for dapo)."""
     overlong_buffer: int = 0

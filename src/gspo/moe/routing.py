@@ -60,12 +60,14 @@ SUPPORTED_ARCHITECTURES = tuple(_ROUTER_SPECS)
 class RoutingRecord:
     """The top-k expert indices each MoE layer chose, for every position of a ``(B, S)`` batch.
 
-    ``indices[l]`` is a ``(B, S, k)`` long tensor for the l-th MoE layer in module order; positions are
+    ``indices[l]`` is a ``(B, S, k)`` integer tensor for the l-th MoE layer in module order; positions are
     those of the forward's ``input_ids`` (the trainer's ``[left-padded prompt | right-padded
-    completion]`` layout). Padding positions are routed too; mask them out where it matters.
+    completion]`` layout). Padding positions are routed too; mask them out where it matters. Captures
+    store the smallest dtype that holds the expert ids (:func:`index_dtype`: uint8 up to 256 experts, an
+    eighth of int64's bytes at long lengths); use ``.long()`` before indexing or gathering with them.
     """
 
-    indices: list[torch.Tensor] = field(default_factory=list)  # per MoE layer: (B, S, k) long
+    indices: list[torch.Tensor] = field(default_factory=list)  # per MoE layer: (B, S, k) integer
 
     @property
     def num_layers(self) -> int:
@@ -100,7 +102,7 @@ class RoutingRecord:
         batch, seq = self.shape
         if seq_len < seq:
             raise ValueError(f"pad_to({seq_len}) is shorter than the record's {seq} positions")
-        filler = torch.arange(self.top_k, device=self.indices[0].device)
+        filler = torch.arange(self.top_k, device=self.indices[0].device, dtype=self.indices[0].dtype)
         filler = filler.expand(batch, seq_len - seq, self.top_k)  # (B, S' - S, k)
         return RoutingRecord([torch.cat([layer, filler], dim=1) for layer in self.indices])
 
@@ -190,7 +192,8 @@ def capture_routing(
     along the sequence for ``concat="sequence"`` (KV-cached generation, where each forward extends
     the sequence: the R3 source for an in-process engine). Captures what the experts actually used,
     so inside a :func:`replay_routing` block it records the replayed experts. Run capture under
-    ``torch.no_grad()``: gradient-checkpoint recomputation would fire the hooks a second time.
+    ``torch.no_grad()``, or call ``backward()`` after the block: gradient-checkpoint recomputation would
+    fire the hooks a second time.
     """
     if concat not in ("batch", "sequence"):
         raise ValueError(f"concat must be 'batch' or 'sequence', got {concat!r}")
@@ -257,9 +260,14 @@ def _remember_shape(shape: dict):
     return pre_hook
 
 
+def index_dtype(num_experts: int) -> torch.dtype:
+    """The smallest integer dtype that holds expert ids ``0 .. num_experts - 1``."""
+    return torch.uint8 if num_experts <= 256 else torch.int16 if num_experts <= 2**15 else torch.int32
+
+
 def _record_hook(record: RoutingRecord, position: int, shape: dict, dim: int):
     def hook(router: nn.Module, args: tuple, output: tuple) -> None:
-        flat = output[2].detach()  # (B*S, k)
+        flat = output[2].detach().to(index_dtype(output[0].shape[-1]))  # (B*S, k) compact expert ids
         indices = flat.reshape(*shape["bs"], flat.shape[-1])  # (B, S, k)
         if position == len(record.indices):  # first forward of the block
             record.indices.append(indices)
@@ -292,7 +300,7 @@ def _check_shape(expected: torch.Size):
 def _replay_hook(indices: torch.Tensor, spec: _RouterSpec, stats: ReplayStats):
     def hook(router: nn.Module, args: tuple, output: tuple) -> tuple:
         router_logits = output[0]  # (B*S, E), live: carries the router's gradient
-        cached = indices.reshape(-1, indices.shape[-1]).to(router_logits.device)  # (B*S, k)
+        cached = indices.reshape(-1, indices.shape[-1]).to(router_logits.device).long()  # (B*S, k)
         live = output[2].detach()  # (B*S, k) the router's own choice, which replay replaces
         changed = (live.sort(dim=-1).values != cached.sort(dim=-1).values).any(dim=-1)  # (B*S,) as sets
         stats.changed.append(changed.reshape(indices.shape[:2]))  # (B, S)

@@ -24,11 +24,19 @@ def token_volatility(routing_a: Any, routing_b: Any) -> torch.Tensor:
 
     Assumes the k experts of one token are distinct (true of a top-k).
     """
-    a, b = _stack(routing_a), _stack(routing_b)  # (L, B, S, k) each
-    if a.shape != b.shape:
-        raise ValueError(f"routings differ in shape: {tuple(a.shape)} vs {tuple(b.shape)} (L, B, S, k)")
-    kept = (a.unsqueeze(-1) == b.unsqueeze(-2)).any(dim=-1)  # (L, B, S, k): a's expert is also in b
-    return 1.0 - kept.float().mean(dim=-1)  # (L, B, S)
+    a, b = _layers(routing_a), _layers(routing_b)  # (B, S, k) per layer each
+    shapes = [(len(a), *a[0].shape), (len(b), *b[0].shape)]
+    if shapes[0] != shapes[1] or any(x.shape != y.shape for x, y in zip(a, b)):
+        raise ValueError(f"routings differ in shape: {shapes[0]} vs {shapes[1]} (L, B, S, k)")
+    return torch.stack([_changed_share(x, y) for x, y in zip(a, b)])  # (L, B, S)
+
+
+def _changed_share(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B, S) ``|A \\ B| / k`` of one layer, by binary search of A's experts in sorted B (no k x k tensor)."""
+    a, b = a.long(), b.long().sort(dim=-1).values  # (B, S, k) each
+    at = torch.searchsorted(b, a).clamp_max(b.shape[-1] - 1)  # (B, S, k) where a's expert would sit in b
+    kept = b.gather(-1, at) == a  # (B, S, k): a's expert is also in b
+    return 1.0 - kept.float().mean(dim=-1)
 
 
 def expert_volatility(
@@ -51,9 +59,9 @@ def expert_volatility(
     return per_layer.mean(), per_layer
 
 
-def _stack(routing: Any) -> torch.Tensor:
-    """``(L, B, S, k)`` from a RoutingRecord or a sequence of ``(B, S, k)`` tensors."""
+def _layers(routing: Any) -> Sequence[torch.Tensor]:
+    """The ``(B, S, k)`` tensors of a RoutingRecord or a sequence of them."""
     layers: Sequence[torch.Tensor] = getattr(routing, "indices", routing)
     if len(layers) == 0:
         raise ValueError("routing has no MoE layers")
-    return torch.stack(list(layers))
+    return list(layers)

@@ -36,6 +36,7 @@ from transformers.cache_utils import DynamicCache, StaticCache
 
 from gspo.errors import ConfigError
 from gspo.logprobs import truncated_log_softmax, truncation_mask
+from gspo.models.modes import eval_mode
 from gspo.moe import capture_routing, supports_routing
 from gspo.rollout.base import EngineInfo, Rollout, SamplingParams, check_request, full_weights
 from gspo.rollout.native import NativeDecoder, native_support
@@ -151,7 +152,7 @@ class HFEngine:
         if record_routing and not self._info.records_routing:
             raise ValueError("record_routing needs a Mixture-of-Experts model (engine.info.records_routing)")
         recorder = capture_routing(self.model, concat="sequence") if record_routing else contextlib.nullcontext()
-        with _eval_mode(self.model), torch.inference_mode(), recorder as routing:
+        with eval_mode(self.model), torch.inference_mode(), recorder as routing:
             try:
                 out = self._sample(prompt_ids, prompt_mask, params, generator, uniforms)
             finally:
@@ -307,15 +308,3 @@ def _copy_in_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Modul
         if param.is_floating_point():
             param.data = param.data.to(dtype)
     return engine_model
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module):
-    """``model.eval()`` inside the block; every submodule's training flag restored afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training

@@ -16,7 +16,8 @@ from typing import Callable, ContextManager
 
 import torch
 
-from gspo.moe import capture_routing
+from gspo.models.modes import eval_mode
+from gspo.moe import capture_routing, replay_routing
 from gspo.rollout.base import EngineInfo
 from gspo.trainer.collect import ScoredBatch
 from gspo.trainer.update import UpdateInputs
@@ -61,11 +62,14 @@ def plan_old_logprobs(setting: str, *, engine: EngineInfo, training_dtype: str, 
 
     ``auto`` takes the engine's log-probabilities when a recomputation could only reproduce them to float
     rounding: the engine declares ``exact_logprobs`` (the training module's own float32 weights), training
-    runs in float32, the model has no dropout (the engine samples in eval mode, training forwards run in
-    train mode) and is dense (an MoE's old-policy pass records the experts for R2 and the volatility
-    diagnostics). An inference engine that declares ``behaviour_logprobs`` (vLLM: the sampled
-    distribution's float32 log-probabilities, ~1e-5 from the trainer's) is taken the same way: the GSPO
-    paper's section 5.4 setting. A rollout correction (``correction``) needs both channels, so it recomputes.
+    runs in float32 and the model is dense (an MoE's old-policy pass records the experts for R2 and the
+    volatility diagnostics). Dropout does not block it: pi_old is the deterministic (eval-mode) policy the
+    engine samples from, and the recompute pass runs in eval mode too (:class:`OldLogprobs`). With
+    ``dropout`` the first training forward (train mode, a dropout sample) is neither reused as pi_old nor
+    taken as the on-policy mismatch measurement. An inference engine that declares ``behaviour_logprobs``
+    (vLLM: the sampled distribution's float32 log-probabilities, ~1e-5 from the trainer's) is taken the
+    same way: the GSPO paper's section 5.4 setting. A rollout correction (``correction``) needs both
+    channels, so it recomputes.
     """
     if setting not in SOURCES:
         raise ValueError(f"old log-probabilities source must be one of {', '.join(SOURCES)}, got {setting!r}")
@@ -74,7 +78,6 @@ def plan_old_logprobs(setting: str, *, engine: EngineInfo, training_dtype: str, 
             ("the sampler is not the float32 policy", not (engine.exact_logprobs or engine.behaviour_logprobs)),
             (f"correction.mode={correction}", correction not in ("none", "bypass")),
             (f"{training_dtype} training", training_dtype != "float32"),
-            ("dropout", dropout),
             ("MoE routing record", moe)) if present]
         source = "recompute" if blockers else "rollout"
         reason = blockers[0] if blockers else "the sampler is the float32 training module"
@@ -84,8 +87,8 @@ def plan_old_logprobs(setting: str, *, engine: EngineInfo, training_dtype: str, 
     return OldLogprobPlan(
         source=source, setting=setting, reason=reason, capture_routing=capture,
         routing_from_rollout=routing_replay == "r3",
-        reuse_onpolicy=source == "recompute" and not moe,
-        measure_onpolicy=source == "rollout" and not moe,
+        reuse_onpolicy=source == "recompute" and not moe and not dropout,
+        measure_onpolicy=source == "rollout" and not moe and not dropout,
     )
 
 
@@ -109,7 +112,10 @@ class OldLogprobs:
     reference: a context manager yielding the KL reference's log-probability function, or None.
     chunk_rows: rows per no-grad forward (a training step's rows, so this pass never holds more
         activations than a training step); 0 = one pass.
-    routed_model: the Hugging Face model whose routers are recorded (MoE R2 / diagnostics).
+    routed_model: the Hugging Face model inside ``policy``. Every pass here runs it in eval mode (pi_old and
+        the reference are the deterministic policy, as verl's ``compute_log_prob`` and TRL's reference do;
+        dropout only in training forwards), and its routers are recorded (MoE R2 / diagnostics) or replayed
+        from the rollout engine's record (R3, so that pi_old and every training forward use the same experts).
     """
 
     plan: OldLogprobPlan
@@ -122,6 +128,10 @@ class OldLogprobs:
     def __call__(self, batch: ScoredBatch, onpolicy: torch.Tensor | None = None
                  ) -> tuple[UpdateInputs, dict[str, float]]:
         """``onpolicy``: (B,) bool, the rows of the first minibatch (trained with the sampling weights)."""
+        with eval_mode(self.routed_model) if self.routed_model is not None else contextlib.nullcontext():
+            return self._inputs(batch, onpolicy)
+
+    def _inputs(self, batch: ScoredBatch, onpolicy: torch.Tensor | None) -> tuple[UpdateInputs, dict[str, float]]:
         rollout, plan = batch.rollout, self.plan
         ids, attn, num_t = rollout.input_ids, rollout.attention_mask, rollout.completion_ids.shape[1]
         mask = rollout.completion_mask  # (B, T)
@@ -135,13 +145,13 @@ class OldLogprobs:
                 old[keep] = self._chunked(ids[keep], attn[keep], num_t)
                 metrics.update(mismatch_metrics(old[keep], rollout.logprobs[keep], mask[keep]))
             else:
-                with self._recording() as routing:
+                with self._routing(rollout) as routing:  # R3: the engine's experts, as in every training forward
                     old = self.policy(ids, attn, num_t, routed=self._routed)  # (B, T)
                 metrics.update(mismatch_metrics(old, rollout.logprobs, mask))
         else:
             old = rollout.logprobs  # (B, T) the engine's
             if plan.capture_routing:  # MoE diagnostics / R2 still need the old-policy experts
-                with self._recording() as routing:
+                with self._routing(rollout) as routing:
                     recomputed = self.policy(ids, attn, num_t, routed=self._routed)
                 metrics.update(mismatch_metrics(recomputed, rollout.logprobs, mask))
             elif plan.measure_onpolicy and onpolicy is not None:
@@ -157,13 +167,16 @@ class OldLogprobs:
 
     @property
     def _routed(self) -> bool:
-        """The pass runs inside a routing capture (its hooks need one plain forward of the whole batch)."""
-        return self.plan.capture_routing and self.routed_model is not None
+        """The pass runs inside a routing capture or replay (its hooks need one plain forward of the whole batch)."""
+        return (self.plan.capture_routing or self.plan.routing_from_rollout) and self.routed_model is not None
 
-    def _recording(self) -> ContextManager:
-        if self._routed:
-            return capture_routing(self.routed_model)
-        return contextlib.nullcontext()
+    def _routing(self, rollout) -> ContextManager:
+        """R3: replay the engine's experts; R2 / diagnostics: record the old-policy pass's experts."""
+        if not self._routed:
+            return contextlib.nullcontext()
+        if self.plan.routing_from_rollout:
+            return replay_routing(self.routed_model, rollout.routing)
+        return capture_routing(self.routed_model)
 
     def _chunked(self, ids: torch.Tensor, attn: torch.Tensor, num_t: int) -> torch.Tensor:
         """(b, T) log-probabilities in chunks of ``chunk_rows`` rows (one pass when 0 or enough)."""

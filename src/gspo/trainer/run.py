@@ -188,7 +188,7 @@ def _restore(trainer: Trainer, run_dir: Path, progress: Progress) -> None:
         _say(progress, f"'{run_dir}' has no checkpoint yet (stopped before the first save): starting at step 0")
     else:
         loaded = load_checkpoint(path, model=trainer.model, optimizer=trainer.parts.optimizer,
-                                 scheduler=trainer.parts.scheduler)
+                                 scheduler=trainer.parts.scheduler, reference=trainer.parts.reference)
         try:
             trainer.state = TrainState(**loaded["trainer_state"])
         except TypeError as exc:
@@ -196,12 +196,25 @@ def _restore(trainer: Trainer, run_dir: Path, progress: Progress) -> None:
                                   "resume with the gspo version that wrote it") from None
         trainer.data.skip(trainer.state.data_position)
         trainer.sync_engine()
+        _restore_reference(trainer, path, loaded["reference"])
         if loaded.get("rng"):
             restore_rng_state(loaded["rng"])
         _say(progress, f"resuming from {path} (step {trainer.state.step})")
     if dist.is_main():  # the steps after the checkpoint are redone: their old log lines go
         drop_records_after(run_dir, trainer.state.step)
         trainer.logger.resume_at(trainer.state.step)
+
+
+def _restore_reference(trainer: Trainer, path: Path, loaded: bool) -> None:
+    """The KL reference of a refreshed run (``loss.ref_refresh_steps``): loaded from the checkpoint, or the
+    checkpoint's own weights when it was refreshed at that very step (see :func:`_save`)."""
+    taken = trainer.state.reference_step
+    if trainer.parts.reference is None or taken == 0 or loaded:
+        return
+    if taken != trainer.state.step:
+        raise CheckpointError(f"{path} lacks the KL reference of step {taken} (reference.safetensors); "
+                              "resume it with the gspo version that wrote it, or start a new run")
+    trainer.parts.refresh_reference()
 
 
 class FullStateOptimizer:
@@ -225,11 +238,14 @@ def _save(trainer: Trainer, run_dir: Path) -> Path:
         trainer.state.in_flight = trainer.pipeline.checkpoint_state()
     optimizer_state = dist.full_optimizer_state(trainer.policy, trainer.parts.optimizer)  # collective
     path = checkpoints_root(run_dir) / f"step-{trainer.state.step:08d}"
+    # a reference refreshed at an earlier step is saved; one refreshed at this step is these weights
+    refreshed = trainer.state.reference_step not in (0, trainer.state.step)
     if dist.is_main():
         path = save_checkpoint(run_dir, trainer.state.step, model=trainer.parts.whole_model, tokenizer=trainer.parts.tokenizer,
                         optimizer=FullStateOptimizer(trainer, optimizer_state), scheduler=trainer.parts.scheduler,
                         trainer_state=vars(trainer.state), rng=capture_rng_state(),
-                        keep_last=trainer.config.checkpoint.keep_last)
+                        keep_last=trainer.config.checkpoint.keep_last,
+                        reference=trainer.parts.reference if refreshed else None)
     dist.barrier()
     return path
 

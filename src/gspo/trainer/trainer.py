@@ -34,6 +34,8 @@ class TrainState:
     skipped_steps: int = 0  # optimizer steps skipped so far for a non-finite loss or gradient
     # rollout.max_staleness > 0: the batches in flight at the checkpoint, with their weights version (trainer/pipeline.py)
     in_flight: list = field(default_factory=list)
+    # loss.ref_refresh_steps > 0: the step whose weights the KL reference holds (0: the initial model)
+    reference_step: int = 0
 
 
 class Trainer:
@@ -153,6 +155,7 @@ class Trainer:
         every = self.config.loss.ref_refresh_steps
         if self.parts.reference is not None and every and self.state.step % every == 0:
             self.parts.refresh_reference()
+            self.state.reference_step = self.state.step
 
     # -- evaluation ---------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:

@@ -129,9 +129,11 @@ class Updater:
         for i, micro in enumerate(micros):
             rows = minibatch.rows(micro)
             sync = contextlib.nullcontext() if i == len(micros) - 1 else dist.no_sync(policy)
-            with sync, self._routing_context(model, rows) as live:
-                out = self._loss(policy, rows, normaliser)
-                # backward inside the routing context: a recomputing backward must replay too
+            replay, capture = self._routing_contexts(model, rows)
+            with sync, replay as stats:
+                with capture as live:  # the forward only: a checkpointed backward runs every router again
+                    out = self._loss(policy, rows, normaliser)
+                # backward inside the replay: a recomputing backward must replay too
                 (out.loss * dist.gradient_scale()).backward()
             if rows.reuse_old is not None and bool(rows.reuse_old.any()):  # keep what _loss filled in (epochs > 1)
                 inputs.old_logprobs[index[micro]] = rows.old_logprobs
@@ -139,9 +141,9 @@ class Updater:
             if rows.measure_old is not None:
                 inputs.measure_old[index[micro]] = False  # measured once, by the on-policy forward
             parts.append(out)
-            if isinstance(live, ReplayStats):
-                replayed.append(_replay_changed(rows, live))
-            elif live is not None:
+            if stats is not None:
+                replayed.append(_replay_changed(rows, stats))
+            if live is not None:
                 volatility.append(_volatility(rows, live))
         grad_norm = self._clip_and_check(policy)
         metrics = _merge_metrics(parts)
@@ -167,13 +169,14 @@ class Updater:
         scheduler.step()
         return metrics
 
-    def _routing_context(self, model, rows: UpdateInputs) -> contextlib.AbstractContextManager:
-        """Replay the behaviour policy's experts, or capture the live ones to measure volatility."""
+    def _routing_contexts(self, model, rows: UpdateInputs) -> tuple:
+        """(replay, capture) around a micro-batch: replay the behaviour policy's experts (forward and
+        backward), or capture the live ones to measure volatility (forward only); unused ones are no-ops."""
         if rows.routing is None:
-            return contextlib.nullcontext()
-        if self.routing_replay:
-            return replay_routing(model, rows.routing)
-        return capture_routing(model)
+            return contextlib.nullcontext(), contextlib.nullcontext()
+        if self.routing_replay:  # the record crosses to the device once per micro-batch, not per layer and pass
+            return replay_routing(model, rows.routing.to(rows.input_ids.device)), contextlib.nullcontext()
+        return contextlib.nullcontext(), capture_routing(model)
 
     def _loss(self, policy, rows: UpdateInputs, normaliser: torch.Tensor):
         num_completion = rows.completion_mask.shape[1]

@@ -111,9 +111,9 @@ def routing_record(routed: list, prompt_lens: list[int], completion_lens: list[i
     padding positions, and a position vLLM did not forward, get experts ``0..k-1`` (they are masked
     out, as :meth:`RoutingRecord.pad_to` does for gspo's own capture).
     """
-    arrays = [torch.as_tensor(r).long() for r in routed]  # each (tokens, L, k)
+    arrays = [torch.as_tensor(r).to(torch.int16) for r in routed]  # each (tokens, L, k), vLLM's own int16
     layers, top_k = arrays[0].shape[1], arrays[0].shape[2]
-    filler = torch.arange(top_k).expand(len(arrays), width_p + width_t, layers, top_k)
+    filler = torch.arange(top_k, dtype=torch.int16).expand(len(arrays), width_p + width_t, layers, top_k)
     out = filler.clone()  # (B, P + T, L, k)
     for row, (experts, p, t) in enumerate(zip(arrays, prompt_lens, completion_lens)):
         if experts.shape[1:] != (layers, top_k):
