@@ -32,6 +32,11 @@ def in_support(mask: torch.Tensor, *logprobs: torch.Tensor | None) -> torch.Tens
     differs from the trainer's float32 one (bfloat16, vLLM) can keep a boundary token the trainer's nucleus
     drops. Its ratio is undefined (-inf - -inf is NaN) and its truncated log-probability has no gradient,
     so the losses and the corrections leave such a token out (and count it) rather than subtract two -inf.
+    Only the token goes, not its response: the response's other tokens have well-defined ratios, and a
+    sequence-level ratio (GSPO's length-normalised s_i) over them, with |y_i| their count, is the
+    response's ratio with the undefined 0/0 factor taken out; dropping the response would throw away a
+    sample for a rounding difference at one position. (verl never meets such tokens: its trainer takes
+    full-vocabulary log-probabilities, ignoring top-k / top-p.)
     NaN is not treated as out of support: it still propagates, so a diverged model is still detected.
     """
     keep = mask
