@@ -11,12 +11,11 @@ import transformers
 from gspo.logprobs import (
     _ChunkedLinearLogprobs,
     token_logprobs,
-    token_logprobs_on_support,
     token_logprobs_reference,
-    truncation_support,
     truncated_log_softmax,
     truncation_mask,
 )
+from gspo.logprobs_support import token_logprobs_on_support, truncation_support
 
 VOCAB, PROMPT_LEN, COMPLETION_LEN, TEMPERATURE = 32, 4, 6, 0.8
 SETTINGS = [(5, 1.0), (0, 0.8), (8, 0.9)]

@@ -24,7 +24,8 @@ from gspo import distributed as dist
 from gspo.config.schema import Config
 from gspo.errors import ConfigError
 from gspo.evaluate import Evaluator
-from gspo.logprobs import token_logprobs, token_logprobs_on_support, truncation_support
+from gspo.logprobs import token_logprobs
+from gspo.logprobs_support import token_logprobs_on_support, truncation_support
 from gspo.models.load import load_model, load_tokenizer, pick_device, prepare_tokenizer, resolve_model_path
 from gspo.models.lora import apply_lora
 from gspo.rollout.base import RolloutEngine, SamplingParams
@@ -270,7 +271,7 @@ def _load_policy(config: Config, device: torch.device, model=None, tokenizer=Non
 def _reference_fn(parts: Components, temperature: float):
     """The KL reference's log-probabilities; with top-k / top-p, over the policy's support (the sampling
     weights' ``whole_model``, read before the reference context: under LoRA that disables the adapter),
-    so that kl/ref is 0 while the policy is the reference (gspo.logprobs.token_logprobs_on_support)."""
+    so that kl/ref is 0 while the policy is the reference (gspo.logprobs_support)."""
     r = parts.config.rollout
     if not (r.top_k > 0 or r.top_p < 1.0):
         with reference_policy(parts) as reference:
