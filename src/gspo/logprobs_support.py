@@ -74,7 +74,7 @@ def token_logprobs_on_support(model: torch.nn.Module, input_ids: torch.Tensor, a
     The KL reference of a truncating sampler: log pi_ref(y) - log sum_{v in S} pi_ref(v), with S the
     policy's support, so KL(pi_theta || pi_ref) compares the two distributions on the tokens the policy can
     sample and is 0 where they are the same model. The chunked path computes exactly what
-    :func:`token_logprobs` computes for the same model and support (same kernels, same order).
+    :func:`gspo.logprobs.token_logprobs` computes for the same model and support (same kernels, same order).
     """
     num_tokens = num_completion_tokens
     mask = attention_mask[:, -num_tokens:].bool()  # (B, T)

@@ -194,7 +194,7 @@ class Updater:
         weights, correction = None, None
         corrected = self.correction not in ("none", "bypass") and rows.rollout_logprobs is not None
         # tokens outside a top-k / top-p support (-inf on either side) are left out of the loss and the
-        # correction alike, so both count the same tokens (gspo.algorithms._masked.in_support)
+        # correction alike, so both count the same tokens (gspo.algorithms.in_support)
         mask = in_support(rows.completion_mask, logprobs, rows.old_logprobs, rows.ref_logprobs,
                           rows.rollout_logprobs if corrected else None)  # (b, T)
         if corrected:

@@ -252,8 +252,9 @@ class VLLMServerEngine:
 def server_info(name: str, dtype: str | None) -> EngineInfo:
     """What a vLLM server declares: its log-probabilities are pi_old under ``auto`` only for a float32
     server gspo started (``dtype`` None: a server at a URL, dtype unknown, so not trusted)."""
-    return EngineInfo(name=f"{name} ({dtype or 'dtype unknown'})", exact_logprobs=False, behaviour_logprobs=dtype == "float32",
-                      records_routing=False, weight_sync="reload", reproducible=True)
+    return EngineInfo(name=f"{name} ({dtype or 'dtype unknown'})", exact_logprobs=False,
+                      behaviour_logprobs=dtype == "float32", records_routing=False, weight_sync="reload",
+                      reproducible=True)
 
 
 def _completion(choice: dict) -> Completion:
