@@ -300,7 +300,8 @@ def test_docs_snippet_runs():
 
 
 def test_metric_keys_and_reductions_are_the_documented_ones():
-    common = {"count/tokens": "sum", "count/sequences": "sum", "loss/policy": "sum",
+    common = {"count/tokens": "sum", "count/sequences": "sum", "count/out_of_support_tokens": "sum",
+              "loss/policy": "sum",
               "loss/clip_frac": "mean/tokens", "loss/clip_frac_low": "mean/tokens",
               "loss/clip_frac_high": "mean/tokens", "ratio/outside_band_frac": "mean/tokens",
               "logratio/token_mean": "mean/tokens", "logratio/token_std": "std/tokens",

@@ -15,6 +15,7 @@ from gspo.logprobs import (
     truncated_log_softmax,
     truncation_mask,
 )
+from gspo.logprobs_support import token_logprobs_on_support, truncation_support
 
 VOCAB, PROMPT_LEN, COMPLETION_LEN, TEMPERATURE = 32, 4, 6, 0.8
 SETTINGS = [(5, 1.0), (0, 0.8), (8, 0.9)]
@@ -115,6 +116,38 @@ def test_chunked_and_full_logits_paths_agree_with_truncation():
     b = token_logprobs(model, ids, mask, COMPLETION_LEN, temperature=TEMPERATURE, top_k=8, top_p=0.9, chunked=False)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert bool((a[~mask[:, -COMPLETION_LEN:]] == 0).all())
+
+
+@pytest.mark.parametrize("support_chunked", [True, False])
+@pytest.mark.parametrize("chunked", [True, False])
+@pytest.mark.parametrize("top_k, top_p", SETTINGS)
+def test_reference_over_the_policys_support(top_k, top_p, chunked, support_chunked):
+    """The KL reference (review D9): renormalised over the policy's support it equals the policy's own
+    truncated log-probabilities when it is the same model (bit for bit on the same path: kl/ref = 0), and
+    for another model it is finite on every token the policy can sample, and normalised over that support."""
+    policy, other = tiny_qwen3(seed=5), tiny_qwen3(seed=6)
+    ids, _ = sample(policy, top_k, top_p, seed=5)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[2, -3:] = False  # a completion that ended early
+    kwargs = {"temperature": TEMPERATURE, "top_k": top_k, "top_p": top_p}
+    with torch.no_grad():
+        support = truncation_support(policy, ids, mask, COMPLETION_LEN, chunked=support_chunked, **kwargs)
+        own = token_logprobs(policy, ids, mask, COMPLETION_LEN, chunked=chunked, **kwargs)
+        same = token_logprobs_on_support(policy, ids, mask, COMPLETION_LEN, support, chunk_size=4, chunked=chunked)
+        ref = token_logprobs_on_support(other, ids, mask, COMPLETION_LEN, support, chunked=chunked)
+        own_ref = token_logprobs(other, ids, mask, COMPLETION_LEN, chunked=chunked, **kwargs)
+    if chunked == support_chunked:
+        assert torch.equal(same, own)
+    torch.testing.assert_close(same, own, rtol=0, atol=1e-6)
+    real = mask[:, -COMPLETION_LEN:]
+    assert bool(torch.isfinite(ref).all()) and bool((ref[~real] == 0).all())
+    assert bool((ref[real] < 0).all()) and not torch.equal(ref, own_ref)
+    # normalised over the policy's support: the chosen token's value from a full-vocabulary softmax
+    logits = other(input_ids=ids, attention_mask=mask).logits[:, -COMPLETION_LEN - 1:-1].float() / TEMPERATURE
+    keep = truncation_mask(policy(input_ids=ids, attention_mask=mask).logits[:, -COMPLETION_LEN - 1:-1].float()
+                           / TEMPERATURE, top_k, top_p)  # (B, T, V) the policy's support
+    expected = logits.masked_fill(~keep, float("-inf")).log_softmax(-1).gather(-1, ids[:, -COMPLETION_LEN:, None])
+    torch.testing.assert_close(ref[real], expected.squeeze(-1)[real], rtol=1e-5, atol=1e-5)
 
 
 def test_defaults_are_bit_identical_and_bad_values_rejected():

@@ -54,7 +54,7 @@ def server_engine(long_model_dir, tokenizer):
     server = ServerProcess(args, kv_cache_gb=1.0, weight_transfer=False)
     server.wait_ready()
     engine = VLLMServerEngine(server.url, pad_token_id=tokenizer.pad_token_id, eos_ids=[tokenizer.eos_token_id],
-                              server=server)
+                              server=server, dtype="float32")
     yield engine
     engine.close()
 
@@ -70,9 +70,17 @@ def test_server_row_seeds_match_in_process_engine(server_engine, vllm_engine):
     assert torch.allclose(ours.logprobs, theirs.logprobs, atol=1e-5)
 
 
-def test_server_logprobs_before_and_after_sync(server_engine, policy):
+def test_server_logprobs_before_and_after_sync(server_engine, tokenizer, policy):
+    from gspo.rollout.vllm.server import VLLMServerEngine
+
     assert isinstance(server_engine, RolloutEngine)
     assert server_engine.info.weight_sync == "reload" and not server_engine.info.exact_logprobs
+    # a float32 server gspo started is pi_old under loss.old_logprobs=auto; the same server reached by its URL
+    # (rollout.server_url: dtype unknown) is not
+    assert server_engine.info.behaviour_logprobs and "(float32)" in server_engine.info.name
+    by_url = VLLMServerEngine(server_engine.url, pad_token_id=tokenizer.pad_token_id, eos_ids=[tokenizer.eos_token_id])
+    assert not by_url.info.behaviour_logprobs and "dtype unknown" in by_url.info.name
+    by_url.close()
     params = SamplingParams(max_new_tokens=16, temperature=0.7, ignore_eos=True)
     prompts = sample_prompts(8, LONG, 2)
     before = server_engine.generate(prompts, params, torch.Generator().manual_seed(2))

@@ -5,13 +5,15 @@ Losses: `gspo_loss`, `gspo_token_loss`, `grpo_loss`, `dapo_loss`, `dr_grpo_loss`
 registered by name with their paper defaults in `OBJECTIVES` / `get_objective`. Rollout corrections
 (engine vs trainer probabilities): `rollout_correction`, whose weights any loss takes as `correction=`.
 Around them: `group_advantages`, `kl_penalty`, DAPO's `overlong_penalty` and `groups_with_signal`,
-and `reduce_metrics` to combine the metrics of several parts of one batch.
+`reduce_metrics` to combine the metrics of several parts of one batch, and `in_support` (the tokens a
+top-k / top-p support keeps, which every loss and correction uses).
 """
 
 # name -> defining module; loaded on first use (PEP 562) so that `gspo.algorithms.catalogue` (names
 # and paper defaults, read by config validation and --help) imports without torch.
 _EXPORTS = {
     "reduce_metrics": "gspo.algorithms._metrics",
+    "in_support": "gspo.algorithms._masked",
     "group_advantages": "gspo.algorithms.advantages",
     "cispo_loss": "gspo.algorithms.cispo",
     "CORRECTION_DEFAULTS": "gspo.algorithms.corrections",
@@ -60,6 +62,7 @@ __all__ = [
     "dapo_loss",
     "group_advantages",
     "groups_with_signal",
+    "in_support",
     "grpo_loss",
     "gspo_loss",
     "gspo_token_loss",

@@ -8,12 +8,18 @@ from numbers import Real
 
 import torch
 
-from gspo.algorithms._masked import clamp_log_ratio, compute_dtype, masked, per_sequence_mean
+from gspo.algorithms._masked import clamp_log_ratio, compute_dtype, in_support, masked, per_sequence_mean
 
 
 @dataclass(frozen=True)
 class PolicyBatch:
-    """Loss inputs in the compute dtype, padding replaced by 0 (with `where`)."""
+    """Loss inputs in the compute dtype, padding replaced by 0 (with `where`).
+
+    `mask` holds the response tokens the loss uses: the caller's mask minus the tokens outside a top-k /
+    top-p support (-inf in `logprobs`, `old_logprobs` or `ref_logprobs`, see `in_support`), which are
+    counted in `out_of_support` and contribute nothing. `lengths` count the kept tokens, so a
+    sequence-level ratio (GSPO's length-normalised s_i) is the geometric mean over the kept tokens.
+    """
 
     logprobs: torch.Tensor  # (B, T) carries the gradient back to the caller's tensor
     old_logprobs: torch.Tensor  # (B, T) detached
@@ -22,6 +28,7 @@ class PolicyBatch:
     lengths: torch.Tensor  # (B,) |y_i|, compute dtype
     ref_logprobs: torch.Tensor | None  # (B, T) detached, or None
     correction: torch.Tensor | None = None  # (B, T) detached rollout-correction weights >= 0, 0 on padding
+    out_of_support: torch.Tensor | None = None  # 0-d, response tokens dropped for a -inf log-probability
 
     def advantages_per_token(self) -> torch.Tensor:
         """(B, T) per-token advantages, or (B, 1) per-response ones, for broadcasting against (B, T)."""
@@ -110,7 +117,8 @@ def prepare(
         if not tensor.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
 
-    mask = as_bool_mask(mask)  # (B, T)
+    given = as_bool_mask(mask)  # (B, T)
+    mask = in_support(given, logprobs, old_logprobs, ref_logprobs)  # (B, T) never subtract two -inf
     dtype = compute_dtype(logprobs, old_logprobs, advantages, ref_logprobs)
     lengths = mask.sum(dim=-1).to(dtype)  # (B,)
     adv_mask = mask if advantages.dim() == 2 else lengths > 0
@@ -124,6 +132,7 @@ def prepare(
         lengths=lengths,
         ref_logprobs=ref,
         correction=weights,
+        out_of_support=(given & ~mask).sum().to(dtype),
     )
 
 

@@ -25,6 +25,27 @@ def masked(values: torch.Tensor, mask: torch.Tensor, fill: float = 0.0) -> torch
     return torch.where(mask, values, torch.full_like(values, fill))
 
 
+def in_support(mask: torch.Tensor, *logprobs: torch.Tensor | None) -> torch.Tensor:
+    """(B, T) bool: `mask` minus the tokens where any of the (B, T) `logprobs` is -inf.
+
+    A log-probability of -inf is a sampled token outside a top-k / top-p support: a sampler whose support
+    differs from the trainer's float32 one (bfloat16, vLLM) can keep a boundary token the trainer's nucleus
+    drops. Its ratio is undefined (-inf - -inf is NaN) and its truncated log-probability has no gradient,
+    so the losses and the corrections leave such a token out (and count it) rather than subtract two -inf.
+    Only the token goes, not its response: the response's other tokens have well-defined ratios, and a
+    sequence-level ratio (GSPO's length-normalised s_i) over them, with |y_i| their count, is the
+    response's ratio with the undefined 0/0 factor taken out; dropping the response would throw away a
+    sample for a rounding difference at one position. (verl never meets such tokens: its trainer takes
+    full-vocabulary log-probabilities, ignoring top-k / top-p.)
+    NaN is not treated as out of support: it still propagates, so a diverged model is still detected.
+    """
+    keep = mask
+    for values in logprobs:
+        if values is not None:
+            keep = keep & ~torch.isneginf(values.detach())
+    return keep
+
+
 def clamp_log_ratio(log_ratio: torch.Tensor) -> torch.Tensor:
     """Clamp a log-ratio before `exp` (see MAX_LOG_RATIO)."""
     return log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)

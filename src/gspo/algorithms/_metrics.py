@@ -87,6 +87,8 @@ def policy_metrics(
     m = MetricsBuilder(batch.logprobs.dtype)
     m.add("count/tokens", _count(tokens, m.dtype), "sum")
     m.add("count/sequences", _count(sequences, m.dtype), "sum")
+    if batch.out_of_support is not None:
+        m.add("count/out_of_support_tokens", batch.out_of_support, "sum")
     flags = {"loss/clip_frac": clipped_low | clipped_high, "loss/clip_frac_low": clipped_low,
              "loss/clip_frac_high": clipped_high, "ratio/outside_band_frac": outside}
     for key, flag in flags.items():

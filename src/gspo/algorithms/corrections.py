@@ -41,7 +41,7 @@ from typing import Mapping
 import torch
 
 from gspo.algorithms._inputs import as_bool_mask
-from gspo.algorithms._masked import clamp_log_ratio, compute_dtype, masked, per_sequence_mean
+from gspo.algorithms._masked import clamp_log_ratio, compute_dtype, in_support, masked, per_sequence_mean
 from gspo.algorithms._metrics import MetricsBuilder, _count, _mean, _std
 from gspo.algorithms.catalogue import CORRECTION_DEFAULTS, CORRECTION_MODES
 
@@ -101,7 +101,9 @@ def rollout_correction(
 
     old_logprobs, rollout_logprobs, mask: (B, T); logprobs (B, T) and advantages (B,) or (B, T): only
     for "opsm" (an error otherwise). Thresholds left at None take the mode's default
-    (`CORRECTION_DEFAULTS`). Padding may hold anything (inf, NaN): it is replaced with `where`.
+    (`CORRECTION_DEFAULTS`). Padding may hold anything (inf, NaN): it is replaced with `where`. A token
+    whose `old_logprobs`, `rollout_logprobs` or `logprobs` is -inf (outside a top-k / top-p support, see
+    `in_support`) gets weight 0 and is left out of the metrics and of its response's sequence ratio.
     """
     values = _resolve(mode, {"threshold": threshold, "low": low, "high": high, "delta": delta})
     if (logprobs is not None or advantages is not None) != (mode == "opsm"):
@@ -113,7 +115,7 @@ def rollout_correction(
             raise ValueError(f"{name} has shape {tuple(t.shape)}, old_logprobs {tuple(shape)}; both must be (B, T)")
     if old_logprobs.dim() != 2:
         raise ValueError(f"old_logprobs must be (B, T), got shape {tuple(shape)}")
-    mask = as_bool_mask(mask)  # (B, T)
+    mask = in_support(as_bool_mask(mask), old_logprobs, rollout_logprobs, logprobs)  # (B, T)
     dtype = compute_dtype(old_logprobs, rollout_logprobs, logprobs)
     log_ratio = clamp_log_ratio(masked(old_logprobs.to(dtype) - rollout_logprobs.to(dtype), mask))  # (B, T) log r_t
     if mode == "opsm":

@@ -43,6 +43,8 @@ def gspo_loss(
     Gradient (eq. 10): every token of response i gets -(1/G) s_i A_i / |y_i| while unclipped, 0 once
     clipped. G = `num_sequences`: the number of responses (with >= 1 token) in the whole optimizer step,
     across processes and minibatch slices; default: this call's. A response with no tokens adds nothing.
+    A token whose log-probability is -inf (outside a top-k / top-p support) is left out, and |y_i| counts
+    the response's other tokens (`in_support`).
     The clip ranges are the paper's (3e-4, 4e-4): s_i is an average, so it moves orders of magnitude less
     than a token ratio. GRPO's 0.2 is accepted but almost never clips (docs/objectives.md, misreading 3).
 

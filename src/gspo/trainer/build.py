@@ -25,6 +25,7 @@ from gspo.config.schema import Config
 from gspo.errors import ConfigError
 from gspo.evaluate import Evaluator
 from gspo.logprobs import token_logprobs
+from gspo.logprobs_support import token_logprobs_on_support, truncation_support
 from gspo.models.load import load_model, load_tokenizer, pick_device, prepare_tokenizer, resolve_model_path
 from gspo.models.lora import apply_lora
 from gspo.rollout.base import RolloutEngine, SamplingParams
@@ -269,8 +270,21 @@ def _load_policy(config: Config, device: torch.device, model=None, tokenizer=Non
 
 @contextlib.contextmanager
 def _reference_fn(parts: Components, temperature: float):
-    with reference_policy(parts) as reference:
-        yield lambda ids, attn, num_t: token_logprobs(reference, ids, attn, num_t, temperature=temperature)
+    """The KL reference's log-probabilities; with top-k / top-p, over the policy's support (the sampling
+    weights' ``whole_model``, read before the reference context: under LoRA that disables the adapter),
+    so that kl/ref is 0 while the policy is the reference (gspo.logprobs_support)."""
+    r = parts.config.rollout
+    if not (r.top_k > 0 or r.top_p < 1.0):
+        with reference_policy(parts) as reference:
+            yield lambda ids, attn, num_t: token_logprobs(reference, ids, attn, num_t, temperature=temperature)
+        return
+
+    def on_support(ids, attn, num_t):
+        support = truncation_support(parts.whole_model, ids, attn, num_t, temperature=temperature,
+                                     top_k=r.top_k, top_p=r.top_p)
+        with reference_policy(parts) as reference:
+            return token_logprobs_on_support(reference, ids, attn, num_t, support)
+    yield on_support
 
 
 def build_engine(config: Config, model: torch.nn.Module, tokenizer, path, *, separate_copy: bool = False):

@@ -16,6 +16,7 @@ from typing import Callable, ContextManager
 
 import torch
 
+from gspo.algorithms import in_support
 from gspo.models.modes import eval_mode
 from gspo.moe import capture_routing, replay_routing
 from gspo.rollout.base import EngineInfo
@@ -187,14 +188,21 @@ class OldLogprobs:
 
 
 def mismatch_metrics(recomputed: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """How far the sampler's log-probabilities are from the trainer's (GSPO paper section 5.4)."""
-    diff = torch.where(mask, recomputed - sampler, torch.zeros_like(recomputed))  # (B, T)
-    lengths = mask.sum(1).clamp_min(1)
+    """How far the sampler's log-probabilities are from the trainer's (GSPO paper section 5.4).
+
+    A sampled token outside the trainer's top-k / top-p support (its log-probability -inf: a bfloat16 or
+    vLLM sampler kept a boundary token the float32 nucleus drops) is counted in
+    ``mismatch/out_of_support_tokens`` and left out of the other metrics, which stay finite.
+    """
+    kept = in_support(mask, recomputed, sampler)  # (B, T)
+    diff = torch.where(kept, recomputed - sampler, torch.zeros_like(recomputed))  # (B, T)
+    lengths = kept.sum(1).clamp_min(1)
     seq = diff.sum(1) / lengths  # (B,) sequence log-ratio of trainer vs sampler
-    tokens = diff[mask]
+    tokens = diff[kept]
     return {"mismatch/token_abs_mean": float(tokens.abs().mean()) if tokens.numel() else 0.0,
             "mismatch/token_std": float(tokens.std()) if tokens.numel() > 1 else 0.0,
-            "mismatch/seq_std": float(seq.std()) if seq.numel() > 1 else 0.0}
+            "mismatch/seq_std": float(seq.std()) if seq.numel() > 1 else 0.0,
+            "mismatch/out_of_support_tokens": float((mask & ~kept).sum())}
 
 
 def onpolicy_mismatch(pairs: list) -> dict[str, float]:

@@ -219,7 +219,8 @@ def build_pipeline(parts, sampler: Callable[[Placement], SubprocessEngine]) -> P
     if parts.old_logprobs.plan.source != "rollout":
         raise ConfigError(f"rollout.max_staleness={s}: pi_old of a stale batch is the policy that sampled it, "
                           f"i.e. the sampler's log-probabilities, but this run recomputes them "
-                          f"({parts.old_logprobs.plan.reason}); set rollout.max_staleness=0")
+                          f"({parts.old_logprobs.plan.reason}); set loss.old_logprobs=rollout to train on "
+                          f"them anyway, or rollout.max_staleness=0")
     trainer, placement = placements(parts.model, config)
     engine = sampler(placement)
     return Pipeline(engine, parts.collector, staleness=s, steps=config.steps, trainer_placement=trainer,

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from gspo import distributed as dist
-from gspo.algorithms import LossOutput, get_objective, rollout_correction
+from gspo.algorithms import LossOutput, get_objective, in_support, rollout_correction
 from gspo.errors import TrainingDiverged
 from gspo.moe import ReplayStats, RoutingRecord, capture_routing, expert_volatility, replay_routing
 
@@ -195,19 +195,27 @@ class Updater:
         objective = get_objective(self.algorithm)
         extra = {"max_length": self.max_length} if objective.needs_max_length else {}
         weights, correction = None, None
-        if self.correction not in ("none", "bypass") and rows.rollout_logprobs is not None:
+        corrected = self.correction not in ("none", "bypass") and rows.rollout_logprobs is not None
+        # tokens outside a top-k / top-p support (-inf on either side) are left out of the loss and the
+        # correction alike, so both count the same tokens (gspo.algorithms.in_support)
+        mask = in_support(rows.completion_mask, logprobs, rows.old_logprobs, rows.ref_logprobs,
+                          rows.rollout_logprobs if corrected else None)  # (b, T)
+        if corrected:
             opsm = {"logprobs": logprobs.detach().float(), "advantages": rows.advantages} if self.correction == "opsm" else {}
-            correction = rollout_correction(rows.old_logprobs, rows.rollout_logprobs, rows.completion_mask,
+            correction = rollout_correction(rows.old_logprobs, rows.rollout_logprobs, mask,
                                             mode=self.correction, **opsm, **self.correction_thresholds)
             weights = correction.weights  # (b, T) detached, 0 where masked
         out = objective.loss(
-            logprobs.float(), rows.old_logprobs, rows.advantages, rows.completion_mask,
+            logprobs.float(), rows.old_logprobs, rows.advantages, mask,
             ref_logprobs=rows.ref_logprobs, beta=self.beta, kl_estimator=self.kl_estimator, correction=weights,
             **self.hyperparameters, **extra, **{objective.normaliser: normaliser},
         )
-        if correction is None:
-            return out
-        return LossOutput(out.loss, {**out.metrics, **correction.metrics}, {**out.reductions, **correction.reductions})
+        dropped = (rows.completion_mask & ~mask).sum().to(out.loss.dtype)  # 0-d
+        metrics = {**out.metrics, **(correction.metrics if correction else {}),
+                   "count/out_of_support_tokens": dropped}
+        reductions = {**out.reductions, **(correction.reductions if correction else {}),
+                      "count/out_of_support_tokens": "sum"}
+        return LossOutput(out.loss, metrics, reductions)
 
     def autocast(self, device_type: str) -> contextlib.AbstractContextManager:
         """The training forward's precision: bfloat16 autocast with ``optim.dtype=bfloat16``, else float32.

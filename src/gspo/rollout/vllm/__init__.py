@@ -68,14 +68,14 @@ def _server_engine(config, path, dtype: str, max_model_len: int, common: dict):
                           "server's completion endpoint does not return; use rollout.engine=vllm or "
                           "moe.routing_replay=r2")
     transport = "nccl" if torch.cuda.is_available() else "path"
-    if r.server_url:  # a server someone else runs (and possibly every torchrun process shares)
+    if r.server_url:  # a server someone else runs (and possibly every torchrun process shares); dtype unknown
         return VLLMServerEngine(r.server_url, transport=transport, shared=dist.is_initialized(), **common)
     args = engine_arguments(Path(path).resolve(), dtype=dtype, max_model_len=max_model_len, seed=config.seed,
                             gpu_memory=r.vllm_gpu_memory, routed_experts=False)
     server = ServerProcess(args, kv_cache_gb=r.vllm_kv_cache_gb, weight_transfer=transport == "nccl")
     try:
         server.wait_ready()
-        return VLLMServerEngine(server.url, server=server, transport=transport, **common)
+        return VLLMServerEngine(server.url, server=server, transport=transport, dtype=dtype, **common)
     except BaseException:
         server.stop()
         raise

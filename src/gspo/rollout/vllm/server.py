@@ -112,11 +112,16 @@ class VLLMServerEngine:
     """A vLLM server behind gspo's :class:`~gspo.rollout.base.RolloutEngine` (see module docstring).
 
     ``server``: the process gspo started (stopped by :meth:`close`), or None for a server at ``url``.
+    ``dtype``: the server's weights dtype when gspo started it ("float32", "bfloat16", ...); None for a
+    server at a URL, whose dtype (and quantization) gspo cannot know. Only a float32 server declares
+    ``behaviour_logprobs`` (``loss.old_logprobs=auto`` then trains on its log-probabilities, as with
+    the in-process engine); a lower-precision or unknown one leaves ``auto`` recomputing pi_old
+    (``loss.old_logprobs=rollout`` still takes the server's numbers when asked for).
     With several processes (torchrun) sharing one server, process 0 pushes the weights.
     """
 
     def __init__(self, url: str, *, pad_token_id: int, eos_ids: list[int], server: ServerProcess | None = None,
-                 transport: str = "path", shared: bool = False) -> None:
+                 transport: str = "path", shared: bool = False, dtype: str | None = None) -> None:
         self.url, self.server = url.rstrip("/"), server
         self.pad_token_id, self.eos_ids = int(pad_token_id), list(eos_ids)
         self.transport, self.shared = transport, shared
@@ -125,8 +130,7 @@ class VLLMServerEngine:
         self._nccl = None  # the trainer side of vLLM's NCCL weight transfer (GPU), made at the first sync
         self._pool = ThreadPoolExecutor(MAX_CONCURRENT_REQUESTS, thread_name_prefix="gspo-vllm-client")
         version = self._get("/version").get("version", "?")
-        self._info = EngineInfo(name=f"vLLM {version} server at {self.url}", exact_logprobs=False, behaviour_logprobs=True,
-                                records_routing=False, weight_sync="reload", reproducible=True)
+        self._info = server_info(f"vLLM {version} server at {self.url}", dtype)
 
     @property
     def info(self) -> EngineInfo:
@@ -243,6 +247,14 @@ class VLLMServerEngine:
                               "check that it is running (rollout.server_url) or let gspo start one "
                               "(rollout.server_url=\"\")") from None
         return json.loads(payload) if payload else {}
+
+
+def server_info(name: str, dtype: str | None) -> EngineInfo:
+    """What a vLLM server declares: its log-probabilities are pi_old under ``auto`` only for a float32
+    server gspo started (``dtype`` None: a server at a URL, dtype unknown, so not trusted)."""
+    return EngineInfo(name=f"{name} ({dtype or 'dtype unknown'})", exact_logprobs=False,
+                      behaviour_logprobs=dtype == "float32", records_routing=False, weight_sync="reload",
+                      reproducible=True)
 
 
 def _completion(choice: dict) -> Completion:
