@@ -5,7 +5,7 @@ The gspo run is the file as it is (``from gspo.trl import ...``); the TRL run is
 environment stays without it). Both save their model; this script then scores both saved models and the
 starting model with the same code: greedy and sampled (4 per prompt, temperature 1) exact-answer accuracy
 on held-out sums (the arithmetic task's held-out split, minus any sum the script trained on), and reads
-the reward curve from each run's ``trainer_state.json``.
+the reward curve (mean per fifth of the run) from each run's ``trainer_state.json``.
 
     PYTHONPATH=src python benchmarks/bench_trl_script.py --trl-python /tmp/trl-venv/bin/python --max-steps 100
 
@@ -79,14 +79,14 @@ def accuracy(model_dir: Path, rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def rewards(state_file: Path) -> dict[str, float]:
-    logs = [h for h in json.loads(state_file.read_text())["log_history"] if "reward" in h]
-    runtime = next((h["train_runtime"] for h in json.loads(state_file.read_text())["log_history"]
-                    if "train_runtime" in h), None)
-    first, last = logs[:2], logs[-2:]
-    return {"reward_first_logs": sum(h["reward"] for h in first) / len(first),
-            "reward_last_logs": sum(h["reward"] for h in last) / len(last), "logs": len(logs),
-            "global_step": logs[-1]["step"], "train_runtime_s": runtime}
+def rewards(state_file: Path) -> dict:
+    """The logged mean training reward in fifths of the run (each a mean over several logs), and the runtime."""
+    history = json.loads(state_file.read_text())["log_history"]
+    logs = [h["reward"] for h in history if "reward" in h]
+    fifth = max(1, len(logs) // 5)
+    return {"reward_by_fifth": [sum(logs[i * fifth:(i + 1) * fifth]) / fifth for i in range(5)], "logs": len(logs),
+            "global_step": history[-1]["step"],
+            "train_runtime_s": next((h["train_runtime"] for h in history if "train_runtime" in h), None)}
 
 
 def main() -> None:

@@ -59,6 +59,9 @@ class GRPOTrainer:
         overrides = dict(self.plan.overrides)
         if peft_config is not None:
             overrides.update(lora_overrides(peft_config, _model_type(model)))
+        source = getattr(self.loaded_model, "name_or_path", "")
+        if source and Path(source).is_dir():  # a loaded model: config.json records where it came from
+            overrides["model"] = str(source)
         for text in self.plan.warnings:
             warnings.warn(text, TRLCompatWarning, stacklevel=2)
         self.steps_per_epoch = len(rows) // overrides["rollout.prompts_per_step"]
