@@ -77,7 +77,7 @@ def test_loaded_model_list_dataset_and_eval_set(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
-def test_rewards_are_called_once_per_batch_with_trls_arguments(tiny_model_dir, tmp_path):
+def test_rewards_are_called_once_per_batch_with_trls_arguments(tiny_model_dir, tmp_path, capfd):
     calls = []
 
     def reward(prompts, completions, completion_ids, trainer_state, level, answer, **kwargs):
@@ -91,6 +91,8 @@ def test_rewards_are_called_once_per_batch_with_trls_arguments(tiny_model_dir, t
     assert [(n, step) for n, step, _, _ in calls] == [(8, 0), (8, 1)]  # one call per rollout batch of 2 x 4
     assert all(isinstance(v, int) for _, _, levels, _ in calls for v in levels)  # columns arrive as lists
     assert all(isinstance(ids, list) and all(isinstance(t, int) for t in ids) for *_, batch in calls for ids in batch)
+    said = capfd.readouterr().err  # no eval_dataset: no held-out accuracy (of 0%) reported; where the run went is
+    assert "accuracy" not in said and f"trained 2 steps (no held-out rows to evaluate)  ->  {tmp_path}" in said
 
 
 def test_conversational_prompts_reach_rewards_as_messages(tiny_model_dir, tmp_path):

@@ -68,7 +68,8 @@ def _run(trainer: Trainer, config: Config, run_dir: Path, resume: bool, console,
         trainer.state.history["before"] = trainer.evaluate()
         trainer.logger.log(0, trainer.state.history["before"])
         hooks.on_eval(0, trainer.state.history["before"])
-        _say(progress, "held-out before training: " + _eval_text(trainer.state.history["before"]))
+        if trainer.task.eval_rows:  # no held-out rows (gspo.trl without an eval_dataset): nothing to report
+            _say(progress, "held-out before training: " + _eval_text(trainer.state.history["before"]))
         if trainer.state.history["before"].get("eval/accuracy", 1.0) == 0.0 and trainer.task.eval_rows:
             _say(progress, "warning: 0% held-out accuracy before training: if the model should know this task, "
                            + NO_SIGNAL_HINT)
@@ -111,8 +112,11 @@ def _run(trainer: Trainer, config: Config, run_dir: Path, resume: bool, console,
     hooks.on_eval(trainer.state.step, after)
     hooks.on_save(trainer.state.step, _save(trainer, run_dir))
     summary = _summary(trainer, after, metrics, run_dir)
-    _say(progress, "held-out after training:  " + _eval_text(after))
-    _say(progress, _lift_text(summary))
+    if trainer.task.eval_rows:
+        _say(progress, "held-out after training:  " + _eval_text(after))
+        _say(progress, _lift_text(summary))
+    else:
+        _say(progress, f"trained {trainer.state.step} steps (no held-out rows to evaluate)  ->  {run_dir}")
     trainer.logger.close()
     return summary
 
