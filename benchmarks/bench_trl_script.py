@@ -107,7 +107,8 @@ def main() -> None:
                              text=True, check=True).stdout.strip()
     load_start = os.getloadavg()
     runs = {"gspo": (sys.executable, SCRIPT), f"trl {version}": (args.trl_python, trl_script)}
-    result = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.processor() or platform.machine(),
+    machine = platform.processor() or platform.machine()
+    result = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine,
                        "cpu_count": os.cpu_count(), "threads": 1, "max_steps": args.max_steps,
                        "held_out_rows": len(held), "samples_per_prompt": SAMPLES, "load_avg_start": load_start},
               "base": accuracy(ROOT / "src" / "gspo" / "assets" / "tiny-arith", held), "runs": {}}

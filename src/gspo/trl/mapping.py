@@ -128,7 +128,7 @@ def _objective(args: GRPOConfig, warnings: list[str]) -> dict[str, Any]:
         out["loss.dynamic_sampling"] = False
     if algorithm == "sapo":
         out["loss.params"] = [f"tau_pos={args.sapo_temperature_pos}", f"tau_neg={args.sapo_temperature_neg}"]
-    elif algorithm == "cispo":  # TRL caps the IS weight at epsilon_high (no lower bound); gspo clips to [1 - low, 1 + high]
+    elif algorithm == "cispo":  # TRL caps the IS weight at epsilon_high, no lower bound; gspo: [1 - low, 1 + high]
         cap = args.epsilon_high if args.epsilon_high is not None else args.epsilon
         if cap <= 1:
             raise ConfigError(f"GRPOConfig(loss_type='cispo'): the importance weight is capped at epsilon_high "
