@@ -1,4 +1,4 @@
-"""A model and tokenizer loaded by hand, a list of dicts as the dataset, and a held-out set.
+"""A model and tokenizer loaded by hand, an extra dataset column, a KL penalty and a held-out set.
 
     python examples/trl_grpo_loaded_model.py
 
@@ -10,6 +10,7 @@ import os
 import random
 from pathlib import Path
 
+from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import gspo
@@ -26,7 +27,7 @@ def rows(n, seed):
     for _ in range(n):
         a, b = rng.randint(0, 999), rng.randint(0, 999)
         out.append({"prompt": f"{a}+{b}=", "answer": str(a + b), "digits": len(str(a + b))})
-    return out
+    return Dataset.from_list(out)  # gspo.trl also takes the list itself; TRL needs a Dataset
 
 
 def exact(prompts, completions, answer, **kwargs):
