@@ -158,3 +158,26 @@ def test_refusals_name_the_argument(tiny_model_dir, tmp_path):
         GRPOTrainer(model=str(tiny_model_dir), reward_funcs=ok, train_dataset=ROWS,
                     args=GRPOConfig(output_dir=str(tmp_path), max_steps=1, importance_sampling_level="sequence",
                                     **FAST))
+
+
+def test_a_reward_model_directory_scores_with_a_function(tiny_model_dir, tmp_path):
+    from transformers import Qwen3Config, Qwen3ForSequenceClassification
+
+    from gspo.models.tiny import build_char_tokenizer
+
+    tokenizer, rm = build_char_tokenizer(), tmp_path / "rm"
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
+                         num_labels=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    Qwen3ForSequenceClassification(config).save_pretrained(rm)
+    tokenizer.save_pretrained(rm)
+
+    def one(prompts, completions, **_):
+        return [1.0] * len(completions)
+
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), max_steps=1, reward_weights=[1.0, 0.5], **FAST)
+    trainer = GRPOTrainer(model=str(tiny_model_dir), reward_funcs=[one, str(rm)], args=args, train_dataset=ROWS)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "reward" in h][-1]
+    assert logs["rewards/one/mean"] == 1.0 and "rewards/rm/mean" in logs  # named by its directory, as TRL
+    assert logs["reward"] == pytest.approx(1.0 + 0.5 * logs["rewards/rm/mean"], abs=1e-5)

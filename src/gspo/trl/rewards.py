@@ -75,15 +75,15 @@ class RewardLogs:
         return out
 
 
-def gspo_rewards(reward_funcs: Any, tokenizer, owner) -> list:
-    """``reward_funcs`` (one or a list) as rewards for :class:`gspo.Trainer`."""
+def gspo_rewards(reward_funcs: Any, tokenizer, owner, *, device: str = "cpu") -> list:
+    """``reward_funcs`` (one or a list) as rewards for :class:`gspo.Trainer`; reward models run on ``device``."""
     funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
     if not funcs:
         raise ConfigError("GRPOTrainer(reward_funcs=[]): give at least one reward function")
-    return [_one(f, tokenizer, owner) for f in funcs]
+    return [_one(f, tokenizer, owner, device) for f in funcs]
 
 
-def _one(fn: Any, tokenizer, owner):
+def _one(fn: Any, tokenizer, owner, device: str):
     if isinstance(fn, (str, Path)):
         path = Path(fn).expanduser()
         if not (path / "config.json").is_file():
@@ -92,7 +92,9 @@ def _one(fn: Any, tokenizer, owner):
                               "AutoModelForSequenceClassification")
         from gspo.tasks.reward_model import RewardModel
 
-        return RewardModel(str(path))
+        model = RewardModel(str(path), device=device)
+        model.__name__ = path.resolve().name  # TRL names a reward model by its directory: rewards/<name>/mean
+        return model
     if _is_module(fn):
         raise ConfigError("GRPOTrainer(reward_funcs=<loaded nn.Module>): pass the reward model's directory as a "
                           "string (gspo loads it as rm:<dir>, one forward per step)")

@@ -75,7 +75,8 @@ class GRPOTrainer:
         self._gspo = gspo.Trainer(
             model=str(model) if self.loaded_model is None else model, tokenizer=self.processing_class,
             train_dataset=rows, eval_dataset=held or None,
-            rewards=gspo_rewards(reward_funcs, self.processing_class, self),
+            rewards=gspo_rewards(reward_funcs, self.processing_class, self,
+                                 device="cuda" if _cuda(self.args) else "cpu"),
             reward_weights=self.args.reward_weights, config=overrides, callbacks=[self._bridge])
         self.config = self._gspo.config  # the validated gspo Config this run uses
         self._bridge.fire("on_init_end")
