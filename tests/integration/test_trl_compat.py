@@ -181,3 +181,20 @@ def test_a_reward_model_directory_scores_with_a_function(tiny_model_dir, tmp_pat
     logs = [h for h in trainer.state.log_history if "reward" in h][-1]
     assert logs["rewards/one/mean"] == 1.0 and "rewards/rm/mean" in logs  # named by its directory, as TRL
     assert logs["reward"] == pytest.approx(1.0 + 0.5 * logs["rewards/rm/mean"], abs=1e-5)
+
+
+def test_a_second_run_into_the_same_output_dir_starts_afresh_unless_resumed(tiny_model_dir, tmp_path):
+    def one(prompts, completions, **_):
+        return [1.0] * len(completions)
+
+    def run(steps, resume=None):
+        args = GRPOConfig(output_dir=str(tmp_path), max_steps=steps, **{**FAST, "save_strategy": "steps",
+                                                                           "save_steps": 1})
+        trainer = GRPOTrainer(model=str(tiny_model_dir), reward_funcs=one, args=args, train_dataset=ROWS)
+        trainer.train(resume_from_checkpoint=resume)
+        return sorted(p.name for p in (tmp_path / "gspo" / "checkpoints").glob("step-*"))
+
+    assert run(3) == ["step-00000002", "step-00000003"]  # keep_last=2
+    with pytest.warns(TRLCompatWarning, match="replacing the previous run"):
+        assert run(1) == ["step-00000001"]  # no step 2 or 3 of the old run left to resume from by mistake
+    assert run(2, resume=True) == ["step-00000001", "step-00000002"]

@@ -18,6 +18,7 @@ accuracy (the first reward >= 0.5) and mean reward before and after training. gs
 from __future__ import annotations
 
 import math
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -93,7 +94,10 @@ class GRPOTrainer:
         if kwargs:
             raise ConfigError(f"GRPOTrainer.train({', '.join(kwargs)}=...): gspo takes resume_from_checkpoint only")
         start = time.perf_counter()
-        summary = self._gspo.train(resume=self._resume(resume_from_checkpoint))
+        resume = self._resume(resume_from_checkpoint)
+        if not resume:
+            self._replace_previous_run()
+        summary = self._gspo.train(resume=resume)
         self._trained = True
         self.summary = summary
         runtime = time.perf_counter() - start
@@ -170,6 +174,17 @@ class GRPOTrainer:
                              num_train_epochs=math.ceil(self.plan.steps / max(self.steps_per_epoch, 1)))
         state.is_local_process_zero = state.is_world_process_zero = dist.is_main()
         return state
+
+    def _replace_previous_run(self) -> None:
+        """A script run again into the same output_dir trains afresh, as with TRL: the previous gspo run there
+        (its metrics and checkpoints) goes, so that neither mixes with the new one."""
+        from gspo import distributed as dist
+
+        if dist.is_main() and (self.run_dir / "config.json").is_file():
+            warnings.warn(f"replacing the previous run in {self.run_dir} (train(resume_from_checkpoint=True) would "
+                          "continue it)", TRLCompatWarning, stacklevel=3)
+            shutil.rmtree(self.run_dir)
+        dist.barrier()
 
     def _resume(self, resume_from_checkpoint: bool | str | None) -> bool:
         if resume_from_checkpoint in (None, False):
