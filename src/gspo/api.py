@@ -50,9 +50,10 @@ class Trainer:
         config: a :class:`gspo.config.Config`, a dict (nested, or with dotted keys as on the command line),
             a list of ``key=value`` strings, or a YAML path.
         run_dir: where metrics, samples and checkpoints go (default ``runs/<algorithm>-<model>-<time>``).
-        callbacks: objects with any of ``on_step(trainer, step, metrics)``, ``on_eval(trainer, step,
-            metrics)``, ``on_save(trainer, step, path)`` (``trainer`` is the step runner, whose ``model``,
-            ``state`` and ``config`` they may read).
+        callbacks: objects with any of ``on_begin(trainer)``, ``on_step(trainer, step, metrics)`` (return True to
+            end training after that step), ``on_eval(trainer, step, metrics)``, ``on_save(trainer, step, path)``
+            (``trainer`` is the step runner, whose ``model``, ``state`` and ``config`` they may read).
+            ``gspo.trl.GRPOTrainer`` takes transformers' ``TrainerCallback``s instead.
         prompt_column / answer_column: column names in ``train_dataset`` / ``eval_dataset``.
     """
 

@@ -66,3 +66,55 @@ def _common_prefix(a: str, b: str) -> int:
             break
         n += 1
     return n
+
+
+# TRL's GRPOConfig names -> the gspo config key closest in meaning: "did you mean" for a TRL name typed into
+# gspo's config, and the one-to-one part of gspo.trl's mapping (gspo/trl/mapping.py; docs/trl.md spells out
+# where the semantics differ: TRL's step is an optimizer step, a gspo step a rollout batch).
+TRL_KEYS = {
+    "num_generations": "rollout.group_size",
+    "max_completion_length": "rollout.max_new_tokens",
+    "temperature": "rollout.temperature",
+    "top_p": "rollout.top_p",
+    "top_k": "rollout.top_k",
+    "per_device_train_batch_size": "rollout.prompts_per_step",
+    "generation_batch_size": "rollout.prompts_per_step",
+    "steps_per_generation": "optim.minibatches",
+    "gradient_accumulation_steps": "optim.micro_batch_size",
+    "num_iterations": "optim.epochs",
+    "learning_rate": "optim.lr",
+    "weight_decay": "optim.weight_decay",
+    "max_grad_norm": "optim.max_grad_norm",
+    "warmup_steps": "optim.warmup_steps",
+    "lr_scheduler_type": "optim.schedule",
+    "bf16": "optim.dtype",
+    "gradient_checkpointing": "optim.gradient_checkpointing",
+    "epsilon": "loss.clip_low",
+    "epsilon_high": "loss.clip_high",
+    "beta": "loss.beta",
+    "scale_rewards": "loss.advantage_scale",
+    "ref_model_sync_steps": "loss.ref_refresh_steps",
+    "loss_type": "algorithm",
+    "importance_sampling_level": "algorithm",
+    "max_steps": "steps",
+    "output_dir": "run_dir",
+    "logging_steps": "log.every",
+    "report_to": "log.trackers",
+    "save_steps": "checkpoint.every",
+    "save_total_limit": "checkpoint.keep_last",
+    "eval_steps": "eval.every",
+    "num_generations_eval": "eval.samples",
+    "reward_weights": "reward.functions",
+    "use_vllm": "rollout.engine",
+    "vllm_mode": "rollout.engine",
+    "vllm_server_base_url": "rollout.server_url",
+    "vllm_gpu_memory_utilization": "rollout.vllm_gpu_memory",
+}
+
+
+def trl_hint(key: str) -> str:
+    """`` Did you mean 'rollout.group_size' (TRL's num_generations)?`` when ``key`` ends in a TRL name, else ''."""
+    leaf = str(key).rsplit(".", 1)[-1]
+    if leaf not in TRL_KEYS:
+        return ""
+    return f" Did you mean '{TRL_KEYS[leaf]}' (TRL's {leaf})? docs/trl.md maps every TRL option."

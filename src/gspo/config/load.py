@@ -21,7 +21,7 @@ import yaml
 
 from gspo.config.schema import Config
 from gspo.errors import ConfigError
-from gspo.suggest import closest
+from gspo.suggest import closest, trl_hint
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -189,6 +189,9 @@ def _type_name(hint: Any) -> str:
 
 def unknown_key_message(key: str, *, extra: list[str] = (), help_command: str = "train") -> str:
     """``unknown config key 'optim.lrr'. Did you mean 'optim.lr'?``; ``extra``: a command's own keys."""
+    trl = trl_hint(key)  # a TRL GRPOConfig name: point at gspo's key for it
+    if trl:
+        return f"unknown config key '{key}'.{trl} Run 'gspo {help_command} --help' for every key and its default."
     keys = [*extra, *_leaf_keys(), *sorted(_section_names())]
     match = closest(key, keys)
     if match is None:  # a misspelt leaf name under the right or wrong section: match on the last part

@@ -31,8 +31,9 @@ def train(config: Config, run_dir: Path | None = None, *, resume: bool = False, 
           callbacks: Sequence = (), **replace) -> dict:
     """Train per ``config``; returns the summary (also written to ``run_dir/summary.json``).
 
-    ``callbacks``: objects with any of ``on_step(trainer, step, metrics)``, ``on_eval(trainer, step,
-    metrics)`` and ``on_save(trainer, step, path)``. ``replace``: components given instead of built
+    ``callbacks``: objects with any of ``on_begin(trainer)``, ``on_step(trainer, step, metrics)``, ``on_eval(trainer,
+    step, metrics)`` and ``on_save(trainer, step, path)``; an ``on_step`` that returns True ends training after
+    that step (evaluated and saved as a normal end). ``replace``: components given instead of built
     (``model``, ``tokenizer``, ``task``, ``rewards``, ``engine``; see :func:`gspo.trainer.build.build`).
     A signal (Ctrl-C, SIGTERM) finishes the step, saves a checkpoint and raises :class:`RunInterrupted`.
     """
@@ -62,11 +63,13 @@ def _run(trainer: Trainer, config: Config, run_dir: Path, resume: bool, console,
     _say(progress, _setup_text(trainer))
     if trainer.task.note:
         _say(progress, trainer.task.note)
+    hooks.on_begin()
     if "before" not in trainer.state.history:
         trainer.state.history["before"] = trainer.evaluate()
         trainer.logger.log(0, trainer.state.history["before"])
         hooks.on_eval(0, trainer.state.history["before"])
-        _say(progress, "held-out before training: " + _eval_text(trainer.state.history["before"]))
+        if trainer.task.eval_rows:  # no held-out rows (gspo.trl without an eval_dataset): nothing to report
+            _say(progress, "held-out before training: " + _eval_text(trainer.state.history["before"]))
         if trainer.state.history["before"].get("eval/accuracy", 1.0) == 0.0 and trainer.task.eval_rows:
             _say(progress, "warning: 0% held-out accuracy before training: if the model should know this task, "
                            + NO_SIGNAL_HINT)
@@ -81,7 +84,7 @@ def _run(trainer: Trainer, config: Config, run_dir: Path, resume: bool, console,
                                        f"{_last_good_text(run_dir)}") from None
             step = trainer.state.step
             progress.update(step, metrics)
-            hooks.on_step(step, metrics)
+            stop = hooks.on_step(step, metrics)
             while trainer.notes:
                 _say(progress, trainer.notes.pop(0))
             if every and step % every == 0 and step < config.steps:
@@ -96,6 +99,8 @@ def _run(trainer: Trainer, config: Config, run_dir: Path, resume: bool, console,
                 if not saved:
                     hooks.on_save(step, _save(trainer, run_dir))
                 break
+            if stop:  # a callback ended training: the run finishes as if this were its last step
+                break
     if interrupt.requested:  # signal handlers are restored: a second signal now acts at once
         trainer.logger.close()
         message = (f"interrupted at step {trainer.state.step} of {config.steps}; checkpoint saved. "
@@ -107,26 +112,33 @@ def _run(trainer: Trainer, config: Config, run_dir: Path, resume: bool, console,
     hooks.on_eval(trainer.state.step, after)
     hooks.on_save(trainer.state.step, _save(trainer, run_dir))
     summary = _summary(trainer, after, metrics, run_dir)
-    _say(progress, "held-out after training:  " + _eval_text(after))
-    _say(progress, _lift_text(summary))
+    if trainer.task.eval_rows:
+        _say(progress, "held-out after training:  " + _eval_text(after))
+        _say(progress, _lift_text(summary))
+    else:
+        _say(progress, f"trained {trainer.state.step} steps (no held-out rows to evaluate)  ->  {run_dir}")
     trainer.logger.close()
     return summary
 
 
 class _Callbacks:
-    """Calls the user's callbacks (any object with some of on_step / on_eval / on_save), on rank 0."""
+    """Calls the user's callbacks (any object with some of on_begin / on_step / on_eval / on_save), on rank 0."""
 
     def __init__(self, trainer: Trainer, callbacks: Sequence) -> None:
         self.trainer, self.callbacks = trainer, list(callbacks) if dist.is_main() else []
 
-    def _call(self, name: str, *args) -> None:
-        for callback in self.callbacks:
-            method = getattr(callback, name, None)
-            if method is not None:
-                method(self.trainer, *args)
+    def _call(self, name: str, *args) -> bool:
+        """Call ``name`` on every callback that has it; True when one of them returned True."""
+        answers = [getattr(callback, name)(self.trainer, *args) for callback in self.callbacks
+                   if getattr(callback, name, None) is not None]
+        return any(answer is True for answer in answers)
 
-    def on_step(self, step: int, metrics: dict) -> None:
-        self._call("on_step", step, metrics)
+    def on_begin(self) -> None:
+        self._call("on_begin")
+
+    def on_step(self, step: int, metrics: dict) -> bool:
+        """Whether a callback asked to stop (on rank 0; every process learns it, so all stop together)."""
+        return any(dist.all_gather_object(self._call("on_step", step, metrics)))
 
     def on_eval(self, step: int, metrics: dict) -> None:
         self._call("on_eval", step, metrics)
