@@ -73,7 +73,7 @@ def test_sampler_logprobs_equal_recomputation(params, decoder, static_cache):
     assert (engine.native is not None) == (decoder == "native")
     if static_cache is not None:
         engine.static_cache = static_cache
-    rollout = engine.generate(PROMPTS * 2, params, torch.Generator().manual_seed(0))
+    rollout = engine.generate(PROMPTS * 2, params, torch.Generator().manual_seed(1))  # a seed with ragged lengths
     assert rollout.lengths.min() < rollout.lengths.max() == params.max_new_tokens
     with torch.no_grad():
         recomputed = token_logprobs(
@@ -227,3 +227,53 @@ def test_filtered_logits_top_k_and_top_p():
     assert (nucleus[0, 2:] == inf).all() and torch.isfinite(nucleus[0, :2]).all()
     assert torch.isfinite(_filtered_logits(logits, 0, 0.81)[0, :3]).all()
     assert torch.isfinite(_filtered_logits(logits, 0, 0.01)).sum() == 1  # the top token always stays
+
+
+def _no_multinomial(*args, **kwargs):
+    raise AssertionError("torch.multinomial needs a generator on the probabilities' device (a CPU one fails "
+                         "on CUDA logits): the engine must sample from per-row seeds")
+
+
+@DECODERS
+def test_a_generator_only_seeds_rows_drawn_on_the_cpu(decoder, monkeypatch):
+    """G1: with a generator and no row seeds (evaluation, benchmarks) the engine draws one seed per row
+    from the CPU generator and samples each row by inverse CDF on the model's device, the same path as
+    with explicit row seeds; torch.multinomial (whose generator must live on the logits' device) is never
+    called."""
+    from gspo.rollout.base import request_seeds
+
+    monkeypatch.setattr(torch, "multinomial", _no_multinomial)
+    engine = engine_for(tiny_qwen3(), decoder=decoder)
+    params = SamplingParams(max_new_tokens=8, temperature=1.0)
+    drawn = engine.generate(PROMPTS * 2, params, torch.Generator().manual_seed(3))
+    seeds = request_seeds(len(PROMPTS) * 2, None, torch.Generator().manual_seed(3))
+    explicit = engine.generate(PROMPTS * 2, params, row_seeds=seeds)
+    assert torch.equal(drawn.completion_ids, explicit.completion_ids)
+    assert torch.equal(drawn.logprobs, explicit.logprobs)
+
+
+def test_evaluation_samples_from_row_seeds_whatever_the_chunking(monkeypatch):
+    """G1: the held-out evaluation passes per-row seeds (no generator reaches the engine), so its
+    samples do not depend on how many prompts share an engine call."""
+    from gspo.evaluate import Evaluator
+    from gspo.tasks.rewards import WeightedReward
+
+    monkeypatch.setattr(torch, "multinomial", _no_multinomial)
+    engine = engine_for(tiny_qwen3())
+    calls = []
+    original = engine.generate
+
+    def spy(prompts, params, generator=None, **kwargs):
+        calls.append((generator, kwargs.get("row_seeds")))
+        return original(prompts, params, generator, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", spy)
+    rows = [{"prompt": str(i), "answer": ""} for i in range(5)]
+    length = WeightedReward("length", lambda prompt, completion, **kw: len(completion) / 20, 1.0)
+    results = []
+    for chunk in (2, 5):
+        evaluator = Evaluator(engine, render=lambda row: PROMPTS[int(row["prompt"]) % 4], decode=str,
+                              rewards=[length], max_new_tokens=6, batch_prompts=chunk)
+        results.append(evaluator.evaluate(rows, temperature=1.0, samples=2, seed=4))
+    assert all(generator is None and seeds is not None for generator, seeds in calls)
+    assert results[0] == results[1]

@@ -38,7 +38,7 @@ from gspo.errors import ConfigError
 from gspo.logprobs import truncated_log_softmax, truncation_mask
 from gspo.models.modes import eval_mode
 from gspo.moe import capture_routing, supports_routing
-from gspo.rollout.base import EngineInfo, Rollout, SamplingParams, check_request, full_weights
+from gspo.rollout.base import EngineInfo, Rollout, SamplingParams, check_request, full_weights, request_seeds
 from gspo.rollout.native import NativeDecoder, native_support
 
 DECODERS = ("auto", "native", "hf")
@@ -136,25 +136,27 @@ class HFEngine:
     ) -> Rollout:
         """Sample one completion per prompt (token-id lists, unpadded) in one batch.
 
-        ``row_seeds``: one seed per prompt; each row then draws its randomness from its own stream
-        (pre-drawn uniforms, inverse-CDF sampling), so a row's sample does not depend on which other
-        rows share the batch (the same response whether sampled by 1 process or as part of a shard).
+        Every row draws its randomness from its own stream: uniforms drawn on the CPU from the row's
+        seed, sampled by inverse CDF on the model's device (so no generator ever has to live on the
+        model's device). ``row_seeds``: one seed per prompt, so a row's sample does not depend on which
+        other rows share the batch (the same response whether sampled by 1 process or as part of a
+        shard); without them the row seeds are drawn from ``generator`` (a CPU generator, or torch's
+        global one when None).
         """
         check_request(prompts, params)
-        if row_seeds is not None and len(row_seeds) != len(prompts):
-            raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {len(prompts)} prompts")
         device = next(self.model.parameters()).device
         prompt_ids, prompt_mask = _left_pad(prompts, self.pad_token_id, device)
+        seeds = request_seeds(len(prompts), row_seeds, generator)  # checks len(row_seeds)
         uniforms = None
-        if row_seeds is not None:
+        if params.temperature > 0:
             uniforms = torch.stack([torch.rand(params.max_new_tokens, generator=torch.Generator().manual_seed(s))
-                                    for s in row_seeds]).to(device)  # (B, N)
+                                    for s in seeds]).to(device)  # (B, N) drawn on the CPU
         if record_routing and not self._info.records_routing:
             raise ValueError("record_routing needs a Mixture-of-Experts model (engine.info.records_routing)")
         recorder = capture_routing(self.model, concat="sequence") if record_routing else contextlib.nullcontext()
         with eval_mode(self.model), torch.inference_mode(), recorder as routing:
             try:
-                out = self._sample(prompt_ids, prompt_mask, params, generator, uniforms)
+                out = self._sample(prompt_ids, prompt_mask, params, uniforms)
             finally:
                 self._decoder.release()  # no cache or fused weights held between rollouts
         # Clone out of inference mode so the trainer may use these tensors in autograd graphs.
@@ -169,7 +171,7 @@ class HFEngine:
             timings=out["timings"],
         )
 
-    def _sample(self, prompt_ids, prompt_mask, params: SamplingParams, generator, uniforms=None) -> dict:
+    def _sample(self, prompt_ids, prompt_mask, params: SamplingParams, uniforms: torch.Tensor | None) -> dict:
         """The prefill + decode loop, on preallocated buffers; returns completion tensors and timings."""
         batch, prompt_len = prompt_ids.shape
         max_new, device = params.max_new_tokens, prompt_ids.device
@@ -189,8 +191,8 @@ class HFEngine:
             if step > 0:
                 logits = self._decoder.step(completion_ids[:, step - 1 : step], next_position)  # (B, V)
                 next_position += 1
-            uniform = uniforms[:, step] if uniforms is not None else None  # (B,) or None
-            tokens, token_logprobs = sample_next_token(logits, params, generator, uniform)  # (B,), (B,)
+            uniform = uniforms[:, step] if uniforms is not None else None  # (B,), None when greedy
+            tokens, token_logprobs = sample_next_token(logits, params, uniform)  # (B,), (B,)
             alive = ~finished  # (B,)
             completion_mask[:, step] = alive
             completion_ids[:, step] = tokens.masked_fill_(finished, self.pad_token_id)
@@ -254,17 +256,16 @@ class _TransformersDecoder:
 
 
 def sample_next_token(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-    uniform: torch.Tensor | None = None,
+    logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from (B, V) float32 ``logits``; return (B,) tokens and (B,) log-probs.
 
     The log-probabilities are those of the distribution actually sampled: ``log_softmax(logits /
     temperature)``, truncated to the top-k / top-p support and renormalised when those are on
     (:func:`gspo.logprobs.truncated_log_softmax`, which the trainer applies to its own logits too, so the
-    on-policy ratio is 1); untempered for greedy. ``logits`` is overwritten. With ``uniform`` ((B,) in
-    [0, 1)) the token is the inverse CDF of each row's distribution at its own uniform draw instead of
-    ``torch.multinomial``.
+    on-policy ratio is 1); untempered for greedy. ``logits`` is overwritten. The token is the inverse
+    CDF of each row's distribution at its own ``uniform`` draw ((B,) in [0, 1), on the logits' device;
+    unused when greedy).
     """
     if params.temperature == 0:
         tokens = logits.argmax(dim=-1)  # (B,)
@@ -273,13 +274,11 @@ def sample_next_token(
     if params.temperature != 1.0:
         logits.div_(params.temperature)
     logprobs = truncated_log_softmax(logits, params.top_k, params.top_p)  # (B, V), -inf outside the support
-    probs = logprobs.exp()  # (B, V)
     if uniform is None:
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
-    else:
-        cdf = probs.cumsum(dim=-1)  # (B, V)
-        target = (uniform * cdf[:, -1]).unsqueeze(1)  # (B, 1) scaled to the row's total mass
-        tokens = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)  # (B,)
+        raise ValueError("sampling at temperature > 0 needs one uniform draw per row")
+    cdf = logprobs.exp().cumsum(dim=-1)  # (B, V)
+    target = (uniform * cdf[:, -1]).unsqueeze(1)  # (B, 1) scaled to the row's total mass
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=cdf.shape[-1] - 1)  # (B,)
     return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
 
 
