@@ -116,25 +116,32 @@ def test_left_padding_invariance(decoder):
 
 
 @DECODERS
-def test_eos_mask_padding_and_truncation(decoder):
-    """A scripted EOS: rows stop at different steps, the mask covers EOS, pad follows."""
+@pytest.mark.parametrize("compact", [True, False])
+def test_eos_mask_padding_and_truncation(decoder, compact):
+    """A scripted EOS: rows stop at different steps, the mask covers EOS, pad follows; with compaction a
+    finished row leaves the decode batch before the next step."""
     model = tiny_qwen3()
     eos_after = {0: 2, 2: 0}  # row -> step at which EOS is forced; rows 1 and 3 never emit EOS
-    vocab_bias = torch.zeros(len(PROMPTS), VOCAB)
-    vocab_bias[:, EOS] = -1e4
-    step = {"n": 0}
+    present = list(range(len(PROMPTS)))  # original rows in the decode batch, in order
+    batch_sizes = []
 
-    def force_eos(module, args, output):  # logits of the token sampled at step step["n"]
-        bias = vocab_bias.clone()
-        for row, at in eos_after.items():
-            if at == step["n"]:
-                bias[row, EOS] = 1e4
-        step["n"] += 1
+    def force_eos(module, args, output):  # logits of the token sampled at step len(batch_sizes)
+        n = len(batch_sizes)
+        batch_sizes.append(output.shape[0])
+        bias = torch.zeros(output.shape[0], VOCAB)
+        bias[:, EOS] = -1e4
+        for index, row in enumerate(present):
+            if eos_after.get(row) == n:
+                bias[index, EOS] = 1e4
+        if compact:
+            present[:] = [row for row in present if eos_after.get(row) != n]
         return output + bias[:, None, :]
 
     model.lm_head.register_forward_hook(force_eos)
     engine = engine_for(model, decoder=decoder)
+    engine.compact = compact
     rollout = engine.generate(PROMPTS, SamplingParams(max_new_tokens=5), torch.Generator().manual_seed(0))
+    assert batch_sizes == ([4, 3, 3, 2, 2] if compact else [4] * 5)
     assert rollout.completion_ids.shape == (4, 5)
     assert rollout.lengths.tolist() == [3, 5, 1, 5]
     assert rollout.completion_ids[0, 2] == EOS and rollout.completion_ids[2, 0] == EOS

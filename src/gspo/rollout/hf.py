@@ -2,8 +2,15 @@
 
 One prefill over the left-padded prompts, then batched decoding with a KV cache in a hand-written loop
 (not ``model.generate``): for small models the per-token Python overhead dominates, so the loop keeps
-per-token work to the model call plus a few in-place tensor ops on preallocated buffers, and stops as
+per-token work to the model call plus a few tensor ops on preallocated output buffers, and stops as
 soon as every sequence has emitted EOS (unless ``ignore_eos``).
+
+Cost follows the tokens actually generated: each distinct prompt is prefilled once and its KV cache
+expanded to the rows that share it (a group's G responses; :func:`gspo.logprobs.distinct_prompts`, as
+the training forward's :func:`gspo.logprobs.shared_prompt_hidden` does), and a row that emitted EOS
+leaves the decode batch with its cache rows before the next step (compaction); outputs are written
+into place by original row. Every row draws from its own uniform stream, indexed by its original row,
+so neither changes a token: the tests compare with and without compaction.
 
 Log-probabilities returned with the rollout are the sampler's: ``log_softmax(logits / temperature)`` of
 the sampled token, over the top-k / top-p support renormalised when those are on (the behaviour policy
@@ -35,7 +42,7 @@ import torch
 from transformers.cache_utils import DynamicCache, StaticCache
 
 from gspo.errors import ConfigError
-from gspo.logprobs import truncated_log_softmax, truncation_mask
+from gspo.logprobs import distinct_prompts, truncated_log_softmax, truncation_mask
 from gspo.models.modes import eval_mode
 from gspo.moe import capture_routing, supports_routing
 from gspo.rollout.base import EngineInfo, Rollout, SamplingParams, check_request, full_weights, request_seeds
@@ -52,6 +59,8 @@ class HFEngine:
         shares_model: True when ``model`` is the policy (``sync_weights`` is then a no-op).
         static_cache: use transformers' StaticCache (default when the model supports it) rather than
             DynamicCache; settable, e.g. to compare the two in benchmarks/bench_sampling.py.
+        compact: finished rows leave the decode batch (True); settable to False only for tests and
+            benchmarks, which compare the two (the same tokens and log-probabilities either way).
         native: the :class:`NativeDecoder` used for sampling, or None when transformers' forward is.
         native_reason: why the native decoder is not used (None when it is).
     """
@@ -88,6 +97,7 @@ class HFEngine:
         # length, which costs more at batch 1, where dynamic was ~10% faster). Models that declare
         # they cannot run with a static cache keep the dynamic one.
         self.static_cache = bool(getattr(self.model, "_can_compile_fullgraph", False))
+        self.compact = True  # finished rows leave the decode batch; False only to test that nothing changes
         self.native_reason = native_support(self.model) if decoder != "hf" else "rollout.decoder=hf"
         if decoder == "native" and self.native_reason is not None:  # a ConfigError: the CLI shows one line
             raise ConfigError(f"rollout.decoder=native cannot sample this model: {self.native_reason}; "
@@ -156,7 +166,7 @@ class HFEngine:
         recorder = capture_routing(self.model, concat="sequence") if record_routing else contextlib.nullcontext()
         with eval_mode(self.model), torch.inference_mode(), recorder as routing:
             try:
-                out = self._sample(prompt_ids, prompt_mask, params, uniforms)
+                out = self._sample(prompt_ids, prompt_mask, params, uniforms, reshape=not record_routing)
             finally:
                 self._decoder.release()  # no cache or fused weights held between rollouts
         # Clone out of inference mode so the trainer may use these tensors in autograd graphs.
@@ -171,39 +181,61 @@ class HFEngine:
             timings=out["timings"],
         )
 
-    def _sample(self, prompt_ids, prompt_mask, params: SamplingParams, uniforms: torch.Tensor | None) -> dict:
-        """The prefill + decode loop, on preallocated buffers; returns completion tensors and timings."""
+    def _sample(self, prompt_ids, prompt_mask, params: SamplingParams, uniforms: torch.Tensor | None,
+                reshape: bool = True) -> dict:
+        """The prefill + decode loop; returns completion tensors and timings (see :meth:`_decode_batch`).
+
+        ``reshape`` (False only with MoE routing records, which need every row in every forward): prefill
+        each distinct prompt once and let finished rows leave the decode batch.
+        """
         batch, prompt_len = prompt_ids.shape
         max_new, device = params.max_new_tokens, prompt_ids.device
         completion_ids = torch.full((batch, max_new), self.pad_token_id, dtype=torch.long, device=device)
         completion_mask = torch.zeros((batch, max_new), dtype=torch.bool, device=device)
         logprobs = torch.zeros((batch, max_new), dtype=torch.float32, device=device)
         positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
-        next_position = positions[:, -1:] + 1  # (B, 1) position of the first completion token
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
         eos_ids = self.eos_ids.to(device)
+        compact = reshape and self.compact
 
         start = time.perf_counter()
-        logits = self._decoder.start(prompt_ids, prompt_mask, positions, prompt_len + max_new)  # (B, V)
+        rep, inverse = distinct_prompts(prompt_ids, prompt_mask) if reshape else (None, None)  # (u,), (B,)
+        if rep is not None and len(rep) < batch:  # a group's shared prompt: prefilled once, then G rows
+            logits = self._decoder.start(prompt_ids[rep], prompt_mask[rep], positions[rep], prompt_len + max_new)
+            logits = logits[inverse]  # (B, V)
+            self._decoder.select(inverse)
+        else:
+            logits = self._decoder.start(prompt_ids, prompt_mask, positions, prompt_len + max_new)  # (B, V)
         prefill_s = time.perf_counter() - start
+        # Decode batch: `rows` are the original rows still in it, `alive` those of them not yet finished
+        # (always all of them when compacting: a finished row leaves before the next step).
+        rows = torch.arange(batch, device=device)  # (b,)
+        alive = torch.ones(batch, dtype=torch.bool, device=device)  # (b,)
+        next_position = positions[:, -1:] + 1  # (b, 1) position of the next completion token
+        tokens = None
         steps = 0
         for step in range(max_new):
             if step > 0:
-                logits = self._decoder.step(completion_ids[:, step - 1 : step], next_position)  # (B, V)
+                logits = self._decoder.step(tokens[:, None], next_position)  # (b, V)
                 next_position += 1
-            uniform = uniforms[:, step] if uniforms is not None else None  # (B,), None when greedy
-            tokens, token_logprobs = sample_next_token(logits, params, uniform)  # (B,), (B,)
-            alive = ~finished  # (B,)
-            completion_mask[:, step] = alive
-            completion_ids[:, step] = tokens.masked_fill_(finished, self.pad_token_id)
-            logprobs[:, step] = token_logprobs.masked_fill_(finished, 0.0)
+            uniform = uniforms[rows, step] if uniforms is not None else None  # (b,) each row's own stream
+            tokens, token_logprobs = sample_next_token(logits, params, uniform)  # (b,), (b,)
+            completion_ids[rows, step] = tokens.masked_fill(~alive, self.pad_token_id)
+            logprobs[rows, step] = token_logprobs.masked_fill_(~alive, 0.0)
+            completion_mask[rows, step] = alive
             steps = step + 1
-            if not params.ignore_eos:
-                finished |= torch.isin(tokens, eos_ids)
-                if bool(finished.all()):
-                    break
+            if params.ignore_eos:
+                continue
+            alive &= ~torch.isin(tokens, eos_ids)
+            remaining = int(alive.sum())  # the loop's one host sync per step
+            if remaining == 0:
+                break
+            if compact and remaining < len(rows) and step + 1 < max_new:  # finished rows leave the batch
+                keep = alive.nonzero().squeeze(1)  # (b',)
+                rows, alive, tokens, next_position = rows[keep], alive[keep], tokens[keep], next_position[keep]
+                self._decoder.select(keep)
         decode_s = time.perf_counter() - start - prefill_s
-        truncated = torch.ones_like(finished) if params.ignore_eos else ~finished  # (B,)
+        truncated = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,) rows that left had finished
+        truncated[rows] = True if params.ignore_eos else alive
         return {
             "completion_ids": completion_ids[:, :steps],
             "completion_mask": completion_mask[:, :steps],
@@ -214,7 +246,7 @@ class HFEngine:
 
 
 class _TransformersDecoder:
-    """:class:`NativeDecoder`'s interface (start / step / release) over the model's own forward and a
+    """:class:`NativeDecoder`'s interface (start / step / select / release) over the model's own forward and a
     transformers KV cache: the path for every model the native step does not cover."""
 
     def __init__(self, engine: HFEngine) -> None:
@@ -239,6 +271,11 @@ class _TransformersDecoder:
         """Append one token per row ((B, 1) ids at (B, 1) positions); (B, V) logits."""
         self.length += 1
         return self._forward(tokens, positions)
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep the decode-batch rows ``index`` ((b,) long, repeats allowed) of the cache and the mask."""
+        self.cache.reorder_cache(index)  # index_select on every layer, static or dynamic
+        self.attention = self.attention.index_select(0, index)  # (b, P + N)
 
     def release(self) -> None:
         self.cache = self.attention = None
