@@ -284,3 +284,51 @@ def test_evaluation_samples_from_row_seeds_whatever_the_chunking(monkeypatch):
         results.append(evaluator.evaluate(rows, temperature=1.0, samples=2, seed=4))
     assert all(generator is None and seeds is not None for generator, seeds in calls)
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("decoder,static_cache", [("native", None), ("hf", True), ("hf", False)])
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_compaction_gives_the_same_tokens_and_logprobs(decoder, static_cache, temperature):
+    """Finished rows leaving the decode batch change nothing: same tokens (bitwise) and log-probabilities
+    for the same row seeds, on ragged prompts, groups sharing a prompt and ragged completion lengths."""
+    model = with_head_bias(tiny_qwen3(), EOS, 1.5)  # a likely EOS: completions of very different lengths
+    engine = engine_for(model, decoder=decoder)
+    if static_cache is not None:
+        engine.static_cache = static_cache
+    prompts = [p for p in PROMPTS for _ in range(3)]  # groups of 3 responses per prompt
+    params = SamplingParams(max_new_tokens=16, temperature=temperature)
+    seeds = list(range(100, 100 + len(prompts)))
+    runs = {}
+    for compact in (True, False):
+        engine.compact = compact
+        runs[compact] = engine.generate(prompts, params, row_seeds=seeds)
+    on, off = runs[True], runs[False]
+    lengths = on.lengths
+    if temperature > 0:
+        assert lengths.min() < 4 and lengths.max() == 16  # rows really left the batch at different steps
+    assert torch.equal(on.completion_ids, off.completion_ids)
+    assert torch.equal(on.completion_mask, off.completion_mask)
+    assert torch.equal(on.truncated, off.truncated)
+    # batch-size-dependent matrix-product blocking: equal to float rounding, not bitwise
+    torch.testing.assert_close(on.logprobs, off.logprobs, atol=1e-6, rtol=1e-6)
+
+
+@DECODERS
+def test_a_shared_prompt_is_prefilled_once(decoder):
+    """The G rows of a group share one prefill row; each still samples what it would sample alone."""
+    model = tiny_qwen3()
+    prefill_rows = []
+    model.model.embed_tokens.register_forward_hook(
+        lambda module, args, output: prefill_rows.append(output.shape[0]) if output.shape[1] > 1 else None)
+    engine = engine_for(model, decoder=decoder)
+    prompts = [PROMPTS[1]] * 3 + [PROMPTS[3]] * 2  # two groups
+    params = SamplingParams(max_new_tokens=6, temperature=1.0)
+    seeds = [11, 12, 13, 14, 15]
+    grouped = engine.generate(prompts, params, row_seeds=seeds)
+    assert prefill_rows == [2]  # one prefill row per distinct prompt
+    for row, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        alone = engine.generate([prompt], params, row_seeds=[seed])
+        length = int(alone.lengths[0])
+        assert int(grouped.lengths[row]) == length
+        assert torch.equal(grouped.completion_ids[row, :length], alone.completion_ids[0])
+        torch.testing.assert_close(grouped.logprobs[row, :length], alone.logprobs[0], atol=1e-5, rtol=1e-5)
