@@ -332,3 +332,17 @@ def test_a_shared_prompt_is_prefilled_once(decoder):
         assert int(grouped.lengths[row]) == length
         assert torch.equal(grouped.completion_ids[row, :length], alone.completion_ids[0])
         torch.testing.assert_close(grouped.logprobs[row, :length], alone.logprobs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_static_cache_only_for_short_rollouts(monkeypatch):
+    """transformers' StaticCache allocates and attends over the whole budget from the first step: by
+    default it is used only up to CACHE_BLOCK columns, DynamicCache (grown as needed) beyond."""
+    import gspo.rollout.hf as hf
+
+    monkeypatch.setattr(hf, "CACHE_BLOCK", 12)
+    engine = engine_for(tiny_qwen3(), decoder="hf")
+    assert engine.static_cache is None  # the policy, not a fixed choice
+    engine.generate(PROMPTS, SamplingParams(max_new_tokens=5))  # 7 + 5 columns
+    assert engine._decoder.static
+    engine.generate(PROMPTS, SamplingParams(max_new_tokens=6))  # 7 + 6 columns
+    assert not engine._decoder.static

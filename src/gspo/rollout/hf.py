@@ -46,7 +46,7 @@ from gspo.logprobs import distinct_prompts, truncated_log_softmax, truncation_ma
 from gspo.models.modes import eval_mode
 from gspo.moe import capture_routing, supports_routing
 from gspo.rollout.base import EngineInfo, Rollout, SamplingParams, check_request, full_weights, request_seeds
-from gspo.rollout.native import NativeDecoder, native_support
+from gspo.rollout.native import CACHE_BLOCK, NativeDecoder, native_support
 
 DECODERS = ("auto", "native", "hf")
 
@@ -57,8 +57,9 @@ class HFEngine:
     Attributes (the engine's own business: the trainer sees only :attr:`info` and the interface):
         model: the module sampled from: the policy itself, or the engine's own copy in ``dtype``.
         shares_model: True when ``model`` is the policy (``sync_weights`` is then a no-op).
-        static_cache: use transformers' StaticCache (default when the model supports it) rather than
-            DynamicCache; settable, e.g. to compare the two in benchmarks/bench_sampling.py.
+        static_cache: use transformers' StaticCache rather than DynamicCache (None, the default where the
+            model supports it: for rollouts of at most :data:`CACHE_BLOCK` prompt + new tokens); settable,
+            e.g. to compare the two in benchmarks/bench_sampling.py.
         compact: finished rows leave the decode batch (True); settable to False only for tests and
             benchmarks, which compare the two (the same tokens and log-probabilities either way).
         native: the :class:`NativeDecoder` used for sampling, or None when transformers' forward is.
@@ -94,9 +95,11 @@ class HFEngine:
         # StaticCache writes keys/values in place into buffers preallocated for P + max_new_tokens;
         # DynamicCache re-allocates (torch.cat) every layer's cache at every step. On the CPU, 128
         # sequences, the static cache measured 3-10% faster (it attends over the full preallocated
-        # length, which costs more at batch 1, where dynamic was ~10% faster). Models that declare
-        # they cannot run with a static cache keep the dynamic one.
-        self.static_cache = bool(getattr(self.model, "_can_compile_fullgraph", False))
+        # length, which costs more at batch 1, where dynamic was ~10% faster). Since it also allocates and
+        # attends over the whole budget from the first step, it is used only for rollouts of at most
+        # CACHE_BLOCK columns (None: that policy; True / False force it). Models that declare they cannot
+        # run with a static cache keep the dynamic one.
+        self.static_cache: bool | None = None if getattr(self.model, "_can_compile_fullgraph", False) else False
         self.compact = True  # finished rows leave the decode batch; False only to test that nothing changes
         self.native_reason = native_support(self.model) if decoder != "hf" else "rollout.decoder=hf"
         if decoder == "native" and self.native_reason is not None:  # a ConfigError: the CLI shows one line
@@ -258,7 +261,8 @@ class _TransformersDecoder:
         """Prefill (B, P) left-padded prompts into a fresh cache of ``max_len`` tokens; (B, V) logits."""
         batch, prompt_len = prompt_ids.shape
         config = self.engine.model.config
-        self.static = self.engine.static_cache  # read per rollout: benchmarks switch it
+        static = self.engine.static_cache  # read per rollout: benchmarks switch it
+        self.static = max_len <= CACHE_BLOCK if static is None else static
         self.cache = StaticCache(config=config, max_cache_len=max_len) if self.static else DynamicCache(config=config)
         # Attention mask over [prompt | completion]: completion columns are all True; a finished row keeps
         # attending to its own pad tokens, which is harmless since its later outputs are discarded.
