@@ -201,17 +201,12 @@ class HFEngine:
         compact = reshape and self.compact
 
         start = time.perf_counter()
-        rep, inverse = distinct_prompts(prompt_ids, prompt_mask) if reshape else (None, None)  # (u,), (B,)
-        if rep is not None and len(rep) < batch:  # a group's shared prompt: prefilled once, then G rows
-            logits = self._decoder.start(prompt_ids[rep], prompt_mask[rep], positions[rep], prompt_len + max_new)
-            logits = logits[inverse]  # (B, V)
-            self._decoder.select(inverse)
-        else:
-            logits = self._decoder.start(prompt_ids, prompt_mask, positions, prompt_len + max_new)  # (B, V)
+        logits = self._prefill(prompt_ids, prompt_mask, positions, prompt_len + max_new, share=reshape)  # (B, V)
         prefill_s = time.perf_counter() - start
         # Decode batch: `rows` are the original rows still in it, `alive` those of them not yet finished
         # (always all of them when compacting: a finished row leaves before the next step).
         rows = torch.arange(batch, device=device)  # (b,)
+        where = slice(None)  # `rows` as an index: a plain slice (a view, no gather) until the first compaction
         alive = torch.ones(batch, dtype=torch.bool, device=device)  # (b,)
         next_position = positions[:, -1:] + 1  # (b, 1) position of the next completion token
         tokens = None
@@ -220,11 +215,11 @@ class HFEngine:
             if step > 0:
                 logits = self._decoder.step(tokens[:, None], next_position)  # (b, V)
                 next_position += 1
-            uniform = uniforms[rows, step] if uniforms is not None else None  # (b,) each row's own stream
+            uniform = uniforms[where, step] if uniforms is not None else None  # (b,) each row's own stream
             tokens, token_logprobs = sample_next_token(logits, params, uniform)  # (b,), (b,)
-            completion_ids[rows, step] = tokens.masked_fill(~alive, self.pad_token_id)
-            logprobs[rows, step] = token_logprobs.masked_fill_(~alive, 0.0)
-            completion_mask[rows, step] = alive
+            completion_ids[where, step] = tokens.masked_fill(~alive, self.pad_token_id)
+            logprobs[where, step] = token_logprobs.masked_fill_(~alive, 0.0)
+            completion_mask[where, step] = alive
             steps = step + 1
             if params.ignore_eos:
                 continue
@@ -235,10 +230,11 @@ class HFEngine:
             if compact and remaining < len(rows) and step + 1 < max_new:  # finished rows leave the batch
                 keep = alive.nonzero().squeeze(1)  # (b',)
                 rows, alive, tokens, next_position = rows[keep], alive[keep], tokens[keep], next_position[keep]
+                where = rows
                 self._decoder.select(keep)
         decode_s = time.perf_counter() - start - prefill_s
         truncated = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,) rows that left had finished
-        truncated[rows] = True if params.ignore_eos else alive
+        truncated[where] = True if params.ignore_eos else alive
         return {
             "completion_ids": completion_ids[:, :steps],
             "completion_mask": completion_mask[:, :steps],
@@ -246,6 +242,16 @@ class HFEngine:
             "truncated": truncated,
             "timings": {"sample/prefill_s": prefill_s, "sample/decode_s": decode_s},
         }
+
+    def _prefill(self, prompt_ids, prompt_mask, positions, max_len: int, share: bool) -> torch.Tensor:
+        """Start the decoder on the (B, P) prompts; (B, V) logits. ``share``: each distinct prompt (a
+        group's G responses share one) is run once and its cache rows repeated for the rows that share it."""
+        rep, inverse = distinct_prompts(prompt_ids, prompt_mask) if share else (None, None)  # (u,), (B,)
+        if rep is None or len(rep) == len(inverse):
+            return self._decoder.start(prompt_ids, prompt_mask, positions, max_len)  # (B, V)
+        logits = self._decoder.start(prompt_ids[rep], prompt_mask[rep], positions[rep], max_len)  # (u, V)
+        self._decoder.select(inverse)
+        return logits[inverse]  # (B, V)
 
 
 class _TransformersDecoder:
