@@ -131,25 +131,31 @@ def compaction_main(args) -> None:
     params = SamplingParams(max_new_tokens=256, temperature=1.0)
     engine = HFEngine(model, pad_token_id=PAD_ID, eos_token_id=EOS_ID, dtype=dtype)
     wall: dict[bool, list[float]] = {True: [], False: []}
+    cpu: dict[bool, list[float]] = {True: [], False: []}  # this process's CPU time: less sensitive to load
     for repeat in range(args.repeats + 1):  # repeat 0 warms up; each repeat draws new row seeds
         seeds = [1000 * repeat + row for row in range(len(prompts))]
         outs = {}
         for compact in (True, False) if repeat % 2 == 0 else (False, True):
             engine.compact = compact
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             outs[compact] = engine.generate(prompts, params, row_seeds=seeds)
             if repeat > 0:
                 wall[compact].append(time.perf_counter() - start)
+                cpu[compact].append(time.process_time() - start_cpu)
         assert torch.equal(outs[True].completion_ids, outs[False].completion_ids)
         lengths = outs[True].lengths
+        row_steps = len(prompts) * int(lengths.max())  # what a batch that no row leaves decodes
         print(f"repeat {repeat}: lengths min {int(lengths.min())} median {int(lengths.median())} "
-              f"max {int(lengths.max())}, {int(lengths.sum())} tokens; "
-              f"on {wall[True][-1] if repeat else 0:.2f} s, off {wall[False][-1] if repeat else 0:.2f} s")
+              f"max {int(lengths.max())}, {int(lengths.sum())} tokens = {int(lengths.sum()) / row_steps:.0%} "
+              f"of {row_steps} row-steps" + (f"; wall on {wall[True][-1]:.2f} s, off {wall[False][-1]:.2f} s, "
+                                             f"cpu on {cpu[True][-1]:.2f} s, off {cpu[False][-1]:.2f} s" if repeat else ""))
     params_count = sum(p.numel() for p in model.parameters())
-    on, off = statistics.median(wall[True]), statistics.median(wall[False])
     print(f"params={params_count:,} dtype={args.dtype} threads={args.threads} rows=16 max_new_tokens=256")
-    print(f"median s/rollout: compaction on {on:.2f}, off {off:.2f}; off / on = {off / on:.2f}x "
-          f"(per-repeat ratios {', '.join(f'{b / a:.2f}' for a, b in zip(wall[True], wall[False]))})")
+    for clock, times in (("wall", wall), ("cpu", cpu)):
+        on, off = statistics.median(times[True]), statistics.median(times[False])
+        ratios = ", ".join(f"{b / a:.2f}" for a, b in zip(times[True], times[False]))
+        print(f"{clock}: median s/rollout compaction on {on:.2f}, off {off:.2f}; off / on {off / on:.2f}x "
+              f"(per repeat {ratios})")
 
 
 def main() -> None:
