@@ -145,10 +145,11 @@ def compaction_main(args) -> None:
         assert torch.equal(outs[True].completion_ids, outs[False].completion_ids)
         lengths = outs[True].lengths
         row_steps = len(prompts) * int(lengths.max())  # what a batch that no row leaves decodes
+        times = (f"; wall on {wall[True][-1]:.2f} s, off {wall[False][-1]:.2f} s, "
+                 f"cpu on {cpu[True][-1]:.2f} s, off {cpu[False][-1]:.2f} s") if repeat else ""
         print(f"repeat {repeat}: lengths min {int(lengths.min())} median {int(lengths.median())} "
               f"max {int(lengths.max())}, {int(lengths.sum())} tokens = {int(lengths.sum()) / row_steps:.0%} "
-              f"of {row_steps} row-steps" + (f"; wall on {wall[True][-1]:.2f} s, off {wall[False][-1]:.2f} s, "
-                                             f"cpu on {cpu[True][-1]:.2f} s, off {cpu[False][-1]:.2f} s" if repeat else ""))
+              f"of {row_steps} row-steps{times}")
     params_count = sum(p.numel() for p in model.parameters())
     print(f"params={params_count:,} dtype={args.dtype} threads={args.threads} rows=16 max_new_tokens=256")
     for clock, times in (("wall", wall), ("cpu", cpu)):
