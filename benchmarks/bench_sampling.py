@@ -8,12 +8,22 @@ the float32 module with gspo's native decode step (the default) and with transfo
 (best and median) and by process CPU time.
 
     PYTHONPATH=src python benchmarks/bench_sampling.py [--repeats 5] [--threads 2] [--num-sequences 128]
+
+``--compaction``: the cost of sampling when completion lengths differ. A randomly initialised ~42M-parameter
+Qwen3 with the real 151,936-token vocabulary (tied), 4 prompts x 4 responses, up to 256 new tokens, EOS made
+likely enough (a head bias, :data:`EOS_PROBABILITY` per step) that lengths spread from a few tokens to the
+budget; the engine with finished rows leaving the decode batch (the default) against the same engine
+keeping them (``engine.compact = False``), same row seeds, interleaved; prints seconds per rollout and
+the ratio (identical tokens are asserted).
+
+    PYTHONPATH=src python benchmarks/bench_sampling.py --compaction [--repeats 3] [--dtype bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import time
 from typing import Callable
@@ -89,13 +99,77 @@ def generate_runner(model: torch.nn.Module, prompts) -> Callable[[int], None]:
     return run
 
 
+EOS_PROBABILITY = 1 / 64  # per step, about: geometric lengths with mean ~64, ~2% reach the 256-token budget
+REAL_VOCAB = 151_936  # Qwen2/Qwen3 tokenizer
+
+
+def vocab_qwen3() -> torch.nn.Module:
+    """~42M-parameter Qwen3 (tied 151,936 vocabulary, hidden 256, 4 layers), random weights, EOS likely."""
+    config = transformers.Qwen3Config(
+        vocab_size=REAL_VOCAB, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
+        pad_token_id=PAD_ID, eos_token_id=EOS_ID,
+    )
+    torch.manual_seed(0)
+    model = transformers.Qwen3ForCausalLM(config).eval()
+    head = torch.nn.Linear(config.hidden_size, REAL_VOCAB, bias=True)
+    head.weight = model.model.embed_tokens.weight  # still tied
+    with torch.no_grad():  # random logits are near uniform: odds p / (1 - p) against the V - 1 others
+        head.bias.zero_()
+        head.bias[EOS_ID] = math.log(EOS_PROBABILITY / (1 - EOS_PROBABILITY) * (REAL_VOCAB - 1))
+    model.lm_head = head
+    return model
+
+
+def compaction_main(args) -> None:
+    """Compaction on vs off, interleaved, on :func:`vocab_qwen3` (see the module docstring)."""
+    dtype = getattr(torch, args.dtype)
+    model = vocab_qwen3()
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, 1000, (n,), generator=gen).tolist() for n in (12, 16, 20, 24)]
+    prompts = [p for p in prompts for _ in range(4)]  # 4 groups of 4 responses
+    params = SamplingParams(max_new_tokens=256, temperature=1.0)
+    engine = HFEngine(model, pad_token_id=PAD_ID, eos_token_id=EOS_ID, dtype=dtype)
+    wall: dict[bool, list[float]] = {True: [], False: []}
+    cpu: dict[bool, list[float]] = {True: [], False: []}  # this process's CPU time: less sensitive to load
+    for repeat in range(args.repeats + 1):  # repeat 0 warms up; each repeat draws new row seeds
+        seeds = [1000 * repeat + row for row in range(len(prompts))]
+        outs = {}
+        for compact in (True, False) if repeat % 2 == 0 else (False, True):
+            engine.compact = compact
+            start, start_cpu = time.perf_counter(), time.process_time()
+            outs[compact] = engine.generate(prompts, params, row_seeds=seeds)
+            if repeat > 0:
+                wall[compact].append(time.perf_counter() - start)
+                cpu[compact].append(time.process_time() - start_cpu)
+        assert torch.equal(outs[True].completion_ids, outs[False].completion_ids)
+        lengths = outs[True].lengths
+        row_steps = len(prompts) * int(lengths.max())  # what a batch that no row leaves decodes
+        times = (f"; wall on {wall[True][-1]:.2f} s, off {wall[False][-1]:.2f} s, "
+                 f"cpu on {cpu[True][-1]:.2f} s, off {cpu[False][-1]:.2f} s") if repeat else ""
+        print(f"repeat {repeat}: lengths min {int(lengths.min())} median {int(lengths.median())} "
+              f"max {int(lengths.max())}, {int(lengths.sum())} tokens = {int(lengths.sum()) / row_steps:.0%} "
+              f"of {row_steps} row-steps{times}")
+    params_count = sum(p.numel() for p in model.parameters())
+    print(f"params={params_count:,} dtype={args.dtype} threads={args.threads} rows=16 max_new_tokens=256")
+    for clock, times in (("wall", wall), ("cpu", cpu)):
+        on, off = statistics.median(times[True]), statistics.median(times[False])
+        ratios = ", ".join(f"{b / a:.2f}" for a, b in zip(times[True], times[False]))
+        print(f"{clock}: median s/rollout compaction on {on:.2f}, off {off:.2f}; off / on {off / on:.2f}x "
+              f"(per repeat {ratios})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--num-sequences", type=int, default=NUM_SEQUENCES, help="1 measures per-token overhead")
+    parser.add_argument("--compaction", action="store_true", help="compaction on vs off at a 151,936 vocabulary")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="with --compaction")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.compaction:
+        return compaction_main(args)
     model, prompts = tiny_qwen3(), make_prompts(args.num_sequences)
     dynamic = HFEngine(model, pad_token_id=PAD_ID, eos_token_id=EOS_ID, decoder="hf")
     dynamic.static_cache = False  # the DynamicCache alternative, for comparison

@@ -11,9 +11,7 @@ from dataclasses import dataclass
 from math import comb
 from typing import Callable, Sequence
 
-import torch
-
-from gspo.rollout.base import RolloutEngine, SamplingParams
+from gspo.rollout.base import RolloutEngine, SamplingParams, row_seed
 from gspo.tasks.base import Row, reward_prompt
 from gspo.tasks.rewards import WeightedReward, score
 
@@ -50,8 +48,10 @@ class Evaluator:
         for start in range(0, len(rows), self.batch_prompts):
             chunk = rows[start : start + self.batch_prompts]
             prompts = [self.render(row) for row in chunk for _ in range(samples)]
-            generator = torch.Generator().manual_seed(seed + start)
-            rollout = self.engine.generate(prompts, params, generator)
+            # per-row seeds, as in training: no generator on the engine's device, and a row's samples do
+            # not depend on batch_prompts
+            seeds = [row_seed(seed, start + i, j) for i in range(len(chunk)) for j in range(samples)]
+            rollout = self.engine.generate(prompts, params, row_seeds=seeds)
             texts = [self.decode(ids[m].tolist()) for ids, m in zip(rollout.completion_ids, rollout.completion_mask)]
             sample_rows = [row for row in chunk for _ in range(samples)]
             prompt_texts = [reward_prompt(row) for row in sample_rows]

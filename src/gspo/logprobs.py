@@ -231,11 +231,7 @@ def shared_prompt_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attent
     completion_real = real[:, -num_t:]  # (B, T)
     used_t = int(completion_real.any(dim=0).nonzero().max()) + 1 if completion_real.any() else 1
     prompt_ids, prompt_mask = input_ids[:, first:-num_t], real[:, first:-num_t]  # (B, P')
-    # rows with the same prompt tokens in the same places share one prompt forward
-    keys = prompt_ids.masked_fill(~prompt_mask, -1)  # (B, P')
-    unique, inverse = torch.unique(keys, dim=0, return_inverse=True)  # (u, P'), (B,)
-    rep = torch.zeros(len(unique), dtype=torch.long, device=input_ids.device).scatter_(
-        0, inverse, torch.arange(len(inverse), device=input_ids.device))  # (u,) one row of each prompt
+    rep, inverse = distinct_prompts(prompt_ids, prompt_mask)  # (u,), (B,)
     u_mask = prompt_mask[rep]  # (u, P')
     saved = int(prompt_mask.sum()) - int(u_mask.sum())  # prompt tokens not run again
     if saved < SHARE_MIN_SAVED_FRACTION * int(real.sum()) or not bool(prompt_mask[:, -1].all()):
@@ -255,6 +251,16 @@ def shared_prompt_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attent
     if used_t < num_t:  # trailing columns are padding everywhere: any finite value, masked by the caller
         hidden = torch.cat([hidden, hidden.new_zeros(hidden.shape[0], num_t - used_t, hidden.shape[2])], dim=1)
     return hidden  # (B, T, H)
+
+
+def distinct_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u,) one row of each distinct prompt and (B,) each row's index into them: rows with the same prompt
+    tokens in the same (left-padded) places share one prompt forward, ``rows == rep[inverse]`` prompt-wise."""
+    keys = prompt_ids.masked_fill(~prompt_mask.bool(), -1)  # (B, P)
+    unique, inverse = torch.unique(keys, dim=0, return_inverse=True)  # (u, P), (B,)
+    rep = torch.zeros(len(unique), dtype=torch.long, device=prompt_ids.device).scatter_(
+        0, inverse, torch.arange(len(inverse), device=prompt_ids.device))  # (u,) one row of each prompt
+    return rep, inverse
 
 
 def _checkpointing(model: torch.nn.Module) -> bool:

@@ -73,7 +73,7 @@ def test_sampler_logprobs_equal_recomputation(params, decoder, static_cache):
     assert (engine.native is not None) == (decoder == "native")
     if static_cache is not None:
         engine.static_cache = static_cache
-    rollout = engine.generate(PROMPTS * 2, params, torch.Generator().manual_seed(0))
+    rollout = engine.generate(PROMPTS * 2, params, torch.Generator().manual_seed(1))  # a seed with ragged lengths
     assert rollout.lengths.min() < rollout.lengths.max() == params.max_new_tokens
     with torch.no_grad():
         recomputed = token_logprobs(
@@ -116,25 +116,32 @@ def test_left_padding_invariance(decoder):
 
 
 @DECODERS
-def test_eos_mask_padding_and_truncation(decoder):
-    """A scripted EOS: rows stop at different steps, the mask covers EOS, pad follows."""
+@pytest.mark.parametrize("compact", [True, False])
+def test_eos_mask_padding_and_truncation(decoder, compact):
+    """A scripted EOS: rows stop at different steps, the mask covers EOS, pad follows; with compaction a
+    finished row leaves the decode batch before the next step."""
     model = tiny_qwen3()
     eos_after = {0: 2, 2: 0}  # row -> step at which EOS is forced; rows 1 and 3 never emit EOS
-    vocab_bias = torch.zeros(len(PROMPTS), VOCAB)
-    vocab_bias[:, EOS] = -1e4
-    step = {"n": 0}
+    present = list(range(len(PROMPTS)))  # original rows in the decode batch, in order
+    batch_sizes = []
 
-    def force_eos(module, args, output):  # logits of the token sampled at step step["n"]
-        bias = vocab_bias.clone()
-        for row, at in eos_after.items():
-            if at == step["n"]:
-                bias[row, EOS] = 1e4
-        step["n"] += 1
+    def force_eos(module, args, output):  # logits of the token sampled at step len(batch_sizes)
+        n = len(batch_sizes)
+        batch_sizes.append(output.shape[0])
+        bias = torch.zeros(output.shape[0], VOCAB)
+        bias[:, EOS] = -1e4
+        for index, row in enumerate(present):
+            if eos_after.get(row) == n:
+                bias[index, EOS] = 1e4
+        if compact:
+            present[:] = [row for row in present if eos_after.get(row) != n]
         return output + bias[:, None, :]
 
     model.lm_head.register_forward_hook(force_eos)
     engine = engine_for(model, decoder=decoder)
+    engine.compact = compact
     rollout = engine.generate(PROMPTS, SamplingParams(max_new_tokens=5), torch.Generator().manual_seed(0))
+    assert batch_sizes == ([4, 3, 3, 2, 2] if compact else [4] * 5)
     assert rollout.completion_ids.shape == (4, 5)
     assert rollout.lengths.tolist() == [3, 5, 1, 5]
     assert rollout.completion_ids[0, 2] == EOS and rollout.completion_ids[2, 0] == EOS
@@ -227,3 +234,115 @@ def test_filtered_logits_top_k_and_top_p():
     assert (nucleus[0, 2:] == inf).all() and torch.isfinite(nucleus[0, :2]).all()
     assert torch.isfinite(_filtered_logits(logits, 0, 0.81)[0, :3]).all()
     assert torch.isfinite(_filtered_logits(logits, 0, 0.01)).sum() == 1  # the top token always stays
+
+
+def _no_multinomial(*args, **kwargs):
+    raise AssertionError("torch.multinomial needs a generator on the probabilities' device (a CPU one fails "
+                         "on CUDA logits): the engine must sample from per-row seeds")
+
+
+@DECODERS
+def test_a_generator_only_seeds_rows_drawn_on_the_cpu(decoder, monkeypatch):
+    """G1: with a generator and no row seeds (evaluation, benchmarks) the engine draws one seed per row
+    from the CPU generator and samples each row by inverse CDF on the model's device, the same path as
+    with explicit row seeds; torch.multinomial (whose generator must live on the logits' device) is never
+    called."""
+    from gspo.rollout.base import request_seeds
+
+    monkeypatch.setattr(torch, "multinomial", _no_multinomial)
+    engine = engine_for(tiny_qwen3(), decoder=decoder)
+    params = SamplingParams(max_new_tokens=8, temperature=1.0)
+    drawn = engine.generate(PROMPTS * 2, params, torch.Generator().manual_seed(3))
+    seeds = request_seeds(len(PROMPTS) * 2, None, torch.Generator().manual_seed(3))
+    explicit = engine.generate(PROMPTS * 2, params, row_seeds=seeds)
+    assert torch.equal(drawn.completion_ids, explicit.completion_ids)
+    assert torch.equal(drawn.logprobs, explicit.logprobs)
+
+
+def test_evaluation_samples_from_row_seeds_whatever_the_chunking(monkeypatch):
+    """G1: the held-out evaluation passes per-row seeds (no generator reaches the engine), so its
+    samples do not depend on how many prompts share an engine call."""
+    from gspo.evaluate import Evaluator
+    from gspo.tasks.rewards import WeightedReward
+
+    monkeypatch.setattr(torch, "multinomial", _no_multinomial)
+    engine = engine_for(tiny_qwen3())
+    calls = []
+    original = engine.generate
+
+    def spy(prompts, params, generator=None, **kwargs):
+        calls.append((generator, kwargs.get("row_seeds")))
+        return original(prompts, params, generator, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", spy)
+    rows = [{"prompt": str(i), "answer": ""} for i in range(5)]
+    length = WeightedReward("length", lambda prompt, completion, **kw: len(completion) / 20, 1.0)
+    results = []
+    for chunk in (2, 5):
+        evaluator = Evaluator(engine, render=lambda row: PROMPTS[int(row["prompt"]) % 4], decode=str,
+                              rewards=[length], max_new_tokens=6, batch_prompts=chunk)
+        results.append(evaluator.evaluate(rows, temperature=1.0, samples=2, seed=4))
+    assert all(generator is None and seeds is not None for generator, seeds in calls)
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("decoder,static_cache", [("native", None), ("hf", True), ("hf", False)])
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_compaction_gives_the_same_tokens_and_logprobs(decoder, static_cache, temperature):
+    """Finished rows leaving the decode batch change nothing: same tokens (bitwise) and log-probabilities
+    for the same row seeds, on ragged prompts, groups sharing a prompt and ragged completion lengths."""
+    model = with_head_bias(tiny_qwen3(), EOS, 1.5)  # a likely EOS: completions of very different lengths
+    engine = engine_for(model, decoder=decoder)
+    if static_cache is not None:
+        engine.static_cache = static_cache
+    prompts = [p for p in PROMPTS for _ in range(3)]  # groups of 3 responses per prompt
+    params = SamplingParams(max_new_tokens=16, temperature=temperature)
+    seeds = list(range(100, 100 + len(prompts)))
+    runs = {}
+    for compact in (True, False):
+        engine.compact = compact
+        runs[compact] = engine.generate(prompts, params, row_seeds=seeds)
+    on, off = runs[True], runs[False]
+    lengths = on.lengths
+    if temperature > 0:
+        assert lengths.min() < 4 and lengths.max() == 16  # rows really left the batch at different steps
+    assert torch.equal(on.completion_ids, off.completion_ids)
+    assert torch.equal(on.completion_mask, off.completion_mask)
+    assert torch.equal(on.truncated, off.truncated)
+    # batch-size-dependent matrix-product blocking: equal to float rounding, not bitwise
+    torch.testing.assert_close(on.logprobs, off.logprobs, atol=1e-6, rtol=1e-6)
+
+
+@DECODERS
+def test_a_shared_prompt_is_prefilled_once(decoder):
+    """The G rows of a group share one prefill row; each still samples what it would sample alone."""
+    model = tiny_qwen3()
+    prefill_rows = []
+    model.model.embed_tokens.register_forward_hook(
+        lambda module, args, output: prefill_rows.append(output.shape[0]) if output.shape[1] > 1 else None)
+    engine = engine_for(model, decoder=decoder)
+    prompts = [PROMPTS[1]] * 3 + [PROMPTS[3]] * 2  # two groups
+    params = SamplingParams(max_new_tokens=6, temperature=1.0)
+    seeds = [11, 12, 13, 14, 15]
+    grouped = engine.generate(prompts, params, row_seeds=seeds)
+    assert prefill_rows == [2]  # one prefill row per distinct prompt
+    for row, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        alone = engine.generate([prompt], params, row_seeds=[seed])
+        length = int(alone.lengths[0])
+        assert int(grouped.lengths[row]) == length
+        assert torch.equal(grouped.completion_ids[row, :length], alone.completion_ids[0])
+        torch.testing.assert_close(grouped.logprobs[row, :length], alone.logprobs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_static_cache_only_for_short_rollouts(monkeypatch):
+    """transformers' StaticCache allocates and attends over the whole budget from the first step: by
+    default it is used only up to CACHE_BLOCK columns, DynamicCache (grown as needed) beyond."""
+    import gspo.rollout.hf as hf
+
+    monkeypatch.setattr(hf, "CACHE_BLOCK", 12)
+    engine = engine_for(tiny_qwen3(), decoder="hf")
+    assert engine.static_cache is None  # the policy, not a fixed choice
+    engine.generate(PROMPTS, SamplingParams(max_new_tokens=5))  # 7 + 5 columns
+    assert engine._decoder.static
+    engine.generate(PROMPTS, SamplingParams(max_new_tokens=6))  # 7 + 6 columns
+    assert not engine._decoder.static

@@ -144,3 +144,38 @@ def test_engine_holds_no_cache_between_rollouts():
     engine = HFEngine(build("qwen3"), pad_token_id=0, eos_token_id=1)
     engine.generate([[5, 6, 7], [8]], SamplingParams(max_new_tokens=4))
     assert engine.native.layers == [] and engine.native._cos is None
+
+
+def test_cache_grows_in_blocks_and_gives_the_same_logits(monkeypatch):
+    """The cache holds the prompt plus one block, grows by blocks as decoding needs, never past P + N."""
+    import gspo.rollout.native as native
+
+    model = build("qwen3")
+    ids, mask, positions = ragged_batch(prompt_len=7, new=12)
+    whole = native_logits(model, ids, mask, positions, prompt_len=7)  # one block covers the whole rollout
+    monkeypatch.setattr(native, "CACHE_BLOCK", 5)
+    decoder = NativeDecoder(model)
+    capacities, out = [], []
+    with torch.inference_mode():
+        out.append(decoder.start(ids[:, :7], mask[:, :7], positions[:, :7], ids.shape[1]))
+        capacities.append(decoder.layers[0].k_cache.shape[-1])
+        for t in range(7, ids.shape[1] - 1):
+            out.append(decoder.step(ids[:, t : t + 1], positions[:, t : t + 1]))
+            capacities.append(decoder.layers[0].v_cache.shape[2])
+    assert capacities[0] == 12 and max(capacities) == ids.shape[1] == 19  # 7 + 5, then 17, then capped at 19
+    assert sorted(set(capacities)) == [12, 17, 19]
+    torch.testing.assert_close(torch.stack(out, dim=1), whole, atol=1e-6, rtol=1e-6)
+
+
+def test_select_keeps_rows_of_the_cache():
+    """Dropping rows between steps leaves the kept rows' logits as they were."""
+    model = build("qwen3")
+    ids, mask, positions = ragged_batch(prompt_len=7, new=6)
+    whole = native_logits(model, ids, mask, positions, prompt_len=7)  # (B, N, V)
+    keep = torch.tensor([4, 1, 3])
+    decoder = NativeDecoder(model)
+    with torch.inference_mode():
+        decoder.start(ids[:, :7], mask[:, :7], positions[:, :7], ids.shape[1])
+        decoder.select(keep)
+        got = [decoder.step(ids[keep, t : t + 1], positions[keep, t : t + 1]) for t in range(7, ids.shape[1] - 1)]
+    torch.testing.assert_close(torch.stack(got, dim=1), whole[keep, 1:], atol=1e-6, rtol=1e-6)

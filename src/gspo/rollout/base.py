@@ -156,6 +156,30 @@ class RolloutEngine(Protocol):
         ...
 
 
+SEED_RANGE = 2**31 - 1  # vLLM seeds are int32 on the server's JSON path; every engine draws in this range
+
+
+def row_seed(seed: int, prompt_index: int, sample: int) -> int:
+    """A per-response seed (a fixed mixing of the three numbers into 63 bits): response ``sample`` of
+    prompt ``prompt_index`` gets the same seed whatever the batch split or the process count."""
+    return (seed * 0x9E3779B97F4A7C15 + prompt_index * 0xBF58476D1CE4E5B9 + sample * 0x94D049BB133111EB) % (1 << 63)
+
+
+def request_seeds(count: int, row_seeds: list[int] | None, generator: torch.Generator | None) -> list[int]:
+    """One seed per request: ``row_seeds`` when given, else drawn from ``generator`` (a CPU generator).
+
+    Every engine samples each row from its own seed, so no engine ever needs a generator on its own
+    device (a CPU ``torch.Generator`` cannot drive ``torch.multinomial`` on CUDA probabilities), and
+    vLLM never samples from the host's global RNG (in-process, its unseeded requests would shift the
+    trainer's own stream).
+    """
+    if row_seeds is not None:
+        if len(row_seeds) != count:
+            raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {count} prompts")
+        return [int(s) % SEED_RANGE for s in row_seeds]
+    return torch.randint(0, SEED_RANGE, (count,), generator=generator).tolist()
+
+
 def check_request(prompts: list[list[int]], params: SamplingParams) -> None:
     """Reject empty prompts and sampling parameters outside their ranges, naming the field."""
     if not prompts or any(len(p) == 0 for p in prompts):

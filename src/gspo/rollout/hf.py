@@ -2,8 +2,15 @@
 
 One prefill over the left-padded prompts, then batched decoding with a KV cache in a hand-written loop
 (not ``model.generate``): for small models the per-token Python overhead dominates, so the loop keeps
-per-token work to the model call plus a few in-place tensor ops on preallocated buffers, and stops as
+per-token work to the model call plus a few tensor ops on preallocated output buffers, and stops as
 soon as every sequence has emitted EOS (unless ``ignore_eos``).
+
+Cost follows the tokens actually generated: each distinct prompt is prefilled once and its KV cache
+expanded to the rows that share it (a group's G responses; :func:`gspo.logprobs.distinct_prompts`, as
+the training forward's :func:`gspo.logprobs.shared_prompt_hidden` does), and a row that emitted EOS
+leaves the decode batch with its cache rows before the next step (compaction); outputs are written
+into place by original row. Every row draws from its own uniform stream, indexed by its original row,
+so neither changes a token: the tests compare with and without compaction.
 
 Log-probabilities returned with the rollout are the sampler's: ``log_softmax(logits / temperature)`` of
 the sampled token, over the top-k / top-p support renormalised when those are on (the behaviour policy
@@ -35,11 +42,11 @@ import torch
 from transformers.cache_utils import DynamicCache, StaticCache
 
 from gspo.errors import ConfigError
-from gspo.logprobs import truncated_log_softmax, truncation_mask
+from gspo.logprobs import distinct_prompts, truncated_log_softmax, truncation_mask
 from gspo.models.modes import eval_mode
 from gspo.moe import capture_routing, supports_routing
-from gspo.rollout.base import EngineInfo, Rollout, SamplingParams, check_request, full_weights
-from gspo.rollout.native import NativeDecoder, native_support
+from gspo.rollout.base import EngineInfo, Rollout, SamplingParams, check_request, full_weights, request_seeds
+from gspo.rollout.native import CACHE_BLOCK, NativeDecoder, native_support
 
 DECODERS = ("auto", "native", "hf")
 
@@ -50,8 +57,11 @@ class HFEngine:
     Attributes (the engine's own business: the trainer sees only :attr:`info` and the interface):
         model: the module sampled from: the policy itself, or the engine's own copy in ``dtype``.
         shares_model: True when ``model`` is the policy (``sync_weights`` is then a no-op).
-        static_cache: use transformers' StaticCache (default when the model supports it) rather than
-            DynamicCache; settable, e.g. to compare the two in benchmarks/bench_sampling.py.
+        static_cache: use transformers' StaticCache rather than DynamicCache (None, the default where the
+            model supports it: for rollouts of at most :data:`CACHE_BLOCK` prompt + new tokens); settable,
+            e.g. to compare the two in benchmarks/bench_sampling.py.
+        compact: finished rows leave the decode batch (True); settable to False only for tests and
+            benchmarks, which compare the two (the same tokens and log-probabilities either way).
         native: the :class:`NativeDecoder` used for sampling, or None when transformers' forward is.
         native_reason: why the native decoder is not used (None when it is).
     """
@@ -85,9 +95,12 @@ class HFEngine:
         # StaticCache writes keys/values in place into buffers preallocated for P + max_new_tokens;
         # DynamicCache re-allocates (torch.cat) every layer's cache at every step. On the CPU, 128
         # sequences, the static cache measured 3-10% faster (it attends over the full preallocated
-        # length, which costs more at batch 1, where dynamic was ~10% faster). Models that declare
-        # they cannot run with a static cache keep the dynamic one.
-        self.static_cache = bool(getattr(self.model, "_can_compile_fullgraph", False))
+        # length, which costs more at batch 1, where dynamic was ~10% faster). Since it also allocates and
+        # attends over the whole budget from the first step, it is used only for rollouts of at most
+        # CACHE_BLOCK columns (None: that policy; True / False force it). Models that declare they cannot
+        # run with a static cache keep the dynamic one.
+        self.static_cache: bool | None = None if getattr(self.model, "_can_compile_fullgraph", False) else False
+        self.compact = True  # finished rows leave the decode batch; False only to test that nothing changes
         self.native_reason = native_support(self.model) if decoder != "hf" else "rollout.decoder=hf"
         if decoder == "native" and self.native_reason is not None:  # a ConfigError: the CLI shows one line
             raise ConfigError(f"rollout.decoder=native cannot sample this model: {self.native_reason}; "
@@ -136,25 +149,27 @@ class HFEngine:
     ) -> Rollout:
         """Sample one completion per prompt (token-id lists, unpadded) in one batch.
 
-        ``row_seeds``: one seed per prompt; each row then draws its randomness from its own stream
-        (pre-drawn uniforms, inverse-CDF sampling), so a row's sample does not depend on which other
-        rows share the batch (the same response whether sampled by 1 process or as part of a shard).
+        Every row draws its randomness from its own stream: uniforms drawn on the CPU from the row's
+        seed, sampled by inverse CDF on the model's device (so no generator ever has to live on the
+        model's device). ``row_seeds``: one seed per prompt, so a row's sample does not depend on which
+        other rows share the batch (the same response whether sampled by 1 process or as part of a
+        shard); without them the row seeds are drawn from ``generator`` (a CPU generator, or torch's
+        global one when None).
         """
         check_request(prompts, params)
-        if row_seeds is not None and len(row_seeds) != len(prompts):
-            raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {len(prompts)} prompts")
         device = next(self.model.parameters()).device
         prompt_ids, prompt_mask = _left_pad(prompts, self.pad_token_id, device)
+        seeds = request_seeds(len(prompts), row_seeds, generator)  # checks len(row_seeds)
         uniforms = None
-        if row_seeds is not None:
+        if params.temperature > 0:
             uniforms = torch.stack([torch.rand(params.max_new_tokens, generator=torch.Generator().manual_seed(s))
-                                    for s in row_seeds]).to(device)  # (B, N)
+                                    for s in seeds]).to(device)  # (B, N) drawn on the CPU
         if record_routing and not self._info.records_routing:
             raise ValueError("record_routing needs a Mixture-of-Experts model (engine.info.records_routing)")
         recorder = capture_routing(self.model, concat="sequence") if record_routing else contextlib.nullcontext()
         with eval_mode(self.model), torch.inference_mode(), recorder as routing:
             try:
-                out = self._sample(prompt_ids, prompt_mask, params, generator, uniforms)
+                out = self._sample(prompt_ids, prompt_mask, params, uniforms, reshape=not record_routing)
             finally:
                 self._decoder.release()  # no cache or fused weights held between rollouts
         # Clone out of inference mode so the trainer may use these tensors in autograd graphs.
@@ -169,39 +184,57 @@ class HFEngine:
             timings=out["timings"],
         )
 
-    def _sample(self, prompt_ids, prompt_mask, params: SamplingParams, generator, uniforms=None) -> dict:
-        """The prefill + decode loop, on preallocated buffers; returns completion tensors and timings."""
+    def _sample(self, prompt_ids, prompt_mask, params: SamplingParams, uniforms: torch.Tensor | None,
+                reshape: bool = True) -> dict:
+        """The prefill + decode loop; returns completion tensors and timings (see :meth:`_decode_batch`).
+
+        ``reshape`` (False only with MoE routing records, which need every row in every forward): prefill
+        each distinct prompt once and let finished rows leave the decode batch.
+        """
         batch, prompt_len = prompt_ids.shape
         max_new, device = params.max_new_tokens, prompt_ids.device
         completion_ids = torch.full((batch, max_new), self.pad_token_id, dtype=torch.long, device=device)
         completion_mask = torch.zeros((batch, max_new), dtype=torch.bool, device=device)
         logprobs = torch.zeros((batch, max_new), dtype=torch.float32, device=device)
         positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
-        next_position = positions[:, -1:] + 1  # (B, 1) position of the first completion token
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
         eos_ids = self.eos_ids.to(device)
+        compact = reshape and self.compact
 
         start = time.perf_counter()
-        logits = self._decoder.start(prompt_ids, prompt_mask, positions, prompt_len + max_new)  # (B, V)
+        logits = self._prefill(prompt_ids, prompt_mask, positions, prompt_len + max_new, share=reshape)  # (B, V)
         prefill_s = time.perf_counter() - start
+        # Decode batch: `rows` are the original rows still in it, `alive` those of them not yet finished
+        # (always all of them when compacting: a finished row leaves before the next step).
+        rows = torch.arange(batch, device=device)  # (b,)
+        where = slice(None)  # `rows` as an index: a plain slice (a view, no gather) until the first compaction
+        alive = torch.ones(batch, dtype=torch.bool, device=device)  # (b,)
+        next_position = positions[:, -1:] + 1  # (b, 1) position of the next completion token
+        tokens = None
         steps = 0
         for step in range(max_new):
             if step > 0:
-                logits = self._decoder.step(completion_ids[:, step - 1 : step], next_position)  # (B, V)
+                logits = self._decoder.step(tokens[:, None], next_position)  # (b, V)
                 next_position += 1
-            uniform = uniforms[:, step] if uniforms is not None else None  # (B,) or None
-            tokens, token_logprobs = sample_next_token(logits, params, generator, uniform)  # (B,), (B,)
-            alive = ~finished  # (B,)
-            completion_mask[:, step] = alive
-            completion_ids[:, step] = tokens.masked_fill_(finished, self.pad_token_id)
-            logprobs[:, step] = token_logprobs.masked_fill_(finished, 0.0)
+            uniform = uniforms[where, step] if uniforms is not None else None  # (b,) each row's own stream
+            tokens, token_logprobs = sample_next_token(logits, params, uniform)  # (b,), (b,)
+            completion_ids[where, step] = tokens.masked_fill(~alive, self.pad_token_id)
+            logprobs[where, step] = token_logprobs.masked_fill_(~alive, 0.0)
+            completion_mask[where, step] = alive
             steps = step + 1
-            if not params.ignore_eos:
-                finished |= torch.isin(tokens, eos_ids)
-                if bool(finished.all()):
-                    break
+            if params.ignore_eos:
+                continue
+            alive &= ~torch.isin(tokens, eos_ids)
+            remaining = int(alive.sum())  # the loop's one host sync per step
+            if remaining == 0:
+                break
+            if compact and remaining < len(rows) and step + 1 < max_new:  # finished rows leave the batch
+                keep = alive.nonzero().squeeze(1)  # (b',)
+                rows, alive, tokens, next_position = rows[keep], alive[keep], tokens[keep], next_position[keep]
+                where = rows
+                self._decoder.select(keep)
         decode_s = time.perf_counter() - start - prefill_s
-        truncated = torch.ones_like(finished) if params.ignore_eos else ~finished  # (B,)
+        truncated = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,) rows that left had finished
+        truncated[where] = True if params.ignore_eos else alive
         return {
             "completion_ids": completion_ids[:, :steps],
             "completion_mask": completion_mask[:, :steps],
@@ -210,9 +243,19 @@ class HFEngine:
             "timings": {"sample/prefill_s": prefill_s, "sample/decode_s": decode_s},
         }
 
+    def _prefill(self, prompt_ids, prompt_mask, positions, max_len: int, share: bool) -> torch.Tensor:
+        """Start the decoder on the (B, P) prompts; (B, V) logits. ``share``: each distinct prompt (a
+        group's G responses share one) is run once and its cache rows repeated for the rows that share it."""
+        rep, inverse = distinct_prompts(prompt_ids, prompt_mask) if share else (None, None)  # (u,), (B,)
+        if rep is None or len(rep) == len(inverse):
+            return self._decoder.start(prompt_ids, prompt_mask, positions, max_len)  # (B, V)
+        logits = self._decoder.start(prompt_ids[rep], prompt_mask[rep], positions[rep], max_len)  # (u, V)
+        self._decoder.select(inverse)
+        return logits[inverse]  # (B, V)
+
 
 class _TransformersDecoder:
-    """:class:`NativeDecoder`'s interface (start / step / release) over the model's own forward and a
+    """:class:`NativeDecoder`'s interface (start / step / select / release) over the model's own forward and a
     transformers KV cache: the path for every model the native step does not cover."""
 
     def __init__(self, engine: HFEngine) -> None:
@@ -224,7 +267,8 @@ class _TransformersDecoder:
         """Prefill (B, P) left-padded prompts into a fresh cache of ``max_len`` tokens; (B, V) logits."""
         batch, prompt_len = prompt_ids.shape
         config = self.engine.model.config
-        self.static = self.engine.static_cache  # read per rollout: benchmarks switch it
+        static = self.engine.static_cache  # read per rollout: benchmarks switch it
+        self.static = max_len <= CACHE_BLOCK if static is None else static
         self.cache = StaticCache(config=config, max_cache_len=max_len) if self.static else DynamicCache(config=config)
         # Attention mask over [prompt | completion]: completion columns are all True; a finished row keeps
         # attending to its own pad tokens, which is harmless since its later outputs are discarded.
@@ -237,6 +281,11 @@ class _TransformersDecoder:
         """Append one token per row ((B, 1) ids at (B, 1) positions); (B, V) logits."""
         self.length += 1
         return self._forward(tokens, positions)
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep the decode-batch rows ``index`` ((b,) long, repeats allowed) of the cache and the mask."""
+        self.cache.reorder_cache(index)  # index_select on every layer, static or dynamic
+        self.attention = self.attention.index_select(0, index)  # (b, P + N)
 
     def release(self) -> None:
         self.cache = self.attention = None
@@ -254,17 +303,16 @@ class _TransformersDecoder:
 
 
 def sample_next_token(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-    uniform: torch.Tensor | None = None,
+    logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from (B, V) float32 ``logits``; return (B,) tokens and (B,) log-probs.
 
     The log-probabilities are those of the distribution actually sampled: ``log_softmax(logits /
     temperature)``, truncated to the top-k / top-p support and renormalised when those are on
     (:func:`gspo.logprobs.truncated_log_softmax`, which the trainer applies to its own logits too, so the
-    on-policy ratio is 1); untempered for greedy. ``logits`` is overwritten. With ``uniform`` ((B,) in
-    [0, 1)) the token is the inverse CDF of each row's distribution at its own uniform draw instead of
-    ``torch.multinomial``.
+    on-policy ratio is 1); untempered for greedy. ``logits`` is overwritten. The token is the inverse
+    CDF of each row's distribution at its own ``uniform`` draw ((B,) in [0, 1), on the logits' device;
+    unused when greedy).
     """
     if params.temperature == 0:
         tokens = logits.argmax(dim=-1)  # (B,)
@@ -273,13 +321,11 @@ def sample_next_token(
     if params.temperature != 1.0:
         logits.div_(params.temperature)
     logprobs = truncated_log_softmax(logits, params.top_k, params.top_p)  # (B, V), -inf outside the support
-    probs = logprobs.exp()  # (B, V)
     if uniform is None:
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
-    else:
-        cdf = probs.cumsum(dim=-1)  # (B, V)
-        target = (uniform * cdf[:, -1]).unsqueeze(1)  # (B, 1) scaled to the row's total mass
-        tokens = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)  # (B,)
+        raise ValueError("sampling at temperature > 0 needs one uniform draw per row")
+    cdf = logprobs.exp().cumsum(dim=-1)  # (B, V)
+    target = (uniform * cdf[:, -1]).unsqueeze(1)  # (B, 1) scaled to the row's total mass
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=cdf.shape[-1] - 1)  # (B,)
     return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
 
 

@@ -12,9 +12,13 @@ matrix products. This module runs the same mathematics in about a dozen operator
   to :data:`FUSE_MAX_PARAMS` parameters, where per-operator overhead matters; larger models keep their
   separate projections rather than hold a transient copy of most of their weights. Fused weights and
   the cache are released by :meth:`NativeDecoder.release` when a rollout ends;
-- a preallocated key/value cache (keys stored transposed, ``(B, H_kv, D, P + N)``, which measured ~30%
-  faster for the score product); since prompts are left-padded, every row writes the same column at
-  the same step;
+- a key/value cache in the sampler's dtype (keys stored transposed, ``(B, H_kv, D, S)``, which
+  measured ~30% faster for the score product); since prompts are left-padded, every row writes the same
+  column at the same step. Sizing policy: it holds the prompt plus the first :data:`CACHE_BLOCK` new
+  tokens, and grows by whole blocks (one copy of the written part) only when a decode step needs the
+  next column, never beyond ``P + N``: a batch that stops early never pays for its token budget.
+  :meth:`NativeDecoder.select` keeps (or repeats) rows of the cache, which is how finished rows leave
+  the decode batch and how a prompt prefilled once is expanded to its group;
 - attention as two batched matrix products with grouped queries kept grouped (no ``repeat_kv``) and
   one additive key mask;
 - rotary cos/sin gathered from a table built once per rollout by the model's own rotary module (so
@@ -37,6 +41,9 @@ import torch.nn.functional as F
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 FUSE_MAX_PARAMS = 200_000_000  # above this, fusing would copy GBs per rollout for a negligible gain
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")  # inv_freq fixed for a run
+# KV-cache growth step in tokens: few enough re-allocations (a 2k-token answer grows 8 times, each a copy of
+# the written part, next to the 2k steps that each read all of it), little unused tail (< 256 columns).
+CACHE_BLOCK = 256
 
 
 def native_support(model: torch.nn.Module) -> str | None:
@@ -116,7 +123,8 @@ class NativeDecoder:
 
     Usage: ``logits = dec.start(prompt_ids, prompt_mask, positions, max_len)`` then, for each new
     token, ``logits = dec.step(tokens, positions)``. Both return (B, V) float32 logits of the last
-    position. Call under ``torch.inference_mode()``.
+    position. ``dec.select(index)`` between steps keeps (or repeats) rows of the decode batch. Call under
+    ``torch.inference_mode()``.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -133,6 +141,8 @@ class NativeDecoder:
         self.fuse = sum(p.numel() for p in model.parameters()) <= FUSE_MAX_PARAMS
         self.layers: list[_Layer] = []
         self.length = 0  # columns of the cache written so far
+        self.capacity = 0  # columns allocated (see the module docstring's sizing policy)
+        self.max_len = 0  # columns the rollout may need at most (P + N)
         self._key_bias: torch.Tensor | None = None  # (B, 1, 1, S) 0 or -inf per key column
         self._cos = self._sin = None  # (max_len, D) rotary tables
 
@@ -154,19 +164,22 @@ class NativeDecoder:
 
     def start(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, positions: torch.Tensor,
               max_len: int) -> torch.Tensor:
-        """Prefill (B, P) left-padded prompts into a fresh cache of ``max_len`` columns; (B, V) logits."""
+        """Prefill (B, P) left-padded prompts into a fresh cache for at most ``max_len`` columns; (B, V) logits."""
         batch, prompt_len = prompt_ids.shape
         self._fuse_weights()
         dtype = self.model.lm_head.weight.dtype
         device = prompt_ids.device
-        for layer in self.layers:
-            layer.k_cache = torch.zeros((batch, self.num_kv_heads, self.head_dim, max_len), dtype=dtype, device=device)
-            layer.v_cache = torch.zeros((batch, self.num_kv_heads, max_len, self.head_dim), dtype=dtype, device=device)
+        self.max_len, self.capacity = max_len, min(max_len, prompt_len + CACHE_BLOCK)
+        for layer in self.layers:  # unwritten columns are never read (attention reads [:length])
+            layer.k_cache = torch.empty((batch, self.num_kv_heads, self.head_dim, self.capacity), dtype=dtype,
+                                        device=device)
+            layer.v_cache = torch.empty((batch, self.num_kv_heads, self.capacity, self.head_dim), dtype=dtype,
+                                        device=device)
         table_positions = torch.arange(max_len, device=device)[None]  # (1, S)
         probe = torch.empty(0, dtype=dtype, device=device)
         cos, sin = self.model.model.rotary_emb(probe, table_positions)  # (1, S, D) each
         self._cos, self._sin = cos[0], sin[0]  # (S, D)
-        key_bias = torch.zeros((batch, 1, 1, max_len), dtype=dtype, device=device)  # (B, 1, 1, S)
+        key_bias = torch.zeros((batch, 1, 1, self.capacity), dtype=dtype, device=device)  # (B, 1, 1, S)
         key_bias[:, 0, 0, :prompt_len].masked_fill_(~prompt_mask, float("-inf"))
         self._key_bias = key_bias
         # Prefill mask: causal over the prompt, padded keys hidden; each query always sees itself so
@@ -181,7 +194,28 @@ class NativeDecoder:
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Append one token per row ((B, 1) ids at (B, 1) positions); (B, V) logits."""
         end = self.length + 1
+        if end > self.capacity:
+            self._grow(min(self.max_len, self.capacity + CACHE_BLOCK))
         return self._forward(tokens, positions, self._key_bias[..., :end])  # (B, 1, 1, end) bias
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep the decode-batch rows ``index`` ((b,) long, repeats allowed): the cache and key mask follow."""
+        for layer in self.layers:
+            layer.k_cache = layer.k_cache.index_select(0, index)  # (b, H_kv, D, S)
+            layer.v_cache = layer.v_cache.index_select(0, index)  # (b, H_kv, S, D)
+        self._key_bias = self._key_bias.index_select(0, index)  # (b, 1, 1, S)
+
+    def _grow(self, capacity: int) -> None:
+        """Re-allocate the cache with ``capacity`` columns, copying the written ones."""
+        for layer in self.layers:
+            k_cache, v_cache = layer.k_cache, layer.v_cache
+            layer.k_cache = k_cache.new_empty((*k_cache.shape[:3], capacity))
+            layer.k_cache[..., : self.length] = k_cache[..., : self.length]
+            layer.v_cache = v_cache.new_empty((*v_cache.shape[:2], capacity, v_cache.shape[3]))
+            layer.v_cache[:, :, : self.length] = v_cache[:, :, : self.length]
+        key_bias = self._key_bias.new_zeros((*self._key_bias.shape[:3], capacity))  # completion columns: 0
+        key_bias[..., : self.capacity] = self._key_bias
+        self._key_bias, self.capacity = key_bias, capacity
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """Run ids (B, L) through every layer, appending their keys/values at ``self.length``."""
@@ -237,4 +271,4 @@ class NativeDecoder:
         """Drop the rollout's cache, fused weights and rotary tables (nothing is held between rollouts)."""
         self.layers = []
         self._key_bias = self._cos = self._sin = None
-        self.length = 0
+        self.length = self.capacity = self.max_len = 0

@@ -17,6 +17,7 @@ from gspo.algorithms import group_advantages, groups_with_signal, overlong_penal
 from gspo.algorithms.advantages import global_batch_std
 from gspo.evaluate import CORRECT_THRESHOLD
 from gspo.rollout.base import Rollout, RolloutEngine, SamplingParams
+from gspo.rollout.base import row_seed as _row_seed  # the agent collector and the pipeline import it here
 from gspo.tasks.base import Row, reward_prompt
 from gspo.tasks.rewards import WeightedReward, score
 
@@ -149,11 +150,6 @@ def _select_groups(batch: ScoredBatch, groups: torch.Tensor, group_size: int) ->
     """The responses of ``groups`` ((k,) group indices), in that order."""
     rows = (groups[:, None] * group_size + torch.arange(group_size)).reshape(-1)  # (k * G,)
     return _select(batch, rows)
-
-
-def _row_seed(seed: int, prompt_index: int, sample: int) -> int:
-    """A per-response seed (a fixed mixing of the three numbers into 63 bits)."""
-    return (seed * 0x9E3779B97F4A7C15 + prompt_index * 0xBF58476D1CE4E5B9 + sample * 0x94D049BB133111EB) % (1 << 63)
 
 
 def zero_variance_fraction(rewards: torch.Tensor, group_size: int) -> float:

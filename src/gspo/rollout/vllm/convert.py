@@ -11,9 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from gspo.moe.routing import RoutingRecord
-from gspo.rollout.base import Rollout, SamplingParams
-
-SEED_RANGE = 2**31 - 1  # vLLM seeds are int32 on the server's JSON path; keep both paths in one range
+from gspo.rollout.base import Rollout, SamplingParams, request_seeds  # noqa: F401 (the engines import it here)
 
 
 @dataclass
@@ -23,19 +21,6 @@ class Completion:
     token_ids: list[int]  # generated tokens, the stopping EOS included
     logprobs: list[float]  # the sampler's log-probability of each generated token
     routed_experts: object = None  # (prompt + completion tokens, MoE layers, top_k) array, or None
-
-
-def request_seeds(count: int, row_seeds: list[int] | None, generator: torch.Generator | None) -> list[int]:
-    """One vLLM seed per request: ``row_seeds`` when given, else drawn from ``generator``.
-
-    Every request carries a seed so vLLM never samples from the host's global RNG (in-process, vLLM's
-    unseeded requests would draw from torch's global generator and shift the trainer's own stream).
-    """
-    if row_seeds is not None:
-        if len(row_seeds) != count:
-            raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {count} prompts")
-        return [int(s) % SEED_RANGE for s in row_seeds]
-    return torch.randint(0, SEED_RANGE, (count,), generator=generator).tolist()
 
 
 def sampling_kwargs(params: SamplingParams, eos_ids: list[int], seed: int) -> dict:
