@@ -36,10 +36,13 @@ def build_vllm_engine(config, model: torch.nn.Module, tokenizer, path):
     ``path`` is the model directory vLLM loads its architecture (and first weights) from; ``model``'s
     current weights are pushed right away, so the engine starts from exactly the policy.
     """
+    from gspo.rollout.vllm.placement import engine_dtype, placement
+
     require_vllm(config.rollout.engine)
     r = config.rollout
-    model_dtype = next(model.parameters()).dtype
-    dtype = TORCH_DTYPE_NAMES.get(model_dtype, "float32") if r.engine_dtype == "auto" else r.engine_dtype
+    where = placement(colocated=r.engine == "vllm")
+    policy_dtype = TORCH_DTYPE_NAMES.get(next(model.parameters()).dtype, "float32")
+    dtype = engine_dtype(r.engine_dtype, policy_dtype, where)  # auto: bfloat16 on a GPU, the policy's on a CPU
     eos = tokenizer.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -51,15 +54,15 @@ def build_vllm_engine(config, model: torch.nn.Module, tokenizer, path):
 
         engine = VLLMEngine(Path(path).resolve(), dtype=dtype, max_model_len=max_model_len, seed=config.seed,
                             kv_cache_gb=r.vllm_kv_cache_gb, gpu_memory=r.vllm_gpu_memory,
-                            routed_experts=routed_experts, **common)
+                            routed_experts=routed_experts, where=where, **common)
     else:
-        engine = _server_engine(config, path, dtype, max_model_len, common)
+        engine = _server_engine(config, path, dtype, max_model_len, common, where)
     engine.sync_weights(model)
     return engine
 
 
-def _server_engine(config, path, dtype: str, max_model_len: int, common: dict):
-    from gspo.rollout.vllm.local import engine_arguments
+def _server_engine(config, path, dtype: str, max_model_len: int, common: dict, where):
+    from gspo.rollout.vllm.placement import engine_arguments, server_gpu
     from gspo.rollout.vllm.server import ServerProcess, VLLMServerEngine
 
     r = config.rollout
@@ -67,12 +70,13 @@ def _server_engine(config, path, dtype: str, max_model_len: int, common: dict):
         raise ConfigError("moe.routing_replay=r3 needs the experts vLLM routed each token to, which the "
                           "server's completion endpoint does not return; use rollout.engine=vllm or "
                           "moe.routing_replay=r2")
-    transport = "nccl" if torch.cuda.is_available() else "path"
+    transport = "nccl" if where.cuda else "path"
     if r.server_url:  # a server someone else runs (and possibly every torchrun process shares)
         return VLLMServerEngine(r.server_url, transport=transport, shared=dist.is_initialized(), **common)
+    gpu = server_gpu(where) if where.cuda else None  # a GPU of its own, or a ConfigError naming the fix
     args = engine_arguments(Path(path).resolve(), dtype=dtype, max_model_len=max_model_len, seed=config.seed,
-                            gpu_memory=r.vllm_gpu_memory, routed_experts=False)
-    server = ServerProcess(args, kv_cache_gb=r.vllm_kv_cache_gb, weight_transfer=transport == "nccl")
+                            gpu_memory=r.vllm_gpu_memory, routed_experts=False, where=where)
+    server = ServerProcess(args, kv_cache_gb=r.vllm_kv_cache_gb, weight_transfer=transport == "nccl", gpu=gpu)
     try:
         server.wait_ready()
         return VLLMServerEngine(server.url, server=server, transport=transport, **common)
