@@ -53,6 +53,8 @@ def build_vllm_engine(config, model: torch.nn.Module, tokenizer, path):
     if r.engine == "vllm":
         from gspo.rollout.vllm.local import VLLMEngine
 
+        if where.world_size > 1:  # external_launcher joins the group already there: gspo's, made first
+            dist.maybe_init_distributed()
         engine = VLLMEngine(Path(path).resolve(), dtype=dtype, max_model_len=max_model_len, seed=config.seed,
                             kv_cache_gb=r.vllm_kv_cache_gb, gpu_memory=r.vllm_gpu_memory,
                             routed_experts=routed_experts, where=where, **common)
