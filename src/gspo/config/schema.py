@@ -62,10 +62,11 @@ class RolloutConfig:
     vllm_kv_cache_gb: int = 1
     """vLLM on a CPU: whole GiB of RAM for its KV cache (VLLM_CPU_KVCACHE_SPACE; unset, vLLM takes ~92% of RAM)."""
     vllm_gpu_memory: float = 0.3
-    """vLLM on a GPU: fraction of GPU memory it may take (gpu_memory_utilization; the rest is training's)."""
+    """vLLM on a GPU shared with training: fraction of GPU memory it takes while awake (gpu_memory_utilization;
+    it sleeps during the update). A server gspo starts gets a GPU of its own and 0.9 of it."""
     engine_dtype: str = "auto"
-    """Sampler precision: auto (the policy's), float32, bfloat16 or float16 (a separate lower-precision
-    copy, or the vLLM engine's dtype)."""
+    """Sampler precision: auto (the policy's; bfloat16 for vLLM on a GPU), float32, bfloat16 or float16 (a
+    separate lower-precision copy, or the vLLM engine's dtype)."""
     ignore_eos: bool = False
     """Never stop at EOS: every response is max_new_tokens long (benchmarks: fixed-length generation)."""
     decoder: str = "auto"

@@ -14,7 +14,7 @@ Layout convention shared by every engine and by log-probability recomputation:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterator, Protocol, runtime_checkable
 
 import torch
@@ -69,6 +69,13 @@ class Rollout:
     def lengths(self) -> torch.Tensor:
         """(B,) number of completion tokens of each response."""
         return self.completion_mask.sum(dim=1)
+
+    def to(self, device: torch.device | str) -> "Rollout":
+        """This rollout with every tensor (the routing record included) on ``device``: the trainer's
+        device boundary (:meth:`gspo.trainer.collect.ScoredBatch.to`)."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor) or f.name == "routing" and self.routing is not None}
+        return replace(self, **moved)
 
     def select(self, index: torch.Tensor) -> "Rollout":
         """The rows ``index`` (a 1-D long tensor) of this rollout, as a new Rollout."""

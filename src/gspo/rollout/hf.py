@@ -159,7 +159,9 @@ class HFEngine:
         check_request(prompts, params)
         device = next(self.model.parameters()).device
         prompt_ids, prompt_mask = _left_pad(prompts, self.pad_token_id, device)
-        seeds = request_seeds(len(prompts), row_seeds, generator)  # checks len(row_seeds)
+        if row_seeds is not None and len(row_seeds) != len(prompts):
+            raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {len(prompts)} prompts")
+        seeds = row_seeds if row_seeds is not None else request_seeds(len(prompts), None, generator)
         uniforms = None
         if params.temperature > 0:
             uniforms = torch.stack([torch.rand(params.max_new_tokens, generator=torch.Generator().manual_seed(s))

@@ -44,6 +44,17 @@ class ScoredBatch:
         if self.task_rewards is None:
             self.task_rewards = self.rewards
 
+    def to(self, device: torch.device | str) -> "ScoredBatch":
+        """The device boundary: this batch (rollout, routing, rewards, advantages) on ``device``.
+
+        Collection and scoring build their tensors where it is cheap (rewards and bookkeeping on the CPU;
+        vLLM and agent rollouts wholly on the CPU, the built-in engine's on the model's device); the
+        trainer moves the scored batch to the policy's device once, here, as TRL's ``_prepare_inputs``
+        and verl's ``DataProto.to(device)`` do. Code below the boundary takes the device from its inputs.
+        """
+        return ScoredBatch(self.rollout.to(device), self.rows, self.completions, self.rewards.to(device),
+                           self.advantages.to(device), self.correct.to(device), dict(self.metrics))
+
 
 @dataclass
 class Collector:
@@ -90,7 +101,7 @@ class Collector:
         correct = torch.tensor(columns[self.rewards[0].name]) >= CORRECT_THRESHOLD  # (B,) by the task's first reward
         task_rewards = rewards  # (B,) before the overlong shaping: DAPO's dynamic sampling filters on these
         if self.overlong_buffer:
-            penalty = overlong_penalty(rollout.lengths, self.params.max_new_tokens, self.overlong_buffer)
+            penalty = overlong_penalty(rollout.lengths.cpu(), self.params.max_new_tokens, self.overlong_buffer)
             rewards = rewards + penalty.float()
             metrics["reward/overlong_penalty"] = float(penalty.float().mean())
         # "batch" scale: the std of the whole batch, every process's rewards included

@@ -22,6 +22,7 @@ from gspo.tasks.base import DataCursor
 from gspo.trainer.build import Components, build
 from gspo.trainer.collect import ScoredBatch
 from gspo.trainer.old_logprobs import onpolicy_mismatch
+from gspo.trainer.update import policy_device
 
 
 @dataclass
@@ -76,13 +77,13 @@ class Trainer:
         cfg, step = self.config, self.state.step
         t0 = time.perf_counter()
         seed = _step_seed(cfg.seed, step, rank=0)  # per-response seeds: independent of the batch split
-        batch = self._collect(seed)
+        batch = self._collect(seed).to(policy_device(self.policy))  # the device boundary: once, after scoring
         t1 = time.perf_counter()
         local = len(batch.advantages)  # equal on every process (validated shard sizes)
         shared = torch.Generator().manual_seed(seed + 1)  # one permutation of the global batch, everywhere
         plan = self.updater.plan(shared, local, offset=dist.rank() * local, total=local * dist.world_size())
         onpolicy = plan[0] == 0 if batch.rollout.policy_version in (-1, step) else None  # a stale batch has none
-        with self.updater.autocast(batch.rollout.prompt_ids.device.type):
+        with self.updater.autocast(policy_device(self.policy).type):  # the policy's device, not the batch's
             inputs, lp_metrics = self.parts.old_logprobs(batch, onpolicy=onpolicy)
         t2 = time.perf_counter()
         history = self.updater.update(self.policy, self.parts.optimizer, self.parts.scheduler, inputs, plan=plan)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
@@ -106,6 +106,7 @@ class Updater:
         ``plan``: the minibatch assignment from :meth:`plan`; without it, drawn here from ``generator``,
         ``offset`` and ``total`` (same meaning as in :meth:`plan`).
         """
+        check_device(inputs, policy_device(policy))
         if plan is None:
             plan = self.plan(generator, len(inputs.advantages), offset=offset, total=total)
         self.onpolicy_pairs = []
@@ -180,7 +181,7 @@ class Updater:
 
     def _loss(self, policy, rows: UpdateInputs, normaliser: torch.Tensor):
         num_completion = rows.completion_mask.shape[1]
-        with self.autocast(rows.input_ids.device.type):
+        with self.autocast(policy_device(policy).type):  # the policy's device, not the batch's
             logprobs = policy(rows.input_ids, rows.attention_mask, num_completion, self.temperature,
                               routed=rows.routing is not None)  # (b, T)
         if rows.reuse_old is not None and bool(rows.reuse_old.any()):
@@ -237,6 +238,28 @@ class Updater:
         max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False)
         return float(norm)
+
+
+def policy_device(policy: torch.nn.Module) -> torch.device:
+    """Where the policy's parameters (for FSDP2, this process's shards) live."""
+    return next(policy.parameters()).device
+
+
+def check_device(inputs: UpdateInputs, device: torch.device) -> None:
+    """Every tensor entering the update lives on the policy's ``device`` (the batch crossed the trainer's
+    device boundary, :meth:`gspo.trainer.collect.ScoredBatch.to`); raise naming the first that does not."""
+    tensors = {f.name: getattr(inputs, f.name) for f in fields(inputs)}
+    if inputs.routing is not None:
+        tensors.update({f"routing[{i}]": t for i, t in enumerate(inputs.routing.indices)})
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and not _same_device(tensor.device, device):
+            raise ValueError(f"update input '{name}' is on {tensor.device}, the policy on {device}: the scored "
+                             "batch must cross the device boundary (ScoredBatch.to) before the update")
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` name the same device when the index is not given."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def _inner_model(policy: torch.nn.Module) -> torch.nn.Module:

