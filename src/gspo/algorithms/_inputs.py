@@ -132,7 +132,7 @@ def prepare(
         lengths=lengths,
         ref_logprobs=ref,
         correction=weights,
-        out_of_support=(given & ~mask).sum().to(dtype),
+        out_of_support=(given.sum() - mask.sum()).to(dtype),  # mask is a subset of given
     )
 
 
