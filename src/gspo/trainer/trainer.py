@@ -81,7 +81,7 @@ class Trainer:
         plan = self.updater.plan(shared, local, offset=dist.rank() * local, total=local * dist.world_size())
         onpolicy = plan[0] == 0 if batch.rollout.policy_version in (-1, step) else None  # a stale batch has none
         with self.updater.autocast(batch.rollout.prompt_ids.device.type):
-            inputs, lp_metrics = self.parts.old_logprobs(batch, onpolicy=onpolicy)
+            inputs, lp_metrics = self.parts.old_logprobs(batch, onpolicy=onpolicy, assignment=plan[0])
         t2 = time.perf_counter()
         history = self.updater.update(self.policy, self.parts.optimizer, self.parts.scheduler, inputs, plan=plan)
         if inputs.measure_old is not None:  # old log-probs from the sampler: its mismatch, from the on-policy forward
