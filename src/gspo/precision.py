@@ -105,7 +105,7 @@ def decide(facts: DeviceFacts, timings: ProbeTimings | None, num_params: int) ->
     """(compute dtype, reason) that ``auto`` resolves to: a pure function of the machine's declared
     facts, the GEMM probe's timings (None = not measured) and the model's size."""
     if num_params < MIN_BF16_PARAMS:
-        return "float32", f"{num_params / 1e6:.0f}M params < {MIN_BF16_PARAMS // 1_000_000}M: GEMMs too small for bf16"
+        return "float32", f"{num_params / 1e6:.2g}M params < {MIN_BF16_PARAMS // 1_000_000}M: GEMMs too small for bf16"
     if facts.kind == "cuda":
         return ("bfloat16", "CUDA bf16") if facts.cuda_bf16 else ("float32", "no native CUDA bf16")
     if facts.kind != "cpu":
@@ -194,7 +194,7 @@ def cache_path(cache_dir: Path | None = None) -> Path:
     return Path(cache_dir) / "precision-probe.json"
 
 
-def cached_probe(facts: DeviceFacts, cache_dir: Path | None = None, probe=probe_gemm) -> ProbeTimings:
+def cached_probe(facts: DeviceFacts, cache_dir: Path | None = None, probe=None) -> ProbeTimings:
     """:func:`probe_gemm`'s timings for this CPU and torch version, measured once and then read back."""
     path = cache_path(cache_dir)
     key = f"{facts.name}|{','.join(sorted(facts.flags))}|torch {torch.__version__}"
@@ -206,7 +206,7 @@ def cached_probe(facts: DeviceFacts, cache_dir: Path | None = None, probe=probe_
         item = entries[key]
         with contextlib.suppress(KeyError, TypeError, ValueError):
             return ProbeTimings(float(item["float32_s"]), float(item["bfloat16_s"]))
-    timings = probe()
+    timings = (probe or probe_gemm)()
     entries = entries if isinstance(entries, dict) else {}
     entries[key] = {"float32_s": timings.float32_s, "bfloat16_s": timings.bfloat16_s}
     with contextlib.suppress(OSError):  # a read-only home only costs the probe next time
