@@ -36,7 +36,7 @@ def split_minibatch(attention_mask: torch.Tensor, num_completion: int, *, rows: 
     Neither: one micro-batch.
     """
     b = attention_mask.shape[0]
-    if not tokens:
+    if not tokens or not b:
         return list(torch.split(torch.arange(b), rows or max(b, 1)))
     prompt, completion = row_lengths(attention_mask, num_completion)  # (b,), (b,)
     order = _length_order(prompt, completion)  # (b,)
@@ -67,7 +67,9 @@ def padded_tokens(index: torch.Tensor, prompt: torch.Tensor, completion: torch.T
 
 def _length_order(prompt: torch.Tensor, completion: torch.Tensor) -> torch.Tensor:
     """Rows by (completion, prompt) length, longest first; ties keep their order (deterministic)."""
-    key = completion * (int(prompt.max(initial=0)) + 1) + prompt if len(prompt) else prompt  # (b,)
+    if not len(prompt):
+        return torch.arange(0)
+    key = completion * (int(prompt.max()) + 1) + prompt  # (b,)
     return torch.sort(key, descending=True, stable=True).indices
 
 
