@@ -31,10 +31,9 @@ CPU_RUNTIME_BYTES = int(0.45 * GB)
 CUDA_RUNTIME_BYTES = int(1.0 * GB)
 # Prompt length assumed when the run's prompts are not known yet (before the tokenizer and data meet).
 ASSUMED_PROMPT_TOKENS = 128
-# The chunked LM head (gspo.logprobs.DEFAULT_CHUNK_TOKENS): one (chunk, V) float32 logits buffer, its
-# log-softmax and its gradient live together at the peak of the backward.
+# The chunked LM head (gspo.logprobs.DEFAULT_CHUNK_TOKENS): one (chunk, V) float32 logits buffer over the
+# completion positions, recomputed and worked on in place in the backward.
 LM_HEAD_CHUNK_TOKENS = 512
-LM_HEAD_BUFFERS = 3
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ADAMW_STATE_PER_PARAM = 2  # exp_avg and exp_avg_sq, float32 like the master weights
 
@@ -207,12 +206,16 @@ def _sampling_bytes(model: ModelShape, run: RunShape) -> int:
 
 
 def _training_bytes(model: ModelShape, run: RunShape, params: int) -> int:
-    """One micro-batch's forward + backward: saved activations, autocast's weight casts, the LM head chunk."""
+    """One micro-batch's forward + backward: saved activations, autocast's weight casts, the LM head chunk,
+    and the embedding's (V, hidden) float32 gradient made before it is added into ``.grad`` (tied: the head's
+    and the input embedding's contributions meet in a temporary; accumulation: the new one is added)."""
     tokens = run.micro_batch_tokens
     activations = tokens * model.activation_bytes_per_token(run.compute, run.checkpointing)
     casts = BYTES[run.compute] * (params - model.vocab * model.hidden) if run.compute != "float32" else 0
-    head = LM_HEAD_BUFFERS * min(tokens, LM_HEAD_CHUNK_TOKENS) * model.vocab * 4
-    return int(activations + casts + head)
+    completion = tokens // run.sequence_tokens * run.response_tokens  # (rows x T) positions the head scores
+    head = min(max(completion, 1), LM_HEAD_CHUNK_TOKENS) * model.vocab * 4
+    embedding_grad = 0 if run.lora_rank else 4 * model.vocab * model.hidden
+    return int(activations + casts + head + embedding_grad)
 
 
 def available_bytes(device: str) -> int:
