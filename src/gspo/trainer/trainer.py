@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -165,6 +165,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # atomic: a kill mid-write must not leave a truncated config.json that blocks --resume
             replace_file_atomic(self.run_dir / "config.json", json.dumps(self.config.resolved_dict(), indent=2).encode())
+            # what optim.dtype / rollout.engine_dtype=auto resolved to on this machine, and why (gspo.precision)
+            replace_file_atomic(self.run_dir / "precision.json",
+                                json.dumps(asdict(self.parts.precision), indent=2).encode())
 
 
 def evaluate_heldout(evaluator, rows: list, config: Config) -> dict[str, float]:
