@@ -36,17 +36,18 @@ def split_minibatch(attention_mask: torch.Tensor, num_completion: int, *, rows: 
     Neither: one micro-batch.
     """
     b = attention_mask.shape[0]
-    if not tokens or not b:
+    if not tokens:
         return list(torch.split(torch.arange(b), rows or max(b, 1)))
     prompt, completion = row_lengths(attention_mask, num_completion)  # (b,), (b,)
     order = _length_order(prompt, completion)  # (b,)
     pieces = _greedy(order, prompt, completion, tokens)
-    if dist.is_initialized():
+    if dist.is_initialized():  # every process, even one without rows here: the same forwards everywhere
         counts = dist.all_gather_object((len(pieces), b))
-        count = min(max(n for n, _ in counts), min(size for _, size in counts))
-        if count != len(pieces):
+        # a forward needs a row (transformers cannot run 0 rows): at most the smallest minibatch's rows
+        count = max(1, min(max(n for n, _ in counts), min(rows for _, rows in counts)))
+        if count != len(pieces) and b:
             pieces = _balanced(order, prompt, completion, count)
-    return pieces
+    return pieces or [torch.arange(0)]
 
 
 def row_lengths(attention_mask: torch.Tensor, num_completion: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,8 +110,10 @@ def trim_padding(attention_mask: torch.Tensor, num_completion: int) -> tuple[sli
     Left: prompt columns no row attends (left padding). Right: completion columns past the longest
     response. The first T' completion columns are kept, so (m, T) per-token tensors are cut with ``[:, :T']``.
     """
-    prompt, extent = row_lengths(attention_mask, num_completion)
     width = attention_mask.shape[1] - num_completion
+    if not attention_mask.shape[0]:
+        return slice(0, width + num_completion), num_completion  # no rows: nothing to cut
+    prompt, extent = row_lengths(attention_mask, num_completion)
     left = width - int(prompt.max())
     kept = max(int(extent.max()), 1)
     return slice(left, width + kept), kept

@@ -137,8 +137,10 @@ class OldLogprobs:
         metrics: dict[str, float] = {}
         routing, reuse, measure = None, None, None
         if plan.source == "recompute":
-            if plan.reuse_onpolicy and onpolicy is not None and not bool(onpolicy.all()):
-                reuse = onpolicy.clone()  # (B,) every process still runs the pass on at least one row
+            # with the update's layout (assignment), minibatch 0 is skipped on every process alike (the same
+            # forwards everywhere); without it, every process still runs the pass on at least one row
+            if plan.reuse_onpolicy and onpolicy is not None and (self._aligned(assignment) or not bool(onpolicy.all())):
+                reuse = onpolicy.clone()  # (B,)
                 keep = (~reuse).nonzero().squeeze(1)  # (b,)
                 old = self._passes(self.policy, ids, attn, num_t, assignment, skip=reuse)  # (B, T) reused rows: 0,
                 metrics.update(mismatch_metrics(old[keep], rollout.logprobs[keep], mask[keep]))  # filled by the update
@@ -193,17 +195,19 @@ class OldLogprobs:
                 skip: torch.Tensor | None) -> list[torch.Tensor]:
         """The forwards of a no-grad pass as row indices into the batch."""
         rows = torch.arange(attn.shape[0])  # (B,)
-        if assignment is None or self.micro_batches is None:
+        if not self._aligned(assignment):
             kept = rows if skip is None else rows[~skip]
             return list(kept.split(self.chunk_rows)) if self.chunk_rows else [kept]
         out = []
         count = self.minibatches or (int(assignment.max()) + 1 if len(assignment) else 0)
-        for mb in range(count):  # the update's minibatch order
-            index = (assignment == mb).nonzero().squeeze(1)  # (b,)
-            if skip is not None and bool(skip[index].all()):
-                continue  # the on-policy minibatch: its first training forward is pi_old's
+        for mb in range(1 if skip is not None else 0, count):  # the update's order; with ``skip`` (the on-policy
+            index = (assignment == mb).nonzero().squeeze(1)  # (b,)  minibatch 0), its first forward is pi_old's
             out += [index[micro] for micro in self.micro_batches(attn[index], num_t)]
         return out
+
+    def _aligned(self, assignment: torch.Tensor | None) -> bool:
+        """The passes follow the update's minibatches and micro-batches."""
+        return assignment is not None and self.micro_batches is not None
 
 
 def mismatch_metrics(recomputed: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
