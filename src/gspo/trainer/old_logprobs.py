@@ -185,7 +185,7 @@ class OldLogprobs:
         out = attn.new_zeros((ids.shape[0], num_t), dtype=torch.float32)  # (B, T)
         for micro in self._layout(attn, num_t, assignment, skip):
             sub_ids, sub_attn, t = ids[micro], attn[micro], num_t
-            if self.trim:
+            if self.trim and not self.plan.routing_from_rollout:  # R3 replays the recorded layout uncut, as the update
                 columns, t = trim_padding(sub_attn, num_t)
                 sub_ids, sub_attn = sub_ids[:, columns], sub_attn[:, columns]
             out[micro, :t] = fn(sub_ids, sub_attn, t).float()  # (m, T')
