@@ -206,16 +206,17 @@ def _sampling_bytes(model: ModelShape, run: RunShape) -> int:
 
 
 def _training_bytes(model: ModelShape, run: RunShape, params: int) -> int:
-    """One micro-batch's forward + backward: saved activations, autocast's weight casts, the LM head chunk,
-    and the embedding's (V, hidden) float32 gradient made before it is added into ``.grad`` (tied: the head's
-    and the input embedding's contributions meet in a temporary; accumulation: the new one is added)."""
+    """One micro-batch's forward + backward: autocast's weight casts, plus the larger of the saved activations
+    with the LM head's chunk (the start of the backward) and the embedding's (V, hidden) float32 gradient made
+    before it is added into ``.grad`` (the end of the backward, activations freed: tied, the head's and the
+    input embedding's contributions meet in a temporary; with accumulation, the new one is added)."""
     tokens = run.micro_batch_tokens
     activations = tokens * model.activation_bytes_per_token(run.compute, run.checkpointing)
     casts = BYTES[run.compute] * (params - model.vocab * model.hidden) if run.compute != "float32" else 0
     completion = tokens // run.sequence_tokens * run.response_tokens  # (rows x T) positions the head scores
     head = min(max(completion, 1), LM_HEAD_CHUNK_TOKENS) * model.vocab * 4
     embedding_grad = 0 if run.lora_rank else 4 * model.vocab * model.hidden
-    return int(activations + casts + head + embedding_grad)
+    return int(casts + max(activations + head, embedding_grad))
 
 
 def available_bytes(device: str) -> int:
