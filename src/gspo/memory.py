@@ -212,7 +212,9 @@ def _training_bytes(model: ModelShape, run: RunShape, params: int) -> int:
     input embedding's contributions meet in a temporary; with accumulation, the new one is added)."""
     tokens = run.micro_batch_tokens
     activations = tokens * model.activation_bytes_per_token(run.compute, run.checkpointing)
-    casts = BYTES[run.compute] * (params - model.vocab * model.hidden) if run.compute != "float32" else 0
+    # every linear's weight, the LM head's included (the input embedding is looked up, not cast)
+    linear = params - (0 if model.tied else model.vocab * model.hidden)
+    casts = BYTES[run.compute] * linear if run.compute != "float32" else 0
     completion = tokens // run.sequence_tokens * run.response_tokens  # (rows x T) positions the head scores
     head = min(max(completion, 1), LM_HEAD_CHUNK_TOKENS) * model.vocab * 4
     embedding_grad = 0 if run.lora_rank else 4 * model.vocab * model.hidden
