@@ -8,13 +8,15 @@ compares it with what the machine has (CPU: available RAM; CUDA: free device mem
 that cannot fit with a :class:`~gspo.errors.ConfigError` naming the knobs that make it fit.
 
 The model of a step: persistent state (float32 master weights, gradients and AdamW's two moments, a
-lower-precision sampler copy, a KL reference copy, FSDP2's whole copy for the sampler) plus the larger
-of two transients: sampling (KV cache and logits of every local response) and a training micro-batch
+lower-precision sampler copy, a KL reference copy, FSDP2's whole copy for the sampler) plus the largest
+of three transients: sampling (KV cache and logits of every local response), a training micro-batch
 (saved activations per token and layer, the compute-dtype weight casts autocast keeps for the backward,
-the chunked LM head). The per-token activation coefficients count the tensors a Qwen3/Llama layer saves
-for its backward; they were checked against peak RSS measured on the CPU (docs/memory.md, tests/unit/
-test_memory.py pins the estimate within 20% of two measured runs). Not measured on a GPU: CUDA adds its
-context and allocator caching, covered only by :data:`CUDA_RUNTIME_BYTES`.
+the chunked LM head) and a no-grad pi_old / reference pass. The per-token activation coefficients count
+the tensors a Qwen3/Llama layer saves for its backward. Checked against peak RSS measured on the CPU
+(docs/memory.md; tests/unit/test_memory.py pins six points of a 103M shape and the issue's two 0.6B figures
+within 20%), except bfloat16 with long responses, which measured 23% above the estimate (a known gap, in
+docs/memory.md). Not measured on a GPU: CUDA adds its context and allocator caching, covered only by
+:data:`CUDA_RUNTIME_BYTES`.
 """
 
 from __future__ import annotations
@@ -252,7 +254,8 @@ def available_bytes(device: str) -> int:
 def _knobs(run: RunShape) -> list[tuple[str, RunShape]]:
     out = []
     if not run.micro_tokens or run.micro_tokens > run.sequence_tokens:
-        out.append((f"optim.micro_batch_tokens={run.sequence_tokens}", replace(run, micro_tokens=run.sequence_tokens, micro_rows=0)))
+        one_row = replace(run, micro_tokens=run.sequence_tokens, micro_rows=0)
+        out.append((f"optim.micro_batch_tokens={run.sequence_tokens}", one_row))
     if not run.checkpointing:
         out.append(("optim.gradient_checkpointing=true", replace(run, checkpointing=True)))
     if run.compute == "float32":

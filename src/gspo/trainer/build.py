@@ -109,7 +109,8 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     task = task or build_task(config.data, seed=config.seed, eval_size=config.eval.size)
     device = pick_device(config.device)
     rewards = rewards or resolve_rewards(config.reward.functions, task.rewards, device=device)
-    precision = _precision_and_memory(config, device, model)  # before the weights load: a run that cannot fit stops here
+    # before the weights load: a run that cannot fit stops here
+    precision = _precision_and_memory(config, device, model)
     model, tokenizer, path = _load_policy(config, device, model, tokenizer)
     if precision is None:  # a config without the Llama-style shape keys: decided from the loaded model
         precision = resolve_precision(o.dtype, r.engine_dtype, device, sum(p.numel() for p in model.parameters()))
