@@ -40,9 +40,9 @@ MIN_BF16_PARAMS = 50_000_000
 # A measured bf16 GEMM must be at least this much faster than fp32 to pay: autocast also adds casts and
 # leaves softmax, norms and the loss in float32, so a GEMM gain under ~1.5x disappears in a whole step.
 MIN_GEMM_SPEEDUP = 1.5
-# The probe's square GEMM: 512^3 (0.27 GFLOP) takes ~1-4 ms per call on one core in either dtype.
+# The probe's square GEMM: 512^3 (0.27 GFLOP) takes ~1-4 ms per call on one core in either dtype (~30 ms in all).
 PROBE_SIZE = 512
-PROBE_REPEATS = 3
+PROBE_REPEATS = 5  # best of 5: one preempted call on a loaded machine does not decide
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
