@@ -65,8 +65,8 @@ class RolloutConfig:
     """vLLM on a GPU shared with training: fraction of GPU memory it takes while awake (gpu_memory_utilization;
     it sleeps during the update). A server gspo starts gets a GPU of its own and 0.9 of it."""
     engine_dtype: str = "auto"
-    """Sampler precision: auto (the policy's; bfloat16 for vLLM on a GPU), float32, bfloat16 or float16 (a
-    separate lower-precision copy, or the vLLM engine's dtype)."""
+    """Sampler precision: auto (training's compute dtype, optim.dtype; bfloat16 for vLLM on a GPU), float32,
+    bfloat16 or float16 (a separate lower-precision copy, or the vLLM engine's dtype)."""
     ignore_eos: bool = False
     """Never stop at EOS: every response is max_new_tokens long (benchmarks: fixed-length generation)."""
     decoder: str = "auto"
@@ -147,8 +147,14 @@ class OptimConfig:
     """Passes over each rollout batch."""
     micro_batch_size: int = 0
     """Responses per forward/backward (gradient accumulation); 0 = the whole minibatch."""
-    dtype: str = "float32"
-    """Training precision: float32, or bfloat16 (autocast; master weights stay float32)."""
+    micro_batch_tokens: int = 0
+    """Token budget per forward/backward: micro-batches are formed from length-sorted responses so that rows x
+    padded length stays within it (memory follows tokens, not rows; every no-grad pass is split the same way);
+    0 = off (optim.micro_batch_size decides). Exclusive with optim.micro_batch_size."""
+    dtype: str = "auto"
+    """Training compute precision (master weights and optimizer state stay float32): auto (bfloat16 autocast
+    for models of 50M+ parameters on CUDA with bf16 or a CPU with AMX / AVX512-BF16 whose measured bf16 GEMM
+    pays, else float32; the start line says which and why), float32, or bfloat16."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward: activation memory of about one layer
     for about a third more training compute (TRL's default; benchmarks/README.md)."""

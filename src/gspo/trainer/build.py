@@ -28,6 +28,7 @@ from gspo.logprobs import token_logprobs
 from gspo.logprobs_support import token_logprobs_on_support, truncation_support
 from gspo.models.load import load_model, load_tokenizer, pick_device, prepare_tokenizer, resolve_model_path
 from gspo.models.lora import apply_lora
+from gspo.precision import DTYPES, PrecisionPolicy, resolve_precision
 from gspo.rollout.base import RolloutEngine, SamplingParams
 from gspo.rollout.hf import HFEngine
 from gspo.tasks.base import Task
@@ -39,8 +40,6 @@ from gspo.trainer.logging import MetricsLogger
 from gspo.trainer.old_logprobs import OldLogprobs, has_dropout, plan_old_logprobs
 from gspo.trainer.policy import PolicyLogprobs
 from gspo.trainer.update import Updater
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -69,6 +68,7 @@ class Components:
     logger: MetricsLogger
     moe: bool
     sharded: bool
+    precision: PrecisionPolicy = PrecisionPolicy()  # compute / sampler / master dtypes, decided once (gspo.precision)
     pipeline: object = None  # trainer.pipeline.Pipeline when rollout.max_staleness > 0 (issue 14)
 
     def sync_weights(self) -> None:
@@ -110,7 +110,11 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     task = task or build_task(config.data, seed=config.seed, eval_size=config.eval.size)
     device = pick_device(config.device)
     rewards = rewards or resolve_rewards(config.reward.functions, task.rewards, device=device)
+    # before the weights load: a run that cannot fit stops here
+    precision = _precision_and_memory(config, device, model)
     model, tokenizer, path = _load_policy(config, device, model, tokenizer)
+    if precision is None:  # a config without the Llama-style shape keys: decided from the loaded model
+        precision = resolve_precision(o.dtype, r.engine_dtype, device, sum(p.numel() for p in model.parameters()))
     moe = supports_routing(model)
     replay = config.moe.routing_replay
     if replay != "off" and not moe:
@@ -124,8 +128,8 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     if r.max_staleness and engine is None and r.engine != "hf":
         # vLLM samples ahead in the sampler process and is the run's only engine, evaluation included: a
         # second instance (or server) in the trainer process would double its memory and start-up
-        sampler = engine = _sampler_engine(config, whole, tokenizer, path, device)
-    engine = engine or build_engine(config, whole, tokenizer, path)
+        sampler = engine = _sampler_engine(config, whole, tokenizer, path, device, precision)
+    engine = engine or build_engine(config, whole, tokenizer, path, precision=precision)
     if replay == "r3" and not engine.info.records_routing:
         raise ConfigError(f"moe.routing_replay=r3 needs the rollout engine's expert choices, which {engine.info.name} "
                           "does not return; use moe.routing_replay=r2 (experts from the trainer's old-policy pass)")
@@ -139,9 +143,9 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
         reference = model if config.lora.rank else frozen_copy(whole)
     render = _renderer(config, tokenizer, model)
     params, collector, evaluator = _sampling(config, task, engine, render, tokenizer, model, rewards)
-    updater = _updater(config, max_length=collector.max_response_tokens)  # an agent episode spans its turns
+    updater = _updater(config, precision, max_length=collector.max_response_tokens)  # an agent episode spans its turns
     source = "rollout" if config.correction.mode == "bypass" else config.loss.old_logprobs
-    plan = plan_old_logprobs(source, engine=engine.info, training_dtype=o.dtype,
+    plan = plan_old_logprobs(source, engine=engine.info, training_dtype=precision.compute,
                              dropout=has_dropout(model), moe=moe, routing_replay=replay,
                              diagnostics=config.moe.diagnostics, correction=config.correction.mode)
     temperature = r.temperature
@@ -154,7 +158,7 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
         logger=MetricsLogger(Path(run_dir) if run_dir else None, tensorboard=config.log.tensorboard,
                              enabled=dist.is_main(), trackers=config.log.trackers, project=config.log.project,
                              run_config=config.to_dict()),
-        moe=moe, sharded=sharded)
+        moe=moe, sharded=sharded, precision=precision)
 
     def reference_logprobs():
         return _reference_fn(parts, temperature)
@@ -163,14 +167,17 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
         plan, policy=lambda ids, attn, num_t, routed=False: policy(ids, attn, num_t, temperature, routed=routed),
         reference=reference_logprobs if reference is not None else None,
         # one process only: under DDP / FSDP2 every forward is a collective, chunk counts must not differ
-        chunk_rows=rows_per_pass if dist.world_size() == 1 else 0, routed_model=model)
+        chunk_rows=rows_per_pass if dist.world_size() == 1 else 0, routed_model=model,
+        # with the update's assignment (the trainer's case): the update's own micro-batches, on any world size
+        micro_batches=updater.micro_batches, trim=bool(o.micro_batch_tokens), minibatches=o.minibatches)
     if r.max_staleness:  # a sampler process samples ahead of the update (trainer/pipeline.py)
         from gspo.rollout.subprocess import SubprocessEngine
         from gspo.trainer.pipeline import build_pipeline
 
         try:
             parts.pipeline = build_pipeline(parts, lambda placement: sampler or SubprocessEngine(
-                functools.partial(build_engine, config), whole, tokenizer, path, placement=placement))
+                functools.partial(build_engine, config, precision=precision), whole, tokenizer, path,
+                placement=placement))
         except BaseException:
             if sampler is not None:
                 sampler.close()
@@ -178,13 +185,14 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     return parts
 
 
-def _sampler_engine(config: Config, model: torch.nn.Module, tokenizer, path, device: torch.device):
+def _sampler_engine(config: Config, model: torch.nn.Module, tokenizer, path, device: torch.device,
+                    precision: PrecisionPolicy):
     """The pipeline's sampler process running the configured engine (``build_engine`` over there)."""
     from gspo.rollout.subprocess import SubprocessEngine
     from gspo.trainer.pipeline import check_pipeline, placements
 
     check_pipeline(config, device)
-    return SubprocessEngine(functools.partial(build_engine, config), model, tokenizer, path,
+    return SubprocessEngine(functools.partial(build_engine, config, precision=precision), model, tokenizer, path,
                             placement=placements(model, config)[1])
 
 
@@ -214,7 +222,30 @@ def _sampling(config: Config, task: Task, engine, render: PromptRenderer, tokeni
     return params, collector, evaluator
 
 
-def _updater(config: Config, *, max_length: int) -> Updater:
+def _precision_and_memory(config: Config, device: torch.device, model: torch.nn.Module | None
+                          ) -> PrecisionPolicy | None:
+    """The run's precision policy, and the memory check (gspo.memory), from ``config.json`` alone when the
+    model is still to be loaded (a LoRA adapter directory: its base's). None when the config does not name
+    the shape keys the estimate reads (layers, hidden, heads, vocabulary): no check then."""
+    from gspo import memory
+    from gspo.models.load import adapter_base, is_adapter_dir
+
+    try:
+        if model is not None:
+            shape = memory.ModelShape.from_config(model.config.to_dict())
+        else:
+            path = resolve_model_path(config.model)
+            shape = memory.ModelShape.from_dir(adapter_base(path) if is_adapter_dir(path) else path)
+    except (KeyError, TypeError, ValueError, OSError):
+        return None
+    o = config.optim
+    precision = resolve_precision(o.dtype, config.rollout.engine_dtype, device, shape.params)
+    run = memory.RunShape.from_config(config, precision, processes=dist.world_size(), device=device.type)
+    memory.check_memory(shape, run)
+    return precision
+
+
+def _updater(config: Config, precision: PrecisionPolicy, *, max_length: int) -> Updater:
     """The minibatch loop for the configured objective, its hyperparameters and rollout correction;
     ``max_length``: the most trained tokens of one response or episode (Dr. GRPO's constant L)."""
     r, o = config.rollout, config.optim
@@ -222,8 +253,8 @@ def _updater(config: Config, *, max_length: int) -> Updater:
                    correction=config.correction.mode, correction_thresholds=config.correction.thresholds(),
                    beta=config.loss.beta, kl_estimator=config.loss.kl_estimator,
                    temperature=r.temperature, minibatches=o.minibatches, epochs=o.epochs,
-                   micro_batch_size=o.micro_batch_size, max_grad_norm=o.max_grad_norm,
-                   autocast_dtype=DTYPES[o.dtype] if o.dtype != "float32" else None,
+                   micro_batch_size=o.micro_batch_size, micro_batch_tokens=o.micro_batch_tokens,
+                   max_grad_norm=o.max_grad_norm, autocast_dtype=precision.autocast_dtype,
                    routing_replay=config.moe.routing_replay != "off")
 
 
@@ -235,7 +266,9 @@ def build_evaluation(config: Config, *, model: torch.nn.Module | None = None, to
     rewards = resolve_rewards(config.reward.functions, task.rewards, device=device)
     model, tokenizer, path = _load_policy(config, device, model, tokenizer)
     model.eval()
-    engine = build_engine(config, model, tokenizer, path)
+    num_params = sum(p.numel() for p in model.parameters())
+    engine = build_engine(config, model, tokenizer, path, precision=resolve_precision(
+        config.optim.dtype, config.rollout.engine_dtype, device, num_params))
     # agent tasks evaluate whole episodes: _sampling picks the evaluator for the task
     _, _, evaluator = _sampling(config, task, engine, _renderer(config, tokenizer, model), tokenizer, model, rewards)
     return EvalComponents(config, model, tokenizer, engine, task, evaluator)
@@ -287,14 +320,19 @@ def _reference_fn(parts: Components, temperature: float):
     yield on_support
 
 
-def build_engine(config: Config, model: torch.nn.Module, tokenizer, path, *, separate_copy: bool = False):
+def build_engine(config: Config, model: torch.nn.Module, tokenizer, path, *, separate_copy: bool = False,
+                 precision: PrecisionPolicy | None = None):
     """The rollout engine named by ``rollout.engine``: the one place that names a concrete engine.
 
     ``separate_copy``: the engine must not sample with ``model`` itself (FSDP2 shards it), so the
-    in-process engine keeps its own whole copy, refreshed by ``sync_weights``.
+    in-process engine keeps its own whole copy, refreshed by ``sync_weights``. ``precision``: the run's
+    policy (its ``sampler`` dtype); None = ``rollout.engine_dtype`` as configured (``auto``: the model's).
     """
     r = config.rollout
-    dtype = None if r.engine_dtype == "auto" else DTYPES[r.engine_dtype]
+    if precision is not None:
+        dtype = precision.sampler_dtype
+    else:
+        dtype = None if r.engine_dtype == "auto" else DTYPES[r.engine_dtype]
     if r.engine in ("vllm", "vllm-server"):
         from gspo.rollout.vllm import build_vllm_engine
 

@@ -161,7 +161,7 @@ def _setup_text(trainer) -> str:
     """One line on how this run samples, where its old log-probabilities come from and which replay is on."""
     cfg = trainer.config
     text = (f"{cfg.algorithm} on {cfg.model}: {trainer.parts.engine.info.name}; "
-            f"old log-probs {trainer.old_logprobs_plan.describe()}")
+            f"old log-probs {trainer.old_logprobs_plan.describe()}; {trainer.parts.precision.describe()}")
     if trainer.parts.moe:
         replay = cfg.moe.routing_replay
         text += "; routing replay " + ({"off": "off", "r2": "R2 (old-policy pass)", "r3": "R3 (rollout engine)"}[replay])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -84,7 +84,7 @@ class Trainer:
         plan = self.updater.plan(shared, local, offset=dist.rank() * local, total=local * dist.world_size())
         onpolicy = plan[0] == 0 if batch.rollout.policy_version in (-1, step) else None  # a stale batch has none
         with self.updater.autocast(policy_device(self.policy).type):  # the policy's device, not the batch's
-            inputs, lp_metrics = self.parts.old_logprobs(batch, onpolicy=onpolicy)
+            inputs, lp_metrics = self.parts.old_logprobs(batch, onpolicy=onpolicy, assignment=plan[0])
         t2 = time.perf_counter()
         history = self.updater.update(self.policy, self.parts.optimizer, self.parts.scheduler, inputs, plan=plan)
         if inputs.measure_old is not None:  # old log-probs from the sampler: its mismatch, from the on-policy forward
@@ -169,6 +169,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # atomic: a kill mid-write must not leave a truncated config.json that blocks --resume
             replace_file_atomic(self.run_dir / "config.json", json.dumps(self.config.resolved_dict(), indent=2).encode())
+            # what optim.dtype / rollout.engine_dtype=auto resolved to on this machine, and why (gspo.precision)
+            replace_file_atomic(self.run_dir / "precision.json",
+                                json.dumps(asdict(self.parts.precision), indent=2).encode())
 
 
 def evaluate_heldout(evaluator, rows: list, config: Config) -> dict[str, float]:

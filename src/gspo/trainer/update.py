@@ -19,6 +19,7 @@ from gspo import distributed as dist
 from gspo.algorithms import LossOutput, get_objective, in_support, rollout_correction
 from gspo.errors import TrainingDiverged
 from gspo.moe import ReplayStats, RoutingRecord, capture_routing, expert_volatility, replay_routing
+from gspo.trainer.micro import split_minibatch, trim_padding
 
 # Consecutive optimizer steps with a non-finite loss or gradient after which the run stops: one bad
 # step is skipped and logged, a streak means the policy itself has diverged.
@@ -54,6 +55,20 @@ class UpdateInputs:
                             self.advantages[index], self.old_logprobs[index], pick(self.ref_logprobs), routing,
                             pick(self.reuse_old), pick(self.measure_old), pick(self.rollout_logprobs))
 
+    def narrow(self) -> "UpdateInputs":
+        """These rows cut to their own width (no all-padding column; token micro-batches, trainer/micro.py).
+        Unchanged with a routing record, whose (B, P + T, k) layout is replayed as recorded."""
+        if self.routing is not None:
+            return self
+        columns, kept = trim_padding(self.attention_mask, self.completion_mask.shape[1])
+
+        def cut(t):  # (m, T) per-token tensors keep their first ``kept`` columns; (m,) ones stay
+            return t[:, :kept] if t is not None and t.dim() == 2 else t
+
+        return UpdateInputs(self.input_ids[:, columns], self.attention_mask[:, columns], cut(self.completion_mask),
+                            cut(self.advantages), cut(self.old_logprobs), cut(self.ref_logprobs), None,
+                            self.reuse_old, self.measure_old, cut(self.rollout_logprobs))
+
 
 @dataclass
 class Updater:
@@ -76,6 +91,7 @@ class Updater:
     minibatches: int = 4
     epochs: int = 1
     micro_batch_size: int = 0
+    micro_batch_tokens: int = 0  # token budget per micro-batch (trainer/micro.py); wins over micro_batch_size
     max_grad_norm: float = 1.0
     autocast_dtype: torch.dtype | None = None
     routing_replay: bool = False  # MoE: force the behaviour policy's experts (Routing Replay)
@@ -124,11 +140,12 @@ class Updater:
         normaliser = self._global_normaliser(minibatch.completion_mask)
         optimizer.zero_grad(set_to_none=True)
         parts, volatility, replayed = [], [], []
-        size = self.micro_batch_size or max(len(index), 1)
-        micros = torch.split(torch.arange(len(index)), size)
+        micros = self.micro_batches(minibatch.attention_mask, minibatch.completion_mask.shape[1])
         model = _inner_model(policy)
         for i, micro in enumerate(micros):
             rows = minibatch.rows(micro)
+            if self.micro_batch_tokens:
+                rows = rows.narrow()
             sync = contextlib.nullcontext() if i == len(micros) - 1 else dist.no_sync(policy)
             replay, capture = self._routing_contexts(model, rows)
             with sync, replay as stats:
@@ -137,7 +154,7 @@ class Updater:
                 # backward inside the replay: a recomputing backward must replay too
                 (out.loss * dist.gradient_scale()).backward()
             if rows.reuse_old is not None and bool(rows.reuse_old.any()):  # keep what _loss filled in (epochs > 1)
-                inputs.old_logprobs[index[micro]] = rows.old_logprobs
+                inputs.old_logprobs[index[micro], : rows.old_logprobs.shape[1]] = rows.old_logprobs
                 inputs.reuse_old[index[micro]] = False
             if rows.measure_old is not None:
                 inputs.measure_old[index[micro]] = False  # measured once, by the on-policy forward
@@ -169,6 +186,11 @@ class Updater:
                 )
         scheduler.step()
         return metrics
+
+    def micro_batches(self, attention_mask: torch.Tensor, num_completion: int) -> list[torch.Tensor]:
+        """A minibatch's micro-batches, (m,) row indices each (trainer/micro.py); no-grad passes split alike."""
+        return split_minibatch(attention_mask, num_completion, rows=self.micro_batch_size,
+                               tokens=self.micro_batch_tokens)
 
     def _routing_contexts(self, model, rows: UpdateInputs) -> tuple:
         """(replay, capture) around a micro-batch: replay the behaviour policy's experts (forward and

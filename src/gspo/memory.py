@@ -1,0 +1,312 @@
+"""Peak memory of a run, estimated before the model loads (issue 21: say before it fails).
+
+:func:`estimate` turns a model's ``config.json`` (:class:`ModelShape`: layers, hidden, intermediate,
+heads, KV heads, vocabulary, tied embeddings, MoE experts) and the run's config (rows per micro-batch or
+token budget, prompt + response length, precision, AdamW, LoRA, activation checkpointing, the sampler's
+KV cache, processes and DDP / FSDP2) into a per-process peak in bytes, itemised. :func:`check_memory`
+compares it with what the machine has (CPU: available RAM; CUDA: free device memory) and refuses a run
+that cannot fit with a :class:`~gspo.errors.ConfigError` naming the knobs that make it fit.
+
+The model of a step: persistent state (float32 master weights, gradients and AdamW's two moments, a
+lower-precision sampler copy, a KL reference copy, FSDP2's whole copy for the sampler) plus the largest
+of three transients: sampling (KV cache and logits of every local response), a training micro-batch
+(saved activations per token and layer, the compute-dtype weight casts autocast keeps for the backward,
+the chunked LM head) and a no-grad pi_old / reference pass. The per-token activation coefficients count
+the tensors a Qwen3/Llama layer saves for its backward. Checked against peak RSS measured on the CPU
+(docs/memory.md; tests/unit/test_memory.py pins six points of a 103M shape and the issue's two 0.6B figures
+within 20%), except bfloat16 with long responses, which measured 23% above the estimate (a known gap, in
+docs/memory.md). Not measured on a GPU: CUDA adds its context and allocator caching, covered only by
+:data:`CUDA_RUNTIME_BYTES`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+GB = 1024**3
+# Python + torch + transformers + gspo resident before any model (measured on the CPU: ~0.45 GB peak RSS
+# of a process that built the tiny model and ran one step).
+CPU_RUNTIME_BYTES = int(0.45 * GB)
+# The CUDA context and the caching allocator's slack on a GPU (an allowance, not a measurement).
+CUDA_RUNTIME_BYTES = int(1.0 * GB)
+# Prompt length assumed when the run's prompts are not known yet (before the tokenizer and data meet).
+ASSUMED_PROMPT_TOKENS = 128
+# The chunked LM head (gspo.logprobs.DEFAULT_CHUNK_TOKENS): one (chunk, V) float32 logits buffer over the
+# completion positions, recomputed and worked on in place in the backward.
+LM_HEAD_CHUNK_TOKENS = 512
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ADAMW_STATE_PER_PARAM = 2  # exp_avg and exp_avg_sq, float32 like the master weights
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The shape facts of a Hugging Face causal LM config that memory depends on."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool = False
+    experts: int = 0  # MoE: routed experts per layer (0 = dense)
+    expert_intermediate: int = 0
+    experts_per_token: int = 0
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelShape":
+        """From a ``config.json`` dict (a multimodal config's ``text_config`` is used when present)."""
+        c = config.get("text_config") or config
+        heads = int(c["num_attention_heads"])
+        hidden = int(c["hidden_size"])
+        experts = int(c.get("num_experts") or c.get("num_local_experts") or c.get("n_routed_experts") or 0)
+        return cls(
+            layers=int(c["num_hidden_layers"]), hidden=hidden, intermediate=int(c.get("intermediate_size") or 0),
+            heads=heads, kv_heads=int(c.get("num_key_value_heads") or heads),
+            head_dim=int(c.get("head_dim") or hidden // heads), vocab=int(c["vocab_size"]),
+            tied=bool(config.get("tie_word_embeddings", c.get("tie_word_embeddings", False))),
+            experts=experts, expert_intermediate=int(c.get("moe_intermediate_size") or c.get("intermediate_size") or 0),
+            experts_per_token=int(c.get("num_experts_per_tok") or 0))
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "ModelShape":
+        return cls.from_config(json.loads((Path(path) / "config.json").read_text(encoding="utf-8")))
+
+    @property
+    def attention_params(self) -> int:
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return self.hidden * (2 * q + 2 * kv) + 2 * self.head_dim  # q, k, v, o; Qwen3's q/k norms
+
+    @property
+    def mlp_params(self) -> int:
+        if self.experts:
+            return self.experts * 3 * self.hidden * self.expert_intermediate + self.hidden * self.experts
+        return 3 * self.hidden * self.intermediate  # gate, up, down
+
+    @property
+    def params(self) -> int:
+        """All parameters: embeddings (twice when untied), every layer, the norms."""
+        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
+        return embeddings + self.layers * (self.attention_params + self.mlp_params + 2 * self.hidden) + self.hidden
+
+    def linear_params(self, targets: int = 7) -> int:
+        """LoRA: parameters of a rank-1 adapter on every linear layer but the head (in + out per adapted matrix)."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        attn = (self.hidden + q) + 2 * (self.hidden + kv) + (q + self.hidden)
+        inter = self.expert_intermediate * (self.experts_per_token or 1) if self.experts else self.intermediate
+        return self.layers * (attn + 3 * (self.hidden + inter))
+
+    def activation_bytes_per_token(self, compute: str, checkpointing: bool) -> float:
+        """Bytes a training forward keeps per token for its backward, summed over layers.
+
+        Per layer (Qwen3 / Llama, autocast): the float32 residual stream around the two RMSNorms (input,
+        normalised output, and the squared input: ~8 hidden), the compute-dtype copies the linears save (their
+        inputs: 2 hidden-wide and 1 intermediate-wide), q / k / v before and after the q/k norms and rotary
+        embedding (float32 norms), the attention output and its log-sum-exp, and the MLP's gate, up, their
+        SiLU and product (4 intermediate-wide). With checkpointing, only each layer's input is kept (plus one
+        layer's worth during its recomputation).
+        """
+        b = BYTES[compute]
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        inter = self.expert_intermediate * self.experts_per_token if self.experts else self.intermediate
+        per_layer = 4 * 8 * self.hidden + b * (2 * self.hidden + q) + (4 + b) * (q + 2 * kv) + b * (q + 5 * inter)
+        if checkpointing:
+            return 4 * self.hidden * self.layers + per_layer
+        return per_layer * self.layers
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """The run facts memory depends on, per process."""
+
+    responses: int  # responses sampled per step by this process
+    minibatch_rows: int  # responses per optimizer step on this process
+    micro_rows: int  # responses per forward/backward (0 = the whole minibatch)
+    micro_tokens: int  # token budget per forward/backward (0 = by rows)
+    prompt_tokens: int
+    response_tokens: int
+    compute: str = "float32"
+    sampler: str = "float32"
+    lora_rank: int = 0
+    checkpointing: bool = False
+    reference: bool = False  # a frozen KL reference copy (loss.beta > 0 without LoRA)
+    processes: int = 1
+    strategy: str = "ddp"
+    device: str = "cpu"
+
+    @classmethod
+    def from_config(cls, config, precision, *, prompt_tokens: int = ASSUMED_PROMPT_TOKENS, processes: int = 1,
+                    device: str = "cpu") -> "RunShape":
+        r, o = config.rollout, config.optim
+        responses = -(-r.prompts_per_step * r.group_size // processes)
+        return cls(responses=responses, minibatch_rows=-(-responses // o.minibatches), micro_rows=o.micro_batch_size,
+                   micro_tokens=o.micro_batch_tokens, prompt_tokens=prompt_tokens, response_tokens=r.max_new_tokens,
+                   compute=precision.compute, sampler=precision.sampler, lora_rank=config.lora.rank,
+                   checkpointing=o.gradient_checkpointing, reference=config.loss.beta > 0 and not config.lora.rank,
+                   processes=processes, strategy=config.distributed.strategy, device=device)
+
+    @property
+    def sequence_tokens(self) -> int:
+        return self.prompt_tokens + self.response_tokens
+
+    @property
+    def micro_batch_tokens(self) -> int:
+        """Padded tokens in the largest training forward (at least one whole response)."""
+        rows = self.micro_rows or self.minibatch_rows
+        if self.micro_tokens:
+            rows = min(rows, max(1, self.micro_tokens // self.sequence_tokens))
+        return rows * self.sequence_tokens
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A per-process peak in bytes, itemised (``parts``: name -> bytes); ``total`` is their sum."""
+
+    parts: dict
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def describe(self) -> str:
+        items = ", ".join(f"{name} {value / GB:.1f}" for name, value in self.parts.items() if value >= 0.05 * GB)
+        return f"{self.total / GB:.1f} GB ({items})"
+
+
+def estimate(model: ModelShape, run: RunShape) -> Estimate:
+    """The peak bytes of one process of ``run`` on ``model`` (see the module docstring for the model)."""
+    params = model.params
+    sharded = run.strategy == "fsdp" and run.processes > 1
+    shard = run.processes if sharded else 1
+    trainable = model.linear_params() * run.lora_rank if run.lora_rank else params
+    parts = {"runtime": CUDA_RUNTIME_BYTES if run.device == "cuda" else CPU_RUNTIME_BYTES,
+             "weights": 4 * params // shard}
+    if sharded:  # FSDP2: the sampler and checkpoints read a whole float32 copy (trainer/build.py)
+        parts["whole copy"] = 4 * params
+    parts["gradients"] = 4 * trainable // shard
+    parts["optimizer"] = 4 * ADAMW_STATE_PER_PARAM * trainable // shard
+    if run.sampler != "float32":
+        parts["sampler copy"] = BYTES[run.sampler] * params
+    if run.reference:
+        parts["reference"] = 4 * params
+    transients = {"KV cache + logits": _sampling_bytes(model, run), "activations": _training_bytes(model, run, params),
+                  "no-grad pass": _no_grad_bytes(model, run, params)}
+    name = max(transients, key=transients.get)
+    parts[name] = transients[name]
+    return Estimate(parts)
+
+
+def _no_grad_bytes(model: ModelShape, run: RunShape, params: int) -> int:
+    """A pi_old / reference pass: autocast's weight casts (kept for the whole pass) and the LM head's chunk of
+    logits in the compute dtype and in float32 (its activations are freed layer by layer). Measured on the CPU:
+    the peak phase of a bfloat16 run with short responses (0.45 GB over the persistent state, 103M shape)."""
+    b = BYTES[run.compute]
+    linear = params - (0 if model.tied else model.vocab * model.hidden)
+    casts = b * linear if run.compute != "float32" else 0
+    completion = run.micro_batch_tokens // run.sequence_tokens * run.response_tokens
+    logits = min(max(completion, 1), LM_HEAD_CHUNK_TOKENS) * model.vocab * (4 + (b if run.compute != "float32" else 0))
+    return casts + logits
+
+
+def _sampling_bytes(model: ModelShape, run: RunShape) -> int:
+    """KV cache of every local response at full length, plus a few (rows, V) float32 logits buffers."""
+    kv = run.responses * model.layers * 2 * model.kv_heads * model.head_dim * run.sequence_tokens * BYTES[run.sampler]
+    return kv + 3 * run.responses * model.vocab * 4
+
+
+def _training_bytes(model: ModelShape, run: RunShape, params: int) -> int:
+    """One micro-batch's forward + backward: autocast's weight casts, plus the larger of the saved activations
+    with the LM head's chunk (the start of the backward) and the embedding's (V, hidden) float32 gradient made
+    before it is added into ``.grad`` (the end of the backward, activations freed: tied, the head's and the
+    input embedding's contributions meet in a temporary; with accumulation, the new one is added)."""
+    tokens = run.micro_batch_tokens
+    activations = tokens * model.activation_bytes_per_token(run.compute, run.checkpointing)
+    # every linear's weight, the LM head's included (the input embedding is looked up, not cast)
+    linear = params - (0 if model.tied else model.vocab * model.hidden)
+    casts = BYTES[run.compute] * linear if run.compute != "float32" else 0
+    completion = tokens // run.sequence_tokens * run.response_tokens  # (rows x T) positions the head scores
+    head = min(max(completion, 1), LM_HEAD_CHUNK_TOKENS) * model.vocab * 4
+    embedding_grad = 0 if run.lora_rank else 4 * model.vocab * model.hidden
+    return int(casts + max(activations + head, embedding_grad))
+
+
+def available_bytes(device: str) -> int:
+    """What a new run can still use: CUDA free device memory, else the OS's available RAM."""
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+# (knob, what to change) tried one at a time by the refusal, cheapest in compute first
+def _knobs(run: RunShape) -> list[tuple[str, RunShape]]:
+    out = []
+    if not run.micro_tokens or run.micro_tokens > run.sequence_tokens:
+        one_row = replace(run, micro_tokens=run.sequence_tokens, micro_rows=0)
+        out.append((f"optim.micro_batch_tokens={run.sequence_tokens}", one_row))
+    if not run.checkpointing:
+        out.append(("optim.gradient_checkpointing=true", replace(run, checkpointing=True)))
+    if run.compute == "float32":
+        out.append(("optim.dtype=bfloat16", replace(run, compute="bfloat16", sampler="bfloat16")))
+    if not run.lora_rank:
+        out.append(("lora.rank=16", replace(run, lora_rank=16, reference=False)))
+    if run.responses > 1:
+        half = max(1, run.responses // 2)
+        out.append(("half the responses (rollout.prompts_per_step or rollout.group_size)",
+                    replace(run, responses=half, minibatch_rows=max(1, run.minibatch_rows // 2))))
+    return out
+
+
+def refusal(model: ModelShape, run: RunShape, available: int) -> str | None:
+    """None when the estimate fits in ``available`` bytes, else the message naming what makes it fit."""
+    need = estimate(model, run)
+    if _machine_total(need, run) <= available:
+        return None
+    fixes = [(knob, _machine_total(estimate(model, changed), run)) for knob, changed in _knobs(run)]
+    alone = [f"{knob} ({total / GB:.1f} GB)" for knob, total in fixes if total <= available]
+    if alone:
+        advice = "any one of these fits: " + "; ".join(alone)
+    else:
+        together = run
+        for _, changed in _knobs(run):
+            together = replace(together, **{f: getattr(changed, f) for f in (
+                "micro_tokens", "micro_rows", "checkpointing", "compute", "sampler", "lora_rank", "reference")
+                if getattr(changed, f) != getattr(run, f)})
+        advice = ("no single knob fits; together " + ", ".join(k for k, _ in fixes[:-1])
+                  + f" need {_machine_total(estimate(model, together), run) / GB:.1f} GB")
+    where = "free GPU memory" if run.device == "cuda" else "available RAM"
+    processes = f" x {run.processes} processes" if _shares_ram(run) else " per process"
+    return (f"this run needs about {need.describe()}{processes} at its peak, more than the {available / GB:.1f} GB "
+            f"of {where}; {advice}")
+
+
+def _shares_ram(run: RunShape) -> bool:
+    return run.device != "cuda" and run.processes > 1
+
+
+def _machine_total(need: Estimate, run: RunShape) -> int:
+    """What must fit in the memory checked: CPU processes share the RAM, GPUs have one each."""
+    return need.total * (run.processes if _shares_ram(run) else 1)
+
+
+def check_memory(model: ModelShape, run: RunShape, available: int | None = None) -> Estimate:
+    """Raise :class:`~gspo.errors.ConfigError` if ``run`` cannot fit; returns the estimate otherwise."""
+    from gspo.errors import ConfigError
+
+    available = available_bytes(run.device) if available is None else available
+    message = refusal(model, run, available)
+    if message:
+        raise ConfigError(message)
+    return estimate(model, run)
