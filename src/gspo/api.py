@@ -88,7 +88,7 @@ class Trainer:
         if train_dataset is not None or eval_dataset is not None:
             self._replace["task"] = _task(self.config, train_dataset, eval_dataset, prompt_column, answer_column)
         if rewards is not None:
-            self._replace["rewards"] = _rewards(rewards, reward_weights, self.config)
+            self._replace["rewards"] = _rewards(rewards, reward_weights, self.config, self._replace.get("task"))
         self.callbacks = list(callbacks)
         self.summary: dict | None = None
         self._runner = None
@@ -210,13 +210,17 @@ def _task(config: Config, train_dataset, eval_dataset, prompt_column: str, answe
                      source="train_dataset", eval_source="eval_dataset" if held is not None else None)
 
 
-def _rewards(rewards: list, weights: Sequence[float] | None, config: Config):
-    from gspo.tasks.registry import build_task
+def _rewards(rewards: list, weights: Sequence[float] | None, config: Config, task=None):
+    """Callables and reward names as :class:`WeightedReward` s; names resolve against ``task`` (the in-memory
+    dataset's) or the config's task, whose rows are never built for it."""
+    from gspo.tasks.registry import task_rewards as rewards_of
     from gspo.tasks.rewards import WeightedReward, resolve_rewards
 
     weights = list(weights) if weights is not None else [1.0] * len(rewards)
     named = [f"{reward}@{weight}" for reward, weight in zip(rewards, weights) if isinstance(reward, str)]
-    task_rewards = build_task(config.data, seed=config.seed, eval_size=0).rewards if named else {}
+    task_rewards = {}
+    if named:
+        task_rewards = task.rewards if task is not None else rewards_of(config.data, seed=config.seed)
     resolved = iter(resolve_rewards(named, task_rewards) if named else ())
     out, names = [], set()
     for reward, weight in zip(rewards, weights):

@@ -16,8 +16,7 @@ def build_task(data: DataConfig, *, seed: int, eval_size: int, needs_answer: boo
         from gspo.tasks import arithmetic
 
         task = arithmetic.ArithmeticTask(seed=seed)
-        rewards = {"exact_answer": (arithmetic.exact_answer_reward, 1.0), "format": (arithmetic.format_reward, 0.0)}
-        return Task("arithmetic", task.iter_train, task.eval_rows(eval_size), rewards)
+        return Task("arithmetic", task.iter_train, task.eval_rows(eval_size), _arithmetic_rewards())
     if data.task == "calculator":  # agents (issue 16): multi-turn, tool-using episodes (gspo.agents)
         from gspo.agents.calculator import build_task as calculator_task
 
@@ -28,6 +27,25 @@ def build_task(data: DataConfig, *, seed: int, eval_size: int, needs_answer: boo
         return reasoning_gym_task(data.task.split(":", 1)[1], seed=seed, eval_size=eval_size)
     raise ConfigError(f"data.task={data.task!r} is not a built-in task (arithmetic, calculator, reasoning_gym:<name>); "
                       "or set data.path to a local dataset file")
+
+
+def task_rewards(data: DataConfig, *, seed: int) -> dict:
+    """The reward table of the task ``data`` names (name -> (function, default weight)), without reading a
+    dataset or generating a task's rows: what resolving a reward *name* needs (the Python API's
+    ``rewards=["exact_answer", "my_rewards:score"]``)."""
+    if data.path:
+        from gspo.tasks.answers import ANSWER_REWARDS
+
+        return dict(ANSWER_REWARDS)
+    if data.task == "arithmetic":
+        return _arithmetic_rewards()
+    return build_task(data, seed=seed, eval_size=0).rewards  # the others build no held-out rows at eval_size=0
+
+
+def _arithmetic_rewards() -> dict:
+    from gspo.tasks import arithmetic
+
+    return {"exact_answer": (arithmetic.exact_answer_reward, 1.0), "format": (arithmetic.format_reward, 0.0)}
 
 
 # Without data.eval_path the held-out rows are the last eval.size rows, but never more than a fifth of the
