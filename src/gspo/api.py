@@ -42,8 +42,8 @@ class Trainer:
         train_dataset: rows with a prompt column (a string or chat messages) and usually an answer column:
             a list of dicts, a ``datasets.Dataset``, or a path (JSONL / CSV / Parquet / save_to_disk).
             Default: the config's task (the embedded arithmetic task).
-        eval_dataset: held-out rows in the same forms; default: the last ``eval.size`` training rows (at
-            most a fifth of them).
+        eval_dataset: held-out rows in the same forms; default: ``eval.size`` training rows drawn at random
+            with the config's ``seed`` (at most a fifth of them), never trained on.
         rewards: callables (per sample or batched, see the module docstring) or names of built-in rewards
             (``exact_answer``, ``math_verify``, ...); default: the task's. The first reward defines accuracy.
         reward_weights: one weight per reward (default 1.0 each).

@@ -51,7 +51,8 @@ def test_in_memory_rows_lambda_and_batched_rewards_and_callbacks(tiny_model_dir,
     assert {"answer", "target"} <= seen["batch_columns"]  # every column of the rows, as lists
     assert set(prompts) <= {r["question"] for r in ROWS}  # the prompt text, in training and evaluation alike
     assert summary["steps"] == 2 and (tmp_path / "run" / "summary.json").exists()
-    held_out = {r["question"] for r in ROWS[-4:]}  # the last eval.size rows are held out, never trained on
+    held_out = {r["prompt"] for r in trainer._replace["task"].eval_rows}  # held out, never trained on
+    assert len(held_out) == 4
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert samples and not any(s["prompt"] in held_out for s in samples)
     assert set(trainer.evaluate()) >= {"eval/accuracy", "eval/greedy_accuracy"}

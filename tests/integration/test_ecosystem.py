@@ -200,8 +200,12 @@ def test_gspo_eval_on_a_saved_hf_dataset(tmp_path, tiny_model_dir, monkeypatch):
     assert code == 0 and report["task"] == f"dataset:{tmp_path / 'saved'}" and report["prompts"] == 2
     scored = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
     sampled, greedy = scored[:4], scored[4:]  # 2 held-out prompts x 2 samples, then 2 greedy
-    assert [p for p, _, _ in sampled] == ["8+8=", "8+8=", "9+9=", "9+9="]  # the last rows, as plain text
-    assert [a for _, _, a in sampled] == ["16", "16", "18", "18"]
+    from gspo.config.schema import Config
+    from gspo.tasks.registry import held_out_split
+
+    held, _ = held_out_split(rows, 2, Config().seed)  # a seeded sample of the rows, as plain text
+    assert [p for p, _, _ in sampled] == [r["question"] for r in held for _ in range(2)]
+    assert [a for _, _, a in sampled] == [r["target"] for r in held for _ in range(2)]
     assert report["sampled/accuracy"] == sum(c.strip() == a for _, c, a in sampled) / 4
     assert report["greedy/accuracy"] == sum(c.strip() == a for _, c, a in greedy) / 2
     per_prompt = [sum(c.strip() == a for _, c, a in sampled[i:i + 2]) for i in (0, 2)]

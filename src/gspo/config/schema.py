@@ -31,8 +31,8 @@ class DataConfig:
     answer_column: str = "answer"
     """Column holding the reference answer passed to rewards as ``answer``."""
     eval_path: str = ""
-    """Held-out file or directory; empty = the task's held-out split, or a dataset's last ``eval.size`` rows
-    (at most a fifth of its rows; the start line says how many)."""
+    """Held-out file or directory; empty = the task's held-out split, or ``eval.size`` rows of the dataset drawn
+    at random with ``seed`` (at most a fifth of its rows; the start line says how many)."""
     system_prompt: str = ""
     """System message prepended when the prompt is rendered with the tokenizer's chat template."""
     chat_template: str = "auto"
