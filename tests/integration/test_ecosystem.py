@@ -364,6 +364,18 @@ def test_export_refuses_a_non_empty_target(tmp_path, tiny_model_dir, capsys):
     assert "exists and is not empty" in capsys.readouterr().err
 
 
+def test_export_prints_no_transformers_progress_bars(tmp_path, tiny_model_dir, capsys):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # as in a fresh process (a run earlier in this one may have turned them off)
+    try:
+        assert main(["export", str(tiny_model_dir), str(tmp_path / "out")]) == 0
+    finally:
+        hf_logging.disable_progress_bar()
+    out, err = capsys.readouterr()
+    assert out.strip() == str(tmp_path / "out") and "%|" not in err and "Loading" not in err, err
+
+
 # -- trackers -------------------------------------------------------------------------------------------
 
 def test_tensorboard_sink_writes_event_files(tmp_path):
