@@ -103,8 +103,10 @@ class Trainer:
 
         if self.run_dir is None:
             self.run_dir = default_run_dir(self.config)
+        hint = (f"trainer.train(resume=True), or in a new session gspo.Trainer(<the same arguments>, "
+                f"run_dir={str(self.run_dir)!r}).train(resume=True)")
         self.summary = train(self.config, self.run_dir, resume=resume, callbacks=[_Keep(self), *self.callbacks],
-                             **self._replace)
+                             resume_hint=hint, **self._replace)
         return self.summary
 
     def evaluate(self) -> dict[str, float]:

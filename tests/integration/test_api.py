@@ -91,11 +91,12 @@ def test_ctrl_c_in_a_notebook_saves_and_raises_instead_of_exiting(tiny_model_dir
     with pytest.raises(RunInterrupted) as stop:  # a KeyboardInterrupt, never SystemExit
         trainer.train()
     assert isinstance(stop.value, KeyboardInterrupt) and stop.value.exit_code == 130
-    assert "Resume with" in str(stop.value)
+    assert "Resume with: trainer.train(resume=True)" in str(stop.value) and "gspo train" not in str(stop.value)
+    assert trainer.train(resume=True)["steps"] == 3  # the same object resumes
     resumed = gspo.Trainer(model=str(tiny_model_dir), train_dataset=ROWS, prompt_column="question",
                            answer_column="target",
                            rewards=[lambda prompt, completion, **_: completion.count("1") / 4], config=config)
-    assert resumed.train(resume=True)["steps"] == 3
+    assert resumed.train(resume=True)["steps"] == 3  # so does a new one on the run directory (nothing left to do)
 
 
 def test_config_forms_agree(tmp_path):

@@ -183,6 +183,14 @@ def test_algorithm_typo_suggests_grpo_not_gspo():
     assert "gspo, gspo_token, grpo, dapo" in str(info.value)
 
 
+def test_eval_of_a_missing_run_says_it_does_not_exist_without_a_model_option(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "gspo-tiny-arith-1").mkdir(parents=True)
+    message = fails(capsys, "eval", "runs/nope")
+    assert "'runs/nope' does not exist" in message and "model=" not in message
+    assert "Did you mean 'runs/gspo-tiny-arith-1'?" in fails(capsys, "eval", "runs/gspo-tiny-arth-1")
+
+
 def test_model_typo_suggests_the_embedded_name_and_says_it_is_not_a_directory():
     with pytest.raises(ConfigError) as info:
         load_config(None, ["model=tiny-arth"])

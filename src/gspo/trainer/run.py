@@ -28,13 +28,15 @@ def default_run_dir(config: Config) -> Path:
 
 
 def train(config: Config, run_dir: Path | None = None, *, resume: bool = False, console=None,
-          callbacks: Sequence = (), **replace) -> dict:
+          callbacks: Sequence = (), resume_hint: str | None = None, **replace) -> dict:
     """Train per ``config``; returns the summary (also written to ``run_dir/summary.json``).
 
     ``callbacks``: objects with any of ``on_step(trainer, step, metrics)``, ``on_eval(trainer, step,
     metrics)`` and ``on_save(trainer, step, path)``. ``replace``: components given instead of built
     (``model``, ``tokenizer``, ``task``, ``rewards``, ``engine``; see :func:`gspo.trainer.build.build`).
-    A signal (Ctrl-C, SIGTERM) finishes the step, saves a checkpoint and raises :class:`RunInterrupted`.
+    A signal (Ctrl-C, SIGTERM) finishes the step, saves a checkpoint and raises :class:`RunInterrupted`, whose
+    message says how to resume: ``resume_hint``, default ``gspo train --resume RUN_DIR`` (the Python API
+    names ``trainer.train(resume=True)``).
     """
     run_dir = Path(run_dir or config.run_dir or default_run_dir(config))
     if resume:
@@ -46,12 +48,14 @@ def train(config: Config, run_dir: Path | None = None, *, resume: bool = False, 
             return finished
     trainer = Trainer.from_config(config, run_dir, **replace)
     try:  # rollout.max_staleness > 0: the sampler process stops with the run, however the run ends
-        return _run(trainer, config, run_dir, resume, console, callbacks)
+        return _run(trainer, config, run_dir, resume, console, callbacks,
+                    resume_hint or f"gspo train --resume {run_dir}")
     finally:
         trainer.close()
 
 
-def _run(trainer: Trainer, config: Config, run_dir: Path, resume: bool, console, callbacks: Sequence) -> dict:
+def _run(trainer: Trainer, config: Config, run_dir: Path, resume: bool, console, callbacks: Sequence,
+         resume_hint: str) -> dict:
     """The body of :func:`train` once the trainer is built."""
     hooks = _Callbacks(trainer, callbacks)
     trainer.save_resolved_config()
@@ -99,7 +103,7 @@ def _run(trainer: Trainer, config: Config, run_dir: Path, resume: bool, console,
     if interrupt.requested:  # signal handlers are restored: a second signal now acts at once
         trainer.logger.close()
         message = (f"interrupted at step {trainer.state.step} of {config.steps}; checkpoint saved. "
-                   f"Resume with: gspo train --resume {run_dir}")
+                   f"Resume with: {resume_hint}")
         _say(progress, message)
         raise RunInterrupted(message, exit_code=interrupt.exit_code, run_dir=run_dir)
     after = trainer.evaluate()
