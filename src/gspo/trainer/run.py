@@ -15,6 +15,7 @@ from gspo.config.schema import Config
 from gspo.errors import CheckpointError, RunInterrupted, TrainingDiverged
 from gspo.signals import GracefulInterrupt
 from gspo.trainer.logging import drop_records_after
+from gspo.trainer.plausibility import StepWatch, config_warnings
 from gspo.trainer.progress import Progress
 from gspo.trainer.trainer import NO_SIGNAL_HINT, Trainer, TrainState
 
@@ -64,6 +65,8 @@ def _run(trainer: Trainer, config: Config, run_dir: Path, resume: bool, console,
     if resume:
         _restore(trainer, run_dir, progress)
     _say(progress, _setup_text(trainer))
+    for warning in config_warnings(config):
+        _say(progress, warning)
     if trainer.task.note:
         _say(progress, trainer.task.note)
     if "before" not in trainer.state.history:
@@ -76,6 +79,7 @@ def _run(trainer: Trainer, config: Config, run_dir: Path, resume: bool, console,
                            + NO_SIGNAL_HINT)
     metrics: dict = {}
     every = config.eval_every
+    watch = StepWatch()
     with GracefulInterrupt() as interrupt, progress:
         while trainer.state.step < config.steps:
             try:
@@ -86,6 +90,8 @@ def _run(trainer: Trainer, config: Config, run_dir: Path, resume: bool, console,
             step = trainer.state.step
             progress.update(step, metrics)
             hooks.on_step(step, metrics)
+            if (warning := watch.observe(step, metrics)) is not None:
+                _say(progress, warning)
             while trainer.notes:
                 _say(progress, trainer.notes.pop(0))
             if every and step % every == 0 and step < config.steps:
