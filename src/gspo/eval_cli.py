@@ -24,7 +24,6 @@ EVAL = Command(
                 "sampled and greedy. Also takes the train keys of the data.*, reward.*, eval.size and\n"
                 "rollout.* sections (see gspo train --help).",
 )
-EVAL_HELP = render_help(EVAL)
 ROLLOUT_ALIASES = ("temperature", "max_new_tokens")  # eval's short names for rollout.* keys
 
 
@@ -38,7 +37,7 @@ class EvalOptions:
 def run_eval(args: list[str]) -> int:
     parsed = parse(EVAL, args)
     if parsed.help:
-        print(EVAL_HELP)
+        print(render_help(EVAL))
         return 0
     options = EvalOptions(samples=parsed.options["samples"], ks=parsed.options["k"], out=parsed.options.get("out", ""))
     if not options.ks:

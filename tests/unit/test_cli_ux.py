@@ -469,3 +469,33 @@ def test_plot_without_a_config_json_titles_with_the_path(tmp_path):
     run = _fake_run(tmp_path / "run")
     (run / "config.json").unlink()
     assert run_title(run) == str(run)
+
+
+@pytest.mark.parametrize("argv", [[], *([c] for c in COMMANDS), ["experiment", "algorithms"],
+                                  ["experiment", "moe-stability"]])
+def test_help_fits_80_columns_when_columns_is_80(capsys, monkeypatch, argv):
+    """gspo train --help had 65 of 172 lines wider than 80 columns (up to 381), whatever COLUMNS said."""
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main([*argv, "--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and max(map(len, lines)) <= 80, [line for line in lines if len(line) > 80][:3]
+    monkeypatch.setenv("COLUMNS", "60")
+    main([*argv, "--help"])
+    assert max(map(len, capsys.readouterr().out.splitlines())) <= 60
+
+
+def test_train_help_reads_its_lists_from_the_registries_and_has_no_stale_text(capsys, monkeypatch):
+    import gspo.tasks.registry
+    from gspo.config.load import EMBEDDED_MODELS
+    from gspo.config.schema import ALGORITHMS
+
+    monkeypatch.setattr(gspo.tasks.registry, "BUILTIN_TASKS", (*gspo.tasks.registry.BUILTIN_TASKS, "new_task"))
+    assert main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert f"Embedded model name ({', '.join(EMBEDDED_MODELS)})" in text and "tiny-calc" in text
+    assert f"The objective ({', '.join(ALGORITHMS)})" in text
+    assert "Built-in task (arithmetic, calculator, reasoning_gym:<name>, new_task)" in text  # read at --help time
+    assert "eval.every=auto" in text and "[an integer or auto]" in text
+    for stale in ("``", "issue 1", "about 3 minutes", "(or gspo_token / grpo / dapo)", ":data:"):
+        assert stale not in text, stale
+    assert load_config(None, ["eval.every=auto"]).eval.every == load_config(None, []).eval.every

@@ -10,6 +10,10 @@ from gspo.tasks.base import Task, shuffled_epochs
 from gspo.tasks.datasets import load_rows
 
 
+# data.task's built-in values (--help and the error below read them here)
+BUILTIN_TASKS = ("arithmetic", "calculator", "reasoning_gym:<name>")
+
+
 def build_task(data: DataConfig, *, seed: int, eval_size: int, needs_answer: bool = True) -> Task:
     """The task named by ``data`` (a local ``data.path`` wins over ``data.task``)."""
     if data.path:
@@ -27,7 +31,7 @@ def build_task(data: DataConfig, *, seed: int, eval_size: int, needs_answer: boo
         from gspo.tasks.reasoning_gym import reasoning_gym_task
 
         return reasoning_gym_task(data.task.split(":", 1)[1], seed=seed, eval_size=eval_size)
-    raise ConfigError(f"data.task={data.task!r} is not a built-in task (arithmetic, calculator, reasoning_gym:<name>); "
+    raise ConfigError(f"data.task={data.task!r} is not a built-in task ({', '.join(BUILTIN_TASKS)}); "
                       "or set data.path to a local dataset file")
 
 
