@@ -499,3 +499,16 @@ def test_train_help_reads_its_lists_from_the_registries_and_has_no_stale_text(ca
     for stale in ("``", "issue 1", "about 3 minutes", "(or gspo_token / grpo / dapo)", ":data:"):
         assert stale not in text, stale
     assert load_config(None, ["eval.every=auto"]).eval.every == load_config(None, []).eval.every
+
+
+def test_the_plot_explains_the_clip_fraction_and_the_docs_hold_the_explanation():
+    """A GSPO reader saw ~0.4 where the paper shows ~0.15 and a flat 0 on-policy line, explained nowhere."""
+    from gspo.plot import CAPTIONS, PANELS
+
+    labels = dict(dict(PANELS)["clip fraction"])
+    assert "0 by construction" in labels["onpolicy/clip_frac"] and "minibatches" in labels["loss/clip_frac"]
+    assert "0.15" in CAPTIONS["clip fraction"] and "docs/objectives.md" in CAPTIONS["clip fraction"]
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "objectives.md").read_text()
+    section = docs.split("### Reading the clip fraction", 1)[1].split("\n## ", 1)[0]
+    for point in ("0 by construction", "1/sqrt(|y_i|)", "0.15", "onpolicy/clip_frac", "max_staleness"):
+        assert point in section, point
