@@ -203,8 +203,8 @@ class ZeroSignalWatch:
         if self.streak >= ZERO_SIGNAL_STEPS and not self.warned:
             self.warned = True
             if self.zero_streak >= self.streak:  # the plainest case, named as such
-                return (f"warning: every reward was exactly 0 for {self.streak} steps in a row: no completion "
-                        "scored (zero advantage, zero gradient); " + NO_SIGNAL_HINT)
+                return (f"warning: no learning signal: every reward was exactly 0 for {self.streak} steps in a row "
+                        "(no completion scored: zero advantage, zero gradient); " + NO_SIGNAL_HINT)
             return (f"warning: no learning signal: {zero_std_frac:.0%} of groups had identical rewards for "
                     f"{self.streak} steps in a row (zero advantage, zero gradient); " + NO_SIGNAL_HINT)
         return None
