@@ -134,7 +134,7 @@ def _resume_config(run_dir: Path, config_file: str | None) -> str | None:
 
 def train_help(width: int | None = None) -> str:
     """``gspo train --help``: every config key from the schema's field docs, wrapped to ``width`` (the
-    terminal's); allowed values named in a docstring as ``:data:`...``` are read from that registry."""
+    terminal's); a list a docstring names with the :data: role is read from that registry."""
     from gspo.config import field_docs
     from gspo.config.schema import AUTO_KEYS
 
