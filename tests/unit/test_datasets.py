@@ -186,7 +186,8 @@ def test_the_default_held_out_rows_are_a_seeded_sample_not_the_files_end(tmp_pat
     assert len(held) == 20 and held == sorted(held) and held != list(range(80, 100))
     assert min(held) < 50 < max(held)  # spread over the file, not one end of it
     assert trained.isdisjoint(r["prompt"] for r in task.eval_rows) and len(trained) == 80
-    assert [r["prompt"] for r in build_task(data, seed=0, eval_size=20).eval_rows] == [r["prompt"] for r in task.eval_rows]
+    again = build_task(data, seed=0, eval_size=20)
+    assert [r["prompt"] for r in again.eval_rows] == [r["prompt"] for r in task.eval_rows]
     assert build_task(data, seed=1, eval_size=20).eval_rows != task.eval_rows  # the seed draws it
     assert "random" in task.note and "data.eval_path" in task.note
     given = build_task(DataConfig(path=data.path, eval_path=str(write_jsonl(tmp_path / "held.jsonl", rows[-5:]))),

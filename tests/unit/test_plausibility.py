@@ -9,7 +9,8 @@ from gspo.trainer.plausibility import StepWatch, config_warnings
 from gspo.trainer.trainer import ZERO_SIGNAL_STEPS, ZeroSignalWatch
 
 
-@pytest.mark.parametrize("lr, fragment", [(1e5, "did you mean optim.lr=1e-5?"), (0.5, "far above"), (1e-12, "far below")])
+@pytest.mark.parametrize("lr, fragment", [(1e5, "did you mean optim.lr=1e-5?"), (0.5, "far above"),
+                                          (1e-12, "far below")])
 def test_a_learning_rate_far_outside_rl_fine_tunings_range_warns(lr, fragment):
     warnings = config_warnings(load_config(None, [f"optim.lr={lr}"]))  # accepted: a warning, not an error
     assert len(warnings) == 1 and "optim.lr=" in warnings[0] and fragment in warnings[0]

@@ -25,8 +25,10 @@ def config_warnings(config: Config) -> list[str]:
     low, high = LR_PLAUSIBLE
     lr = config.optim.lr
     if lr > 0 and not low <= lr <= high:
-        side, effect = ("above", "the first updates may wreck the model") if lr > high else ("below", "the weights "
-                                                                                                  "may barely change")
+        if lr > high:
+            side, effect = "above", "the first updates may wreck the model"
+        else:
+            side, effect = "below", "the weights may barely change"
         fix = _typo_fix(lr)
         return [f"warning: optim.lr={lr:g} is far {side} what RL fine-tuning uses (about 1e-7 to 1e-3; the default "
                 f"is {Config().optim.lr:g}); {effect}" + (f" (did you mean {fix}?)" if fix else "")]
@@ -50,6 +52,6 @@ class StepWatch:
         if self.warned or kl is None or not kl > STEP_KL_LIMIT:
             return None
         self.warned = True
-        return (f"warning: {STEP_KL_KEY}={kl:.3g} at step {step}: one update moved the policy more than {STEP_KL_LIMIT:g} "
-                "nat per token from the one that sampled (healthy runs stay near 1e-4..1e-2); lower optim.lr or "
+        return (f"warning: {STEP_KL_KEY}={kl:.3g} at step {step}: one update moved the policy more than "
+                f"{STEP_KL_LIMIT:g} nat per token from the one that sampled (healthy runs stay near 1e-4..1e-2); lower optim.lr or "
                 "check the advantages (loss.advantage_scale)")
