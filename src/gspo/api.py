@@ -42,8 +42,8 @@ class Trainer:
         train_dataset: rows with a prompt column (a string or chat messages) and usually an answer column:
             a list of dicts, a ``datasets.Dataset``, or a path (JSONL / CSV / Parquet / save_to_disk).
             Default: the config's task (the embedded arithmetic task).
-        eval_dataset: held-out rows in the same forms; default: the last ``eval.size`` training rows (at
-            most a fifth of them).
+        eval_dataset: held-out rows in the same forms; default: ``eval.size`` training rows drawn at random
+            with the config's ``seed`` (at most a fifth of them), never trained on.
         rewards: callables (per sample or batched, see the module docstring) or names of built-in rewards
             (``exact_answer``, ``math_verify``, ...); default: the task's. The first reward defines accuracy.
         reward_weights: one weight per reward (default 1.0 each).
@@ -89,7 +89,7 @@ class Trainer:
         if train_dataset is not None or eval_dataset is not None:
             self._replace["task"] = _task(self.config, train_dataset, eval_dataset, prompt_column, answer_column)
         if rewards is not None:
-            self._replace["rewards"] = _rewards(rewards, reward_weights, self.config)
+            self._replace["rewards"] = _rewards(rewards, reward_weights, self.config, self._replace.get("task"))
         self.callbacks = list(callbacks)
         self.summary: dict | None = None
         self._runner = None
@@ -104,8 +104,10 @@ class Trainer:
 
         if self.run_dir is None:
             self.run_dir = default_run_dir(self.config)
+        hint = (f"trainer.train(resume=True), or in a new session gspo.Trainer(<the same arguments>, "
+                f"run_dir={str(self.run_dir)!r}).train(resume=True)")
         self.summary = train(self.config, self.run_dir, resume=resume, callbacks=[_Keep(self), *self.callbacks],
-                             **self._replace)
+                             resume_hint=hint, **self._replace)
         return self.summary
 
     def evaluate(self) -> dict[str, float]:
@@ -211,13 +213,17 @@ def _task(config: Config, train_dataset, eval_dataset, prompt_column: str, answe
                      source="train_dataset", eval_source="eval_dataset" if held is not None else None)
 
 
-def _rewards(rewards: list, weights: Sequence[float] | None, config: Config):
-    from gspo.tasks.registry import build_task
+def _rewards(rewards: list, weights: Sequence[float] | None, config: Config, task=None):
+    """Callables and reward names as :class:`WeightedReward` s; names resolve against ``task`` (the in-memory
+    dataset's) or the config's task, whose rows are never built for it."""
+    from gspo.tasks.registry import task_rewards as rewards_of
     from gspo.tasks.rewards import WeightedReward, resolve_rewards
 
     weights = list(weights) if weights is not None else [1.0] * len(rewards)
     named = [f"{reward}@{weight}" for reward, weight in zip(rewards, weights) if isinstance(reward, str)]
-    task_rewards = build_task(config.data, seed=config.seed, eval_size=0).rewards if named else {}
+    task_rewards = {}
+    if named:
+        task_rewards = task.rewards if task is not None else rewards_of(config.data, seed=config.seed)
     resolved = iter(resolve_rewards(named, task_rewards) if named else ())
     out, names = [], set()
     for reward, weight in zip(rewards, weights):

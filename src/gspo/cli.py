@@ -9,11 +9,13 @@ once its arguments are known to be good.
 
 from __future__ import annotations
 
+import importlib
 import os
+import re
 import sys
 from pathlib import Path
 
-from gspo.cli_args import Command, Flag, UsageError, parse, render_help
+from gspo.cli_args import Command, Flag, UsageError, help_width, parse, render_help, wrap
 from gspo.errors import GspoError
 from gspo.suggest import did_you_mean
 
@@ -23,9 +25,9 @@ TRAIN = Command(
     flags=(Flag("--resume", "RUN", "continue RUN from its last valid checkpoint (reuses RUN/config.json)"),
            Flag("--nproc", "N", "run N data-parallel processes via torchrun")),
     config_keys=True,
-    description="Trains with GSPO (or gspo_token / grpo / dapo). With no arguments: the embedded tiny model on\n"
-                "the embedded arithmetic task, about 3 minutes on a laptop CPU. Options are key=value with\n"
-                "dotted keys, applied after CONFIG.yaml (whose keys nest the same way).",
+    description="Trains with GSPO or another objective (algorithm=, below). With no arguments: the embedded tiny\n"
+                "model on the embedded arithmetic task, a few minutes on a laptop CPU. Options are key=value\n"
+                "with dotted keys, applied after CONFIG.yaml (whose keys nest the same way).",
 )
 
 VERSION = Command("version", "print the gspo version")
@@ -44,9 +46,11 @@ def commands() -> dict[str, Command]:
 
 def usage() -> str:
     lines = ["usage: gspo <command> [args]", "", "commands:"]
+    width = help_width()
     for command in commands().values():
-        lines += [f"  {command.usage.removeprefix('gspo ')}", f"      {command.summary}"]
-    lines += ["", "Options are key=value everywhere; 'gspo <command> --help' explains each command.",
+        lines += [*wrap(command.usage.removeprefix("gspo "), width, indent="  "),
+                  *wrap(command.summary, width, indent="      ")]
+    lines += ["", *wrap("Options are key=value everywhere; 'gspo <command> --help' explains each command.", width),
               "gspo --version prints the version."]
     return "\n".join(lines)
 
@@ -128,17 +132,38 @@ def _resume_config(run_dir: Path, config_file: str | None) -> str | None:
     return config_file
 
 
-def train_help() -> str:
+def train_help(width: int | None = None) -> str:
+    """``gspo train --help``: every config key from the schema's field docs, wrapped to ``width`` (the
+    terminal's); a list a docstring names with the :data: role is read from that registry."""
     from gspo.config import field_docs
+    from gspo.config.schema import AUTO_KEYS
 
-    lines = ["options (key=default, meaning; every key also works in CONFIG.yaml):"]
+    width = width or help_width()
+    lines = wrap("options (key=default, meaning; every key also works in CONFIG.yaml):", width)
     for key, type_name, default, doc in field_docs():
-        lines.append(f"  {key}={_show(default)}")
-        lines.append(f"      {doc} [{type_name}]")
-    return render_help(TRAIN, lines)
+        lines.append(f"  {key}={_show(default, key)}")
+        type_name += " or auto" if key in AUTO_KEYS else ""
+        lines += wrap(f"{_plain(doc)} [{type_name}]", width, indent="      ")
+    return render_help(TRAIN, lines, width)
 
 
-def _show(value) -> str:
+def _plain(doc: str) -> str:
+    """A field's docstring as help text: registry references replaced by their values, RST markup dropped."""
+    return re.sub(r":data:`([\w.]+)`", lambda m: ", ".join(_registry(m.group(1))), doc).replace("``", "")
+
+
+def _registry(name: str) -> tuple[str, ...]:
+    """The values of the registry a docstring names (``gspo.tasks.registry.BUILTIN_TASKS``, or a name of
+    gspo.config.schema); one copy of each list, in the code that owns it."""
+    module, _, attr = name.rpartition(".")
+    return tuple(getattr(importlib.import_module(module or "gspo.config.schema"), attr))
+
+
+def _show(value, key: str = "") -> str:
+    from gspo.config.schema import AUTO, AUTO_KEYS
+
+    if key in AUTO_KEYS and value == AUTO:
+        return "auto"
     if value is None:
         return "none"
     if isinstance(value, bool):

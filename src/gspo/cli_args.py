@@ -15,6 +15,7 @@ only the standard library and, for config keys, the config schema: no torch.
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 import textwrap
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ from gspo.suggest import closest, did_you_mean
 HELP_FLAGS = ("-h", "--help")
 KEY_PATTERN = re.compile(r"^[A-Za-z_][\w.\-]*$")  # what may stand before '=' (paths hold '/', so never match)
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+NBSP = "\u00a0"
+HELP_WIDTH_DEFAULT = 80  # help text wraps to the terminal; this when there is none (a pipe, a file)
+HELP_WIDTH_RANGE = (40, 100)  # narrower is unreadable, wider lines are hard to follow
 
 
 class UsageError(ConfigError):
@@ -126,30 +130,64 @@ def parse(command: Command, argv: list[str]) -> Parsed:
     return parsed
 
 
-def render_help(command: Command, extra: list[str] = ()) -> str:
-    """``gspo <command> --help``: usage, what it does, its arguments, options and flags."""
-    lines = [f"usage: {command.usage}", ""]
+def help_width() -> int:
+    """The width help text wraps to: the terminal's (``COLUMNS`` first), 80 without a terminal, kept in
+    :data:`HELP_WIDTH_RANGE`."""
+    low, high = HELP_WIDTH_RANGE
+    return min(high, max(low, shutil.get_terminal_size((HELP_WIDTH_DEFAULT, 24)).columns))
+
+
+def wrap(text: str, width: int, indent: str = "") -> list[str]:
+    """``text`` as lines of at most ``width`` columns, each starting with ``indent``; blank lines separate
+    paragraphs, single line breaks inside one are reflowed."""
+    out: list[str] = []
+    for paragraph in text.split("\n\n"):
+        out += textwrap.wrap(" ".join(paragraph.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False) or [""]
+        out.append("")
+    return out[:-1]
+
+
+def fit(text: str, width: int | None = None) -> str:
+    """Preformatted help (an experiment's table of options) with each line over ``width`` wrapped under its
+    own indentation (default width: :func:`help_width`)."""
+    width = width or help_width()
+    out = []
+    for line in text.splitlines():
+        indent = " " * (len(line) - len(line.lstrip()))
+        hanging = indent + "    " if indent else ""  # an option's continuation, or prose
+        out += textwrap.wrap(line, width, subsequent_indent=hanging, break_on_hyphens=False) or [""]
+    return "\n".join(out)
+
+
+def render_help(command: Command, extra: list[str] = (), width: int | None = None) -> str:
+    """``gspo <command> --help``: usage, what it does, its arguments, options and flags, wrapped to ``width``
+    (default :func:`help_width`)."""
+    width = width or help_width()
+    usage = re.sub(r"\[[^\]]*\]", lambda m: m.group(0).replace(" ", NBSP), command.usage)  # keep [a b] whole
+    lines = [*(line.replace(NBSP, " ") for line in textwrap.wrap(f"usage: {usage}", width, subsequent_indent="    ",
+                                                                 break_on_hyphens=False)), ""]
     if command.description or command.summary:
-        lines += [command.description or command.summary, ""]
+        lines += [*wrap(command.description or command.summary, width), ""]
     rows = [(metavar, meaning) for metavar, meaning in command.positionals]
     if rows:
-        lines += ["arguments:", *_table(rows), ""]
+        lines += ["arguments:", *_table(rows, width), ""]
     if command.options:
         lines += ["options (key=default, meaning):",
-                  *_table([(f"{o.key}={o.default or '...'}", o.help) for o in command.options]), ""]
+                  *_table([(f"{o.key}={o.default or '...'}", o.help) for o in command.options], width), ""]
     flags = [(f"{f.name} {f.metavar}", f.help) for f in command.flags if not f.alias_of]
-    lines += ["flags:", *_table(flags + [("--help", "show this help and exit")])]
+    lines += ["flags:", *_table(flags + [("--help", "show this help and exit")], width)]
     if extra:
         lines += ["", *extra]
     return "\n".join(lines)
 
 
-def _table(rows: list[tuple[str, str]], line_width: int = 100) -> list[str]:
+def _table(rows: list[tuple[str, str]], line_width: int = HELP_WIDTH_DEFAULT) -> list[str]:
     """Two aligned columns; the right one wrapped to ``line_width``."""
     width = min(max(len(left) for left, _ in rows), 24)
     out = []
     for left, right in rows:
-        wrapped = textwrap.wrap(right, max(30, line_width - width - 4)) or [""]
+        wrapped = textwrap.wrap(right, max(20, line_width - width - 4), break_on_hyphens=False) or [""]
         if len(left) > width:
             out.append(f"  {left}")
         else:

@@ -24,7 +24,6 @@ EVAL = Command(
                 "sampled and greedy. Also takes the train keys of the data.*, reward.*, eval.size and\n"
                 "rollout.* sections (see gspo train --help).",
 )
-EVAL_HELP = render_help(EVAL)
 ROLLOUT_ALIASES = ("temperature", "max_new_tokens")  # eval's short names for rollout.* keys
 
 
@@ -38,7 +37,7 @@ class EvalOptions:
 def run_eval(args: list[str]) -> int:
     parsed = parse(EVAL, args)
     if parsed.help:
-        print(EVAL_HELP)
+        print(render_help(EVAL))
         return 0
     options = EvalOptions(samples=parsed.options["samples"], ks=parsed.options["k"], out=parsed.options.get("out", ""))
     if not options.ks:
@@ -58,6 +57,7 @@ def evaluate_target(target: str, overrides: list[str], options: EvalOptions) -> 
     from gspo.config import load_config
 
     run_dir = Path(target)
+    _check_exists(target)
     base: list[str] = []
     if (run_dir / "config.json").exists() and (run_dir / "checkpoints").exists():
         saved = json.loads((run_dir / "config.json").read_text())
@@ -82,3 +82,20 @@ def evaluate_target(target: str, overrides: list[str], options: EvalOptions) -> 
     return {"model": target, "task": parts.task.name, "prompts": len(rows), "samples": options.samples,
             "temperature": config.rollout.temperature, **{f"sampled/{k}": v for k, v in sampled.items()},
             "greedy/accuracy": greedy["accuracy"]}
+
+
+def _check_exists(target: str) -> None:
+    """MODEL_OR_RUN names an embedded model or an existing directory; else say so in eval's own terms."""
+    from gspo.config.load import EMBEDDED_MODELS
+    from gspo.suggest import did_you_mean
+
+    path = Path(target).expanduser()
+    if target in EMBEDDED_MODELS or path.exists():
+        return
+    parent = path.parent if path.parent.is_dir() else None
+    nearby = did_you_mean(path.name, [p.name for p in parent.iterdir()]) if parent else ""
+    if nearby:
+        nearby = nearby.replace("'", f"'{parent}/", 1) if str(parent) != "." else nearby
+    raise ConfigError(f"'{target}' does not exist: give a run directory (e.g. runs/<run name>), a checkpoint, "
+                      f"a Hugging Face model directory or an embedded model ({', '.join(EMBEDDED_MODELS)})."
+                      f"{nearby}")

@@ -83,6 +83,9 @@ def run_export(args: list[str]) -> int:
     if parsed.help:
         print(render_help(EXPORT))
         return 0
+    from gspo.models.load import quiet_transformers
+
+    quiet_transformers()
     print(export_model(parsed.positional(0), parsed.positional(1), merge=parsed.options["merge"]))
     return 0
 

@@ -28,11 +28,17 @@ PANELS = (
     ("reward", [("reward/mean", "mean reward")]),
     ("accuracy", [("reward/accuracy", "train (sampled)"), ("eval/accuracy", "held-out (sampled)"),
                   ("eval/greedy_accuracy", "held-out (greedy)")]),
-    ("clip fraction", [("loss/clip_frac", "all minibatches"), ("onpolicy/clip_frac", "on-policy minibatch")]),
+    ("clip fraction", [("loss/clip_frac", "mean over the step's minibatches"),
+                       ("onpolicy/clip_frac", "first minibatch (on-policy: 0 by construction)")]),
     ("KL(old || new)", [("kl/old_new", "k3 estimate")]),
     ("response length", [("response/length_mean", "mean tokens")]),
     ("log-ratio spread", [("logratio/token_std", "token std"), ("logratio/seq_std", "sequence std")]),
 )
+# A caption under a panel whose level is easy to misread (docs/objectives.md, "Reading the clip fraction").
+CAPTIONS = {
+    "clip fraction": "first minibatch: pi_theta = pi_old, ratio 1, nothing clipped. GSPO on 4-8 token answers\n"
+                     "clips far more than the paper's ~0.15 (long responses): docs/objectives.md",
+}
 SPARSE_POINTS = 12  # fewer points than this: markers, no smoothing (nothing to average out)
 
 
@@ -111,6 +117,8 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
                 _plot_series(ax, points, label, smooth=not key.startswith("eval/"))
         ax.set_title(title)
         ax.set_xlabel("step")
+        if title in CAPTIONS:
+            ax.text(0.0, -0.22, CAPTIONS[title], transform=ax.transAxes, fontsize=7, va="top", color="0.35")
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend(fontsize=8)

@@ -39,6 +39,8 @@ from gspo.models.tiny import build_char_tokenizer, build_tiny_qwen3
 from gspo.tasks.arithmetic import ArithmeticTask, exact_answer_reward, format_reward
 
 log = logging.getLogger(__name__)
+StepHook = Callable[[int, int, dict], None]  # on_step(step, steps, metrics): progress of a supervised run
+SFT_LOSS_KEY = "loss/sft"  # the per-step metric on_step receives (a progress column of gspo.trainer.logging)
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips (prompt and padding positions)
 WARMUP_FRACTION = 0.05  # linear warm-up share of the steps, then cosine decay to LR_FLOOR * lr
@@ -82,11 +84,12 @@ def _lr_factor(step: int, steps: int) -> float:
 
 def train_sft(model, tokenizer, task: ArithmeticTask, *, steps: int, batch_size: int, lr: float,
               weight_decay: float = 0.0, label_smoothing: float = 0.0, stop: Callable[[], bool] | None = None,
-              check_every: int = 20, log_every: int = 100) -> list[float]:
+              check_every: int = 20, log_every: int = 100, on_step: StepHook | None = None) -> list[float]:
     """Run up to ``steps`` AdamW steps on fresh training rows; returns the per-step losses.
 
     The learning rate warms up linearly, then decays (cosine) over ``steps``. If ``stop`` is given it
     is called every ``check_every`` steps (model in eval mode) and training ends when it returns True.
+    ``on_step(step, steps, metrics)`` is called after each step (``gspo sft``'s progress display).
     """
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps))
@@ -102,6 +105,8 @@ def train_sft(model, tokenizer, task: ArithmeticTask, *, steps: int, batch_size:
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1, steps, {SFT_LOSS_KEY: losses[-1]})
         if log_every and (step + 1) % log_every == 0:
             log.info("sft step %d/%d loss %.4f", step + 1, steps, sum(losses[-log_every:]) / log_every)
         if stop is not None and (step + 1) % check_every == 0:
@@ -197,7 +202,7 @@ def warm_start(out_dir: str | Path, *, seed: int = 0, steps: int = 800, batch_si
                weight_decay: float = 0.0, label_smoothing: float = 0.1, target_accuracy: float | None = 0.75,
                check_every: int = 20, n_probe: int = 256, arch: str = "qwen3", model_kwargs: dict | None = None,
                task_kwargs: dict | None = None, n_eval: int = 256, eval_samples: int = 8, max_new_tokens: int = 8,
-               num_threads: int | None = 1, bos: bool = False) -> Path:
+               num_threads: int | None = 1, bos: bool = False, on_step: StepHook | None = None) -> Path:
     """Train the tiny model from scratch on the task's training rows and save the checkpoint to ``out_dir``.
 
     ``steps`` is the maximum (and the length of the learning-rate schedule). ``target_accuracy`` (if
@@ -205,13 +210,14 @@ def warm_start(out_dir: str | Path, *, seed: int = 0, steps: int = 800, batch_si
     ``n_probe`` fixed training-split rows reaches it; held-out rows never steer training.
     ``num_threads`` pins torch's intra-op threads for the run (restored afterwards): one thread gives
     a reduction order independent of the machine's core count, and on a busy 2-core box it is also
-    the fastest choice for a model this small; None keeps the current setting.
+    the fastest choice for a model this small; None keeps the current setting. ``on_step``: see
+    :func:`train_sft`.
 
     Writes ``model.safetensors`` (float32, ~4 MB), the tokenizer files and ``warm_start.json``
     (arguments, steps run, wall and CPU seconds, held-out greedy and T=1.0 sampled accuracy on
     ``n_eval`` prompts with ``eval_samples`` samples each).
     """
-    args = {k: v for k, v in locals().items() if k != "out_dir"}
+    args = {k: v for k, v in locals().items() if k not in ("out_dir", "on_step")}
     task = ArithmeticTask(seed=seed, **(task_kwargs or {}))
     tokenizer = build_char_tokenizer(bos=bos)  # bos: a base-model-style tokenizer that adds <bos>
     model = _build_model(arch, tokenizer, seed, dict(model_kwargs or {}))
@@ -229,7 +235,7 @@ def warm_start(out_dir: str | Path, *, seed: int = 0, steps: int = 800, batch_si
         # weights depend only on the seed, the arguments and the torch build.
         losses = train_sft(model, tokenizer, task, steps=steps, batch_size=batch_size, lr=lr,
                            weight_decay=weight_decay, label_smoothing=label_smoothing, stop=stop,
-                           check_every=check_every)
+                           check_every=check_every, on_step=on_step)
         report = {"args": args, "task": asdict(task), "steps_run": len(losses),
                   "train_seconds": round(time.perf_counter() - wall, 1),
                   "train_cpu_seconds": round(time.process_time() - cpu, 1), "probe_greedy": probe_accuracy,

@@ -200,8 +200,12 @@ def test_gspo_eval_on_a_saved_hf_dataset(tmp_path, tiny_model_dir, monkeypatch):
     assert code == 0 and report["task"] == f"dataset:{tmp_path / 'saved'}" and report["prompts"] == 2
     scored = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
     sampled, greedy = scored[:4], scored[4:]  # 2 held-out prompts x 2 samples, then 2 greedy
-    assert [p for p, _, _ in sampled] == ["8+8=", "8+8=", "9+9=", "9+9="]  # the last rows, as plain text
-    assert [a for _, _, a in sampled] == ["16", "16", "18", "18"]
+    from gspo.config.schema import Config
+    from gspo.tasks.registry import held_out_split
+
+    held, _ = held_out_split(rows, 2, Config().seed)  # a seeded sample of the rows, as plain text
+    assert [p for p, _, _ in sampled] == [r["question"] for r in held for _ in range(2)]
+    assert [a for _, _, a in sampled] == [r["target"] for r in held for _ in range(2)]
     assert report["sampled/accuracy"] == sum(c.strip() == a for _, c, a in sampled) / 4
     assert report["greedy/accuracy"] == sum(c.strip() == a for _, c, a in greedy) / 2
     per_prompt = [sum(c.strip() == a for _, c, a in sampled[i:i + 2]) for i in (0, 2)]
@@ -358,6 +362,18 @@ def test_export_refuses_a_non_empty_target(tmp_path, tiny_model_dir, capsys):
     (tmp_path / "out" / "keep.txt").write_text("x")
     assert main(["export", str(tiny_model_dir), str(tmp_path / "out")]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_export_prints_no_transformers_progress_bars(tmp_path, tiny_model_dir, capsys):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # as in a fresh process (a run earlier in this one may have turned them off)
+    try:
+        assert main(["export", str(tiny_model_dir), str(tmp_path / "out")]) == 0
+    finally:
+        hf_logging.disable_progress_bar()
+    out, err = capsys.readouterr()
+    assert out.strip() == str(tmp_path / "out") and "%|" not in err and "Loading" not in err, err
 
 
 # -- trackers -------------------------------------------------------------------------------------------

@@ -46,3 +46,13 @@ def test_evaluation_honours_none_policy_and_sees_the_training_prompt(tiny_model_
     parts = build_evaluation(config)
     with pytest.raises(RewardError, match="None"):
         parts.evaluator.evaluate(parts.task.eval_rows, temperature=1.0)
+
+
+def test_an_implausible_learning_rate_is_run_with_one_warning(tmp_path, tiny_overrides, capsys):
+    """optim.lr=1e5 (a typo for 1e-5) was accepted without a word and ended at 0%."""
+    from gspo.cli import main
+
+    overrides = [o for o in tiny_overrides if not o.startswith("optim.lr=")]
+    assert main(["train", *overrides, "optim.lr=1e5", "steps=1", f"run_dir={tmp_path / 'run'}"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: optim.lr=100000 is far above") == 1 and "did you mean optim.lr=1e-5?" in err

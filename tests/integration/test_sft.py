@@ -54,3 +54,35 @@ def test_embedded_checkpoint_batched_decode_matches_single():
     assert batched["accuracy"] == pytest.approx(sum(singles) / len(singles))
     assert batched["eos"] > 0.95 and 0.2 < batched["accuracy"] < 0.95  # partially learned, stops properly
     assert (ASSET / "model.safetensors").stat().st_size < 5e6
+
+
+def test_gspo_sft_writes_to_the_working_directory_with_progress_and_a_summary(tmp_path, monkeypatch, capsys):
+    """``gspo sft model=NAME`` (the README's agent section) once rewrote the embedded checkpoint inside the
+    installed package, silently. Now: ./sft/NAME, a progress line, a closing summary, and the package only on
+    request."""
+    import gspo.sft
+    from gspo.cli import main
+    from gspo.models.load import EMBEDDED
+
+    monkeypatch.setitem(gspo.sft.EMBEDDED_RECIPES, "tiny-arith", {**TINY, "steps": 3})
+    monkeypatch.chdir(tmp_path)
+    asset = EMBEDDED["tiny-arith"] / "model.safetensors"
+    before = asset.stat().st_mtime_ns if asset.exists() else None
+    assert main(["sft", "model=tiny-arith", "log=x"]) == 2  # (an unknown key is still a usage error)
+    capsys.readouterr()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # as in a fresh process: gspo sft silences transformers' own bars
+    try:
+        assert main(["sft", "model=tiny-arith"]) == 0
+    finally:
+        hf_logging.disable_progress_bar()
+    out, err = capsys.readouterr()
+    assert "%|" not in err
+    assert (tmp_path / "sft" / "tiny-arith" / "config.json").exists()
+    assert (asset.stat().st_mtime_ns if asset.exists() else None) == before  # the package is untouched
+    assert "step 3/3" in err and "loss" in err  # gspo train's plain progress line (stderr is not a terminal)
+    assert "sft tiny-arith: 3 steps" in out and "held-out accuracy" in out
+    assert "train from it: gspo train model=sft/tiny-arith" in out and "unchanged" in out
+    assert main(["sft", "model=tiny-arith", f"out={EMBEDDED['tiny-arith']}"]) == 2  # into the package: refused
+    assert "into_package=true" in capsys.readouterr().err

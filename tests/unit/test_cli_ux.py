@@ -183,6 +183,14 @@ def test_algorithm_typo_suggests_grpo_not_gspo():
     assert "gspo, gspo_token, grpo, dapo" in str(info.value)
 
 
+def test_eval_of_a_missing_run_says_it_does_not_exist_without_a_model_option(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "gspo-tiny-arith-1").mkdir(parents=True)
+    message = fails(capsys, "eval", "runs/nope")
+    assert "'runs/nope' does not exist" in message and "model=" not in message
+    assert "Did you mean 'runs/gspo-tiny-arith-1'?" in fails(capsys, "eval", "runs/gspo-tiny-arth-1")
+
+
 def test_model_typo_suggests_the_embedded_name_and_says_it_is_not_a_directory():
     with pytest.raises(ConfigError) as info:
         load_config(None, ["model=tiny-arth"])
@@ -461,3 +469,46 @@ def test_plot_without_a_config_json_titles_with_the_path(tmp_path):
     run = _fake_run(tmp_path / "run")
     (run / "config.json").unlink()
     assert run_title(run) == str(run)
+
+
+@pytest.mark.parametrize("argv", [[], *([c] for c in COMMANDS), ["experiment", "algorithms"],
+                                  ["experiment", "moe-stability"]])
+def test_help_fits_80_columns_when_columns_is_80(capsys, monkeypatch, argv):
+    """gspo train --help had 65 of 172 lines wider than 80 columns (up to 381), whatever COLUMNS said."""
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main([*argv, "--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and max(map(len, lines)) <= 80, [line for line in lines if len(line) > 80][:3]
+    monkeypatch.setenv("COLUMNS", "60")
+    main([*argv, "--help"])
+    assert max(map(len, capsys.readouterr().out.splitlines())) <= 60
+
+
+def test_train_help_reads_its_lists_from_the_registries_and_has_no_stale_text(capsys, monkeypatch):
+    import gspo.tasks.registry
+    from gspo.config.load import EMBEDDED_MODELS
+    from gspo.config.schema import ALGORITHMS
+
+    monkeypatch.setattr(gspo.tasks.registry, "BUILTIN_TASKS", (*gspo.tasks.registry.BUILTIN_TASKS, "new_task"))
+    assert main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert f"Embedded model name ({', '.join(EMBEDDED_MODELS)})" in text and "tiny-calc" in text
+    assert f"The objective ({', '.join(ALGORITHMS)})" in text
+    assert "Built-in task (arithmetic, calculator, reasoning_gym:<name>, new_task)" in text  # read at --help time
+    assert "eval.every=auto" in text and "[an integer or auto]" in text
+    for stale in ("``", "issue 1", "about 3 minutes", "(or gspo_token / grpo / dapo)", ":data:"):
+        assert stale not in text, stale
+    assert load_config(None, ["eval.every=auto"]).eval.every == load_config(None, []).eval.every
+
+
+def test_the_plot_explains_the_clip_fraction_and_the_docs_hold_the_explanation():
+    """A GSPO reader saw ~0.4 where the paper shows ~0.15 and a flat 0 on-policy line, explained nowhere."""
+    from gspo.plot import CAPTIONS, PANELS
+
+    labels = dict(dict(PANELS)["clip fraction"])
+    assert "0 by construction" in labels["onpolicy/clip_frac"] and "minibatches" in labels["loss/clip_frac"]
+    assert "0.15" in CAPTIONS["clip fraction"] and "docs/objectives.md" in CAPTIONS["clip fraction"]
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "objectives.md").read_text()
+    section = docs.split("### Reading the clip fraction", 1)[1].split("\n## ", 1)[0]
+    for point in ("0 by construction", "1/sqrt(|y_i|)", "0.15", "onpolicy/clip_frac", "max_staleness"):
+        assert point in section, point

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from pathlib import Path
 
@@ -169,3 +170,26 @@ def test_fuzzed_files_load_or_raise_data_error(tmp_path, case):
         prompt = row["prompt"]
         assert (isinstance(prompt, str) and prompt) or (
             isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt))
+
+
+def test_the_default_held_out_rows_are_a_seeded_sample_not_the_files_end(tmp_path):
+    """Ordered rows (a=0..99, as the README's API example writes them): holding out the last rows would train on
+    a=0..79 and measure a=80..99. The held-out rows are a seeded random sample, disjoint from the training rows."""
+    from gspo.config.schema import DataConfig
+    from gspo.tasks.registry import build_task
+
+    rows = [{"prompt": f"{a}+1=", "answer": str(a + 1)} for a in range(100)]
+    data = DataConfig(path=str(write_jsonl(tmp_path / "ordered.jsonl", rows)))
+    task = build_task(data, seed=0, eval_size=20)
+    held = [int(r["prompt"].split("+")[0]) for r in task.eval_rows]
+    trained = {r["prompt"] for r in itertools.islice(task.train_stream(), 80)}
+    assert len(held) == 20 and held == sorted(held) and held != list(range(80, 100))
+    assert min(held) < 50 < max(held)  # spread over the file, not one end of it
+    assert trained.isdisjoint(r["prompt"] for r in task.eval_rows) and len(trained) == 80
+    again = build_task(data, seed=0, eval_size=20)
+    assert [r["prompt"] for r in again.eval_rows] == [r["prompt"] for r in task.eval_rows]
+    assert build_task(data, seed=1, eval_size=20).eval_rows != task.eval_rows  # the seed draws it
+    assert "random" in task.note and "data.eval_path" in task.note
+    given = build_task(DataConfig(path=data.path, eval_path=str(write_jsonl(tmp_path / "held.jsonl", rows[-5:]))),
+                       seed=0, eval_size=20)
+    assert given.eval_rows == rows[-5:]  # data.eval_path: those rows, as given

@@ -22,7 +22,7 @@ import torch
 from gspo.agents.calculator import (CONTEXT, MAX_TURN_TOKENS, CalculatorTask, build_calc_tokenizer,
                                     calculator_environment, tool_call_text)
 from gspo.agents.format import MessageFormat
-from gspo.sft import IGNORE_INDEX, _lr_factor
+from gspo.sft import IGNORE_INDEX, SFT_LOSS_KEY, StepHook, _lr_factor
 
 
 def demonstration(row: dict, tokenizer, fmt: MessageFormat, env, *, use_tool: bool) -> tuple[list[int], list[bool]]:
@@ -59,9 +59,10 @@ def demo_batch(rows: list[dict], uses: list[bool], tokenizer, fmt: MessageFormat
 
 def warm_start_calculator(out_dir: str | Path, *, seed: int = 0, steps: int = 600, batch_size: int = 64,
                           lr: float = 2e-3, tool_fraction: float = 0.5, n_eval: int = 128, eval_samples: int = 4,
-                          num_threads: int | None = 1) -> Path:
-    """Train ``tiny-calc`` from scratch on demonstrations and save it (weights, tokenizer, ``warm_start.json``)."""
-    args = {k: v for k, v in locals().items() if k != "out_dir"}
+                          num_threads: int | None = 1, on_step: StepHook | None = None) -> Path:
+    """Train ``tiny-calc`` from scratch on demonstrations and save it (weights, tokenizer, ``warm_start.json``);
+    ``on_step(step, steps, metrics)`` is called after each step (``gspo sft``'s progress display)."""
+    args = {k: v for k, v in locals().items() if k not in ("out_dir", "on_step")}
     from gspo.models.tiny import build_tiny_qwen3
 
     tokenizer = build_calc_tokenizer()
@@ -77,7 +78,7 @@ def warm_start_calculator(out_dir: str | Path, *, seed: int = 0, steps: int = 60
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps))
         stream, losses = task.iter_train(), []
         model.train()
-        for _ in range(steps):
+        for step in range(steps):
             rows = [next(stream) for _ in range(batch_size)]
             batch = demo_batch(rows, [rng.random() < tool_fraction for _ in rows], tokenizer, fmt, env)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V)
@@ -89,6 +90,8 @@ def warm_start_calculator(out_dir: str | Path, *, seed: int = 0, steps: int = 60
             optimizer.step()
             scheduler.step()
             losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(step + 1, steps, {SFT_LOSS_KEY: losses[-1]})
         report = {"args": args, "steps_run": len(losses), "train_seconds": round(time.perf_counter() - wall, 1),
                   "first_loss": losses[0], "final_loss": sum(losses[-20:]) / len(losses[-20:]),
                   "n_parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__}

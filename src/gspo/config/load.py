@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from gspo.config.schema import Config
+from gspo.config.schema import AUTO, AUTO_KEYS, Config
 from gspo.errors import ConfigError
 from gspo.suggest import closest, trl_hint
 
@@ -107,6 +107,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
                 return text in _TRUE
             raise ValueError
         if hint is int:
+            if key in AUTO_KEYS and isinstance(value, str) and value.strip().lower() == "auto":
+                return AUTO
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             if isinstance(value, str) and "e" in value.lower():  # 1e3

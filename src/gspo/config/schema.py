@@ -23,7 +23,7 @@ CLIP_DEFAULTS = {name: (spec.hyperparameters["clip_low"], spec.hyperparameters["
 @dataclass
 class DataConfig:
     task: str = "arithmetic"
-    """Built-in task (``arithmetic``, ``reasoning_gym:<name>``); ignored when ``path`` is set."""
+    """Built-in task (:data:`gspo.tasks.registry.BUILTIN_TASKS`); ignored when ``data.path`` is set."""
     path: str = ""
     """Local JSONL / CSV / Parquet file or a saved Hugging Face dataset directory."""
     prompt_column: str = "prompt"
@@ -31,8 +31,8 @@ class DataConfig:
     answer_column: str = "answer"
     """Column holding the reference answer passed to rewards as ``answer``."""
     eval_path: str = ""
-    """Held-out file or directory; empty = the task's held-out split, or a dataset's last ``eval.size`` rows
-    (at most a fifth of its rows; the start line says how many)."""
+    """Held-out file or directory; empty = the task's held-out split, or ``eval.size`` rows of the dataset drawn
+    at random with ``seed`` (at most a fifth of its rows; the start line says how many)."""
     system_prompt: str = ""
     """System message prepended when the prompt is rendered with the tokenizer's chat template."""
     chat_template: str = "auto"
@@ -73,7 +73,7 @@ class RolloutConfig:
     """Sampler forward: auto (gspo's native decode step for Llama/Mistral/Qwen2/Qwen3, else transformers'),
     native (require it) or hf (always transformers' forward)."""
     max_staleness: int = 0
-    """Pipelined sampling (issue 14, docs/pipeline.md): a sampler process generates batch k+s while the trainer
+    """Pipelined sampling (docs/pipeline.md): a sampler process generates batch k+s while the trainer
     updates on batch k; batch k is always sampled with the weights after update k-1-s (reproducible, resumable).
     0 = the synchronous loop (sample, then update)."""
 
@@ -173,10 +173,14 @@ class RewardConfig:
     """What a reward returning None means: zero (counted in metrics) or error."""
 
 
+AUTO = -1  # what "auto" stands for in the integer fields of AUTO_KEYS (config.json records -1)
+AUTO_KEYS = ("eval.every",)
+
+
 @dataclass
 class EvalConfig:
-    every: int = -1
-    """Evaluate on held-out prompts every N steps: -1 = auto (4 times during the run, every steps/5 steps,
+    every: int = AUTO
+    """Evaluate on held-out prompts every N steps: auto (= -1: 4 times during the run, every steps/5 steps,
     so the accuracy curve has 6 points), 0 = only before and after training."""
     size: int = 200
     """Held-out prompts per evaluation."""
@@ -252,10 +256,11 @@ class AgentConfig:  # agents (issue 16): multi-turn, tool-using tasks (docs/agen
 @dataclass
 class Config:
     model: str = "tiny-arith"
-    """Embedded model name (tiny-arith, tiny-moe) or a local Hugging Face causal-LM directory."""
+    """Embedded model name (:data:`gspo.config.load.EMBEDDED_MODELS`) or a local Hugging Face causal-LM
+    directory."""
     algorithm: str = "gspo"
-    """The objective (gspo, gspo_token, grpo, dapo, dr_grpo, cispo, sapo, gmpo, dppo_tv, dppo_kl, luspo),
-    each with its paper's defaults; docs/objectives.md has their equations."""
+    """The objective (:data:`ALGORITHMS`), each with its paper's defaults; docs/objectives.md has their
+    equations."""
     steps: int = 200
     """Rollout batches (training steps)."""
     seed: int = 0
@@ -305,7 +310,7 @@ class Config:
     @property
     def eval_every(self) -> int:
         """``eval.every`` with auto (-1) resolved: every steps/5 steps (0 for runs under 5 steps)."""
-        return self.steps // 5 if self.eval.every < 0 else self.eval.every
+        return self.steps // 5 if self.eval.every == AUTO else self.eval.every
 
     @property
     def advantage_scale(self) -> str:

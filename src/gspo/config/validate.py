@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gspo.algorithms.catalogue import ADVANTAGE_SCALES, CORRECTION_MODES, KL_ESTIMATORS, SPECS
-from gspo.config.schema import ALGORITHMS, Config
+from gspo.config.schema import ALGORITHMS, AUTO, Config
 from gspo.errors import ConfigError
 
 OLD_LOGPROB_SOURCES = ("auto", "recompute", "rollout")
@@ -95,7 +95,9 @@ def validate(config: Config) -> None:
         )
 
     _choice("reward.none_policy", config.reward.none_policy, ("zero", "error"))
-    _minimum("eval.every", config.eval.every, -1)
+    if config.eval.every < AUTO:
+        raise ConfigError(f"eval.every={config.eval.every} must be auto, 0 (only before and after training) or a "
+                          "number of steps")
     _minimum("eval.size", config.eval.size, 0)
     _minimum("eval.samples", config.eval.samples, 1)
     _minimum("checkpoint.every", config.checkpoint.every, 0)

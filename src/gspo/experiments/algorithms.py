@@ -155,7 +155,9 @@ def run_arm(arm: Arm, seed: int, options: Options, run_dir: str) -> dict:
 
 def main(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
-        print(HELP)
+        from gspo.cli_args import fit
+
+        print(fit(HELP))
         return 0
     options = parse_options(args)
     out = Path(options.out or f"runs/algorithms-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -200,7 +200,9 @@ def _bool(text: str) -> bool:
 def main(args: list[str]) -> int:
     """CLI entry: ``gspo experiment moe-stability [key=value ...]``."""
     if any(a in ("-h", "--help") for a in args):
-        print(HELP)
+        from gspo.cli_args import fit
+
+        print(fit(HELP))
         return 0
     run_moe_stability(parse_options(args))
     return 0

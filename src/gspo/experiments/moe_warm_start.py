@@ -11,8 +11,9 @@ something to sharpen.
 
 Reproducible: the same call (seed, steps, depth) in the same environment writes the same weights
 (one intra-op thread, seeded init and data order; see :mod:`gspo.sft`). Rebuild the embedded copy with
-``gspo sft model=tiny-moe`` or ``python -m gspo.experiments.moe_warm_start`` (writes
-``src/gspo/assets/tiny-moe-arith``).
+``gspo sft model=tiny-moe into_package=true`` (writes ``src/gspo/assets/tiny-moe-arith``); without
+``into_package``, ``gspo sft model=tiny-moe`` and ``python -m gspo.experiments.moe_warm_start [OUT_DIR]``
+write ``sft/tiny-moe`` in the working directory and leave the package as installed.
 """
 
 from __future__ import annotations
@@ -47,13 +48,14 @@ def moe_recipe(*, num_layers: int = DEFAULT_LAYERS, steps: int = DEFAULT_STEPS, 
 
 def warm_start_moe(out_dir: str | Path, *, seed: int = 0, steps: int = DEFAULT_STEPS,
                    num_layers: int = DEFAULT_LAYERS, lr: float = DEFAULT_LR,
-                   target_accuracy: float | None = TARGET_PROBE_ACCURACY, n_eval: int = 256) -> Path:
+                   target_accuracy: float | None = TARGET_PROBE_ACCURACY, n_eval: int = 256,
+                   on_step=None) -> Path:
     """Warm-start a tiny Qwen3-MoE on arithmetic and save model + tokenizer + ``warm_start.json``.
 
     ``warm_start.json`` (written by :func:`gspo.sft.warm_start`) holds the arguments, losses, the probe
     history and held-out greedy / sampled accuracy; this adds the recipe's name and the weights' size.
     """
-    out = warm_start(out_dir, seed=seed, n_eval=n_eval,
+    out = warm_start(out_dir, seed=seed, n_eval=n_eval, on_step=on_step,
                      **moe_recipe(num_layers=num_layers, steps=steps, lr=lr, target_accuracy=target_accuracy))
     report_path = out / "warm_start.json"
     report = json.loads(report_path.read_text())
@@ -64,12 +66,12 @@ def warm_start_moe(out_dir: str | Path, *, seed: int = 0, steps: int = DEFAULT_S
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m gspo.experiments.moe_warm_start [OUT_DIR]``: rebuild the embedded checkpoint."""
-    from gspo.models.load import EMBEDDED
+    """``python -m gspo.experiments.moe_warm_start [OUT_DIR]``: the tiny MoE warm start into OUT_DIR (default
+    ``sft/tiny-moe``); ``gspo sft model=tiny-moe`` is the same with progress (and ``into_package=true``)."""
+    from gspo.sft_cli import output_dir
 
     args = list(sys.argv[1:] if argv is None else argv)
-    out = Path(args[0]) if args else EMBEDDED["tiny-moe"]
-    print(warm_start_moe(out))
+    print(warm_start_moe(output_dir("tiny-moe", args[0] if args else "")))
     return 0
 
 

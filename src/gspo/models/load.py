@@ -26,6 +26,14 @@ EMBEDDED = dict(zip(EMBEDDED_MODELS, (ASSETS / "tiny-arith", ASSETS / "tiny-moe-
 CODE_MAPS = ("config.json", "tokenizer_config.json")  # where transformers looks for auto_map
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' per-file tqdm bars (loading weights, writing shards) for this process: the
+    commands print their own progress, and those bars would interleave with it (gspo export, gspo sft)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def resolve_model_path(name_or_path: str) -> Path:
     """The directory behind an embedded model name or a local path, with errors that say what to do."""
     if name_or_path in EMBEDDED:
@@ -33,7 +41,7 @@ def resolve_model_path(name_or_path: str) -> Path:
         if not (path / "config.json").exists():
             raise ModelLoadError(
                 f"the embedded model '{name_or_path}' is missing from {path}; rebuild it with "
-                f"'gspo sft model={name_or_path}'"
+                f"'gspo sft model={name_or_path} into_package=true'"
             )
         return path
     path = Path(name_or_path).expanduser()

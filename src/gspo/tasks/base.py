@@ -44,6 +44,8 @@ def reward_prompt(row: Row) -> str:
 
 def first_distinct(rows: Iterator[Row], n: int) -> list[Row]:
     """The first ``n`` rows of an endless stream with distinct prompts (held-out sets count each once)."""
+    if n <= 0:  # nothing to take: return before reading the stream, which may never end
+        return []
     out, seen = [], set()
     for row in rows:
         if row["prompt"] not in seen:

@@ -20,6 +20,7 @@ PROGRESS_COLUMNS = (
     ("loss/clip_frac", "clip", "{:.4f}"),
     ("kl/old_new", "kl", "{:.1e}"),
     ("throughput/tokens_per_s", "tok/s", "{:.0f}"),
+    ("loss/sft", "loss", "{:.3f}"),  # gspo sft's supervised steps (gspo.sft.SFT_LOSS_KEY)
 )
 
 

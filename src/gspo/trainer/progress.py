@@ -25,8 +25,10 @@ class Progress:
     a terminal.
     """
 
-    def __init__(self, total: int, *, enabled: bool = True, console=None, every: int = 10) -> None:
+    def __init__(self, total: int, *, enabled: bool = True, console=None, every: int = 10,
+                 label: str = "train") -> None:
         self.total = total
+        self.label = label  # the bar's first column: train, or sft for gspo sft
         self.enabled = enabled
         self.every = max(1, int(every))
         self._bar = None
@@ -47,7 +49,7 @@ class Progress:
 
         self._bar_column = BarColumn(bar_width=MIN_BAR)
         bar = RichProgress(
-            TextColumn("[bold]train"), self._bar_column, MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn(f"[bold]{self.label}"), self._bar_column, MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
             console=self._console, transient=False,
         )
@@ -100,7 +102,7 @@ class Progress:
     def _fit(self, metrics: dict) -> str:
         """The metrics text that fits beside step, elapsed and ETA; sizes the bar to the rest."""
         digits = len(str(self.total))
-        fixed = len("train") + (2 * digits + 1) + TIME_WIDTH + len("eta") + TIME_WIDTH + 6  # 6 one-space gaps
+        fixed = len(self.label) + (2 * digits + 1) + TIME_WIDTH + len("eta") + TIME_WIDTH + 6  # 6 one-space gaps
         room = self._console.width - fixed - 1  # the bar's own gap
         parts = _metric_parts(metrics)
         while parts and len("  ".join(parts)) + MIN_BAR > room:

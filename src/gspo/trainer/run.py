@@ -15,6 +15,7 @@ from gspo.config.schema import Config
 from gspo.errors import CheckpointError, RunInterrupted, TrainingDiverged
 from gspo.signals import GracefulInterrupt
 from gspo.trainer.logging import drop_records_after
+from gspo.trainer.plausibility import StepWatch, config_warnings
 from gspo.trainer.progress import Progress
 from gspo.trainer.trainer import NO_SIGNAL_HINT, Trainer, TrainState
 
@@ -28,14 +29,16 @@ def default_run_dir(config: Config) -> Path:
 
 
 def train(config: Config, run_dir: Path | None = None, *, resume: bool = False, console=None,
-          callbacks: Sequence = (), **replace) -> dict:
+          callbacks: Sequence = (), resume_hint: str | None = None, **replace) -> dict:
     """Train per ``config``; returns the summary (also written to ``run_dir/summary.json``).
 
     ``callbacks``: objects with any of ``on_begin(trainer)``, ``on_step(trainer, step, metrics)``, ``on_eval(trainer,
     step, metrics)`` and ``on_save(trainer, step, path)``; an ``on_step`` that returns True ends training after
     that step (evaluated and saved as a normal end). ``replace``: components given instead of built
     (``model``, ``tokenizer``, ``task``, ``rewards``, ``engine``; see :func:`gspo.trainer.build.build`).
-    A signal (Ctrl-C, SIGTERM) finishes the step, saves a checkpoint and raises :class:`RunInterrupted`.
+    A signal (Ctrl-C, SIGTERM) finishes the step, saves a checkpoint and raises :class:`RunInterrupted`, whose
+    message says how to resume: ``resume_hint``, default ``gspo train --resume RUN_DIR`` (the Python API
+    names ``trainer.train(resume=True)``).
     """
     run_dir = Path(run_dir or config.run_dir or default_run_dir(config))
     if resume:
@@ -47,12 +50,14 @@ def train(config: Config, run_dir: Path | None = None, *, resume: bool = False, 
             return finished
     trainer = Trainer.from_config(config, run_dir, **replace)
     try:  # rollout.max_staleness > 0: the sampler process stops with the run, however the run ends
-        return _run(trainer, config, run_dir, resume, console, callbacks)
+        return _run(trainer, config, run_dir, resume, console, callbacks,
+                    resume_hint or f"gspo train --resume {run_dir}")
     finally:
         trainer.close()
 
 
-def _run(trainer: Trainer, config: Config, run_dir: Path, resume: bool, console, callbacks: Sequence) -> dict:
+def _run(trainer: Trainer, config: Config, run_dir: Path, resume: bool, console, callbacks: Sequence,
+         resume_hint: str) -> dict:
     """The body of :func:`train` once the trainer is built."""
     hooks = _Callbacks(trainer, callbacks)
     trainer.save_resolved_config()
@@ -61,6 +66,8 @@ def _run(trainer: Trainer, config: Config, run_dir: Path, resume: bool, console,
     if resume:
         _restore(trainer, run_dir, progress)
     _say(progress, _setup_text(trainer))
+    for warning in config_warnings(config):
+        _say(progress, warning)
     if trainer.task.note:
         _say(progress, trainer.task.note)
     hooks.on_begin()
@@ -75,6 +82,7 @@ def _run(trainer: Trainer, config: Config, run_dir: Path, resume: bool, console,
                            + NO_SIGNAL_HINT)
     metrics: dict = {}
     every = config.eval_every
+    watch = StepWatch()
     with GracefulInterrupt() as interrupt, progress:
         while trainer.state.step < config.steps:
             try:
@@ -85,6 +93,8 @@ def _run(trainer: Trainer, config: Config, run_dir: Path, resume: bool, console,
             step = trainer.state.step
             progress.update(step, metrics)
             stop = hooks.on_step(step, metrics)
+            if (warning := watch.observe(step, metrics)) is not None:
+                _say(progress, warning)
             while trainer.notes:
                 _say(progress, trainer.notes.pop(0))
             if every and step % every == 0 and step < config.steps:
@@ -104,7 +114,7 @@ def _run(trainer: Trainer, config: Config, run_dir: Path, resume: bool, console,
     if interrupt.requested:  # signal handlers are restored: a second signal now acts at once
         trainer.logger.close()
         message = (f"interrupted at step {trainer.state.step} of {config.steps}; checkpoint saved. "
-                   f"Resume with: gspo train --resume {run_dir}")
+                   f"Resume with: {resume_hint}")
         _say(progress, message)
         raise RunInterrupted(message, exit_code=interrupt.exit_code, run_dir=run_dir)
     after = trainer.evaluate()

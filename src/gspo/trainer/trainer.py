@@ -112,7 +112,7 @@ class Trainer:
                         "throughput/train_tokens_per_s": trained / max(t3 - t1, 1e-9)})
         if self.pipeline is not None:
             metrics.update(self.pipeline.step_metrics(t3 - t0))
-        warning = self.zero_signal.observe(metrics.get("reward/zero_std_frac", 0.0))
+        warning = self.zero_signal.observe(metrics.get("reward/zero_std_frac", 0.0), metrics.get("reward/mean"))
         if warning:
             self.notes.append(warning)
         self.logger.log(self.state.step, metrics)
@@ -201,12 +201,17 @@ class ZeroSignalWatch:
 
     streak: int = 0
     warned: bool = False
+    zero_streak: int = 0  # steps in a row whose every reward was exactly 0
 
-    def observe(self, zero_std_frac: float) -> str | None:
+    def observe(self, zero_std_frac: float, reward_mean: float | None = None) -> str | None:
         """The warning text when the streak first reaches ZERO_SIGNAL_STEPS, else None."""
         self.streak = self.streak + 1 if zero_std_frac >= ZERO_SIGNAL_FRACTION else 0
+        self.zero_streak = self.zero_streak + 1 if reward_mean == 0.0 and zero_std_frac == 1.0 else 0
         if self.streak >= ZERO_SIGNAL_STEPS and not self.warned:
             self.warned = True
+            if self.zero_streak >= self.streak:  # the plainest case, named as such
+                return (f"warning: no learning signal: every reward was exactly 0 for {self.streak} steps in a row "
+                        "(no completion scored: zero advantage, zero gradient); " + NO_SIGNAL_HINT)
             return (f"warning: no learning signal: {zero_std_frac:.0%} of groups had identical rewards for "
                     f"{self.streak} steps in a row (zero advantage, zero gradient); " + NO_SIGNAL_HINT)
         return None
