@@ -151,14 +151,6 @@ def copy_full_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
         targets[name.removeprefix("_fsdp_wrapped_module.")].copy_(full_tensor(param))
 
 
-def load_full_weights(policy: torch.nn.Module, source: torch.nn.Module) -> None:
-    """Scatter whole weights from ``source`` (an unsharded model) into the (sharded) ``policy``."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    state = {f"model.{name}": param.detach() for name, param in source.named_parameters()}
-    set_model_state_dict(policy, state, options=StateDictOptions(full_state_dict=True, strict=False))
-
-
 def full_optimizer_state(policy: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer state as one process would hold it (FSDP2: gathered; a collective)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -168,10 +160,15 @@ def full_optimizer_state(policy: torch.nn.Module, optimizer: torch.optim.Optimiz
 
 
 def load_full_optimizer_state(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a gathered optimizer state into a sharded (or plain) optimizer."""
+    """Load a gathered optimizer state into a sharded (or plain) optimizer.
+
+    Under torch.distributed only rank 0's ``state`` is read (the others pass ``{}``): it is broadcast
+    tensor by tensor and each process keeps its shard.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(policy, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(policy, optimizer, state, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=is_initialized()))
 
 
 def _decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -181,3 +178,33 @@ def _decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
         if isinstance(layers, torch.nn.ModuleList) and len(layers):
             return list(layers)
     return []
+
+
+# --- FSDP2 sharded state: whole state dicts in and out of DTensor parameters (issue 22) ---
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s parameters are FSDP2 shards (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def load_full_model_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Scatter a whole state dict into ``module``'s (possibly sharded) parameters; a collective.
+
+    Only rank 0's ``state`` is read (the others pass ``{}``): rank 0 alone holds the whole weights in host
+    memory, and each tensor is broadcast and cut into the local shard. Keys are ``module``'s own; a
+    tied weight may be absent (it is loaded through the weight it is tied to).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, state, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=is_initialized(), strict=False))
+
+
+def full_model_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s whole state dict on rank 0's CPU (``{}`` elsewhere); a collective under FSDP2."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -187,7 +187,9 @@ def _restore(trainer: Trainer, run_dir: Path, progress: Progress) -> None:
                                   "(see the warnings above); start a new run")
         _say(progress, f"'{run_dir}' has no checkpoint yet (stopped before the first save): starting at step 0")
     else:
-        loaded = load_checkpoint(path, model=trainer.model, optimizer=trainer.parts.optimizer,
+        # FSDP2: the name-keyed whole optimizer state is scattered into the shards (any process count)
+        optimizer = FullStateOptimizer(trainer) if trainer.parts.sharded else trainer.parts.optimizer
+        loaded = load_checkpoint(path, model=trainer.model, optimizer=optimizer,
                                  scheduler=trainer.parts.scheduler, reference=trainer.parts.reference)
         try:
             trainer.state = TrainState(**loaded["trainer_state"])
