@@ -28,7 +28,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, overrides: list[str], resume: bool, sys_path: list[str]) -> None:
+def _worker(rank: int, world: int, port: int, overrides: list[str], resume: bool, sys_path: list[str],
+            sharded_min_params: int | None) -> None:
     sys.path[:0] = [p for p in sys_path if p not in sys.path]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -37,6 +38,10 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], resume: bool
     from gspo.config import load_config
     from gspo.trainer.run import train
 
+    if sharded_min_params is not None:  # the test-only override: sharded (DCP) checkpoints for a tiny model
+        import gspo.checkpoint.sharded
+
+        gspo.checkpoint.sharded.SHARDED_MIN_PARAMS = sharded_min_params
     dist.maybe_init_distributed()
     try:
         config = load_config(None, overrides)
@@ -45,7 +50,8 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], resume: bool
         dist.shutdown()
 
 
-def train_run(world: int, overrides: list[str], *, resume: bool = False) -> None:
+def train_run(world: int, overrides: list[str], *, resume: bool = False, sharded_min_params: int | None = None
+              ) -> None:
     """``gspo train`` with ``world`` processes (1: in this process, no process group)."""
     if world == 1:
         from gspo.config import load_config
@@ -54,15 +60,18 @@ def train_run(world: int, overrides: list[str], *, resume: bool = False) -> None
         config = load_config(None, overrides)
         train(config, config.run_dir, resume=resume)
         return
-    mp.start_processes(_worker, args=(world, _free_port(), overrides, resume, list(sys.path)), nprocs=world,
-                       join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(world, _free_port(), overrides, resume, list(sys.path), sharded_min_params),
+                       nprocs=world, join=True, start_method="spawn")
 
 
 def final_state(run: Path, step: int) -> tuple[dict, dict]:
-    """(weights, optimizer state tensors by flattened key) of ``run``'s checkpoint at ``step``."""
+    """(weights, optimizer state tensors by flattened key) of ``run``'s checkpoint at ``step`` (whole or sharded)."""
     from gspo.checkpoint.load import read_full_checkpoint
 
-    weights, optimizer = read_full_checkpoint(run / "checkpoints" / f"step-{step:08d}")
+    path = run / "checkpoints" / f"step-{step:08d}"
+    if (path / "dcp").is_dir():
+        return _read_sharded(path)
+    weights, optimizer = read_full_checkpoint(path)
     flat = {}
     for name, entry in optimizer["state"].items():
         for key, value in entry.items():
@@ -114,4 +123,45 @@ def test_fsdp2_resume_from_two_processes_into_one(tmp_path, overrides, uninterru
     run = tmp_path / "run"
     train_run(2, [*overrides, "steps=2", f"run_dir={run}"])
     train_run(1, [*overrides, "steps=3", f"run_dir={run}"], resume=True)
+    _assert_same(run, uninterrupted, atol=CROSS_COUNT_ATOL)
+
+
+def _read_sharded(path: Path) -> tuple[dict, dict]:
+    """(weights, flattened optimizer state) of a sharded checkpoint, read in this process."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict = {}
+    _load_state_dict(state, storage_reader=FileSystemReader(path / "dcp"), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    weights = dict(state["model"])
+    flat = {f"{name}.{key}": value for name, entry in state["optimizer"]["state"].items()
+            for key, value in entry.items()}
+    return weights, flat
+
+
+def test_sharded_checkpoints_above_the_threshold_resume_and_export(tmp_path, overrides, uninterrupted):
+    from safetensors.torch import load_file
+
+    from gspo.export import export_model
+
+    run = tmp_path / "run"
+    train_run(2, [*overrides, "steps=2", f"run_dir={run}"], sharded_min_params=0)
+    step2 = run / "checkpoints" / "step-00000002"
+    assert (step2 / "dcp" / ".metadata").is_file() and not (step2 / "model.safetensors").exists()
+    assert "dcp/.metadata" in (step2 / "manifest.json").read_text()  # checksummed like every other file
+    train_run(2, [*overrides, "steps=3", f"run_dir={run}"], resume=True, sharded_min_params=0)
+    _assert_same(run, uninterrupted, atol=0)  # weights and optimizer state, bitwise
+
+    out = export_model(run, tmp_path / "hf")  # DCP -> a Hugging Face directory
+    exported, (whole, _) = load_file(out / "model.safetensors"), final_state(uninterrupted, 3)
+    for name, tensor in exported.items():
+        assert torch.equal(tensor, whole[name]), name
+
+
+def test_sharded_checkpoint_resumes_in_one_process(tmp_path, overrides, uninterrupted):
+    run = tmp_path / "run"
+    train_run(2, [*overrides, "steps=2", f"run_dir={run}"], sharded_min_params=0)
+    train_run(1, [*overrides, "steps=3", f"run_dir={run}"], resume=True)  # DCP reshards into one process
     _assert_same(run, uninterrupted, atol=CROSS_COUNT_ATOL)
