@@ -97,7 +97,8 @@ def uninterrupted(tmp_path_factory, overrides) -> Path:
 
 def _assert_same(run: Path, reference: Path, atol: float) -> None:
     for got, want in zip(final_state(run, 3), final_state(reference, 3)):
-        assert got.keys() == want.keys()
+        # a DCP state dict names a tied weight twice; a whole checkpoint once, as save_pretrained does
+        assert want.keys() <= got.keys() and set(got) - set(want) <= {"lm_head.weight"}
         for name, tensor in want.items():
             if atol == 0:
                 assert torch.equal(got[name], tensor), name

@@ -144,7 +144,16 @@ def _save_model(model: torch.nn.Module, ckpt_dir: Path, state: dict | None = Non
         # LoRA: the adapter only (adapter_model.safetensors + adapter_config.json naming the base directory).
         # The base weights are frozen and reloaded from the base model; from_pretrained(ckpt) with PEFT
         # installed loads base + adapter, and `gspo export` writes merged weights.
-        model.save_pretrained(ckpt_dir, safe_serialization=True)
+        if state is None:
+            model.save_pretrained(ckpt_dir, safe_serialization=True)
+        else:  # FSDP2: the adapter out of the gathered state (the model's own tensors are shards)
+            from peft import get_peft_model_state_dict
+            from safetensors.torch import save_file
+
+            adapter = get_peft_model_state_dict(model, state_dict=state)
+            save_file({k: v.contiguous() for k, v in adapter.items()}, str(ckpt_dir / "adapter_model.safetensors"),
+                      metadata={"format": "pt"})
+            model.peft_config["default"].save_pretrained(ckpt_dir)
         return
     if not hasattr(model, "save_pretrained"):
         from safetensors.torch import save_file, save_model  # save_model dedups tied tensors
@@ -160,8 +169,22 @@ def _save_model(model: torch.nn.Module, ckpt_dir: Path, state: dict | None = Non
         # Keeping the in-memory names lets load_checkpoint match keys exactly; from_pretrained reads both.
         kwargs["save_original_format"] = False
     if state is not None:
-        kwargs["state_dict"] = state
+        kwargs["state_dict"] = _untied(model, state)
     model.save_pretrained(ckpt_dir, **kwargs)
+
+
+def _untied(model: torch.nn.Module, state: dict) -> dict:
+    """``state`` with a tied weight under its first name only, as ``save_pretrained`` writes it from the model
+    (a gathered state dict holds separate copies, which would be written twice)."""
+    own = model.state_dict(keep_vars=True)
+    seen: set[int] = set()
+    kept = {}
+    for name, tensor in state.items():
+        key = id(own[name]) if name in own else id(tensor)
+        if key not in seen:
+            seen.add(key)
+            kept[name] = tensor
+    return kept
 
 
 def _save_loadable(obj: Any, path: Path, what: str) -> None:
