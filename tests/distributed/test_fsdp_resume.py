@@ -166,3 +166,15 @@ def test_sharded_checkpoint_resumes_in_one_process(tmp_path, overrides, uninterr
     train_run(2, [*overrides, "steps=2", f"run_dir={run}"], sharded_min_params=0)
     train_run(1, [*overrides, "steps=3", f"run_dir={run}"], resume=True)  # DCP reshards into one process
     _assert_same(run, uninterrupted, atol=CROSS_COUNT_ATOL)
+
+
+def test_fsdp2_lora_resume_with_two_processes_is_bitwise(tmp_path, overrides):
+    from safetensors.torch import load_file
+
+    lora = [*overrides, "lora.rank=4"]
+    train_run(2, [*lora, "steps=2", f"run_dir={tmp_path / 'whole'}"])
+    train_run(2, [*lora, "steps=1", f"run_dir={tmp_path / 'run'}"])
+    train_run(2, [*lora, "steps=2", f"run_dir={tmp_path / 'run'}"], resume=True)  # the adapter into shards
+    got, want = (load_file(tmp_path / run / "checkpoints" / "step-00000002" / "adapter_model.safetensors")
+                 for run in ("run", "whole"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

@@ -62,7 +62,9 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module | None = None,
     sharded = model is not None and dist.is_sharded(unwrap_model(model))
     if model is not None:
         model = unwrap_model(model)
-        if hasattr(model, "peft_config"):  # LoRA: the adapter; the frozen base comes from the base model
+        if hasattr(model, "peft_config") and sharded:  # LoRA under FSDP2: rank 0 reads, the shards receive
+            load_sharded_adapter(path, files, model)
+        elif hasattr(model, "peft_config"):  # LoRA: the adapter; the frozen base comes from the base model
             load_adapter_weights(path, files, model)
         elif sharded:
             load_sharded_weights(path, files, model)
@@ -167,6 +169,29 @@ def _required_keys(model: torch.nn.Module) -> set[str]:
             seen.add(id(tensor))
             required.add(name)
     return required
+
+
+def load_sharded_adapter(ckpt_dir: Path, files: dict, model: torch.nn.Module) -> None:
+    """Load ``adapter_model.safetensors`` into an FSDP2-sharded PEFT model (every process calls this)."""
+    from safetensors.torch import load_file
+
+    weights: dict[str, torch.Tensor] = {}
+    problem = None
+    if dist.is_main():
+        own = model.state_dict()
+        if ADAPTER_WEIGHTS not in files:
+            problem = f"{ckpt_dir} holds no {ADAPTER_WEIGHTS}: resume it with lora.rank=0 (the run's own config)"
+        else:  # PEFT saves "...lora_A.weight" for the module's "...lora_A.default.weight"
+            for name, tensor in load_file(ckpt_dir / ADAPTER_WEIGHTS).items():
+                named = name.removesuffix(".weight") + ".default.weight"
+                weights[named if named in own else name] = tensor
+            unknown = sorted(set(weights) - set(own))
+            if unknown:
+                problem = f"{ckpt_dir / ADAPTER_WEIGHTS} does not match the model's adapter ({_keys(unknown)})"
+    problem = dist.all_gather_object(problem)[0]  # every process raises, none waits in the broadcast
+    if problem:
+        raise CheckpointError(problem + "; resume with the run's own lora.* settings")
+    dist.load_full_model_state(model, weights)
 
 
 def load_adapter_weights(ckpt_dir: Path, files: dict, model: torch.nn.Module) -> None:
