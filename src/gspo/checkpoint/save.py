@@ -56,8 +56,9 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, m
     name = step_dir_name(step)
     tmp = staged or stage_checkpoint(run_dir, step)
     try:
-        _write_payload(tmp, model=model, weights=staged is None, model_state=model_state, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
-                       state_json=state_json, rng=capture_rng_state() if rng is None else rng)
+        _write_payload(tmp, model=model, weights=staged is None, model_state=model_state, tokenizer=tokenizer,
+                       optimizer=optimizer, scheduler=scheduler, state_json=state_json,
+                       rng=capture_rng_state() if rng is None else rng)
         if reference is not None:
             from safetensors.torch import save_model  # dedups tied tensors the way save_pretrained does
 
@@ -119,7 +120,8 @@ def _validate_args(step: int, trainer_state: dict, keep_last: int) -> str:
                               "lists and dicts in it (convert tensors with .item() or .tolist())") from exc
 
 
-def _write_payload(ckpt_dir: Path, *, model, weights: bool, model_state, tokenizer, optimizer, scheduler, state_json: str, rng: dict) -> None:
+def _write_payload(ckpt_dir: Path, *, model, weights: bool, model_state, tokenizer, optimizer, scheduler,
+                   state_json: str, rng: dict) -> None:
     """Write every file of a checkpoint (not yet fsynced; :func:`write_manifest` does that)."""
     if weights:
         _save_model(unwrap_model(model), ckpt_dir, model_state)
@@ -161,7 +163,8 @@ def _save_model(model: torch.nn.Module, ckpt_dir: Path, state: dict | None = Non
         if state is None:
             save_model(model, str(ckpt_dir / "model.safetensors"))
         else:
-            save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(ckpt_dir / "model.safetensors"))
+            save_file({k: v.detach().clone().contiguous() for k, v in state.items()},
+                      str(ckpt_dir / "model.safetensors"))
         return
     kwargs = {}
     if "save_original_format" in inspect.signature(model.save_pretrained).parameters:
