@@ -104,8 +104,13 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def wrap_for_training(module: torch.nn.Module, strategy: str) -> torch.nn.Module:
-    """DDP (replicated weights) or FSDP2 (sharded) around ``module``; the module itself alone."""
+def wrap_for_training(module: torch.nn.Module, strategy: str, *, param_dtype: torch.dtype | None = None
+                      ) -> torch.nn.Module:
+    """DDP (replicated weights) or FSDP2 (sharded) around ``module``; the module itself alone.
+
+    ``param_dtype`` (FSDP2): the dtype the gathered parameters compute in (e.g. bfloat16), see
+    :func:`shard_for_training`; DDP ignores it (autocast casts there).
+    """
     if not is_initialized():
         return module
     if strategy == "ddp":
@@ -114,30 +119,18 @@ def wrap_for_training(module: torch.nn.Module, strategy: str) -> torch.nn.Module
         device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
         return DistributedDataParallel(module, device_ids=device_ids)
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in _decoder_layers(module):
-            fully_shard(layer)
-        fully_shard(module)
-        return module
+        return shard_for_training(module, param_dtype=param_dtype)
     raise ValueError(f"unknown distributed strategy {strategy!r}: use ddp or fsdp")
 
 
 def no_sync(module: torch.nn.Module):
-    """Skip the gradient all-reduce for a micro-batch that is not the last of its optimizer step."""
+    """Skip the gradient all-reduce for a micro-batch that is not the last of its optimizer step (DDP).
+
+    FSDP2 keeps syncing: skipping would keep every unsharded float32 gradient until the last micro-batch
+    (a whole model's worth per process); a reduce-scatter per micro-batch keeps only the shards.
+    """
     if hasattr(module, "no_sync"):
         return module.no_sync()
-    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
-
-        @contextlib.contextmanager
-        def _fsdp_no_sync():
-            module.set_requires_gradient_sync(False)
-            try:
-                yield
-            finally:
-                module.set_requires_gradient_sync(True)
-
-        return _fsdp_no_sync()
     return contextlib.nullcontext()
 
 
@@ -157,14 +150,6 @@ def copy_full_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
         targets[name.removeprefix("_fsdp_wrapped_module.")].copy_(full_tensor(param))
 
 
-def load_full_weights(policy: torch.nn.Module, source: torch.nn.Module) -> None:
-    """Scatter whole weights from ``source`` (an unsharded model) into the (sharded) ``policy``."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    state = {f"model.{name}": param.detach() for name, param in source.named_parameters()}
-    set_model_state_dict(policy, state, options=StateDictOptions(full_state_dict=True, strict=False))
-
-
 def full_optimizer_state(policy: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer state as one process would hold it (FSDP2: gathered; a collective)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -174,10 +159,15 @@ def full_optimizer_state(policy: torch.nn.Module, optimizer: torch.optim.Optimiz
 
 
 def load_full_optimizer_state(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a gathered optimizer state into a sharded (or plain) optimizer."""
+    """Load a gathered optimizer state into a sharded (or plain) optimizer.
+
+    Under torch.distributed only rank 0's ``state`` is read (the others pass ``{}``): it is broadcast
+    tensor by tensor and each process keeps its shard.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(policy, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(policy, optimizer, state, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=is_initialized()))
 
 
 def _decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -187,3 +177,93 @@ def _decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
         if isinstance(layers, torch.nn.ModuleList) and len(layers):
             return list(layers)
     return []
+
+
+# --- FSDP2: sharding, and whole state dicts in and out of DTensor parameters (issue 22) ---
+
+
+def shard_for_training(module: torch.nn.Module, *, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """FSDP2 (``fully_shard``) around each decoder layer and the whole ``module``, in place.
+
+    Each process keeps 1/N of every parameter (float32: the master weights the optimizer steps) and
+    gathers one layer at a time for compute. ``param_dtype`` (e.g. bfloat16): the gathered copy is cast
+    to it, halving gather traffic and compute memory, while gradients are reduced in float32
+    (``MixedPrecisionPolicy(param_dtype, reduce_dtype=float32)``); None or float32 computes in float32.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mixed = None if param_dtype in (None, torch.float32) else param_dtype
+    policy = MixedPrecisionPolicy(param_dtype=mixed, reduce_dtype=torch.float32 if mixed else None)
+    for layer in _decoder_layers(module):
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(module, mp_policy=policy)
+    return module
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s parameters are FSDP2 shards (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def load_full_model_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Scatter a whole state dict into ``module``'s (possibly sharded) parameters; a collective.
+
+    Only rank 0's ``state`` is read (the others pass ``{}``): rank 0 alone holds the whole weights in host
+    memory, and each tensor is broadcast and cut into the local shard. Keys are ``module``'s own; a
+    tied weight may be absent (it is loaded through the weight it is tied to).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, state, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=is_initialized(), strict=False))
+
+
+def full_model_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s whole state dict on rank 0's CPU (``{}`` elsewhere); a collective under FSDP2."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_sharded_state(module: torch.nn.Module, policy: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                       path) -> None:
+    """Every process writes its shards of ``module``'s weights and the optimizer state to ``path`` (DCP).
+
+    ``optimizer`` was built over ``policy``'s parameters (its state is keyed by ``policy``'s names).
+    torch.distributed.checkpoint writes one file per process plus ``.metadata``; the directory must be
+    on a filesystem every process sees. A collective.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"model": get_model_state_dict(module)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(policy, optimizer)
+    dcp.save(state, checkpoint_id=path)
+
+
+def load_sharded_state(module: torch.nn.Module, policy: torch.nn.Module | None,
+                       optimizer: torch.optim.Optimizer | None, path) -> None:
+    """Load a :func:`save_sharded_state` directory into ``module`` (and the optimizer), in place.
+
+    DCP reshards on load: any process count reads what any other wrote, a single process (no process
+    group, e.g. ``gspo export``) included.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    state = {"model": get_model_state_dict(module)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(policy, optimizer)  # initialised, so DCP has targets
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(module, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(policy, optimizer, state["optimizer"])
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every process (pickled)."""
+    return all_gather_object(obj)[0]

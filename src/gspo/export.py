@@ -9,7 +9,8 @@ with any tool that reads Hugging Face directories:
   adapter (``merge=false``: ``adapter_model.safetensors`` + ``adapter_config.json``, for PEFT).
 
 RUN_OR_CHECKPOINT is a run directory (its newest checkpoint that verifies), a checkpoint directory
-(verified against its manifest), or any local model or adapter directory.
+(verified against its manifest; whole or sharded, see :mod:`gspo.checkpoint.sharded`), or any local
+model or adapter directory.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def export_model(source: str | Path, out_dir: str | Path, *, merge: bool = True)
         for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
             shutil.copy2(checkpoint / name, out / name)
     else:
-        model = load_model(checkpoint)  # adapters come back merged (gspo.models.lora)
+        model = _sharded_model(checkpoint) or load_model(checkpoint)  # adapters come back merged (gspo.models.lora)
         # transformers reverts on save only the renamings it applied on load, and a checkpoint stored with the
         # in-memory names (fused MoE experts) needed none: forget that record so the architecture's standard
         # layout is written, whatever layout the checkpoint used.
@@ -59,6 +60,23 @@ def export_model(source: str | Path, out_dir: str | Path, *, merge: bool = True)
 
     respect_umask(out)  # weights written through tempfile are 0600 otherwise
     return out
+
+
+def _sharded_model(checkpoint: Path):
+    """The model of a sharded (DCP) checkpoint, built from its config.json and loaded in one process; None
+    for any other directory."""
+    from gspo.checkpoint.sharded import is_sharded_checkpoint, load_sharded_weights
+
+    if not is_sharded_checkpoint(checkpoint):
+        return None
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from gspo.models.load import refuse_custom_code
+
+    refuse_custom_code(checkpoint)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint, local_files_only=True))
+    load_sharded_weights(checkpoint, model=model)
+    return model
 
 
 def resolve_checkpoint(source: Path) -> Path:

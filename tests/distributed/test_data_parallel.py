@@ -43,10 +43,10 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], out: str, sy
         else:
             trainer = Trainer.from_config(config, None)
             metrics = [trainer.train_step() for _ in range(config.steps)]
+            whole = dist.full_model_state(trainer.model)  # FSDP: the shards gathered to rank 0 (a collective)
             if rank == 0:
-                whole = trainer.parts.whole_model  # FSDP: the gathered copy
                 engine_dtype = str(next(trainer.parts.engine.model.parameters()).dtype)  # the built-in engine's copy
-                torch.save({"params": {n: p.detach().clone() for n, p in whole.named_parameters()},
+                torch.save({"params": {n: p.detach().clone() for n, p in whole.items()},
                             "metrics": metrics, "engine_dtype": engine_dtype}, out)
     finally:
         dist.shutdown()

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from gspo import distributed as dist
 from gspo.checkpoint.manifest import checkpoints_root, list_step_dirs, verify_checkpoint
 from gspo.checkpoint.save import REFERENCE_WEIGHTS, unwrap_model
 from gspo.errors import CheckpointError
@@ -58,14 +59,19 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module | None = None,
     path = Path(path)
     manifest = verify_checkpoint(path, deep=True)
     files = manifest["files"]
+    sharded = model is not None and dist.is_sharded(unwrap_model(model))
     if model is not None:
         model = unwrap_model(model)
-        if hasattr(model, "peft_config"):  # LoRA: the adapter; the frozen base comes from the base model
+        if hasattr(model, "peft_config") and sharded:  # LoRA under FSDP2: rank 0 reads, the shards receive
+            load_sharded_adapter(path, files, model)
+        elif hasattr(model, "peft_config"):  # LoRA: the adapter; the frozen base comes from the base model
             load_adapter_weights(path, files, model)
+        elif sharded:
+            load_sharded_weights(path, files, model)
         else:
             load_model_weights(path, files, model)
-    if optimizer is not None:
-        _load_state(optimizer, path, files, "optimizer.pt")
+    if optimizer is not None:  # FSDP2: rank 0 reads the whole state, the optimizer scatters it (see run.py)
+        _load_state(optimizer, path, files, "optimizer.pt", read=not sharded or dist.is_main())
     if scheduler is not None:
         _load_state(scheduler, path, files, "scheduler.pt")
     has_reference = REFERENCE_WEIGHTS in files
@@ -110,6 +116,84 @@ def load_model_weights(ckpt_dir: Path, files: dict, model: torch.nn.Module) -> N
                               "build the model from the checkpoint's config.json (same architecture)")
 
 
+def load_sharded_weights(ckpt_dir: Path, files: dict, model: torch.nn.Module) -> None:
+    """Load the whole weights of ``model*.safetensors`` into FSDP2 shards (every process calls this).
+
+    Rank 0 alone reads the files and checks every key; each tensor is then broadcast and each process
+    keeps its shard, so a checkpoint saved by any number of processes resumes into any other.
+    """
+    weights: dict[str, torch.Tensor] = {}
+    problem = None
+    if dist.is_main():
+        try:
+            weights = read_model_weights(ckpt_dir, files)
+        except CheckpointError as exc:
+            problem = str(exc)
+        unexpected = sorted(set(weights) - set(model.state_dict()))
+        missing = sorted(_required_keys(model) - set(weights)) if weights else []
+        if unexpected or missing:
+            problem = (f"{ckpt_dir} does not match the model (unexpected: {_keys(unexpected) or 'none'}; missing: "
+                       f"{_keys(missing) or 'none'}); build the model from the checkpoint's config.json")
+    problem = dist.all_gather_object(problem)[0]  # every process raises, none waits in the broadcast
+    if problem:
+        raise CheckpointError(problem)
+    dist.load_full_model_state(model, weights)
+
+
+def read_model_weights(ckpt_dir: Path, files: dict) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint's ``model*.safetensors``, by name (whole, on the CPU)."""
+    from safetensors.torch import load_file
+
+    shards = sorted(name for name in files if name.startswith("model") and name.endswith(".safetensors"))
+    if not shards:
+        raise CheckpointError(f"{ckpt_dir} holds no model*.safetensors; it was saved without weights")
+    weights: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        weights.update(load_file(ckpt_dir / shard))
+    return weights
+
+
+def read_full_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(whole weights by name, the name-keyed optimizer state) of a verified checkpoint, on the CPU."""
+    path = Path(path)
+    files = verify_checkpoint(path, deep=True)["files"]
+    return read_model_weights(path, files), _torch_load(path / "optimizer.pt")
+
+
+def _required_keys(model: torch.nn.Module) -> set[str]:
+    """State-dict keys a checkpoint must hold: a tied weight (the same parameter under two names) once."""
+    seen: set[int] = set()
+    required = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            required.add(name)
+    return required
+
+
+def load_sharded_adapter(ckpt_dir: Path, files: dict, model: torch.nn.Module) -> None:
+    """Load ``adapter_model.safetensors`` into an FSDP2-sharded PEFT model (every process calls this)."""
+    from safetensors.torch import load_file
+
+    weights: dict[str, torch.Tensor] = {}
+    problem = None
+    if dist.is_main():
+        own = model.state_dict()
+        if ADAPTER_WEIGHTS not in files:
+            problem = f"{ckpt_dir} holds no {ADAPTER_WEIGHTS}: resume it with lora.rank=0 (the run's own config)"
+        else:  # PEFT saves "...lora_A.weight" for the module's "...lora_A.default.weight"
+            for name, tensor in load_file(ckpt_dir / ADAPTER_WEIGHTS).items():
+                named = name.removesuffix(".weight") + ".default.weight"
+                weights[named if named in own else name] = tensor
+            unknown = sorted(set(weights) - set(own))
+            if unknown:
+                problem = f"{ckpt_dir / ADAPTER_WEIGHTS} does not match the model's adapter ({_keys(unknown)})"
+    problem = dist.all_gather_object(problem)[0]  # every process raises, none waits in the broadcast
+    if problem:
+        raise CheckpointError(problem + "; resume with the run's own lora.* settings")
+    dist.load_full_model_state(model, weights)
+
+
 def load_adapter_weights(ckpt_dir: Path, files: dict, model: torch.nn.Module) -> None:
     """Load ``adapter_model.safetensors`` into a PEFT model in place; every adapter weight must be there."""
     from peft import set_peft_model_state_dict
@@ -148,13 +232,14 @@ def _tied_to_loaded(key: str, state: dict[str, torch.Tensor], loaded: set[str]) 
     return any(state[other].data_ptr() == tensor.data_ptr() for other in loaded)
 
 
-def _load_state(target: Any, ckpt_dir: Path, files: dict, name: str) -> None:
-    """``target.load_state_dict`` from a weights-only ``.pt`` file of the checkpoint."""
+def _load_state(target: Any, ckpt_dir: Path, files: dict, name: str, *, read: bool = True) -> None:
+    """``target.load_state_dict`` from a weights-only ``.pt`` file of the checkpoint (``read=False``: of ``{}``,
+    on the processes that receive the state from rank 0)."""
     if name not in files:
         raise CheckpointError(f"{ckpt_dir} has no {name} (it was saved without one); "
                               f"pass {name.removesuffix('.pt')}=None to load_checkpoint to skip it")
     try:
-        target.load_state_dict(_torch_load(ckpt_dir / name))
+        target.load_state_dict(_torch_load(ckpt_dir / name) if read else {})
     except (KeyError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{ckpt_dir / name} does not match the {type(target).__name__} given ({exc}); "
                               "build it with the same parameters and settings as the saved run") from exc

@@ -32,30 +32,33 @@ PLAIN_LEAVES = (torch.Tensor, torch.nn.Parameter, int, float, bool, str, bytes, 
                 torch.Size)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, tokenizer: Any = None,
+def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, model_state: dict | None = None,
+                    tokenizer: Any = None,
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
                     trainer_state: dict, rng: dict | None = None, keep_last: int = 3,
-                    reference: torch.nn.Module | None = None) -> Path:
+                    reference: torch.nn.Module | None = None, staged: Path | None = None) -> Path:
     """Save a complete, verifiable checkpoint to ``run_dir/checkpoints/step-XXXXXXXX`` and return its path.
 
     ``model`` is a transformers model (saved with ``save_pretrained``, so ``from_pretrained(path)`` works),
-    a PEFT model (its adapter only) or any ``nn.Module`` (saved as ``model.safetensors`` only). ``trainer_state`` must be JSON-serialisable.
+    a PEFT model (its adapter only) or any ``nn.Module`` (saved as ``model.safetensors`` only). ``model_state``:
+    the whole state dict to write instead of ``model``'s own (an FSDP2-sharded model's, gathered to this
+    process; ``model`` then gives the config). ``trainer_state`` must be JSON-serialisable.
     ``rng=None`` captures the current generators (:func:`capture_rng_state`). ``reference``: the KL
     reference when it is neither the base model nor ``model`` (``loss.ref_refresh_steps``), saved as
-    ``reference.safetensors``. The newest ``keep_last`` checkpoints are kept. Raises
+    ``reference.safetensors``. ``staged``: the temp directory of :func:`stage_checkpoint` into which every
+    process already wrote its shards (:mod:`gspo.checkpoint.sharded`); only ``model``'s config is added.
+    The newest ``keep_last`` checkpoints are kept. Raises
     :class:`CheckpointError` (nothing is published, older checkpoints untouched) if the state cannot be
     saved safely or the disk write fails.
     """
     state_json = _validate_args(step, trainer_state, keep_last)
     root = checkpoints_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(root)
     name = step_dir_name(step)
-    tmp = root / f"{TMP_PREFIX}{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = staged or stage_checkpoint(run_dir, step)
     try:
-        _write_payload(tmp, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
-                       state_json=state_json, rng=capture_rng_state() if rng is None else rng)
+        _write_payload(tmp, model=model, weights=staged is None, model_state=model_state, tokenizer=tokenizer,
+                       optimizer=optimizer, scheduler=scheduler, state_json=state_json,
+                       rng=capture_rng_state() if rng is None else rng)
         if reference is not None:
             from safetensors.torch import save_model  # dedups tied tensors the way save_pretrained does
 
@@ -70,6 +73,16 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, t
     replace_file_atomic(root / LATEST_NAME, (final.name + "\n").encode())
     _rotate(root, keep_last, newest=final)
     return final
+
+
+def stage_checkpoint(run_dir: str | Path, step: int) -> Path:
+    """A new hidden temp directory for the checkpoint of ``step`` (leftovers of killed saves removed first)."""
+    root = checkpoints_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(root)
+    tmp = root / f"{TMP_PREFIX}{step_dir_name(step)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
 
 
 def remove_leftovers(root: Path) -> None:
@@ -107,9 +120,13 @@ def _validate_args(step: int, trainer_state: dict, keep_last: int) -> str:
                               "lists and dicts in it (convert tensors with .item() or .tolist())") from exc
 
 
-def _write_payload(ckpt_dir: Path, *, model, tokenizer, optimizer, scheduler, state_json: str, rng: dict) -> None:
+def _write_payload(ckpt_dir: Path, *, model, weights: bool, model_state, tokenizer, optimizer, scheduler,
+                   state_json: str, rng: dict) -> None:
     """Write every file of a checkpoint (not yet fsynced; :func:`write_manifest` does that)."""
-    _save_model(unwrap_model(model), ckpt_dir)
+    if weights:
+        _save_model(unwrap_model(model), ckpt_dir, model_state)
+    else:  # sharded weights already written: the config, for gspo export and from_pretrained of the export
+        unwrap_model(model).config.save_pretrained(ckpt_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(ckpt_dir)
     if optimizer is not None:
@@ -121,25 +138,56 @@ def _write_payload(ckpt_dir: Path, *, model, tokenizer, optimizer, scheduler, st
     respect_umask(ckpt_dir)  # weights written through tempfile are 0600 otherwise
 
 
-def _save_model(model: torch.nn.Module, ckpt_dir: Path) -> None:
-    """Save weights (and config) so both :func:`load_checkpoint` and ``from_pretrained`` can read them."""
+def _save_model(model: torch.nn.Module, ckpt_dir: Path, state: dict | None = None) -> None:
+    """Save weights (and config) so both :func:`load_checkpoint` and ``from_pretrained`` can read them.
+
+    ``state``: the whole state dict to write instead of ``model``'s (FSDP2: gathered from the shards)."""
     if hasattr(model, "peft_config"):
         # LoRA: the adapter only (adapter_model.safetensors + adapter_config.json naming the base directory).
         # The base weights are frozen and reloaded from the base model; from_pretrained(ckpt) with PEFT
         # installed loads base + adapter, and `gspo export` writes merged weights.
-        model.save_pretrained(ckpt_dir, safe_serialization=True)
+        if state is None:
+            model.save_pretrained(ckpt_dir, safe_serialization=True)
+        else:  # FSDP2: the adapter out of the gathered state (the model's own tensors are shards)
+            from peft import get_peft_model_state_dict
+            from safetensors.torch import save_file
+
+            adapter = get_peft_model_state_dict(model, state_dict=state)
+            save_file({k: v.contiguous() for k, v in adapter.items()}, str(ckpt_dir / "adapter_model.safetensors"),
+                      metadata={"format": "pt"})
+            model.peft_config["default"].save_pretrained(ckpt_dir)
         return
     if not hasattr(model, "save_pretrained"):
-        from safetensors.torch import save_model  # dedups tied tensors the way save_pretrained does
+        from safetensors.torch import save_file, save_model  # save_model dedups tied tensors
 
-        save_model(model, str(ckpt_dir / "model.safetensors"))
+        if state is None:
+            save_model(model, str(ckpt_dir / "model.safetensors"))
+        else:
+            save_file({k: v.detach().clone().contiguous() for k, v in state.items()},
+                      str(ckpt_dir / "model.safetensors"))
         return
     kwargs = {}
     if "save_original_format" in inspect.signature(model.save_pretrained).parameters:
         # transformers v5 renames some weights on save (e.g. fused MoE experts back to per-expert keys).
         # Keeping the in-memory names lets load_checkpoint match keys exactly; from_pretrained reads both.
         kwargs["save_original_format"] = False
+    if state is not None:
+        kwargs["state_dict"] = _untied(model, state)
     model.save_pretrained(ckpt_dir, **kwargs)
+
+
+def _untied(model: torch.nn.Module, state: dict) -> dict:
+    """``state`` with a tied weight under its first name only, as ``save_pretrained`` writes it from the model
+    (a gathered state dict holds separate copies, which would be written twice)."""
+    own = model.state_dict(keep_vars=True)
+    seen: set[int] = set()
+    kept = {}
+    for name, tensor in state.items():
+        key = id(own[name]) if name in own else id(tensor)
+        if key not in seen:
+            seen.add(key)
+            kept[name] = tensor
+    return kept
 
 
 def _save_loadable(obj: Any, path: Path, what: str) -> None:

@@ -49,7 +49,6 @@ class Components:
     config: Config
     run_dir: Path | None
     model: torch.nn.Module  # the Hugging Face policy, unwrapped (float32 master weights; sharded under FSDP2)
-    whole_model: torch.nn.Module  # whole weights for checkpoints: ``model`` itself, or its gathered copy (FSDP2)
     tokenizer: object
     engine: RolloutEngine
     policy: torch.nn.Module  # PolicyLogprobs around ``model``, wrapped by DDP / FSDP2 under torchrun
@@ -72,16 +71,15 @@ class Components:
     pipeline: object = None  # trainer.pipeline.Pipeline when rollout.max_staleness > 0 (issue 14)
 
     def sync_weights(self) -> None:
-        """Make the sampler use the weights just trained (every process: FSDP2 gathers shards)."""
-        if self.sharded:
-            dist.copy_full_weights(self.model, self.whole_model)
-            self.engine.sync_weights(self.whole_model)
-        else:
-            self.engine.sync_weights(self.model)
+        """Make the sampler use the weights just trained (every process: FSDP2 gathers shards one by one)."""
+        self.engine.sync_weights(self.model)
 
     def refresh_reference(self) -> None:
         """The KL reference becomes a frozen copy of the current policy (``loss.ref_refresh_steps``)."""
-        self.reference = frozen_copy(self.whole_model)
+        if self.sharded:  # the reference stays whole: the shards are gathered into it one tensor at a time
+            dist.copy_full_weights(self.model, self.reference)
+        else:
+            self.reference = frozen_copy(self.model)
 
 
 @dataclass
@@ -121,26 +119,26 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
         raise ConfigError(f"moe.routing_replay={replay} needs a Mixture-of-Experts model "
                           f"({', '.join(SUPPORTED_ARCHITECTURES)}); '{config.model}' is dense: set moe.routing_replay=off")
     sharded = dist.is_initialized() and config.distributed.strategy == "fsdp"
-    # FSDP2 shards ``model`` in place: the sampler and the checkpoints need whole weights, kept in a copy
-    # made before sharding and refreshed after every update (Components.sync_weights).
-    whole = copy.deepcopy(model) if sharded else model
+    # FSDP2 shards ``model`` in place: what needs whole weights is built from it first. The built-in
+    # engine keeps its own copy (in rollout.engine_dtype), refreshed tensor by tensor (sync_weights);
+    # checkpoints gather the shards to rank 0 when they are written. No other whole copy is kept.
     sampler = None
     if r.max_staleness and engine is None and r.engine != "hf":
         # vLLM samples ahead in the sampler process and is the run's only engine, evaluation included: a
         # second instance (or server) in the trainer process would double its memory and start-up
-        sampler = engine = _sampler_engine(config, whole, tokenizer, path, device, precision)
-    engine = engine or build_engine(config, whole, tokenizer, path, precision=precision)
+        sampler = engine = _sampler_engine(config, model, tokenizer, path, device, precision)
+    engine = engine or build_engine(config, model, tokenizer, path, separate_copy=sharded, precision=precision)
     if replay == "r3" and not engine.info.records_routing:
         raise ConfigError(f"moe.routing_replay=r3 needs the rollout engine's expert choices, which {engine.info.name} "
                           "does not return; use moe.routing_replay=r2 (experts from the trainer's old-policy pass)")
     # FSDP2 gathers a unit's shards once per forward call; the shared-prompt path calls the body twice
     policy = PolicyLogprobs(model, top_k=r.top_k, top_p=r.top_p, share_prompts=o.share_prompts and not sharded)
-    policy = dist.wrap_for_training(policy, config.distributed.strategy)
-    optimizer = build_optimizer(policy, config)  # after wrapping: FSDP2 replaced the parameters
-    scheduler = build_scheduler(optimizer, config, config.steps * o.minibatches * o.epochs)
     reference = None
     if config.loss.beta > 0:  # LoRA: the policy itself, run with its adapter disabled (see reference_policy)
-        reference = model if config.lora.rank else frozen_copy(whole)
+        reference = model if config.lora.rank else frozen_copy(model)  # before FSDP2 shards ``model``
+    policy = dist.wrap_for_training(policy, config.distributed.strategy, param_dtype=_fsdp_param_dtype(precision))
+    optimizer = build_optimizer(policy, config)  # after wrapping: FSDP2 replaced the parameters
+    scheduler = build_scheduler(optimizer, config, config.steps * o.minibatches * o.epochs)
     render = _renderer(config, tokenizer, model)
     params, collector, evaluator = _sampling(config, task, engine, render, tokenizer, model, rewards)
     updater = _updater(config, precision, max_length=collector.max_response_tokens)  # an agent episode spans its turns
@@ -151,7 +149,7 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     temperature = r.temperature
     rows_per_pass = o.micro_batch_size or -(-r.prompts_per_step * r.group_size // dist.world_size() // o.minibatches)
     parts = Components(
-        config=config, run_dir=Path(run_dir) if run_dir else None, model=model, whole_model=whole,
+        config=config, run_dir=Path(run_dir) if run_dir else None, model=model,
         tokenizer=tokenizer, engine=engine, policy=policy, optimizer=optimizer, scheduler=scheduler,
         reference=reference, device=device, task=task, render=render, rewards=rewards, params=params,
         collector=collector, evaluator=evaluator, updater=updater, old_logprobs=None,  # type: ignore[arg-type]
@@ -176,13 +174,18 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
 
         try:
             parts.pipeline = build_pipeline(parts, lambda placement: sampler or SubprocessEngine(
-                functools.partial(build_engine, config, precision=precision), whole, tokenizer, path,
+                functools.partial(build_engine, config, precision=precision), model, tokenizer, path,
                 placement=placement))
         except BaseException:
             if sampler is not None:
                 sampler.close()
             raise
     return parts
+
+
+def _fsdp_param_dtype(precision: PrecisionPolicy) -> torch.dtype | None:
+    """The dtype FSDP2 computes in (the precision policy's compute dtype); the float32 shards stay the master."""
+    return precision.autocast_dtype
 
 
 def _sampler_engine(config: Config, model: torch.nn.Module, tokenizer, path, device: torch.device,
@@ -304,7 +307,7 @@ def _load_policy(config: Config, device: torch.device, model=None, tokenizer=Non
 @contextlib.contextmanager
 def _reference_fn(parts: Components, temperature: float):
     """The KL reference's log-probabilities; with top-k / top-p, over the policy's support (the sampling
-    weights' ``whole_model``, read before the reference context: under LoRA that disables the adapter),
+    weights, ``parts.model``, read before the reference context: under LoRA that disables the adapter),
     so that kl/ref is 0 while the policy is the reference (gspo.logprobs_support)."""
     r = parts.config.rollout
     if not (r.top_k > 0 or r.top_p < 1.0):
@@ -313,7 +316,7 @@ def _reference_fn(parts: Components, temperature: float):
         return
 
     def on_support(ids, attn, num_t):
-        support = truncation_support(parts.whole_model, ids, attn, num_t, temperature=temperature,
+        support = truncation_support(parts.model, ids, attn, num_t, temperature=temperature,
                                      top_k=r.top_k, top_p=r.top_p)
         with reference_policy(parts) as reference:
             return token_logprobs_on_support(reference, ids, attn, num_t, support)

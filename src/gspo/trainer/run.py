@@ -11,6 +11,8 @@ from typing import Sequence
 from gspo import distributed as dist
 from gspo.checkpoint import find_latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint, capture_rng_state
 from gspo.checkpoint.manifest import checkpoints_root, list_step_dirs
+from gspo.checkpoint.sharded import (is_sharded_checkpoint, load_sharded_weights, stage_sharded_weights,
+                                     use_sharded_checkpoint)
 from gspo.config.schema import Config
 from gspo.errors import CheckpointError, RunInterrupted, TrainingDiverged
 from gspo.signals import GracefulInterrupt
@@ -209,8 +211,7 @@ def _restore(trainer: Trainer, run_dir: Path, progress: Progress) -> None:
                                   "(see the warnings above); start a new run")
         _say(progress, f"'{run_dir}' has no checkpoint yet (stopped before the first save): starting at step 0")
     else:
-        loaded = load_checkpoint(path, model=trainer.model, optimizer=trainer.parts.optimizer,
-                                 scheduler=trainer.parts.scheduler, reference=trainer.parts.reference)
+        loaded = _load(trainer, path)
         try:
             trainer.state = TrainState(**loaded["trainer_state"])
         except TypeError as exc:
@@ -225,6 +226,23 @@ def _restore(trainer: Trainer, run_dir: Path, progress: Progress) -> None:
     if dist.is_main():  # the steps after the checkpoint are redone: their old log lines go
         drop_records_after(run_dir, trainer.state.step)
         trainer.logger.resume_at(trainer.state.step)
+
+
+def _load(trainer: Trainer, path: Path) -> dict:
+    """Load the checkpoint at ``path`` into the trainer's model, optimizer, scheduler and reference.
+
+    Sharded checkpoints (DCP) load into the model and optimizer on every process, resharded; whole ones
+    are read by rank 0 and scattered into FSDP2 shards (the name-keyed optimizer state too), or loaded
+    as they are without FSDP2. Either layout resumes with any process count.
+    """
+    model, optimizer = trainer.model, trainer.parts.optimizer
+    if is_sharded_checkpoint(path):
+        load_sharded_weights(path, model=model, policy=trainer.policy, optimizer=optimizer)
+        model, optimizer = None, None
+    elif trainer.parts.sharded:
+        optimizer = FullStateOptimizer(trainer)
+    return load_checkpoint(path, model=model, optimizer=optimizer, scheduler=trainer.parts.scheduler,
+                           reference=trainer.parts.reference)
 
 
 def _restore_reference(trainer: Trainer, path: Path, loaded: bool) -> None:
@@ -258,16 +276,22 @@ def _save(trainer: Trainer, run_dir: Path) -> Path:
     """Save a checkpoint of the current step (every process takes part; rank 0 writes); its path."""
     if trainer.pipeline is not None:  # the batches in flight, with the weights version that sampled them
         trainer.state.in_flight = trainer.pipeline.checkpoint_state()
-    optimizer_state = dist.full_optimizer_state(trainer.policy, trainer.parts.optimizer)  # collective
     path = checkpoints_root(run_dir) / f"step-{trainer.state.step:08d}"
     # a reference refreshed at an earlier step is saved; one refreshed at this step is these weights
     refreshed = trainer.state.reference_step not in (0, trainer.state.step)
+    staged, model_state, optimizer = None, None, None
+    if use_sharded_checkpoint(trainer.model):  # every process writes its shards (gspo.checkpoint.sharded)
+        staged = stage_sharded_weights(run_dir, trainer.state.step, model=trainer.model, policy=trainer.policy,
+                                       optimizer=trainer.parts.optimizer)
+    else:  # whole weights and optimizer state gathered to rank 0 (collectives), which writes them
+        optimizer = FullStateOptimizer(trainer, dist.full_optimizer_state(trainer.policy, trainer.parts.optimizer))
+        model_state = dist.full_model_state(trainer.model) if trainer.parts.sharded else None
     if dist.is_main():
-        path = save_checkpoint(run_dir, trainer.state.step, model=trainer.parts.whole_model, tokenizer=trainer.parts.tokenizer,
-                        optimizer=FullStateOptimizer(trainer, optimizer_state), scheduler=trainer.parts.scheduler,
-                        trainer_state=vars(trainer.state), rng=capture_rng_state(),
-                        keep_last=trainer.config.checkpoint.keep_last,
-                        reference=trainer.parts.reference if refreshed else None)
+        path = save_checkpoint(run_dir, trainer.state.step, model=trainer.model, model_state=model_state,
+                               tokenizer=trainer.parts.tokenizer, optimizer=optimizer,
+                               scheduler=trainer.parts.scheduler, trainer_state=vars(trainer.state),
+                               rng=capture_rng_state(), keep_last=trainer.config.checkpoint.keep_last,
+                               reference=trainer.parts.reference if refreshed else None, staged=staged)
     dist.barrier()
     return path
 
