@@ -45,6 +45,8 @@ def reward_prompt(row: Row) -> str:
 def first_distinct(rows: Iterator[Row], n: int) -> list[Row]:
     """The first ``n`` rows of an endless stream with distinct prompts (held-out sets count each once)."""
     out, seen = [], set()
+    if n <= 0:  # eval.size=0: the endless stream would never reach len(out) == 0 again
+        return out
     for row in rows:
         if row["prompt"] not in seen:
             seen.add(row["prompt"])
