@@ -22,6 +22,7 @@ from pathlib import Path
 
 from gspo import distributed as dist
 from gspo.config.schema import Config
+from gspo.config.validate import validate_processes
 from gspo.errors import ConfigError
 from gspo.evaluate import Evaluator
 from gspo.logprobs import token_logprobs
@@ -106,6 +107,7 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     from gspo.moe import SUPPORTED_ARCHITECTURES, supports_routing
 
     r, o = config.rollout, config.optim
+    validate_processes(config, dist.world_size())
     task = task or build_task(config.data, seed=config.seed, eval_size=config.eval.size)
     device = pick_device(config.device)
     rewards = rewards or resolve_rewards(config.reward.functions, task.rewards, device=device)
