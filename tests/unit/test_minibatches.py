@@ -110,3 +110,41 @@ def test_padding_rows_change_no_loss_gradient_or_metric(algorithm, correction):
     assert padded[2].keys() == plain[2].keys()
     for key, value in plain[2].items():
         assert padded[2][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+# -- validation: what N processes need of the batch sizes, before any process starts -------------------------
+
+@pytest.mark.parametrize("processes, overrides, fragment", [
+    (3, ["rollout.prompts_per_step=4"], "rollout.prompts_per_step=4 does not split over 3 processes"),
+    # 8 prompts x 4 = 32 responses, 4 minibatches, 2 processes: 4 rows each per minibatch; 3 does not divide 4
+    (2, ["rollout.prompts_per_step=8", "rollout.group_size=4", "optim.micro_batch_size=8"],
+     "optim.micro_batch_size=8 does not divide the 4 responses each of the 2 processes trains per minibatch"),
+    (1, ["rollout.prompts_per_step=8", "rollout.group_size=4", "optim.micro_batch_size=3"],
+     "optim.micro_batch_size=3 does not divide the 8 responses per minibatch"),
+])
+def test_shares_that_do_not_fit_name_the_key_and_the_fix(processes, overrides, fragment):
+    from gspo.config import load_config
+    from gspo.config.validate import validate_processes
+    from gspo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="choose") as error:
+        validate_processes(load_config(None, overrides), processes)  # load_config checks 1 process
+    assert fragment in str(error.value)
+
+
+def test_padded_shares_take_any_micro_batch_size():
+    from gspo.config import load_config
+    from gspo.config.validate import validate_processes
+
+    # 8 responses, 4 processes, 4 minibatches: 2 rows per process do not split in 4; shares are padded
+    validate_processes(load_config(None, ["rollout.prompts_per_step=4", "rollout.group_size=2",
+                                          "optim.micro_batch_size=1"]), 4)
+
+
+def test_gspo_train_nproc_checks_the_shares_before_starting_processes(capsys, monkeypatch):
+    import gspo.launch
+    from gspo.cli import main
+
+    monkeypatch.setattr(gspo.launch, "relaunch_with_torchrun", lambda *a: pytest.fail("processes were started"))
+    assert main(["train", "--nproc", "3", "rollout.prompts_per_step=4"]) == 2
+    assert "does not split over 3 processes" in capsys.readouterr().err
