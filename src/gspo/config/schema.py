@@ -143,7 +143,8 @@ class OptimConfig:
     epochs: int = 1
     """Passes over each rollout batch."""
     micro_batch_size: int = 0
-    """Responses per forward/backward (gradient accumulation); 0 = the whole minibatch."""
+    """Responses per forward/backward (gradient accumulation); 0 = the whole minibatch. Per process: it must
+    divide each process's share of a minibatch."""
     dtype: str = "float32"
     """Training precision: float32, or bfloat16 (autocast; master weights stay float32)."""
     gradient_checkpointing: bool = False

@@ -1,4 +1,4 @@
-"""Which rows each optimizer step trains on, on every process (docs/objectives.md, "Data parallel").
+"""Which rows each optimizer step trains on, on every process (README, "Several processes and machines").
 
 A rollout batch of ``total`` responses gives ``minibatches`` optimizer steps per epoch. The split is
 drawn on the *global* batch from a generator seeded identically on every process, so minibatch i holds
