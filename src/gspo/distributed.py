@@ -59,14 +59,18 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def mean_over_processes(metrics: dict[str, float]) -> dict[str, float]:
-    """Average scalar metrics over processes (every process must pass the same keys).
+    """Average scalar metrics over processes; a key that a process lacks counts as 0 there (such as
+    ``reward/<name>/none_frac``, reported only where a reward returned None).
 
     Right for means over equal shares (every process holds as many responses); loss terms, counts and
     token-weighted means need their own reductions (:func:`gather_scalars`).
     """
-    if not is_initialized() or not metrics:
+    if not is_initialized():
         return metrics
-    keys = sorted(metrics)
+    keys = sorted(set().union(*all_gather_object(sorted(metrics))))  # the same list, in the same order, everywhere
+    metrics = {k: metrics.get(k, 0.0) for k in keys}
+    if not keys:
+        return metrics
     values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
     all_reduce_sum(values)
     return {k: float(v) / world_size() for k, v in zip(keys, values)}

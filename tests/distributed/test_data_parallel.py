@@ -85,17 +85,21 @@ def _worker(rank: int, world: int, port: int, cases: list[list[str]], out: str, 
         dist.shutdown()
 
 
-def _spawn_cases(world: int, cases: list[list[str]], out) -> list[dict]:
-    """Run ``cases`` one after the other in ``world`` gloo processes; rank 0's results."""
-    context = mp.start_processes(_worker, args=(world, _free_port(), cases, str(out), list(sys.path)), nprocs=world,
-                                 join=False, start_method="spawn")
+def _start(fn, world: int, *args) -> None:
+    """Run ``fn(rank, world, port, *args)`` in ``world`` spawned processes; fail (not hang) on a deadlock."""
+    context = mp.start_processes(fn, args=(world, _free_port(), *args), nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
-            pytest.fail(f"{world} processes still running after {SPAWN_TIMEOUT_S} s: a deadlock (collective "
-                        f"counts differ between ranks?) in one of {cases}")
+            pytest.fail(f"{world} processes still running after {SPAWN_TIMEOUT_S} s: a deadlock (collectives "
+                        f"that differ between ranks?) in {fn.__name__}{args[:1]}")
+
+
+def _spawn_cases(world: int, cases: list[list[str]], out) -> list[dict]:
+    """Run ``cases`` one after the other in ``world`` gloo processes; rank 0's results."""
+    _start(_worker, world, cases, str(out), list(sys.path))
     return torch.load(out, weights_only=True)
 
 
@@ -187,6 +191,40 @@ def test_fsdp2_sampler_keeps_its_configured_precision(tmp_path, dp_overrides):
     _spawn(2, [*dp_overrides, "distributed.strategy=fsdp", "rollout.engine_dtype=bfloat16", "steps=1"],
            tmp_path / "fsdp.pt")
     assert torch.load(tmp_path / "fsdp.pt", weights_only=True)["engine_dtype"] == "torch.bfloat16"
+
+
+# -- metric reductions across processes ---------------------------------------------------------------------
+
+def _reductions_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    from gspo import distributed as dist
+    from gspo.algorithms import reduce_metrics
+
+    dist.maybe_init_distributed()
+    try:
+        # reward/x/none_frac exists only where a reward returned None: the key lists differ between processes
+        means = dist.mean_over_processes({"reward/x": 0.5 * rank, **({"reward/x/none_frac": 0.5} if rank else {})})
+        # a minibatch's loss metrics: rank 0 holds 3 tokens, rank 1 one token
+        local = {"loss/policy": -0.25 * (rank + 1), "count/tokens": 3.0 - 2 * rank, "count/sequences": 1.0,
+                 "loss/clip_frac": 1.0 - rank}
+        reductions = {"loss/policy": "sum", "count/tokens": "sum", "count/sequences": "sum",
+                      "loss/clip_frac": "mean/tokens"}
+        merged = {k: float(v) for k, v in reduce_metrics(dist.gather_scalars(local), reductions).items()}
+        if rank == 0:
+            torch.save({"means": means, "merged": merged}, out)
+    finally:
+        dist.shutdown()
+
+
+def test_metrics_are_reduced_with_their_own_reductions_across_processes(tmp_path):
+    out = tmp_path / "metrics.pt"
+    _start(_reductions_worker, 2, str(out))
+    result = torch.load(out, weights_only=True)
+    assert result["means"] == {"reward/x": 0.25, "reward/x/none_frac": 0.25}  # missing = 0 on that process
+    # summed loss terms and counts, token-weighted means: what one process holding all 4 tokens reports
+    assert result["merged"] == {"loss/policy": -0.75, "count/tokens": 4.0, "count/sequences": 2.0,
+                                "loss/clip_frac": 0.75}
 
 
 # -- N processes end where 1 process ends: the property, and the fixed subset that runs in CI ------------------

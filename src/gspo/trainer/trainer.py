@@ -130,7 +130,7 @@ class Trainer:
             return self.collector.collect(self._take_shard(), seed, first_index=dist.rank() * shard)
         return self.collector.collect_with_signal(
             lambda: (self._take_shard(), dist.rank() * shard), self.config.rollout.prompts_per_step, seed,
-            gather=dist.all_gather_object, rank=dist.rank(), world_size=dist.world_size())  # tensors stay local
+            gather=_gather_round, rank=dist.rank(), world_size=dist.world_size())
 
     def close(self) -> None:
         """Stop what the run started besides this process (the pipeline's sampler process). Idempotent."""
@@ -206,6 +206,17 @@ class ZeroSignalWatch:
             return (f"warning: no learning signal: {zero_std_frac:.0%} of groups had identical rewards for "
                     f"{self.streak} steps in a row (zero advantage, zero gradient); " + NO_SIGNAL_HINT)
         return None
+
+
+def _gather_round(share: ScoredBatch) -> list[ScoredBatch]:
+    """Every process's share of a DAPO dynamic-sampling round, in rank order, each carrying the whole
+    round's metrics (the mean over the equal shares, as one process would report them)."""
+    shares = dist.all_gather_object(share)
+    keys = set().union(*(s.metrics for s in shares))
+    metrics = {k: sum(s.metrics.get(k, 0.0) for s in shares) / len(shares) for k in keys}
+    for s in shares:
+        s.metrics = dict(metrics)
+    return shares
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
