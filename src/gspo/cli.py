@@ -107,8 +107,10 @@ def _train(args: list[str]) -> int:
 
     config = load_config(config_file, overrides)  # every config mistake is reported here, before torch
     if nproc and int(nproc) > 1:
+        from gspo.config.validate import validate_processes
         from gspo.launch import relaunch_with_torchrun
 
+        validate_processes(config, int(nproc))  # before N processes start
         return relaunch_with_torchrun(int(nproc), ["train", *([parsed.positional(0)] if parsed.positional(0) else []),
                                                    *overrides, *(["--resume", resume] if resume else [])])
     from gspo.launch import maybe_init_distributed

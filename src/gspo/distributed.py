@@ -3,8 +3,10 @@
 Everything else asks this module for its rank, world size, reductions and model wrapping. Without
 an initialised process group (a plain ``gspo train``) every function here is the single-process
 identity, so the trainer has one code path. Launch several processes with torchrun
-(``torchrun --nproc-per-node N -m gspo train ...`` or ``gspo train --nproc N``): gloo on CPUs, NCCL on
-GPUs, DDP by default, FSDP2 (``fully_shard``) with ``distributed.strategy=fsdp``.
+(``torchrun --nproc-per-node N -m gspo train ...`` or ``gspo train --nproc N``): gloo on CPUs; on GPUs
+one process group with NCCL for CUDA tensors and gloo for CPU tensors and pickled objects (metrics,
+rewards and counts live on the CPU), DDP by default, FSDP2 (``fully_shard``) with
+``distributed.strategy=fsdp``.
 
 Gradient scale: each process's loss is its share of the global loss (the losses take global
 normalisers), so the global gradient is the *sum* of the per-process gradients. DDP and FSDP average
@@ -15,6 +17,7 @@ gradients over processes, so the trainer multiplies each loss by :func:`world_si
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from datetime import timedelta
 
@@ -62,22 +65,72 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def mean_over_processes(metrics: dict[str, float]) -> dict[str, float]:
-    """Average scalar metrics over processes (every process must pass the same keys)."""
-    if not is_initialized() or not metrics:
+    """Average scalar metrics over processes; a key that a process lacks counts as 0 there (such as
+    ``reward/<name>/none_frac``, reported only where a reward returned None).
+
+    Right for means over equal shares (every process holds as many responses); loss terms, counts and
+    token-weighted means need their own reductions (:func:`gather_scalars`).
+    """
+    if not is_initialized():
         return metrics
-    keys = sorted(metrics)
+    keys = sorted(set().union(*all_gather_object(sorted(metrics))))  # the same list, in the same order, everywhere
+    metrics = {k: metrics.get(k, 0.0) for k in keys}
+    if not keys:
+        return metrics
     values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
     all_reduce_sum(values)
     return {k: float(v) / world_size() for k, v in zip(keys, values)}
 
 
+def gather_scalars(metrics: dict[str, float | torch.Tensor]) -> list[dict[str, float]]:
+    """Every process's scalar ``metrics``, in rank order (every process must pass the same keys)."""
+    if not is_initialized():
+        return [{k: float(v) for k, v in metrics.items()}]
+    keys = sorted(metrics)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)  # (K,) on the CPU: gloo
+    out = [torch.empty_like(values) for _ in range(world_size())]
+    dist.all_gather(out, values)
+    return [dict(zip(keys, row.tolist())) for row in out]
+
+
+def concat_over_processes(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Every process's ``tensor`` concatenated along ``dim`` in rank order (same shape on every process)."""
+    if not is_initialized():
+        return tensor
+    out = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.cat(out, dim=dim)
+
+
+def mean_of_all(values: list[float]) -> float:
+    """The mean of every process's ``values`` together (a process may have none); 0.0 when all are empty."""
+    parts = gather_scalars({"sum": sum(values), "count": len(values)})
+    count = sum(p["count"] for p in parts)
+    return sum(p["sum"] for p in parts) / count if count else 0.0
+
+
 def all_gather_object(obj) -> list:
-    """``obj`` from every process, in rank order (pickled; for small batches of Python objects)."""
+    """``obj`` from every process, in rank order (pickled; for small batches of Python objects).
+
+    Tensors travel as bytes over the CPU side of the group and arrive on this process's device: CPU
+    tensors stay on the CPU, CUDA tensors (any rank's ``cuda:r``) land on this process's GPU, never on
+    another process's (plain pickling would restore them on ``cuda:r``).
+    """
     if not is_initialized():
         return [obj]
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     out = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    dist.all_gather_object(out, buffer.getvalue())  # bytes: a CPU object
+    return [torch.load(io.BytesIO(data), map_location=_local_storage, weights_only=False) for data in out]
+
+
+def _local_storage(storage, location: str):
+    """``torch.load`` map_location: CUDA storages (any rank's ``cuda:r``) move to this process's GPU, the
+    rest stay on the CPU. The CUDA branch has not run on a GPU yet (the CPU suite cannot reach it)."""
+    if location.startswith("cuda"):
+        return storage.cuda(torch.cuda.current_device())
+    return storage
 
 
 def barrier() -> None:
@@ -89,14 +142,21 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def process_group_backend(cuda: bool) -> str:
+    """The backend string of the run's process group: gloo on CPUs; on GPUs NCCL for CUDA tensors *and*
+    gloo for CPU tensors and objects (metrics, rewards and counts are CPU tensors: an NCCL-only group
+    fails on them with "No backend type associated with device type cpu")."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
 def maybe_init_distributed() -> None:
-    """Join the process group when launched by torchrun: NCCL on GPUs, gloo on CPUs."""
+    """Join the process group when launched by torchrun (:func:`process_group_backend`)."""
     if not launched_by_torchrun() or is_initialized():
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+    cuda = torch.cuda.is_available()
+    if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
+    dist.init_process_group(backend=process_group_backend(cuda), timeout=PROCESS_GROUP_TIMEOUT)
 
 
 def shutdown() -> None:

@@ -1,22 +1,34 @@
 """Several processes, one result: gloo on the CPU, spawned from pytest.
 
-The same seed and global batch must give the same parameters with 1 or 2 processes (the losses get
-global normalisers, sampling is seeded per response, minibatches are drawn from one global
-permutation), metrics are reduced across processes, and checkpoints saved by 2 processes load in 1.
+The same seed and global batch must give the same parameters with 1 or N processes (the losses get
+global normalisers, sampling is seeded per response, minibatches are split from the global batch with
+equal shares per process), metrics are reduced across processes with their own reductions, and
+checkpoints saved by 2 processes load in 1.
+
+Weights are compared with AdamW's epsilon raised to ``ADAM_EPS`` in every run, 1 and N processes alike:
+float sums in another order differ by rounding, and with the default 1e-8 Adam turns that noise in a
+gradient element near zero into a step of up to the learning rate (one element of a q_proj moved by
+1.6e-5 at lr 1e-3 in 2 steps). The comparison is of the gradients the processes produce, not of Adam's
+normalisation; the per-step metrics (loss terms, counts, gradient norm) are compared as well.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import sys
+import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 pytestmark = pytest.mark.distributed
+
+ADAM_EPS = 1e-4  # see the module docstring
+SPAWN_TIMEOUT_S = 600  # a deadlock (ranks running different numbers of collectives) fails instead of hanging
 
 
 def _free_port() -> int:
@@ -25,7 +37,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, overrides: list[str], out: str, sys_path: list[str]) -> None:
+def _trainer(overrides: list[str]):
+    from gspo.config import load_config
+    from gspo.trainer.trainer import Trainer
+
+    trainer = Trainer.from_config(load_config(None, overrides), None)
+    for group in trainer.parts.optimizer.param_groups:
+        group["eps"] = ADAM_EPS
+    return trainer
+
+
+def _run(overrides: list[str]) -> dict:
+    """Train ``config.steps`` steps: the whole weights, each step's metrics and each optimizer step's."""
+    from gspo import distributed as dist
+
+    trainer = _trainer(overrides)
+    metrics, updates = [], []
+    for _ in range(trainer.config.steps):
+        metrics.append(trainer.train_step())
+        updates.append(trainer.last_updates)
+    whole = dist.full_model_state(trainer.model)  # FSDP: the shards gathered to rank 0 (a collective)
+    engine_dtype = str(next(trainer.parts.engine.model.parameters()).dtype)  # the built-in engine's copy
+    return {"params": {n: p.detach().clone() for n, p in whole.items()}, "metrics": metrics,
+            "updates": updates, "engine_dtype": engine_dtype}
+
+
+def _worker(rank: int, world: int, port: int, cases: list[list[str]], out: str, sys_path: list[str]) -> None:
     sys.path[:0] = [p for p in sys_path if p not in sys.path]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -33,37 +70,48 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], out: str, sy
     from gspo import distributed as dist
     from gspo.config import load_config
     from gspo.trainer.run import train
-    from gspo.trainer.trainer import Trainer
 
     dist.maybe_init_distributed()
     try:
-        config = load_config(None, overrides)
-        if config.run_dir:
-            train(config, config.run_dir)
-        else:
-            trainer = Trainer.from_config(config, None)
-            metrics = [trainer.train_step() for _ in range(config.steps)]
-            whole = dist.full_model_state(trainer.model)  # FSDP: the shards gathered to rank 0 (a collective)
-            if rank == 0:
-                engine_dtype = str(next(trainer.parts.engine.model.parameters()).dtype)  # the built-in engine's copy
-                torch.save({"params": {n: p.detach().clone() for n, p in whole.items()},
-                            "metrics": metrics, "engine_dtype": engine_dtype}, out)
+        results = []
+        for overrides in cases:  # one process group for every case: the start-up is paid once
+            config = load_config(None, overrides)
+            if config.run_dir:
+                train(config, config.run_dir)
+                results.append(None)
+            else:
+                results.append(_run(overrides))
+        if rank == 0:
+            torch.save(results, out)
     finally:
         dist.shutdown()
 
 
+def _start(fn, world: int, *args) -> None:
+    """Run ``fn(rank, world, port, *args)`` in ``world`` spawned processes; fail (not hang) on a deadlock."""
+    context = mp.start_processes(fn, args=(world, _free_port(), *args), nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{world} processes still running after {SPAWN_TIMEOUT_S} s: a deadlock (collectives "
+                        f"that differ between ranks?) in {fn.__name__}{args[:1]}")
+
+
+def _spawn_cases(world: int, cases: list[list[str]], out) -> list[dict]:
+    """Run ``cases`` one after the other in ``world`` gloo processes; rank 0's results."""
+    _start(_worker, world, cases, str(out), list(sys.path))
+    return torch.load(out, weights_only=True)
+
+
 def _spawn(world: int, overrides: list[str], out) -> None:
-    mp.start_processes(_worker, args=(world, _free_port(), overrides, str(out), list(sys.path)), nprocs=world,
-                       join=True, start_method="spawn")
+    torch.save(_spawn_cases(world, [overrides], str(out) + ".all")[0], out)
 
 
 def _single(overrides: list[str]):
-    from gspo.config import load_config
-    from gspo.trainer.trainer import Trainer
-
-    trainer = Trainer.from_config(load_config(None, overrides), None)
-    metrics = [trainer.train_step() for _ in range(trainer.config.steps)]
-    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, metrics
+    result = _run(overrides)
+    return result["params"], result["metrics"]
 
 
 @pytest.fixture
@@ -145,3 +193,132 @@ def test_fsdp2_sampler_keeps_its_configured_precision(tmp_path, dp_overrides):
     _spawn(2, [*dp_overrides, "distributed.strategy=fsdp", "rollout.engine_dtype=bfloat16", "steps=1"],
            tmp_path / "fsdp.pt")
     assert torch.load(tmp_path / "fsdp.pt", weights_only=True)["engine_dtype"] == "torch.bfloat16"
+
+
+# -- metric reductions across processes ---------------------------------------------------------------------
+
+def _reductions_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    from gspo import distributed as dist
+    from gspo.algorithms import reduce_metrics
+
+    dist.maybe_init_distributed()
+    try:
+        # reward/x/none_frac exists only where a reward returned None: the key lists differ between processes
+        means = dist.mean_over_processes({"reward/x": 0.5 * rank, **({"reward/x/none_frac": 0.5} if rank else {})})
+        # a minibatch's loss metrics: rank 0 holds 3 tokens, rank 1 one token
+        local = {"loss/policy": -0.25 * (rank + 1), "count/tokens": 3.0 - 2 * rank, "count/sequences": 1.0,
+                 "loss/clip_frac": 1.0 - rank}
+        reductions = {"loss/policy": "sum", "count/tokens": "sum", "count/sequences": "sum",
+                      "loss/clip_frac": "mean/tokens"}
+        merged = {k: float(v) for k, v in reduce_metrics(dist.gather_scalars(local), reductions).items()}
+        if rank == 0:
+            torch.save({"means": means, "merged": merged}, out)
+    finally:
+        dist.shutdown()
+
+
+def test_metrics_are_reduced_with_their_own_reductions_across_processes(tmp_path):
+    out = tmp_path / "metrics.pt"
+    _start(_reductions_worker, 2, str(out))
+    result = torch.load(out, weights_only=True)
+    assert result["means"] == {"reward/x": 0.25, "reward/x/none_frac": 0.25}  # missing = 0 on that process
+    # summed loss terms and counts, token-weighted means: what one process holding all 4 tokens reports
+    assert result["merged"] == {"loss/policy": -0.75, "count/tokens": 4.0, "count/sequences": 2.0,
+                                "loss/clip_frac": 0.75}
+
+
+# -- N processes end where 1 process ends: the property, and the fixed subset that runs in CI ------------------
+
+WEIGHT_ATOL = 1e-6
+UPDATE_KEYS = ("loss/policy", "count/tokens", "count/sequences", "optim/grad_norm")  # per optimizer step
+PER_PROCESS = ("time/", "throughput/", "tokens/", "sample/", "mismatch/")  # timings, this process's own counts,
+# and the sampler mismatch (sample stds of each process's tokens: averaged over processes, not pooled)
+
+
+def _case(base: list[str], prompts: int, group: int, minibatches: int, seed: int, *extra: str) -> list[str]:
+    keys = ("rollout.prompts_per_step", "rollout.group_size", "optim.minibatches", "seed")
+    return [o for o in base if not o.startswith(keys)] + [
+        f"rollout.prompts_per_step={prompts}", f"rollout.group_size={group}", f"optim.minibatches={minibatches}",
+        f"seed={seed}", *extra]
+
+
+def _assert_same_training(many: dict, one: dict, label: str) -> None:
+    """Same weights, same metrics per optimizer step and per step (timings and per-process counts aside)."""
+    for name, tensor in one["params"].items():
+        torch.testing.assert_close(many["params"][name], tensor, rtol=0, atol=WEIGHT_ATOL,
+                                   msg=lambda m, name=name: f"{label}: {name}: {m}")
+    for step, (updates_many, updates_one) in enumerate(zip(many["updates"], one["updates"], strict=True)):
+        assert len(updates_many) == len(updates_one), label
+        for a, b in zip(updates_many, updates_one):
+            for key in UPDATE_KEYS:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (label, step, key)
+    for a, b in zip(many["metrics"], one["metrics"], strict=True):
+        for key, value in b.items():
+            if not key.startswith(PER_PROCESS):
+                assert a[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (label, key)
+
+
+def _check(world: int, cases: list[list[str]], tmp_path) -> None:
+    results = _spawn_cases(world, cases, tmp_path / f"{world}.pt")
+    for overrides, many in zip(cases, results, strict=True):
+        _assert_same_training(many, _run(overrides), f"{world} processes, {overrides[-8:]}")
+
+
+@pytest.fixture
+def base_overrides(dp_overrides):
+    return [*dp_overrides, "eval.size=0"]
+
+
+def test_two_processes_equal_one_on_draws_that_emptied_or_unbalanced_shares(tmp_path, base_overrides):
+    # Before the stratified split: (a) 8 responses, 2 processes, 4 minibatches, seed 0 gave a process a 0-row
+    # minibatch (a crash in the Qwen3 attention); (b) FSDP2 with micro-batches of 1 and shares of 2 vs 6 rows
+    # (seed 1) ran different numbers of collective forwards per rank: a deadlock. (c) MoE with R3 replay.
+    cases = [_case(base_overrides, 2, 4, 4, 0),
+             _case(base_overrides, 4, 4, 2, 1, "distributed.strategy=fsdp", "optim.micro_batch_size=1"),
+             _case([o for o in base_overrides if not o.startswith("model=")], 2, 4, 2, 2, "model=tiny-moe",
+                   "moe.routing_replay=r3", "optim.micro_batch_size=2")]
+    _check(2, cases, tmp_path)
+
+
+def test_three_processes_with_padded_shares_equal_one(tmp_path, base_overrides):
+    # 12 responses over 3 processes, 3 minibatches: 4 rows per process do not split in 3, so shares are padded
+    # with zero-weight rows; GRPO, FSDP2, micro-batches of 1 and gradient checkpointing
+    cases = [_case(base_overrides, 3, 4, 3, 3, "algorithm=grpo", "distributed.strategy=fsdp",
+                   "optim.micro_batch_size=1", "optim.gradient_checkpointing=true")]
+    _check(3, cases, tmp_path)
+
+
+def _random_cases(world: int, base: list[str], rng: random.Random) -> list[list[str]]:
+    """One case per objective (random layout, seed, strategy, micro-batches, checkpointing), then MoE R2 and R3."""
+    from gspo.algorithms import OBJECTIVES
+    from gspo.config import load_config
+    from gspo.config.validate import validate_processes
+    from gspo.errors import ConfigError
+
+    cases = []
+    moe = [o for o in base if not o.startswith("model=")] + ["model=tiny-moe"]
+    for algorithm, replay in [*((a, None) for a in sorted(OBJECTIVES)), ("gspo", "r2"), ("gspo", "r3")]:
+        while True:
+            prompts, group = world * rng.randint(1, 2), rng.randint(2, 4)
+            minibatches = rng.choice([m for m in range(1, 9) if prompts * group % m == 0])
+            extra = [f"algorithm={algorithm}", f"distributed.strategy={rng.choice(['ddp', 'fsdp'])}",
+                     f"optim.micro_batch_size={rng.choice([0, 1, 2])}",
+                     f"optim.gradient_checkpointing={rng.choice(['true', 'false'])}"]
+            if replay:
+                extra.append(f"moe.routing_replay={replay}")
+            case = _case(moe if replay else base, prompts, group, minibatches, rng.randrange(2**16), *extra)
+            try:
+                validate_processes(load_config(None, case), world)
+            except ConfigError:  # a micro-batch size that does not divide the local share: draw again
+                continue
+            cases.append(case)
+            break
+    return cases
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_n_processes_equal_one_for_every_objective_and_layout(tmp_path, base_overrides, world):
+    _check(world, _random_cases(world, base_overrides, random.Random(world)), tmp_path)

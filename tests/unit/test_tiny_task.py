@@ -74,6 +74,11 @@ def test_rows_are_deterministic_and_well_formed(tokenizer):
         assert tokenizer.unk_token_id not in tokenizer(row["prompt"] + row["answer"])["input_ids"]
 
 
+@pytest.mark.timeout(10)
+def test_no_heldout_rows_is_an_empty_list_not_an_endless_loop():
+    assert ArithmeticTask(seed=0).eval_rows(0) == []  # eval.size=0 (it looped forever)
+
+
 def test_heldout_is_disjoint_from_train_for_every_seed():
     heldout = {r["prompt"] for r in ArithmeticTask(seed=0).eval_rows(300)}
     assert len(heldout) == 300  # distinct

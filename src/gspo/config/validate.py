@@ -88,11 +88,7 @@ def validate(config: Config) -> None:
             f"{r.prompts_per_step} prompts x {r.group_size} responses = {batch}; "
             f"choose a divisor of {batch} (e.g. {_nearest_divisor(batch, o.minibatches)})"
         )
-    if o.micro_batch_size and (batch // o.minibatches) % o.micro_batch_size:
-        raise ConfigError(
-            f"optim.micro_batch_size={o.micro_batch_size} does not divide the minibatch of "
-            f"{batch // o.minibatches} responses; choose a divisor of it or 0 (no accumulation)"
-        )
+    validate_processes(config, 1)
 
     _choice("reward.none_policy", config.reward.none_policy, ("zero", "error"))
     if config.eval.every < AUTO:
@@ -113,6 +109,36 @@ def validate(config: Config) -> None:
     _choice("data.chat_template", config.data.chat_template, ("auto", "always", "never"))
     _validate_lora(config)
     _validate_trackers(config.log.trackers)
+
+
+def validate_processes(config: Config, processes: int) -> None:
+    """What ``processes`` data-parallel processes need of the batch sizes (``gspo train --nproc N``, torchrun).
+
+    Each process samples whole groups of an equal share of the prompts and trains on an equal share of
+    every minibatch (gspo.trainer.minibatches), so ``optim.micro_batch_size`` must divide that local share.
+    Where ``optim.minibatches`` does not divide a process's responses, shares are padded instead (a row or
+    two of zero weight per step) and any micro-batch size works.
+    """
+    r, o = config.rollout, config.optim
+    if r.prompts_per_step % processes:
+        raise ConfigError(
+            f"rollout.prompts_per_step={r.prompts_per_step} does not split over {processes} processes (each "
+            f"samples whole groups of an equal share); choose a multiple of {processes} (e.g. "
+            f"{processes * max(r.prompts_per_step // processes, 1)}) or a number of processes dividing "
+            f"{r.prompts_per_step}"
+        )
+    local = r.prompts_per_step // processes * r.group_size  # responses per process
+    if not o.micro_batch_size or local % o.minibatches:
+        return
+    share = local // o.minibatches
+    if share % o.micro_batch_size:
+        where = "" if processes == 1 else f" each of the {processes} processes trains"
+        raise ConfigError(
+            f"optim.micro_batch_size={o.micro_batch_size} does not divide the {share} responses{where} per "
+            f"minibatch ({r.prompts_per_step * r.group_size} responses / {o.minibatches} minibatches"
+            f"{'' if processes == 1 else f' / {processes} processes'}); choose a divisor of {share} or 0 "
+            "(no accumulation)"
+        )
 
 
 def _validate_params(algorithm: str, params: list[str], allowed) -> None:

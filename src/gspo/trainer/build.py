@@ -22,6 +22,7 @@ from pathlib import Path
 
 from gspo import distributed as dist
 from gspo.config.schema import Config
+from gspo.config.validate import validate_processes
 from gspo.errors import ConfigError
 from gspo.evaluate import Evaluator
 from gspo.logprobs import token_logprobs
@@ -105,6 +106,7 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     from gspo.moe import SUPPORTED_ARCHITECTURES, supports_routing
 
     r, o = config.rollout, config.optim
+    validate_processes(config, dist.world_size())
     task = task or build_task(config.data, seed=config.seed, eval_size=config.eval.size)
     device = pick_device(config.device)
     rewards = rewards or resolve_rewards(config.reward.functions, task.rewards, device=device)
@@ -166,8 +168,8 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
         reference=reference_logprobs if reference is not None else None,
         # one process only: under DDP / FSDP2 every forward is a collective, chunk counts must not differ
         chunk_rows=rows_per_pass if dist.world_size() == 1 else 0, routed_model=model,
-        # with the update's assignment (the trainer's case): the update's own micro-batches, on any world size
-        micro_batches=updater.micro_batches, trim=bool(o.micro_batch_tokens), minibatches=o.minibatches)
+        # given the update's minibatches (the trainer's case): its own micro-batches, on any world size
+        micro_batches=updater.micro_batches, trim=bool(o.micro_batch_tokens))
     if r.max_staleness:  # a sampler process samples ahead of the update (trainer/pipeline.py)
         from gspo.rollout.subprocess import SubprocessEngine
         from gspo.trainer.pipeline import build_pipeline

@@ -22,6 +22,7 @@ from gspo.moe import capture_routing, replay_routing
 from gspo.rollout.base import EngineInfo
 from gspo.trainer.collect import ScoredBatch
 from gspo.trainer.micro import trim_padding
+from gspo.trainer.minibatches import Minibatch
 from gspo.trainer.update import UpdateInputs
 
 SOURCES = ("auto", "recompute", "rollout")
@@ -112,15 +113,16 @@ class OldLogprobs:
 
     policy: (ids, attention, T, routed=False) -> (B, T) training-module log-probabilities (no grad is taken here).
     reference: a context manager yielding the KL reference's log-probability function, or None.
-    chunk_rows: rows per no-grad forward when no minibatch assignment is given (a training step's rows, so
+    chunk_rows: rows per no-grad forward when no minibatches are given (a training step's rows, so
         this pass never holds more activations than a training step); 0 = one pass.
     routed_model: the Hugging Face model inside ``policy``. Every pass here runs it in eval mode (pi_old and
         the reference are the deterministic policy, as verl's ``compute_log_prob`` and TRL's reference do;
         dropout only in training forwards), and its routers are recorded (MoE R2 / diagnostics) or replayed
         from the rollout engine's record (R3, so that pi_old and every training forward use the same experts).
     micro_batches: the update's split of a minibatch ((m, P + T) attention, T) -> row indices
-        (:meth:`Updater.micro_batches`); with an ``assignment``, every no-grad pass runs the update's own
-        micro-batches, so pi_old comes from a forward of exactly the batch each response is trained in.
+        (:meth:`Updater.micro_batches`); given the update's ``minibatches``, every no-grad pass runs the update's
+        own micro-batches (padding rows included), so pi_old comes from a forward of exactly the batch each
+        response is trained in.
     trim: cut each micro-batch to its own width, as the update does in token mode (trainer/micro.py).
     """
 
@@ -131,37 +133,36 @@ class OldLogprobs:
     routed_model: torch.nn.Module | None = None
     micro_batches: Callable[[torch.Tensor, int], list[torch.Tensor]] | None = None
     trim: bool = False
-    minibatches: int = 0  # the update's minibatch count (0: from the assignment); every process runs them all
 
     @torch.no_grad()
     def __call__(self, batch: ScoredBatch, onpolicy: torch.Tensor | None = None,
-                 assignment: torch.Tensor | None = None) -> tuple[UpdateInputs, dict[str, float]]:
+                 minibatches: list[Minibatch] | None = None) -> tuple[UpdateInputs, dict[str, float]]:
         """``onpolicy``: (B,) bool, the rows of the first minibatch (trained with the sampling weights).
-        ``assignment``: (B,) the first epoch's minibatch of each row (:meth:`Updater.plan`)."""
+        ``minibatches``: the first epoch's minibatches (:meth:`Updater.plan`), the same count on every process."""
         with eval_mode(self.routed_model) if self.routed_model is not None else contextlib.nullcontext():
-            return self._inputs(batch, onpolicy, assignment)
+            return self._inputs(batch, onpolicy, minibatches)
 
     def _inputs(self, batch: ScoredBatch, onpolicy: torch.Tensor | None,
-                assignment: torch.Tensor | None) -> tuple[UpdateInputs, dict[str, float]]:
+                minibatches: list[Minibatch] | None) -> tuple[UpdateInputs, dict[str, float]]:
         rollout, plan = batch.rollout, self.plan
         ids, attn, num_t = rollout.input_ids, rollout.attention_mask, rollout.completion_ids.shape[1]
         mask = rollout.completion_mask  # (B, T)
         metrics: dict[str, float] = {}
         routing, reuse, measure = None, None, None
         if plan.source == "recompute":
-            # with the update's layout (assignment), minibatch 0 is skipped on every process alike (the same
+            # with the update's layout (minibatches), minibatch 0 is skipped on every process alike (the same
             # forwards everywhere); without it, every process still runs the pass on at least one row
-            if plan.reuse_onpolicy and onpolicy is not None and (self._aligned(assignment) or not bool(onpolicy.all())):
+            if plan.reuse_onpolicy and onpolicy is not None and (self._aligned(minibatches) or not bool(onpolicy.all())):
                 reuse = onpolicy.clone()  # (B,)
                 keep = (~reuse).nonzero().squeeze(1)  # (b,)
-                old = self._passes(self.policy, ids, attn, num_t, assignment, skip=reuse)  # (B, T) reused rows: 0,
+                old = self._passes(self.policy, ids, attn, num_t, minibatches, skip=reuse)  # (B, T) reused rows: 0,
                 metrics.update(mismatch_metrics(old[keep], rollout.logprobs[keep], mask[keep]))  # filled by the update
             elif self._routed:
                 with self._routing(rollout) as routing:  # R3: the engine's experts, as in every training forward
                     old = self.policy(ids, attn, num_t, routed=True)  # (B, T)
                 metrics.update(mismatch_metrics(old, rollout.logprobs, mask))
             else:
-                old = self._passes(self.policy, ids, attn, num_t, assignment)  # (B, T)
+                old = self._passes(self.policy, ids, attn, num_t, minibatches)  # (B, T)
                 metrics.update(mismatch_metrics(old, rollout.logprobs, mask))
         else:
             old = rollout.logprobs  # (B, T) the engine's
@@ -176,7 +177,7 @@ class OldLogprobs:
         ref = None
         if self.reference is not None:
             with self.reference() as reference:  # LoRA: the base model, adapter disabled
-                ref = self._passes(reference, ids, attn, num_t, assignment)  # (B, T)
+                ref = self._passes(reference, ids, attn, num_t, minibatches)  # (B, T)
         return UpdateInputs(ids, attn, mask, batch.advantages, old, ref, routing, reuse, measure,
                             rollout_logprobs=rollout.logprobs), metrics
 
@@ -194,35 +195,37 @@ class OldLogprobs:
         return capture_routing(self.routed_model)
 
     def _passes(self, fn: LogprobFn, ids: torch.Tensor, attn: torch.Tensor, num_t: int,
-                assignment: torch.Tensor | None, skip: torch.Tensor | None = None) -> torch.Tensor:
+                minibatches: list[Minibatch] | None, skip: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) log-probabilities of ``fn``, 0 on the ``skip`` rows ((B,) bool), one forward per micro-batch:
-        the update's own (per minibatch of ``assignment``), else chunks of ``chunk_rows`` rows."""
+        the update's own (per minibatch, padding rows included), else chunks of ``chunk_rows`` rows."""
         out = attn.new_zeros((ids.shape[0], num_t), dtype=torch.float32)  # (B, T)
-        for micro in self._layout(attn, num_t, assignment, skip):
+        for micro, real in self._layout(attn, num_t, minibatches, skip):
             sub_ids, sub_attn, t = ids[micro], attn[micro], num_t
             if self.trim and not self.plan.routing_from_rollout:  # R3 replays the recorded layout uncut, as the update
                 columns, t = trim_padding(sub_attn, num_t)
                 sub_ids, sub_attn = sub_ids[:, columns], sub_attn[:, columns]
-            out[micro, :t] = fn(sub_ids, sub_attn, t).float()  # (m, T')
+            values = fn(sub_ids, sub_attn, t).float()  # (m, T')
+            out[micro[real], :t] = values[real]  # a padding row repeats a real one: written where it is real
         return out
 
-    def _layout(self, attn: torch.Tensor, num_t: int, assignment: torch.Tensor | None,
-                skip: torch.Tensor | None) -> list[torch.Tensor]:
-        """The forwards of a no-grad pass as row indices into the batch."""
+    def _layout(self, attn: torch.Tensor, num_t: int, minibatches: list[Minibatch] | None,
+                skip: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The forwards of a no-grad pass: (m,) row indices into the batch and (m,) which of them are real."""
         rows = torch.arange(attn.shape[0])  # (B,)
-        if not self._aligned(assignment):
+        if not self._aligned(minibatches):
             kept = rows if skip is None else rows[~skip]
-            return list(kept.split(self.chunk_rows)) if self.chunk_rows else [kept]
+            chunks = kept.split(self.chunk_rows) if self.chunk_rows else [kept]
+            return [(chunk, torch.ones(len(chunk), dtype=torch.bool)) for chunk in chunks]
         out = []
-        count = self.minibatches or (int(assignment.max()) + 1 if len(assignment) else 0)
-        for mb in range(1 if skip is not None else 0, count):  # the update's order; with ``skip`` (the on-policy
-            index = (assignment == mb).nonzero().squeeze(1)  # (b,)  minibatch 0), its first forward is pi_old's
-            out += [index[micro] for micro in self.micro_batches(attn[index], num_t)]
+        # the update's order; with ``skip`` (the on-policy minibatch 0), its first forward is pi_old's
+        for step in minibatches[1 if skip is not None else 0:]:
+            for micro in self.micro_batches(attn[step.index], num_t):
+                out.append((step.index[micro], step.real[micro]))
         return out
 
-    def _aligned(self, assignment: torch.Tensor | None) -> bool:
+    def _aligned(self, minibatches: list[Minibatch] | None) -> bool:
         """The passes follow the update's minibatches and micro-batches."""
-        return assignment is not None and self.micro_batches is not None
+        return minibatches is not None and self.micro_batches is not None
 
 
 def mismatch_metrics(recomputed: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:

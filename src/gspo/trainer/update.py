@@ -20,6 +20,7 @@ from gspo.algorithms import LossOutput, get_objective, in_support, rollout_corre
 from gspo.errors import TrainingDiverged
 from gspo.moe import ReplayStats, RoutingRecord, capture_routing, expert_volatility, replay_routing
 from gspo.trainer.micro import split_minibatch, trim_padding
+from gspo.trainer.minibatches import Minibatch, assign, split
 
 # Consecutive optimizer steps with a non-finite loss or gradient after which the run stops: one bad
 # step is skipped and logged, a streak means the policy itself has diverged.
@@ -69,6 +70,20 @@ class UpdateInputs:
                             cut(self.advantages), cut(self.old_logprobs), cut(self.ref_logprobs), None,
                             self.reuse_old, self.measure_old, cut(self.rollout_logprobs))
 
+    def with_padding(self, real: torch.Tensor) -> "UpdateInputs":
+        """A copy whose rows outside ``real`` ((b,) bool) are padding: no response tokens and advantage 0,
+        so every loss, its gradient and every metric ignore them (gspo.trainer.minibatches)."""
+        if bool(real.all()):
+            return self
+
+        def keep(t):
+            return t & real if t is not None else None
+
+        return UpdateInputs(self.input_ids, self.attention_mask, self.completion_mask & real[:, None],
+                            torch.where(real, self.advantages, torch.zeros_like(self.advantages)),
+                            self.old_logprobs, self.ref_logprobs, self.routing, keep(self.reuse_old),
+                            keep(self.measure_old), self.rollout_logprobs)
+
 
 @dataclass
 class Updater:
@@ -102,41 +117,43 @@ class Updater:
     # (trainer log-probs, sampler log-probs, mask) of the rows in UpdateInputs.measure_old, per micro-batch
     onpolicy_pairs: list = field(default_factory=list)
 
-    def plan(self, generator: torch.Generator, size: int, *, offset: int = 0, total: int | None = None) -> list[torch.Tensor]:
-        """The minibatch of each of this process's ``size`` responses, one (B,) tensor per epoch.
+    def plan(self, generator: torch.Generator, size: int, *, offset: int = 0,
+             total: int | None = None) -> list[list[Minibatch]]:
+        """This process's rows of every optimizer step: one list of ``minibatches`` entries per epoch.
 
-        The batch is this process's rows ``offset .. offset + B`` of a global batch of ``total``
-        responses. Minibatches are drawn from one permutation of the *global* batch (``generator`` is
-        seeded identically on every process), so minibatch i holds the same responses whatever the
-        number of processes: response j goes to minibatch ``perm[j] % minibatches``.
+        The batch is this process's rows ``offset .. offset + size`` of a global batch of ``total``
+        responses (every process holds ``size`` of them). The split is drawn on the global batch
+        (``generator`` is seeded identically on every process), so minibatch i holds the same responses
+        whatever the number of processes; every process's share of a minibatch has the same length, padded
+        with zero-weight rows where the shares cannot be equal (:mod:`gspo.trainer.minibatches`).
         """
         total = total or size
-        return [torch.randperm(total, generator=generator)[offset : offset + size] % self.minibatches  # (B,)
-                for _ in range(self.epochs)]
+        return [split(assign(generator, total, self.minibatches), self.minibatches, rank=offset // size,
+                      world_size=total // size) for _ in range(self.epochs)]
 
     def update(self, policy, optimizer, scheduler, inputs: UpdateInputs, generator: torch.Generator | None = None, *,
-               offset: int = 0, total: int | None = None, plan: list[torch.Tensor] | None = None) -> list[dict]:
+               offset: int = 0, total: int | None = None, plan: list[list[Minibatch]] | None = None) -> list[dict]:
         """All optimizer steps for one rollout batch; returns one metrics dict per step.
 
         ``policy``: the :class:`~gspo.trainer.policy.PolicyLogprobs` module, possibly DDP/FSDP-wrapped.
-        ``plan``: the minibatch assignment from :meth:`plan`; without it, drawn here from ``generator``,
-        ``offset`` and ``total`` (same meaning as in :meth:`plan`).
+        ``plan``: the minibatches from :meth:`plan`; without it, drawn here from ``generator``, ``offset``
+        and ``total`` (same meaning as in :meth:`plan`). The metrics are the whole (global) minibatch's.
         """
         check_device(inputs, policy_device(policy))
         if plan is None:
             plan = self.plan(generator, len(inputs.advantages), offset=offset, total=total)
         self.onpolicy_pairs = []
         history = []
-        for assignment in plan:  # one epoch each
-            for mb in range(self.minibatches):
-                index = (assignment == mb).nonzero().squeeze(1)  # (b,)
-                metrics = self._step(policy, optimizer, scheduler, inputs, index)
+        for epoch in plan:
+            for mb, minibatch in enumerate(epoch):
+                metrics = self._step(policy, optimizer, scheduler, inputs, minibatch)
                 metrics["minibatch"] = mb
                 history.append(metrics)
         return history
 
-    def _step(self, policy, optimizer, scheduler, inputs: UpdateInputs, index: torch.Tensor) -> dict:
-        minibatch = inputs.rows(index)
+    def _step(self, policy, optimizer, scheduler, inputs: UpdateInputs, step: Minibatch) -> dict:
+        index = step.index  # (S,) the same S on every process
+        minibatch = inputs.rows(index).with_padding(step.real)
         normaliser = self._global_normaliser(minibatch.completion_mask)
         optimizer.zero_grad(set_to_none=True)
         parts, volatility, replayed = [], [], []
@@ -153,22 +170,25 @@ class Updater:
                     out = self._loss(policy, rows, normaliser)
                 # backward inside the replay: a recomputing backward must replay too
                 (out.loss * dist.gradient_scale()).backward()
+            real = step.real[micro]  # (m,) write back real rows only: a padding row copies a real one
             if rows.reuse_old is not None and bool(rows.reuse_old.any()):  # keep what _loss filled in (epochs > 1)
-                inputs.old_logprobs[index[micro], : rows.old_logprobs.shape[1]] = rows.old_logprobs
-                inputs.reuse_old[index[micro]] = False
+                inputs.old_logprobs[index[micro][real], : rows.old_logprobs.shape[1]] = rows.old_logprobs[real]
+                inputs.reuse_old[index[micro][real]] = False
             if rows.measure_old is not None:
-                inputs.measure_old[index[micro]] = False  # measured once, by the on-policy forward
+                inputs.measure_old[index[micro][real]] = False  # measured once, by the on-policy forward
             parts.append(out)
+            if not bool(real.any()):  # padding only: nothing to measure
+                continue
             if stats is not None:
                 replayed.append(_replay_changed(rows, stats))
             if live is not None:
                 volatility.append(_volatility(rows, live))
         grad_norm = self._clip_and_check(policy)
         metrics = _merge_metrics(parts)
-        if volatility:
-            metrics["moe/volatility"] = sum(volatility) / len(volatility)
-        if replayed:  # Routing Replay on: the share of expert sets it held fixed against the live routers
-            metrics["moe/replay_changed_frac"] = sum(replayed) / len(replayed)
+        if inputs.routing is not None:  # the same keys on every process (a padding-only share measured nothing)
+            # Routing Replay on: the share of expert sets it held fixed against the live routers
+            key = "moe/replay_changed_frac" if self.routing_replay else "moe/volatility"
+            metrics[key] = dist.mean_of_all(replayed if self.routing_replay else volatility)
         metrics["optim/grad_norm"] = grad_norm
         metrics["optim/lr"] = optimizer.param_groups[0]["lr"]
         if math.isfinite(grad_norm):
@@ -311,8 +331,11 @@ def _volatility(rows: UpdateInputs, live: RoutingRecord) -> float:
 
 
 def _merge_metrics(parts: list) -> dict:
-    """Micro-batch metrics -> one dict, weighting each by its token or sequence count."""
+    """Micro-batch metrics -> the whole minibatch's, over every process: each metric with its own reduction
+    (loss terms and counts summed, means weighted by their token or sequence counts; ``reduce_metrics``)."""
     from gspo.algorithms import reduce_metrics
 
-    reduced = reduce_metrics([p.metrics for p in parts], parts[0].reductions)
+    reductions = parts[0].reductions
+    local = reduce_metrics([p.metrics for p in parts], reductions)  # this process's share
+    reduced = reduce_metrics(dist.gather_scalars(local), reductions)
     return {k: float(v) for k, v in reduced.items()}
