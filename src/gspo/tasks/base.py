@@ -47,8 +47,6 @@ def first_distinct(rows: Iterator[Row], n: int) -> list[Row]:
     if n <= 0:  # nothing to take: return before reading the stream, which may never end
         return []
     out, seen = [], set()
-    if n <= 0:  # eval.size=0: the endless stream would never reach len(out) == 0 again
-        return out
     for row in rows:
         if row["prompt"] not in seen:
             seen.add(row["prompt"])
