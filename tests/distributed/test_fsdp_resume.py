@@ -84,7 +84,7 @@ def overrides(tiny_model_dir, reward_module) -> list[str]:
     return [f"model={tiny_model_dir}", f"reward.functions={reward_module}:ones", "rollout.prompts_per_step=4",
             "rollout.group_size=4", "rollout.max_new_tokens=6", "optim.minibatches=2", "optim.lr=1e-3",
             "eval.size=8", "log.progress=false", "log.tensorboard=false", "checkpoint.every=1",
-            "distributed.strategy=fsdp"]
+            "distributed.strategy=fsdp", "optim.adam_eps=1e-4"]  # eps: see optim.adam_eps's help
 
 
 @pytest.fixture(scope="module")

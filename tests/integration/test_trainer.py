@@ -133,7 +133,7 @@ def test_onpolicy_rows_reuse_the_first_forward_like_a_full_recompute(tiny_overri
     reuse = _trainer(tiny_overrides, f"optim.epochs={epochs}")
     full = _trainer(tiny_overrides, f"optim.epochs={epochs}")
     whole_pass = full.parts.old_logprobs  # the public hook: a pass over every row, no on-policy reuse
-    full.parts.old_logprobs = lambda batch, onpolicy=None, assignment=None: whole_pass(batch, assignment=assignment)
+    full.parts.old_logprobs = lambda batch, onpolicy=None, minibatches=None: whole_pass(batch, minibatches=minibatches)
     for _ in range(2):
         a, b = reuse.train_step(), full.train_step()
     assert a["ratio/outside_band_frac"] == pytest.approx(b["ratio/outside_band_frac"], abs=1e-6)

@@ -139,6 +139,10 @@ class OptimConfig:
     """Learning-rate schedule after warm-up: constant, linear or cosine."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    adam_eps: float = 1e-8
+    """AdamW's epsilon (TRL's adam_epsilon). Comparing runs that differ by float rounding only (process counts,
+    micro-batch splits): 1e-8 turns rounding noise in a near-zero gradient element into a step of up to the
+    learning rate; a larger value compares the gradients."""
     max_grad_norm: float = 1.0
     """Gradient-norm clipping threshold (0 = off)."""
     minibatches: int = 4

@@ -72,6 +72,7 @@ def validate(config: Config) -> None:
     _minimum("optim.warmup_steps", o.warmup_steps, 0)
     _choice("optim.schedule", o.schedule, ("constant", "linear", "cosine"))
     _minimum("optim.weight_decay", o.weight_decay, 0.0)
+    _positive("optim.adam_eps", o.adam_eps)
     _minimum("optim.max_grad_norm", o.max_grad_norm, 0.0)
     _positive("optim.minibatches", o.minibatches)
     _positive("optim.epochs", o.epochs)

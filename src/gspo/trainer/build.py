@@ -378,7 +378,7 @@ def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optim
     fused = all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") and p.is_floating_point()
                 for p in params)
     return torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay,
-                             betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
+                             betas=(0.9, 0.999), eps=config.optim.adam_eps, fused=fused or None)
 
 
 def build_scheduler(optimizer, config: Config, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

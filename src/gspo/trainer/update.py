@@ -223,7 +223,7 @@ class Updater:
 
     def _loss(self, policy, rows: UpdateInputs, normaliser: torch.Tensor):
         num_completion = rows.completion_mask.shape[1]
-        with self.autocast(policy_device(policy).type):  # the policy's device, not the batch's
+        with self.autocast(rows.input_ids.device.type):  # the policy's: update() checked the batch crossed to it
             logprobs = policy(rows.input_ids, rows.attention_mask, num_completion, self.temperature,
                               routed=rows.routing is not None)  # (b, T)
         if rows.reuse_old is not None and bool(rows.reuse_old.any()):

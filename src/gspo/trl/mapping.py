@@ -218,9 +218,9 @@ def _optimizer(args: GRPOConfig, total: int, cuda: bool) -> dict[str, Any]:
                           f"{', '.join(SCHEDULES)} (optim.schedule)")
     if args.optim not in OPTIMIZERS:
         raise ConfigError(f"GRPOConfig(optim={args.optim!r}): gspo trains with torch's AdamW ({', '.join(OPTIMIZERS)})")
-    if (args.adam_beta1, args.adam_beta2, args.adam_epsilon) != (0.9, 0.999, 1e-8):
-        raise ConfigError("GRPOConfig(adam_beta1 / adam_beta2 / adam_epsilon): gspo's AdamW uses betas (0.9, 0.999) "
-                          "and eps 1e-8; remove these fields")
+    if (args.adam_beta1, args.adam_beta2) != (0.9, 0.999):
+        raise ConfigError("GRPOConfig(adam_beta1 / adam_beta2): gspo's AdamW uses betas (0.9, 0.999); "
+                          "remove these fields")
     if args.fp16:
         raise ConfigError("GRPOConfig(fp16=True): gspo trains in float32 or under bfloat16 autocast (bf16=True); "
                           "float16 needs loss scaling, which gspo does not do")
@@ -228,7 +228,7 @@ def _optimizer(args: GRPOConfig, total: int, cuda: bool) -> dict[str, Any]:
     if args.warmup_ratio:
         warmup = args.warmup_ratio * total
     bf16 = cuda if args.bf16 is None else args.bf16
-    return {"optim.lr": args.learning_rate, "optim.weight_decay": args.weight_decay,
+    return {"optim.lr": args.learning_rate, "optim.weight_decay": args.weight_decay, "optim.adam_eps": args.adam_epsilon,
             "optim.max_grad_norm": args.max_grad_norm, "optim.schedule": SCHEDULES[args.lr_scheduler_type],
             "optim.warmup_steps": math.ceil(warmup), "optim.dtype": "bfloat16" if bf16 else "float32",
             "optim.gradient_checkpointing": bool(args.gradient_checkpointing)}
