@@ -1,4 +1,4 @@
-"""Measured peak RSS of gspo training steps against :mod:`gspo.memory`'s estimate (issue 21).
+"""Measured peak RSS of gspo training steps against :mod:`gspo.memory`'s estimate.
 
 A randomly initialised Qwen3 with the real 151,936-token vocabulary (tied embeddings) and the embedded
 character tokenizer, the arithmetic task, 4 prompts x 4 responses of exactly ``--new-tokens`` tokens

@@ -239,7 +239,7 @@ def _decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
     return []
 
 
-# --- FSDP2: sharding, and whole state dicts in and out of DTensor parameters (issue 22) ---
+# --- FSDP2: sharding, and whole state dicts in and out of DTensor parameters ---
 
 
 def shard_for_training(module: torch.nn.Module, *, param_dtype: torch.dtype | None = None) -> torch.nn.Module:

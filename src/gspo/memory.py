@@ -1,4 +1,4 @@
-"""Peak memory of a run, estimated before the model loads (issue 21: say before it fails).
+"""Peak memory of a run, estimated before the model loads (say before it fails).
 
 :func:`estimate` turns a model's ``config.json`` (:class:`ModelShape`: layers, hidden, intermediate,
 heads, KV heads, vocabulary, tied embeddings, MoE experts) and the run's config (rows per micro-batch or

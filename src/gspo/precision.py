@@ -1,4 +1,4 @@
-"""The run's precision policy: what computes in bfloat16, what stays float32, and why (issue 21).
+"""The run's precision policy: what computes in bfloat16, what stays float32, and why.
 
 One small frozen object, :class:`PrecisionPolicy`, is built once per run (:func:`resolve_precision`, at
 the assembly point) and read by the sampler (its weights' dtype), the update and the old/reference

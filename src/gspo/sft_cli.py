@@ -83,7 +83,7 @@ def run_sft(args: list[str]) -> int:
 
 
 def _warm_start(model: str, out: Path, **kwargs) -> Path:
-    if model == "tiny-calc":  # agents (issue 16): calculator demonstrations (gspo.agents.warm_start)
+    if model == "tiny-calc":  # agents: calculator demonstrations (gspo.agents.warm_start)
         from gspo.agents.warm_start import warm_start_calculator
 
         return warm_start_calculator(out, **kwargs)

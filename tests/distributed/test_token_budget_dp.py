@@ -1,4 +1,4 @@
-"""Token-budget micro-batches under data parallelism (issue 21): the same forwards on every process.
+"""Token-budget micro-batches under data parallelism: the same forwards on every process.
 
 Each process packs its own responses by length, so their greedy micro-batch counts differ; FSDP2 gathers
 shards in every forward, so each process must run the largest count (trainer/micro.py). Two FSDP2

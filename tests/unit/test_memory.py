@@ -1,4 +1,4 @@
-"""The peak-memory estimate (issue 21): parameter counts, measured peaks, the refusal before loading."""
+"""The peak-memory estimate: parameter counts, measured peaks, the refusal before loading."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def test_estimate_within_20_percent_of_the_issue_s_06b_peaks(dtype, measured):
 
 
 def test_the_issue_s_oom_is_refused_with_the_knobs_that_fit():
-    # issue 21: Qwen3-0.6B, 16 x 1,024 tokens, fp32 was killed at 23.3 GB on a 24 GB machine
+    # Qwen3-0.6B, 16 x 1,024 tokens, fp32 was killed at 23.3 GB on a 24 GB machine
     model = ModelShape.from_config(QWEN3_06B)
     run = _run(response_tokens=1024)
     message = refusal(model, run, available=int(20 * GB))

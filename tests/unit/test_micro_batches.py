@@ -1,4 +1,4 @@
-"""Token-budget micro-batches (issue 21): the split, its invariance, and pi_old from the same composition."""
+"""Token-budget micro-batches: the split, its invariance, and pi_old from the same composition."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The precision policy (issue 21): ``auto`` as a pure decision, the cached GEMM probe, the start line."""
+"""The precision policy: ``auto`` as a pure decision, the cached GEMM probe, the start line."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ _FALSE = {"false", "no", "off", "0"}
 _NONE = {"none", "null", "~", ""}  # what an optional (``X | None``) field reads as None
 # The embedded model names (gspo.models.load.EMBEDDED maps them to directories; kept equal by a test),
 # here so that a misspelt model= is answered before torch is imported.
-EMBEDDED_MODELS = ("tiny-arith", "tiny-moe", "tiny-calc")  # tiny-calc: the agent task's (issue 16)
+EMBEDDED_MODELS = ("tiny-arith", "tiny-moe", "tiny-calc")  # tiny-calc: the agent task's
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

@@ -247,7 +247,7 @@ class DistributedConfig:
 
 
 @dataclass
-class AgentConfig:  # agents (issue 16): multi-turn, tool-using tasks (docs/agents.md)
+class AgentConfig:  # agents: multi-turn, tool-using tasks (docs/agents.md)
     max_turns: int = 0
     """Model turns per episode of an agent task (data.task=calculator, or a task with an environment);
     0 = the environment's own limit."""

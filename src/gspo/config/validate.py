@@ -39,7 +39,7 @@ def validate(config: Config) -> None:
     if not 0 < r.vllm_gpu_memory <= 1:
         raise ConfigError(f"rollout.vllm_gpu_memory={r.vllm_gpu_memory} is a fraction of GPU memory in (0, 1] "
                           "(e.g. 0.3: the rest is training's)")
-    _validate_pipeline(config)  # issue 14: rollout.max_staleness
+    _validate_pipeline(config)  # rollout.max_staleness
 
     loss = config.loss
     spec = SPECS[config.algorithm]

@@ -29,7 +29,7 @@ class Task:
     eval_rows: list[Row]
     rewards: dict[str, tuple[RewardFn, float]] = field(default_factory=dict)
     note: str = ""  # one line for the run's start (e.g. how a dataset was split into training and held-out rows)
-    # agents (issue 16): a gspo.agents.Environment makes this a multi-turn task; None = single completions
+    # agents: a gspo.agents.Environment makes this a multi-turn task; None = single completions
     environment: Any = None
 
 

@@ -23,7 +23,7 @@ def build_task(data: DataConfig, *, seed: int, eval_size: int, needs_answer: boo
 
         task = arithmetic.ArithmeticTask(seed=seed)
         return Task("arithmetic", task.iter_train, task.eval_rows(eval_size), _arithmetic_rewards())
-    if data.task == "calculator":  # agents (issue 16): multi-turn, tool-using episodes (gspo.agents)
+    if data.task == "calculator":  # agents: multi-turn, tool-using episodes (gspo.agents)
         from gspo.agents.calculator import build_task as calculator_task
 
         return calculator_task(seed=seed, eval_size=eval_size)

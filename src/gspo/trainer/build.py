@@ -69,7 +69,7 @@ class Components:
     moe: bool
     sharded: bool
     precision: PrecisionPolicy = PrecisionPolicy()  # compute / sampler / master dtypes, decided once (gspo.precision)
-    pipeline: object = None  # trainer.pipeline.Pipeline when rollout.max_staleness > 0 (issue 14)
+    pipeline: object = None  # trainer.pipeline.Pipeline when rollout.max_staleness > 0
 
     def sync_weights(self) -> None:
         """Make the sampler use the weights just trained (every process: FSDP2 gathers shards one by one)."""

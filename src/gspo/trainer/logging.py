@@ -15,7 +15,7 @@ from typing import Any
 PROGRESS_COLUMNS = (
     ("reward/mean", "reward", "{:.3f}"),
     ("reward/accuracy", "acc", "{:.2f}"),
-    ("agent/tool_call_ok_frac", "tool_ok", "{:.2f}"),  # agents (issue 16): only agent tasks log these
+    ("agent/tool_call_ok_frac", "tool_ok", "{:.2f}"),  # agents: only agent tasks log these
     ("agent/turns_mean", "turns", "{:.2f}"),
     ("loss/clip_frac", "clip", "{:.4f}"),
     ("kl/old_new", "kl", "{:.1e}"),

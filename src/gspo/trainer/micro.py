@@ -1,4 +1,4 @@
-"""How a (local) minibatch is split into micro-batches: by rows, or by a token budget (issue 21).
+"""How a (local) minibatch is split into micro-batches: by rows, or by a token budget.
 
 Row mode (``optim.micro_batch_size``) cuts the minibatch in order into equal row counts, as before.
 Token mode (``optim.micro_batch_tokens``) sorts the minibatch's responses by length and packs them so that

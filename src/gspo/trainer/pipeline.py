@@ -40,7 +40,7 @@ from gspo.rollout.subprocess import Placement, SubprocessEngine, place
 from gspo.trainer.collect import Collector, ScoredBatch, _row_seed
 
 # Share of the cores given to the sampler: the main job's update takes ~3/4 of a synchronous step
-# (issue 14: 86.0 s of optimizer steps vs 28.7 s of sampling over 200 steps), so 1 of 4 cores.
+# (86.0 s of optimizer steps vs 28.7 s of sampling over 200 steps), so 1 of 4 cores.
 SAMPLER_CORE_SHARE = 0.25
 
 

@@ -256,7 +256,7 @@ def _batch_metrics(batch: ScoredBatch) -> dict[str, float]:
 
 
 def _sample_rows(batch: ScoredBatch, n: int) -> list[dict]:
-    # agents (issue 16): per-turn advantages are (B, T); a sample line shows its first token's (turn 1)
+    # agents: per-turn advantages are (B, T); a sample line shows its first token's (turn 1)
     return [{"prompt": str(batch.rows[i]["prompt"]), "completion": batch.completions[i],
              "reward": float(batch.rewards[i]), "advantage": float(batch.advantages[i].reshape(-1)[0])}
             for i in range(min(n, len(batch.completions)))]
