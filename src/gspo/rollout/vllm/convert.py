@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from gspo.moe.routing import RoutingRecord
-from gspo.rollout.base import Rollout, SamplingParams, request_seeds  # noqa: F401 (the engines import it here)
+from gspo.rollout.base import Rollout, SamplingParams
 
 
 @dataclass

@@ -15,9 +15,8 @@ import time
 import torch
 
 from gspo.errors import ConfigError
-from gspo.rollout.base import EngineInfo, Rollout, SamplingParams
-from gspo.rollout.base import check_request
-from gspo.rollout.vllm.convert import Completion, request_seeds, sampling_kwargs, to_rollout
+from gspo.rollout.base import EngineInfo, Rollout, SamplingParams, check_request, request_seeds
+from gspo.rollout.vllm.convert import Completion, sampling_kwargs, to_rollout
 from gspo.rollout.vllm.host import preserved_host_state
 from gspo.rollout.vllm.placement import LOGPROBS_MODE, SLEEP_LEVEL, Placement, engine_arguments  # noqa: F401
 from gspo.rollout.vllm.weights import engine_weights

@@ -38,10 +38,9 @@ import torch
 
 from gspo import distributed as dist
 from gspo.errors import GspoError
-from gspo.rollout.base import EngineInfo, Rollout, SamplingParams
-from gspo.rollout.base import check_request
-from gspo.rollout.vllm.convert import Completion, request_seeds, sampling_kwargs, to_rollout
-from gspo.rollout.vllm.local import LOGPROBS_MODE, vllm_environment
+from gspo.rollout.base import EngineInfo, Rollout, SamplingParams, check_request, request_seeds
+from gspo.rollout.vllm.convert import Completion, sampling_kwargs, to_rollout
+from gspo.rollout.vllm.local import vllm_environment
 from gspo.rollout.vllm.placement import rendezvous_address
 from gspo.rollout.vllm.weights import engine_weights, shm_directory, write_safetensors
 
