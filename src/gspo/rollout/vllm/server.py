@@ -32,6 +32,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,9 +47,28 @@ from gspo.rollout.vllm.weights import engine_weights, shm_directory, write_safet
 
 MODEL_NAME = "gspo"  # the served model name requests refer to
 START_TIMEOUT_S = 600.0  # imports alone take ~60 s on a loaded 2-core CPU
-REQUEST_TIMEOUT_S = 600.0
-MAX_CONCURRENT_REQUESTS = 64  # client threads; vLLM batches whatever is in flight
+REQUEST_TIMEOUT_BASE_S = 600.0  # the blocking wait for one answer, before the length's share
+REQUEST_TIMEOUT_PER_TOKEN_S = 0.25  # per token of rollout.max_new_tokens (4 tokens/s per sequence, a loaded MoE)
 PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class ClientLimits:
+    """How the client talks to the server. ``concurrency``: requests in flight (client threads): the whole
+    rollout batch, which vLLM batches as one. ``timeout_s``: the blocking wait for one answer (a completion
+    is answered whole, so this covers a batch's longest generation, queueing included)."""
+
+    concurrency: int = 64
+    timeout_s: float = REQUEST_TIMEOUT_BASE_S
+
+
+def client_limits(config) -> ClientLimits:
+    """:class:`ClientLimits` from the batch and the length: ``rollout.prompts_per_step x group_size``
+    requests at once; ``rollout.vllm_request_timeout_s``, or (0) ``REQUEST_TIMEOUT_BASE_S`` plus
+    ``REQUEST_TIMEOUT_PER_TOKEN_S`` per token of ``rollout.max_new_tokens``."""
+    r = config.rollout
+    timeout = r.vllm_request_timeout_s or REQUEST_TIMEOUT_BASE_S + REQUEST_TIMEOUT_PER_TOKEN_S * r.max_new_tokens
+    return ClientLimits(concurrency=max(1, r.prompts_per_step * r.group_size), timeout_s=float(timeout))
 
 
 class ServerError(GspoError):
@@ -125,14 +145,15 @@ class VLLMServerEngine:
     """
 
     def __init__(self, url: str, *, pad_token_id: int, eos_ids: list[int], server: ServerProcess | None = None,
-                 transport: str = "path", shared: bool = False, dtype: str | None = None) -> None:
-        self.url, self.server = url.rstrip("/"), server
+                 transport: str = "path", shared: bool = False, dtype: str | None = None,
+                 limits: ClientLimits = ClientLimits()) -> None:
+        self.url, self.server, self.limits = url.rstrip("/"), server, limits
         self.pad_token_id, self.eos_ids = int(pad_token_id), list(eos_ids)
         self.transport, self.shared = transport, shared
         self.last_sync_s: float | None = None
         self._weights_dir: Path | None = None
         self._nccl = None  # the trainer side of vLLM's NCCL weight transfer (GPU), made at the first sync
-        self._pool = ThreadPoolExecutor(MAX_CONCURRENT_REQUESTS, thread_name_prefix="gspo-vllm-client")
+        self._pool = ThreadPoolExecutor(limits.concurrency, thread_name_prefix="gspo-vllm-client")
         version = self._get("/version").get("version", "?")
         self._info = server_info(f"vLLM {version} server at {self.url}", dtype)
 
@@ -214,7 +235,7 @@ class VLLMServerEngine:
             self._nccl = NCCLTrainerWeightTransferEngine.trainer_init(
                 NCCLTrainerInitInfo(master_address=address, master_port=_free_port(address), world_size=world,
                                     rank=0),
-                client=HTTPVLLMWeightSyncClient(self.url, timeout=REQUEST_TIMEOUT_S), source=self._source)
+                client=HTTPVLLMWeightSyncClient(self.url, timeout=self.limits.timeout_s), source=self._source)
         self._source.weights = weights
         self._nccl.send_weights()
         self._post("/reset_prefix_cache", None)
@@ -244,7 +265,7 @@ class VLLMServerEngine:
 
     def _request(self, request: urllib.request.Request) -> dict:
         try:
-            with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
+            with urllib.request.urlopen(request, timeout=self.limits.timeout_s) as response:
                 payload = response.read()
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:500]
@@ -252,6 +273,11 @@ class VLLMServerEngine:
                               f"{detail}") from None
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, TimeoutError) and (self.server is None or self.server.process.poll() is None):
+                raise ServerError(f"the vLLM server at {self.url} did not answer {request.full_url} within "
+                                  f"{self.limits.timeout_s:.0f} s; raise rollout.vllm_request_timeout_s (0 = "
+                                  f"{REQUEST_TIMEOUT_BASE_S:.0f} s + {REQUEST_TIMEOUT_PER_TOKEN_S} s per token of "
+                                  "rollout.max_new_tokens) or lower the batch or length") from None
             state = ""
             if self.server is not None and self.server.process.poll() is not None:
                 state = (f" (its process exited with code {self.server.process.returncode}; log "
