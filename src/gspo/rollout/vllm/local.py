@@ -15,6 +15,7 @@ import time
 import torch
 
 from gspo.errors import ConfigError
+from gspo.precision import DTYPES
 from gspo.rollout.base import EngineInfo, Rollout, SamplingParams, check_request, request_seeds
 from gspo.rollout.vllm.convert import Completion, sampling_kwargs, to_rollout
 from gspo.rollout.vllm.host import preserved_host_state
@@ -51,7 +52,7 @@ class VLLMEngine:
                  routed_experts: bool = False, where: Placement = Placement(), max_num_seqs: int = 0) -> None:
         os.environ.update(vllm_environment(kv_cache_gb, server=False))
         self.pad_token_id, self.eos_ids = int(pad_token_id), list(eos_ids)
-        self.routed_experts = routed_experts
+        self.routed_experts, self.dtype = routed_experts, dtype
         self.last_sync_s: float | None = None  # reported with the next rollout as sync/weights_s
         args = engine_arguments(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                                 gpu_memory=gpu_memory, routed_experts=routed_experts, where=where,
@@ -107,7 +108,7 @@ class VLLMEngine:
         decoded with keys and values computed under the old weights (a log-prob error of 3.0 measured).
         """
         start = time.perf_counter()
-        weights = engine_weights(model)
+        weights = engine_weights(model, DTYPES[self.dtype])  # streamed, each tensor cast as it is loaded
         with preserved_host_state():
             self._wake()
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,

@@ -39,11 +39,12 @@ import torch
 
 from gspo import distributed as dist
 from gspo.errors import GspoError
+from gspo.precision import DTYPES
 from gspo.rollout.base import EngineInfo, Rollout, SamplingParams, check_request, request_seeds
 from gspo.rollout.vllm.convert import Completion, sampling_kwargs, to_rollout
 from gspo.rollout.vllm.local import vllm_environment
 from gspo.rollout.vllm.placement import rendezvous_address
-from gspo.rollout.vllm.weights import engine_weights, shm_directory, write_safetensors
+from gspo.rollout.vllm.weights import engine_weight_metadata, engine_weights, shm_directory, write_safetensors
 
 MODEL_NAME = "gspo"  # the served model name requests refer to
 START_TIMEOUT_S = 600.0  # imports alone take ~60 s on a loaded 2-core CPU
@@ -150,6 +151,7 @@ class VLLMServerEngine:
         self.url, self.server, self.limits = url.rstrip("/"), server, limits
         self.pad_token_id, self.eos_ids = int(pad_token_id), list(eos_ids)
         self.transport, self.shared = transport, shared
+        self.dtype = DTYPES.get(dtype) if dtype else None  # weights are cast to it as they are pushed
         self.last_sync_s: float | None = None
         self._weights_dir: Path | None = None
         self._nccl = None  # the trainer side of vLLM's NCCL weight transfer (GPU), made at the first sync
@@ -198,7 +200,7 @@ class VLLMServerEngine:
         if self.transport == "nccl":
             self._push_nccl(model)
         else:
-            weights = engine_weights(model)  # a collective under FSDP2: every process
+            weights = list(engine_weights(model, self.dtype))  # a collective under FSDP2: every process
             if not self.shared or dist.is_main():
                 self._push_path(weights)
         if self.shared:
@@ -217,26 +219,28 @@ class VLLMServerEngine:
     def _push_nccl(self, model: torch.nn.Module) -> None:
         """GPU: vLLM's NCCL weight transfer from ONE sending process (UNTESTED here: no GPU).
 
-        Every process gathers the weights (a collective under FSDP2); only process 0 joins vLLM's NCCL
-        group, as its rank 0 (the sender), rendezvousing on an address the server's workers can reach.
+        Every process gathers the weights, one tensor at a time and in step (a collective under FSDP2);
+        only process 0 joins vLLM's NCCL group, as its rank 0 (the sender), rendezvousing on an address the
+        server's workers can reach, and streams each tensor in the server's dtype as it is gathered.
         """
         from vllm.distributed.weight_transfer.base import WeightSource
         from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
         from vllm.distributed.weight_transfer.nccl_engine import (NCCLTrainerInitInfo,
                                                                   NCCLTrainerWeightTransferEngine)
 
-        weights = engine_weights(model)  # every process, in step
         if self.shared and not dist.is_main():
+            for _ in engine_weights(model, self.dtype):  # the gathers process 0's send iterates, in step
+                pass
             return
         if self._nccl is None:
             world = int(self._get("/get_world_size").get("world_size", 1)) + 1  # the server's workers + us
-            self._source = _merged_source(WeightSource, weights)
+            self._source = _merged_source(WeightSource, model, self.dtype)
             address = rendezvous_address(self.url)
             self._nccl = NCCLTrainerWeightTransferEngine.trainer_init(
                 NCCLTrainerInitInfo(master_address=address, master_port=_free_port(address), world_size=world,
                                     rank=0),
                 client=HTTPVLLMWeightSyncClient(self.url, timeout=self.limits.timeout_s), source=self._source)
-        self._source.weights = weights
+        self._source.model = model
         self._nccl.send_weights()
         self._post("/reset_prefix_cache", None)
 
@@ -302,20 +306,20 @@ def _completion(choice: dict) -> Completion:
     return Completion(tokens, [float(lp) for lp in choice["logprobs"]["token_logprobs"]])
 
 
-def _merged_source(base, weights: list[tuple[str, torch.Tensor]]):
-    """A vLLM ``WeightSource`` over this sync's :func:`engine_weights` (merged LoRA, vLLM's names, FSDP2
-    gathered by every process beforehand), replaced before each send."""
+def _merged_source(base, model: torch.nn.Module, dtype: torch.dtype | None):
+    """A vLLM ``WeightSource`` over :func:`engine_weights` (merged LoRA, vLLM's names, cast to ``dtype``): a
+    fresh stream per send, one tensor gathered and cast at a time; the metadata without gathering."""
     from vllm.distributed.weight_transfer.base import ParamMeta
 
     class MergedSource(base):
         def __init__(self) -> None:
-            self.weights = weights
+            self.model = model
 
         def metadata(self):
-            return [ParamMeta(name, t.dtype, tuple(t.shape)) for name, t in self.weights]
+            return [ParamMeta(name, t, shape) for name, t, shape in engine_weight_metadata(self.model, dtype)]
 
         def __iter__(self):
-            return iter(self.weights)
+            return engine_weights(self.model, dtype)
 
     return MergedSource()
 
