@@ -127,10 +127,10 @@ def test_truncated_logprobs_equal_training_module(vllm_engine, policy, top_k, to
     assert float(diff.max()) < LOGPROB_ATOL
 
 
-BF16_LOGPROB_ATOL = 0.15  # a bfloat16 engine against the float32 module on bf16-rounded weights
+BF16_LOGPROB_ATOL = 0.3  # a bfloat16 engine against the float32 module on bf16-rounded weights (measured 0.105)
 
 
-def test_bfloat16_engine_samples_the_pushed_weights(long_model_dir, tokenizer, policy):
+def test_bfloat16_engine_samples_the_pushed_weights(long_model_dir, tokenizer, policy, capfd):
     """G19.2: a bfloat16 engine (the GPU default) is pushed bfloat16 tensors, cast one at a time as they are
     sent; its log-probabilities afterwards are the new weights' (to bfloat16 rounding), not the old ones'."""
     import copy
@@ -145,7 +145,9 @@ def test_bfloat16_engine_samples_the_pushed_weights(long_model_dir, tokenizer, p
             g = torch.Generator().manual_seed(4)
             for p in changed.parameters():
                 p.add_(torch.randn(p.shape, generator=g) * 0.3 * p.std())
+        capfd.readouterr()  # the start's load from the float32 checkpoint warns once per tensor
         engine.sync_weights(changed)  # float32 policy -> bfloat16 engine
+        assert "Attempted to load weight" not in "".join(capfd.readouterr())  # pushed as bfloat16 already
         rounded = copy.deepcopy(changed).to(torch.bfloat16).float()
         params = SamplingParams(max_new_tokens=16, temperature=1.0, ignore_eos=True)
         rollout = engine.generate(sample_prompts(8, LONG, 5), params, torch.Generator().manual_seed(5))
