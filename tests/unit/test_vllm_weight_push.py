@@ -60,3 +60,26 @@ def test_metadata_matches_the_stream_without_materialising():
     meta = engine_weight_metadata(model, torch.bfloat16)
     assert meta == [(n, t.dtype, tuple(t.shape)) for n, t in engine_weights(model, torch.bfloat16)]
     assert "lm_head.weight" in {name for name, _, _ in meta}  # tied: both names
+
+
+def test_lora_metadata_and_cast_stream_match_the_merged_model():
+    """LoRA: the merged weights stream in the engine's dtype, and the NCCL metadata (meta tensors, no merge)
+    names the same tensors with the same shapes."""
+    import pytest
+
+    pytest.importorskip("peft")
+    from gspo.config.schema import LoraConfig
+    from gspo.models.load import EMBEDDED
+    from gspo.models.lora import apply_lora, merged_copy
+
+    model = apply_lora(tiny_model(), LoraConfig(rank=4, alpha=8.0), base_path=EMBEDDED["tiny-arith"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.01)
+    stream = list(engine_weights(model, torch.bfloat16))
+    assert engine_weight_metadata(model, torch.bfloat16) == [(n, t.dtype, tuple(t.shape)) for n, t in stream]
+    expected = dict(merged_copy(model).named_parameters(remove_duplicate=False))
+    assert {n for n, _ in stream} == expected.keys()
+    for name, tensor in stream:
+        assert torch.equal(tensor, expected[name].detach().to(torch.bfloat16)), name
