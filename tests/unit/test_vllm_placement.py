@@ -70,6 +70,7 @@ def test_prompt_cap_is_measured_with_headroom_and_refused_past_the_context():
 def test_batch_sizes_on_gpu_only_batched_tokens():
     a = args(ONE_GPU, max_num_seqs=128)
     assert a["max_num_seqs"] == 128 and a["max_num_batched_tokens"] == MAX_NUM_BATCHED_TOKENS
+    assert args(ONE_GPU, max_num_seqs=8192)["max_num_batched_tokens"] == 8192  # vLLM: >= max_num_seqs
     c = args(CPU, max_num_seqs=8)
     assert c["max_num_seqs"] == 8 and "max_num_batched_tokens" not in c
 

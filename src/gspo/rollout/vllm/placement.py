@@ -125,8 +125,8 @@ def engine_arguments(model_path, *, dtype: str, max_model_len: int, seed: int, g
             "gpu_memory_utilization": gpu_memory}
     if max_num_seqs > 0:
         args["max_num_seqs"] = max_num_seqs
-    if where.cuda:
-        args["max_num_batched_tokens"] = MAX_NUM_BATCHED_TOKENS
+    if where.cuda:  # vLLM requires room for one token of every sequence in a step
+        args["max_num_batched_tokens"] = max(MAX_NUM_BATCHED_TOKENS, max_num_seqs)
     if where.cuda and where.colocated:
         args["enable_sleep_mode"] = True
         if where.world_size > 1:  # torchrun: this rank's GPU, gspo's process group (vLLM makes none)
