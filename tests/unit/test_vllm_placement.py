@@ -197,3 +197,22 @@ def test_with_vllm_the_prompt_cap_is_measured_once_and_a_longer_prompt_is_a_clea
         render({"prompt": "1+" * 200 + "1="})
     config.rollout.engine = "hf"  # the built-in engine: the context minus the budget, as before
     assert _resolve_prompt_cap(config, task, tokenizer, model).data.max_prompt_tokens == 4096 - 64
+
+
+@pytest.mark.parametrize("key, value, ok", [("rollout.vllm_gpu_memory", 0.0, True),
+                                            ("rollout.vllm_gpu_memory", 0.7, True),
+                                            ("rollout.vllm_gpu_memory", 1.5, False),
+                                            ("rollout.vllm_request_timeout_s", -1.0, False),
+                                            ("data.max_prompt_tokens", -5, False)])
+def test_the_new_keys_are_validated(key, value, ok):
+    from gspo.config.schema import Config
+    from gspo.config.validate import validate
+
+    config = Config()
+    section, name = key.split(".")
+    setattr(getattr(config, section), name, value)
+    if ok:
+        validate(config)
+    else:
+        with pytest.raises(ConfigError, match=key):
+            validate(config)
