@@ -38,6 +38,7 @@ SERVER_GPU_MEMORY = 0.9  # a server on its own GPU: vLLM's default share (weight
 SLEEP_LEVEL = 1  # vLLM sleep level 1: weights offloaded to CPU memory, KV cache discarded (woken before use)
 MAX_NUM_BATCHED_TOKENS = 4096  # tokens per scheduler step on a GPU (TRL's value; prefill is chunked)
 CONTEXT_ROUNDING = 256  # max_model_len is rounded up to a multiple of this (whole KV blocks, a little room)
+UNKNOWN_CONTEXT = 4096  # max_model_len for a model whose config names no max_position_embeddings, and no cap
 COLOCATED_GPU_MEMORY = 0.6  # colocated share when training's memory is not known (TRL / verl: 0.3-0.9)
 COLOCATED_GPU_MEMORY_RANGE = (0.1, 0.85)  # below: refused (no room for a KV cache); above: capped
 GPU_MEMORY_HEADROOM = 0.05  # of the GPU, left beside training's estimate and vLLM's share (allocator slack)
@@ -81,7 +82,7 @@ def context_length(prompt_tokens: int, max_new_tokens: int, context: int | None)
     no cap, the whole context) plus the generation budget, rounded up to ``CONTEXT_ROUNDING`` and never
     beyond the model's ``context`` (``max_position_embeddings``; None = unknown)."""
     if prompt_tokens <= 0:
-        return int(context or CONTEXT_ROUNDING * 16)
+        return int(context or UNKNOWN_CONTEXT)
     need = -(-(prompt_tokens + max_new_tokens) // CONTEXT_ROUNDING) * CONTEXT_ROUNDING
     return min(need, context) if context else need
 
