@@ -125,3 +125,34 @@ def test_truncated_logprobs_equal_training_module(vllm_engine, policy, top_k, to
           f"{int((diff > LOGPROB_ATOL).sum())} of {diff.numel()} tokens beyond {LOGPROB_ATOL}")
     assert torch.isfinite(reference[rollout.completion_mask]).all()  # every sampled token inside gspo's support
     assert float(diff.max()) < LOGPROB_ATOL
+
+
+BF16_LOGPROB_ATOL = 0.3  # a bfloat16 engine against the float32 module on bf16-rounded weights (measured 0.105)
+
+
+def test_bfloat16_engine_samples_the_pushed_weights(long_model_dir, tokenizer, policy, capfd):
+    """G19.2: a bfloat16 engine (the GPU default) is pushed bfloat16 tensors, cast one at a time as they are
+    sent; its log-probabilities afterwards are the new weights' (to bfloat16 rounding), not the old ones'."""
+    import copy
+
+    from gspo.rollout.vllm.local import VLLMEngine
+
+    engine = VLLMEngine(long_model_dir, pad_token_id=tokenizer.pad_token_id, eos_ids=[tokenizer.eos_token_id],
+                        dtype="bfloat16", max_model_len=256, kv_cache_gb=1)
+    try:
+        changed = copy.deepcopy(policy)
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(4)
+            for p in changed.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.3 * p.std())
+        capfd.readouterr()  # the start's load from the float32 checkpoint warns once per tensor
+        engine.sync_weights(changed)  # float32 policy -> bfloat16 engine
+        assert "Attempted to load weight" not in "".join(capfd.readouterr())  # pushed as bfloat16 already
+        rounded = copy.deepcopy(changed).to(torch.bfloat16).float()
+        params = SamplingParams(max_new_tokens=16, temperature=1.0, ignore_eos=True)
+        rollout = engine.generate(sample_prompts(8, LONG, 5), params, torch.Generator().manual_seed(5))
+        diff_new, diff_old = max_logprob_diff(rollout, rounded, 1.0), max_logprob_diff(rollout, policy, 1.0)
+        print(f"bfloat16 vLLM after a push: max |diff| {diff_new:.3f} (vs the old weights {diff_old:.3f})")
+        assert diff_new < BF16_LOGPROB_ATOL and diff_old > 3 * diff_new
+    finally:
+        engine.close()

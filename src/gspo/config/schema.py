@@ -37,6 +37,11 @@ class DataConfig:
     """System message prepended when the prompt is rendered with the tokenizer's chat template."""
     chat_template: str = "auto"
     """auto: use the tokenizer's chat template when it has one; always; never."""
+    max_prompt_tokens: int = 0
+    """Longest prompt in tokens; a longer one stops the run with an error naming it. 0 = auto: the model's
+    context minus rollout.max_new_tokens; with vLLM (single-turn tasks), twice the longest prompt among the
+    held-out rows and the first 1024 training rows, rounded up to 256 (vLLM's max_model_len is this plus
+    rollout.max_new_tokens)."""
 
 
 @dataclass
@@ -61,9 +66,13 @@ class RolloutConfig:
     """rollout.engine=vllm-server: URL of a running vLLM server (empty = gspo starts and stops one)."""
     vllm_kv_cache_gb: int = 1
     """vLLM on a CPU: whole GiB of RAM for its KV cache (VLLM_CPU_KVCACHE_SPACE; unset, vLLM takes ~92% of RAM)."""
-    vllm_gpu_memory: float = 0.3
-    """vLLM on a GPU shared with training: fraction of GPU memory it takes while awake (gpu_memory_utilization;
-    it sleeps during the update). A server gspo starts gets a GPU of its own and 0.9 of it."""
+    vllm_gpu_memory: float = 0.0
+    """vLLM on a GPU: fraction of GPU memory it takes (gpu_memory_utilization). 0 = auto: colocated with
+    training (it sleeps during the update), what training's weights, gradients and optimizer leave, at most
+    0.85 (0.6 when unknown); a server gspo starts on a GPU of its own, 0.9."""
+    vllm_request_timeout_s: float = 0.0
+    """rollout.engine=vllm-server: seconds to wait for one answer (a whole completion, or a weight push);
+    0 = 600 + 0.25 per token of rollout.max_new_tokens."""
     engine_dtype: str = "auto"
     """Sampler precision: auto (training's compute dtype, optim.dtype; bfloat16 for vLLM on a GPU), float32,
     bfloat16 or float16 (a separate lower-precision copy, or the vLLM engine's dtype)."""

@@ -36,9 +36,11 @@ def validate(config: Config) -> None:
     _choice("rollout.engine_dtype", r.engine_dtype, ("auto", "float32", "bfloat16", "float16"))
     _choice("rollout.decoder", r.decoder, ("auto", "native", "hf"))
     _positive("rollout.vllm_kv_cache_gb", r.vllm_kv_cache_gb)
-    if not 0 < r.vllm_gpu_memory <= 1:
+    if not 0 <= r.vllm_gpu_memory <= 1:
         raise ConfigError(f"rollout.vllm_gpu_memory={r.vllm_gpu_memory} is a fraction of GPU memory in (0, 1] "
-                          "(e.g. 0.3: the rest is training's)")
+                          "(e.g. 0.6: the rest is training's), or 0 for auto")
+    _minimum("rollout.vllm_request_timeout_s", r.vllm_request_timeout_s, 0.0)
+    _minimum("data.max_prompt_tokens", config.data.max_prompt_tokens, 0)
     _validate_pipeline(config)  # rollout.max_staleness
 
     loss = config.loss

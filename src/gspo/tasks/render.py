@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from gspo.errors import ConfigError, DataError
-from gspo.tasks.base import Row
+from gspo.tasks.base import Row, Task
+
+PROMPT_SCAN_ROWS = 1024  # training rows rendered to measure the prompts (with the held-out rows)
+PROMPT_HEADROOM = 2  # a measured cap is this many times the longest prompt seen
+PROMPT_ROUNDING = 256
 
 
 def _single_bos(ids: list[int], bos: int | None) -> list[int]:
@@ -61,8 +66,8 @@ class PromptRenderer:
         if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
             raise DataError(
                 f"prompt {str(prompt)[:60]!r} has {len(ids)} tokens but at most {self.max_prompt_tokens} fit "
-                "(the model's context minus rollout.max_new_tokens); shorten it, filter the dataset, or lower "
-                "rollout.max_new_tokens"
+                "(data.max_prompt_tokens, at most the model's context minus rollout.max_new_tokens); shorten it, "
+                "filter the dataset, raise data.max_prompt_tokens or lower rollout.max_new_tokens"
             )
         return ids
 
@@ -78,3 +83,29 @@ class PromptRenderer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def prompt_lengths(task: Task, render: PromptRenderer, rows: int = PROMPT_SCAN_ROWS) -> list[int]:
+    """Token counts of the held-out prompts and of the first ``rows`` training prompts."""
+    sample = list(task.eval_rows) + list(itertools.islice(task.train_stream(), rows))
+    return [len(render(row)) for row in sample]
+
+
+def prompt_token_cap(configured: int, *, context: int | None, max_new_tokens: int,
+                     lengths: list[int] | None = None) -> int:
+    """``data.max_prompt_tokens`` as the run uses it (0: no cap known).
+
+    Set (> 0): itself, if it and ``max_new_tokens`` fit ``context``. Auto with measured ``lengths``:
+    ``PROMPT_HEADROOM`` times the longest, rounded up to ``PROMPT_ROUNDING``; else (and at most) the context
+    minus the generation budget.
+    """
+    room = context - max_new_tokens if context else None
+    if configured > 0:
+        if room is not None and configured > room:
+            raise ConfigError(f"data.max_prompt_tokens={configured} plus rollout.max_new_tokens={max_new_tokens} "
+                              f"exceeds the model's context ({context} tokens); lower one of them")
+        return configured
+    if lengths:
+        measured = -(-max(lengths) * PROMPT_HEADROOM // PROMPT_ROUNDING) * PROMPT_ROUNDING
+        return min(measured, room) if room is not None else measured
+    return room or 0

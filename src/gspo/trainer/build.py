@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Iterator
@@ -33,7 +34,7 @@ from gspo.rollout.base import RolloutEngine, SamplingParams
 from gspo.rollout.hf import HFEngine
 from gspo.tasks.base import Task
 from gspo.tasks.registry import build_task
-from gspo.tasks.render import PromptRenderer
+from gspo.tasks.render import PromptRenderer, prompt_lengths, prompt_token_cap
 from gspo.tasks.rewards import WeightedReward, resolve_rewards
 from gspo.trainer.collect import Collector
 from gspo.trainer.logging import MetricsLogger
@@ -113,6 +114,7 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     # before the weights load: a run that cannot fit stops here
     precision = _precision_and_memory(config, device, model)
     model, tokenizer, path = _load_policy(config, device, model, tokenizer)
+    config = _resolve_prompt_cap(config, task, tokenizer, model)
     if precision is None:  # a config without the Llama-style shape keys: decided from the loaded model
         precision = resolve_precision(o.dtype, r.engine_dtype, device, sum(p.numel() for p in model.parameters()))
     moe = supports_routing(model)
@@ -202,10 +204,31 @@ def _sampler_engine(config: Config, model: torch.nn.Module, tokenizer, path, dev
 
 
 def _renderer(config: Config, tokenizer, model) -> PromptRenderer:
-    """Rows -> prompt ids; a prompt longer than the context minus the generation budget is an error."""
-    context = getattr(model.config, "max_position_embeddings", None)
+    """Rows -> prompt ids; a prompt longer than ``data.max_prompt_tokens`` (resolved: at most the context
+    minus the generation budget) is an error."""
+    cap = prompt_token_cap(config.data.max_prompt_tokens, max_new_tokens=config.rollout.max_new_tokens,
+                           context=getattr(model.config, "max_position_embeddings", None))
     return PromptRenderer(tokenizer, config.data.system_prompt, config.data.chat_template,
-                          max_prompt_tokens=(context - config.rollout.max_new_tokens) if context else None)
+                          max_prompt_tokens=cap or None)
+
+
+def _resolve_prompt_cap(config: Config, task: Task, tokenizer, model) -> Config:
+    """``config`` with ``data.max_prompt_tokens`` resolved (:func:`~gspo.tasks.render.prompt_token_cap`): vLLM
+    sizes its context from it, and the renderer refuses a longer prompt, so a longer prompt later is an error
+    naming the key rather than a vLLM failure. Auto measures the data with vLLM only; agent episodes span
+    the whole context (their turns append to the prompt), so the key stays 0 there."""
+    d = config.data
+    if task.environment is not None:
+        if d.max_prompt_tokens:
+            raise ConfigError(f"data.max_prompt_tokens={d.max_prompt_tokens} bounds single-completion prompts; "
+                              "an agent episode grows over the model's context turn by turn: leave it 0")
+        return config
+    lengths = None
+    if not d.max_prompt_tokens and config.rollout.engine != "hf":
+        lengths = prompt_lengths(task, PromptRenderer(tokenizer, d.system_prompt, d.chat_template))
+    cap = prompt_token_cap(d.max_prompt_tokens, max_new_tokens=config.rollout.max_new_tokens, lengths=lengths,
+                           context=getattr(model.config, "max_position_embeddings", None))
+    return dataclasses.replace(config, data=dataclasses.replace(d, max_prompt_tokens=cap))
 
 
 def _sampling(config: Config, task: Task, engine, render: PromptRenderer, tokenizer, model, rewards):
@@ -270,6 +293,7 @@ def build_evaluation(config: Config, *, model: torch.nn.Module | None = None, to
     device = pick_device(config.device)
     rewards = resolve_rewards(config.reward.functions, task.rewards, device=device)
     model, tokenizer, path = _load_policy(config, device, model, tokenizer)
+    config = _resolve_prompt_cap(config, task, tokenizer, model)
     model.eval()
     num_params = sum(p.numel() for p in model.parameters())
     engine = build_engine(config, model, tokenizer, path, precision=resolve_precision(

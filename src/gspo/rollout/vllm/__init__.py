@@ -36,7 +36,7 @@ def build_vllm_engine(config, model: torch.nn.Module, tokenizer, path):
     ``path`` is the model directory vLLM loads its architecture (and first weights) from; ``model``'s
     current weights are pushed right away, so the engine starts from exactly the policy.
     """
-    from gspo.rollout.vllm.placement import engine_dtype, placement
+    from gspo.rollout.vllm.placement import context_length, engine_dtype, gpu_memory_share, placement
 
     require_vllm(config.rollout.engine)
     r = config.rollout
@@ -47,8 +47,13 @@ def build_vllm_engine(config, model: torch.nn.Module, tokenizer, path):
     eos_ids = [eos] if isinstance(eos, int) else list(eos)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     check_moe_reload(inner, where)
-    max_model_len = int(getattr(inner.config, "max_position_embeddings", 0) or 4096)
+    context = getattr(inner.config, "max_position_embeddings", None)
+    max_model_len = context_length(config.data.max_prompt_tokens, r.max_new_tokens, context)
     routed_experts = config.moe.routing_replay == "r3"
+    gpu_memory = gpu_memory_share(r.vllm_gpu_memory, where, total_bytes=_gpu_bytes(where),
+                                  training_bytes=training_bytes(model, config, where))
+    # the rollout batch in flight at once (per process under torchrun; evaluation batches queue beyond it)
+    rows = -(-r.prompts_per_step * r.group_size // where.world_size)
     common = {"pad_token_id": tokenizer.pad_token_id, "eos_ids": eos_ids}
     if r.engine == "vllm":
         from gspo.rollout.vllm.local import VLLMEngine
@@ -56,12 +61,32 @@ def build_vllm_engine(config, model: torch.nn.Module, tokenizer, path):
         if where.world_size > 1:  # external_launcher joins the group already there: gspo's, made first
             dist.maybe_init_distributed()
         engine = VLLMEngine(Path(path).resolve(), dtype=dtype, max_model_len=max_model_len, seed=config.seed,
-                            kv_cache_gb=r.vllm_kv_cache_gb, gpu_memory=r.vllm_gpu_memory,
+                            kv_cache_gb=r.vllm_kv_cache_gb, gpu_memory=gpu_memory, max_num_seqs=rows,
                             routed_experts=routed_experts, where=where, **common)
     else:
-        engine = _server_engine(config, path, dtype, max_model_len, common, where)
+        engine = _server_engine(config, path, dtype, max_model_len, common, where,
+                                gpu_memory=gpu_memory, max_num_seqs=rows)
     engine.sync_weights(model)
     return engine
+
+
+def training_bytes(model: torch.nn.Module, config, where) -> int | None:
+    """What training keeps on this process's GPU while a colocated engine samples: the CUDA runtime,
+    float32 master weights, gradients and AdamW state of the trainable parameters (LoRA: the adapters),
+    all divided over the processes under FSDP2. None off a GPU."""
+    from gspo.memory import ADAMW_STATE_PER_PARAM, CUDA_RUNTIME_BYTES
+
+    if not where.cuda:
+        return None
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    shards = where.world_size if config.distributed.strategy == "fsdp" else 1
+    return CUDA_RUNTIME_BYTES + 4 * (params + trainable * (1 + ADAMW_STATE_PER_PARAM)) // shards
+
+
+def _gpu_bytes(where) -> int | None:
+    """Total memory of this process's GPU (None on a CPU)."""
+    return torch.cuda.get_device_properties(where.local_rank).total_memory if where.cuda else None
 
 
 def check_moe_reload(model: torch.nn.Module, where) -> None:
@@ -77,9 +102,10 @@ def check_moe_reload(model: torch.nn.Module, where) -> None:
                           "experts); use rollout.engine=hf on a CPU, or vLLM on a GPU")
 
 
-def _server_engine(config, path, dtype: str, max_model_len: int, common: dict, where):
+def _server_engine(config, path, dtype: str, max_model_len: int, common: dict, where, *, gpu_memory: float,
+                   max_num_seqs: int):
     from gspo.rollout.vllm.placement import engine_arguments, server_gpu
-    from gspo.rollout.vllm.server import ServerProcess, VLLMServerEngine
+    from gspo.rollout.vllm.server import ServerProcess, VLLMServerEngine, client_limits
 
     r = config.rollout
     if config.moe.routing_replay == "r3":
@@ -88,14 +114,16 @@ def _server_engine(config, path, dtype: str, max_model_len: int, common: dict, w
                           "moe.routing_replay=r2")
     transport = "nccl" if where.cuda else "path"
     if r.server_url:  # a server someone else runs (and possibly every torchrun process shares); dtype unknown
-        return VLLMServerEngine(r.server_url, transport=transport, shared=dist.is_initialized(), **common)
+        return VLLMServerEngine(r.server_url, transport=transport, shared=dist.is_initialized(),
+                                limits=client_limits(config), **common)
     gpu = server_gpu(where) if where.cuda else None  # a GPU of its own, or a ConfigError naming the fix
     args = engine_arguments(Path(path).resolve(), dtype=dtype, max_model_len=max_model_len, seed=config.seed,
-                            gpu_memory=r.vllm_gpu_memory, routed_experts=False, where=where)
+                            gpu_memory=gpu_memory, max_num_seqs=max_num_seqs, routed_experts=False, where=where)
     server = ServerProcess(args, kv_cache_gb=r.vllm_kv_cache_gb, weight_transfer=transport == "nccl", gpu=gpu)
     try:
         server.wait_ready()
-        return VLLMServerEngine(server.url, server=server, transport=transport, dtype=dtype, **common)
+        return VLLMServerEngine(server.url, server=server, transport=transport, dtype=dtype,
+                                limits=client_limits(config), **common)
     except BaseException:
         server.stop()
         raise

@@ -15,10 +15,12 @@ import time
 import torch
 
 from gspo.errors import ConfigError
+from gspo.precision import DTYPES
 from gspo.rollout.base import EngineInfo, Rollout, SamplingParams, check_request, request_seeds
 from gspo.rollout.vllm.convert import Completion, sampling_kwargs, to_rollout
 from gspo.rollout.vllm.host import preserved_host_state
-from gspo.rollout.vllm.placement import LOGPROBS_MODE, SLEEP_LEVEL, Placement, engine_arguments  # noqa: F401
+from gspo.rollout.vllm.placement import (COLOCATED_GPU_MEMORY, LOGPROBS_MODE, SLEEP_LEVEL,  # noqa: F401
+                                         Placement, engine_arguments)
 from gspo.rollout.vllm.weights import engine_weights
 
 
@@ -46,14 +48,15 @@ class VLLMEngine:
     """
 
     def __init__(self, model_path, *, pad_token_id: int, eos_ids: list[int], dtype: str = "float32",
-                 max_model_len: int, kv_cache_gb: int = 1, gpu_memory: float = 0.3, seed: int = 0,
-                 routed_experts: bool = False, where: Placement = Placement()) -> None:
+                 max_model_len: int, kv_cache_gb: int = 1, gpu_memory: float = COLOCATED_GPU_MEMORY, seed: int = 0,
+                 routed_experts: bool = False, where: Placement = Placement(), max_num_seqs: int = 0) -> None:
         os.environ.update(vllm_environment(kv_cache_gb, server=False))
         self.pad_token_id, self.eos_ids = int(pad_token_id), list(eos_ids)
-        self.routed_experts = routed_experts
+        self.routed_experts, self.dtype = routed_experts, dtype
         self.last_sync_s: float | None = None  # reported with the next rollout as sync/weights_s
         args = engine_arguments(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                                gpu_memory=gpu_memory, routed_experts=routed_experts, where=where)
+                                gpu_memory=gpu_memory, routed_experts=routed_experts, where=where,
+                                max_num_seqs=max_num_seqs)
         self.sleeps, self.asleep = bool(args.get("enable_sleep_mode")), False
         with preserved_host_state():
             import vllm
@@ -105,7 +108,7 @@ class VLLMEngine:
         decoded with keys and values computed under the old weights (a log-prob error of 3.0 measured).
         """
         start = time.perf_counter()
-        weights = engine_weights(model)
+        weights = engine_weights(model, DTYPES[self.dtype])  # streamed, each tensor cast as it is loaded
         with preserved_host_state():
             self._wake()
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,

@@ -32,23 +32,44 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from gspo import distributed as dist
 from gspo.errors import GspoError
+from gspo.precision import DTYPES
 from gspo.rollout.base import EngineInfo, Rollout, SamplingParams, check_request, request_seeds
 from gspo.rollout.vllm.convert import Completion, sampling_kwargs, to_rollout
 from gspo.rollout.vllm.local import vllm_environment
 from gspo.rollout.vllm.placement import rendezvous_address
-from gspo.rollout.vllm.weights import engine_weights, shm_directory, write_safetensors
+from gspo.rollout.vllm.weights import engine_weight_metadata, engine_weights, shm_directory, write_safetensors
 
 MODEL_NAME = "gspo"  # the served model name requests refer to
 START_TIMEOUT_S = 600.0  # imports alone take ~60 s on a loaded 2-core CPU
-REQUEST_TIMEOUT_S = 600.0
-MAX_CONCURRENT_REQUESTS = 64  # client threads; vLLM batches whatever is in flight
+REQUEST_TIMEOUT_BASE_S = 600.0  # the blocking wait for one answer, before the length's share
+REQUEST_TIMEOUT_PER_TOKEN_S = 0.25  # per token of rollout.max_new_tokens (4 tokens/s per sequence, a loaded MoE)
 PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class ClientLimits:
+    """How the client talks to the server. ``concurrency``: requests in flight (client threads): the whole
+    rollout batch, which vLLM batches as one. ``timeout_s``: the blocking wait for one answer (a completion
+    is answered whole, so this covers a batch's longest generation, queueing included)."""
+
+    concurrency: int = 64
+    timeout_s: float = REQUEST_TIMEOUT_BASE_S
+
+
+def client_limits(config) -> ClientLimits:
+    """:class:`ClientLimits` from the batch and the length: ``rollout.prompts_per_step x group_size``
+    requests at once; ``rollout.vllm_request_timeout_s``, or (0) ``REQUEST_TIMEOUT_BASE_S`` plus
+    ``REQUEST_TIMEOUT_PER_TOKEN_S`` per token of ``rollout.max_new_tokens``."""
+    r = config.rollout
+    timeout = r.vllm_request_timeout_s or REQUEST_TIMEOUT_BASE_S + REQUEST_TIMEOUT_PER_TOKEN_S * r.max_new_tokens
+    return ClientLimits(concurrency=max(1, r.prompts_per_step * r.group_size), timeout_s=float(timeout))
 
 
 class ServerError(GspoError):
@@ -125,14 +146,16 @@ class VLLMServerEngine:
     """
 
     def __init__(self, url: str, *, pad_token_id: int, eos_ids: list[int], server: ServerProcess | None = None,
-                 transport: str = "path", shared: bool = False, dtype: str | None = None) -> None:
-        self.url, self.server = url.rstrip("/"), server
+                 transport: str = "path", shared: bool = False, dtype: str | None = None,
+                 limits: ClientLimits = ClientLimits()) -> None:
+        self.url, self.server, self.limits = url.rstrip("/"), server, limits
         self.pad_token_id, self.eos_ids = int(pad_token_id), list(eos_ids)
         self.transport, self.shared = transport, shared
+        self.dtype = DTYPES.get(dtype) if dtype else None  # weights are cast to it as they are pushed
         self.last_sync_s: float | None = None
         self._weights_dir: Path | None = None
         self._nccl = None  # the trainer side of vLLM's NCCL weight transfer (GPU), made at the first sync
-        self._pool = ThreadPoolExecutor(MAX_CONCURRENT_REQUESTS, thread_name_prefix="gspo-vllm-client")
+        self._pool = ThreadPoolExecutor(limits.concurrency, thread_name_prefix="gspo-vllm-client")
         version = self._get("/version").get("version", "?")
         self._info = server_info(f"vLLM {version} server at {self.url}", dtype)
 
@@ -177,7 +200,7 @@ class VLLMServerEngine:
         if self.transport == "nccl":
             self._push_nccl(model)
         else:
-            weights = engine_weights(model)  # a collective under FSDP2: every process
+            weights = list(engine_weights(model, self.dtype))  # a collective under FSDP2: every process
             if not self.shared or dist.is_main():
                 self._push_path(weights)
         if self.shared:
@@ -196,26 +219,28 @@ class VLLMServerEngine:
     def _push_nccl(self, model: torch.nn.Module) -> None:
         """GPU: vLLM's NCCL weight transfer from ONE sending process (UNTESTED here: no GPU).
 
-        Every process gathers the weights (a collective under FSDP2); only process 0 joins vLLM's NCCL
-        group, as its rank 0 (the sender), rendezvousing on an address the server's workers can reach.
+        Every process gathers the weights, one tensor at a time and in step (a collective under FSDP2);
+        only process 0 joins vLLM's NCCL group, as its rank 0 (the sender), rendezvousing on an address the
+        server's workers can reach, and streams each tensor in the server's dtype as it is gathered.
         """
         from vllm.distributed.weight_transfer.base import WeightSource
         from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
         from vllm.distributed.weight_transfer.nccl_engine import (NCCLTrainerInitInfo,
                                                                   NCCLTrainerWeightTransferEngine)
 
-        weights = engine_weights(model)  # every process, in step
         if self.shared and not dist.is_main():
+            for _ in engine_weights(model, self.dtype):  # the gathers process 0's send iterates, in step
+                pass
             return
         if self._nccl is None:
             world = int(self._get("/get_world_size").get("world_size", 1)) + 1  # the server's workers + us
-            self._source = _merged_source(WeightSource, weights)
+            self._source = _merged_source(WeightSource, model, self.dtype)
             address = rendezvous_address(self.url)
             self._nccl = NCCLTrainerWeightTransferEngine.trainer_init(
                 NCCLTrainerInitInfo(master_address=address, master_port=_free_port(address), world_size=world,
                                     rank=0),
-                client=HTTPVLLMWeightSyncClient(self.url, timeout=REQUEST_TIMEOUT_S), source=self._source)
-        self._source.weights = weights
+                client=HTTPVLLMWeightSyncClient(self.url, timeout=self.limits.timeout_s), source=self._source)
+        self._source.model = model
         self._nccl.send_weights()
         self._post("/reset_prefix_cache", None)
 
@@ -244,7 +269,7 @@ class VLLMServerEngine:
 
     def _request(self, request: urllib.request.Request) -> dict:
         try:
-            with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
+            with urllib.request.urlopen(request, timeout=self.limits.timeout_s) as response:
                 payload = response.read()
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:500]
@@ -252,6 +277,11 @@ class VLLMServerEngine:
                               f"{detail}") from None
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, TimeoutError) and (self.server is None or self.server.process.poll() is None):
+                raise ServerError(f"the vLLM server at {self.url} did not answer {request.full_url} within "
+                                  f"{self.limits.timeout_s:.0f} s; raise rollout.vllm_request_timeout_s (0 = "
+                                  f"{REQUEST_TIMEOUT_BASE_S:.0f} s + {REQUEST_TIMEOUT_PER_TOKEN_S} s per token of "
+                                  "rollout.max_new_tokens) or lower the batch or length") from None
             state = ""
             if self.server is not None and self.server.process.poll() is not None:
                 state = (f" (its process exited with code {self.server.process.returncode}; log "
@@ -276,20 +306,20 @@ def _completion(choice: dict) -> Completion:
     return Completion(tokens, [float(lp) for lp in choice["logprobs"]["token_logprobs"]])
 
 
-def _merged_source(base, weights: list[tuple[str, torch.Tensor]]):
-    """A vLLM ``WeightSource`` over this sync's :func:`engine_weights` (merged LoRA, vLLM's names, FSDP2
-    gathered by every process beforehand), replaced before each send."""
+def _merged_source(base, model: torch.nn.Module, dtype: torch.dtype | None):
+    """A vLLM ``WeightSource`` over :func:`engine_weights` (merged LoRA, vLLM's names, cast to ``dtype``): a
+    fresh stream per send, one tensor gathered and cast at a time; the metadata without gathering."""
     from vllm.distributed.weight_transfer.base import ParamMeta
 
     class MergedSource(base):
         def __init__(self) -> None:
-            self.weights = weights
+            self.model = model
 
         def metadata(self):
-            return [ParamMeta(name, t.dtype, tuple(t.shape)) for name, t in self.weights]
+            return [ParamMeta(name, t, shape) for name, t, shape in engine_weight_metadata(self.model, dtype)]
 
         def __iter__(self):
-            return iter(self.weights)
+            return engine_weights(self.model, dtype)
 
     return MergedSource()
 
