@@ -469,7 +469,7 @@ def table(path: Path) -> str:
                 f"| {key} | {v} | {r['s_per_batch']:.1f} | {r['sample_s']:.1f} | {r['after_sample_s']:.1f} | "
                 f"{r['gen_tokens']:.0f} | {r['e2e_tok_s']:.1f} | {ln['min']}/{ln['median']:.0f}/{ln['max']} | "
                 f"{'' if pad is None else f'{100 * pad:.0f}%'} | {r['peak_mb'] / 1024:.1f} | "
-                f"{'' if est is None else f'{est / 1024:.1f}'} | {r["precision"].removeprefix("precision: ")} | {r['limit_s']:.1f} | "
+                f"{'' if est is None else f'{est / 1024:.1f}'} | {r['precision'].removeprefix('precision: ')} | {r['limit_s']:.1f} | "
                 f"{100 * r['limit_share']:.0f}% |")
     return "\n".join(lines)
 
