@@ -11,9 +11,12 @@ the EOS logit is calibrated per budget B to a per-step EOS probability ``p = LEN
 embedding column k gets the constant ``EOS_COLUMN`` in every row, so every hidden state carries a
 consistent component h_k (and every logit the same shift, which cancels in the softmax); the EOS row's
 entry k then gets an extra ``delta``, which moves only the EOS logit, by ``h_k * delta``. ``delta`` is
-found by bisection so that the mean over calibration positions (4 arithmetic prompts followed by
-uniformly random tokens, which is what a random model samples) of ``sigmoid(logit_eos - logsumexp(other
-logits))`` equals p. Deterministic (seeded); the achieved lengths are recorded per variant.
+found by bisection so that the mean over calibration positions of ``sigmoid(logit_eos - logsumexp(other
+logits))`` equals p. The positions are the model's own samples: 4 arithmetic prompts continued by
+``model.generate`` (float32, temperature 1) for ``min(B, 256)`` tokens with EOS suppressed, so they follow
+the distribution a run samples up to its EOS whatever ``delta`` is (uniformly random tokens, tried
+first, calibrated the tiny shape but left 0.6B's EOS 3x too rare). Deterministic (seeded); the achieved
+lengths are recorded per variant.
 ``--fixed-length``: exactly B tokens on both sides (gspo ``rollout.ignore_eos=true``, TRL
 ``min_new_tokens``), as bench_vs_trl.py.
 
@@ -97,7 +100,7 @@ VARIANTS = (*GSPO_VARIANTS, *TRL_VARIANTS)
 LENGTH_HAZARD = 2.5  # per-step EOS probability x budget: mean length ~0.37 budget, e^-2.5 ~ 8% truncated
 EOS_COLUMN = 0.1  # the constant every embedding row gets in column EOS_DIM
 EOS_DIM = 0
-CALIBRATION_TOKENS = 256  # random continuation tokens per calibration prompt
+CALIBRATION_TOKENS = 256  # sampled continuation tokens per calibration prompt (at most the budget)
 COPY_BYTES = 2**30  # the bandwidth probe's tensor
 BYTES = {"float32": 4, "bfloat16": 2}
 
@@ -123,7 +126,7 @@ def build_model(shape: str, budget: int, directory: Path) -> dict:
     tokenizer = build_char_tokenizer()
     torch.manual_seed(harness.SEED)
     model = Qwen3ForCausalLM(model_config(shape, tokenizer)).eval()
-    calibration = calibrate_eos(model, tokenizer, LENGTH_HAZARD / budget)
+    calibration = calibrate_eos(model, tokenizer, LENGTH_HAZARD / budget, min(budget, CALIBRATION_TOKENS))
     calibration["budget"] = budget
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -131,7 +134,7 @@ def build_model(shape: str, budget: int, directory: Path) -> dict:
     return calibration
 
 
-def calibrate_eos(model, tokenizer, hazard: float) -> dict:
+def calibrate_eos(model, tokenizer, hazard: float, tokens: int) -> dict:
     """Set the EOS logit so that a sampled step ends with probability ``hazard`` on average (module docstring)."""
     import torch
 
@@ -141,13 +144,14 @@ def calibrate_eos(model, tokenizer, hazard: float) -> dict:
     eos = tokenizer.eos_token_id
     with torch.no_grad():
         emb[:, EOS_DIM] = EOS_COLUMN
-        generator = torch.Generator().manual_seed(harness.SEED)
+        torch.manual_seed(harness.SEED)  # generate() samples from the global generator
         rows = ArithmeticTask(seed=harness.SEED).train_rows(PROMPTS)
         margins, hk = [], []
         for row in rows:
             prompt = tokenizer(row["prompt"], return_tensors="pt").input_ids  # (1, P)
-            tail = torch.randint(0, emb.shape[0], (1, CALIBRATION_TOKENS), generator=generator)
-            ids = torch.cat([prompt, tail], dim=1)  # (1, P + C)
+            ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0,
+                                 top_k=0, top_p=1.0, max_new_tokens=tokens, min_new_tokens=tokens,
+                                 suppress_tokens=[eos], pad_token_id=tokenizer.pad_token_id)  # (1, P + C)
             h = model.model(input_ids=ids).last_hidden_state[0, prompt.shape[1] - 1:]  # (C + 1, H), after the norm
             logits = h @ emb.T  # (C + 1, V)
             base = logits[:, eos].clone()
