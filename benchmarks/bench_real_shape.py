@@ -33,7 +33,8 @@ samples ahead with the run's budget, so its warm-up is full length). Threads: al
 
 **Reported per variant:** seconds per rollout batch (median), sampling and everything after it, generated
 tokens and tokens/s, response lengths, padding share of the training forwards (gspo: padded cells of the
-(rows x columns) inputs of the forwards that take gradients), peak RSS (``ru_maxrss``), the precision
+(rows x columns) inputs of the forwards that take gradients), peak RSS (``ru_maxrss``; ``gspo-overlap``:
+plus its sampler process's, ``RUSAGE_CHILDREN``, the two peaks need not coincide), the precision
 chosen (gspo's start-line phrase), gspo's up-front memory estimate (:mod:`gspo.memory`) beside its
 measured peak, and the share of the machine's limit::
 
@@ -204,6 +205,7 @@ def gspo_overrides(args, variant: str) -> list[str]:
 def gspo_worker(args, channel: harness.Channel) -> None:
     """One rollout batch per command through :meth:`Trainer.train_step`; lengths, padding and the estimate too."""
     import dataclasses
+    import resource
 
     import torch
 
@@ -257,8 +259,10 @@ def gspo_worker(args, channel: harness.Channel) -> None:
         })
     run = memory.RunShape.from_config(config, precision, prompt_tokens=seen["prompt_tokens"] or 1)
     est = memory.estimate(memory.ModelShape.from_dir(args.model_dir), run)
-    trainer.close()
-    channel.send({"peak_mb": harness.peak_rss_mb(), "estimate_mb": est.total / 2**20, "estimate": est.describe()})
+    trainer.close()  # the pipeline's sampler process ends: its peak is then the children's
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux: KiB
+    channel.send({"peak_mb": harness.peak_rss_mb(), "children_peak_mb": children, "estimate_mb": est.total / 2**20,
+                  "estimate": est.describe()})
 
 
 def machine_probe(copy_bytes: int) -> dict:
@@ -387,6 +391,7 @@ def summarise(variant: str, run: dict, facts: dict, machine: dict, budget: int) 
     if not trl:
         out["padding_share"] = med("padding_share")
         out["estimate_mb"], out["estimate"] = final.get("estimate_mb"), final.get("estimate")
+        out["children_peak_mb"] = final.get("children_peak_mb", 0.0)  # the pipeline's sampler process
     return out
 
 
@@ -403,7 +408,7 @@ def run_case(args, shape: str, budget: int, tmp: Path, machine: dict) -> dict:
     for v in args.variants:
         message = refusal(args, v, model_dir, budget)
         if message and v not in GSPO_VARIANTS:
-            message = f"not run: gspo.memory's estimate of the same float32 run with checkpointing: {message}"
+            message = f"(TRL not run; the same float32 run with checkpointing in gspo) {message}"
         if message:
             refused[v] = message
             print(f"  {v}: refused by gspo.memory: {message}", flush=True)
@@ -464,14 +469,16 @@ def table(path: Path) -> str:
     for key, case in data["cases"].items():
         for v, r in case["variants"].items():
             if "s_per_batch" not in r:
-                lines.append(f"| {key} | {v} | {'refused' if 'refused' in r else 'failed'}: "
-                             f"{r.get('refused') or r.get('failed')} |" + " |" * 12)
+                why = f"refused by gspo.memory: {r['refused']}" if "refused" in r else f"failed: {r.get('failed')}"
+                lines.append(f"| {key} | {v} | {why} |" + " |" * 11)
                 continue
             ln, pad, est = r["lengths"], r.get("padding_share"), r.get("estimate_mb")
+            child = r.get("children_peak_mb", 0) / 1024
+            sampler = f" (+{child:.1f} sampler)" if child >= 0.1 else ""
             lines.append(
                 f"| {key} | {v} | {r['s_per_batch']:.1f} | {r['sample_s']:.1f} | {r['after_sample_s']:.1f} | "
                 f"{r['gen_tokens']:.0f} | {r['e2e_tok_s']:.1f} | {ln['min']}/{ln['median']:.0f}/{ln['max']} | "
-                f"{'' if pad is None else f'{100 * pad:.0f}%'} | {r['peak_mb'] / 1024:.1f} | "
+                f"{'' if pad is None else f'{100 * pad:.0f}%'} | {r['peak_mb'] / 1024:.1f}{sampler} | "
                 f"{'' if est is None else f'{est / 1024:.1f}'} | {r['precision'].removeprefix('precision: ')} | {r['limit_s']:.1f} | "
                 f"{100 * r['limit_share']:.0f}% |")
     return "\n".join(lines)
