@@ -14,9 +14,10 @@ entry k then gets an extra ``delta``, which moves only the EOS logit, by ``h_k *
 found by bisection so that the mean over calibration positions of ``sigmoid(logit_eos - logsumexp(other
 logits))`` equals p. The positions are the model's own samples: 4 arithmetic prompts continued by
 ``model.generate`` (float32, temperature 1) for ``min(B, 256)`` tokens with EOS suppressed, so they follow
-the distribution a run samples up to its EOS whatever ``delta`` is (uniformly random tokens, tried
-first, calibrated the tiny shape but left 0.6B's EOS 3x too rare). Deterministic (seeded); the achieved
-lengths are recorded per variant.
+the distribution a run samples up to its EOS whatever ``delta`` is (uniformly random tokens, tried first,
+calibrated the tiny shape but left 0.6B's EOS ~3x too rare); the mean hazard over the first and the last
+quarter of them is recorded (a drift along the response would show there). Deterministic (seeded); the
+achieved lengths are recorded per variant.
 ``--fixed-length``: exactly B tokens on both sides (gspo ``rollout.ignore_eos=true``, TRL
 ``min_new_tokens``), as bench_vs_trl.py.
 
@@ -147,7 +148,7 @@ def calibrate_eos(model, tokenizer, hazard: float, tokens: int) -> dict:
         emb[:, EOS_DIM] = EOS_COLUMN
         torch.manual_seed(harness.SEED)  # generate() samples from the global generator
         rows = ArithmeticTask(seed=harness.SEED).train_rows(PROMPTS)
-        margins, hk = [], []
+        margins, hk, step = [], [], []  # step: the position's index after the prompt
         for row in rows:
             prompt = tokenizer(row["prompt"], return_tensors="pt").input_ids  # (1, P)
             ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0,
@@ -159,7 +160,8 @@ def calibrate_eos(model, tokenizer, hazard: float, tokens: int) -> dict:
             logits[:, eos] = -math.inf
             margins.append(base - torch.logsumexp(logits, dim=-1))  # (C + 1,) log-odds of EOS before the shift
             hk.append(h[:, EOS_DIM])
-        margins, hk = torch.cat(margins).double(), torch.cat(hk).double()  # (M,)
+            step.append(torch.arange(h.shape[0]))
+        margins, hk, step = torch.cat(margins).double(), torch.cat(hk).double(), torch.cat(step)  # (M,)
 
         def mean_hazard(delta: float) -> float:
             return float(torch.sigmoid(margins + hk * delta).mean())
@@ -173,7 +175,10 @@ def calibrate_eos(model, tokenizer, hazard: float, tokens: int) -> dict:
             lo, hi = (mid, hi) if mean_hazard(mid) < hazard else (lo, mid)
         delta = (lo + hi) / 2
         emb[eos, EOS_DIM] += delta
-    return {"target_eos_per_step": hazard, "achieved_eos_per_step": mean_hazard(delta), "delta": delta,
+        hazards = torch.sigmoid(margins + hk * delta)
+        early, late = step < (tokens + 1) // 4, step >= 3 * (tokens + 1) // 4  # drift along the response
+    return {"eos_per_step_first_quarter": float(hazards[early].mean()),
+            "eos_per_step_last_quarter": float(hazards[late].mean()), "calibration_tokens": tokens,"target_eos_per_step": hazard, "achieved_eos_per_step": mean_hazard(delta), "delta": delta,
             "eos_dim": EOS_DIM, "eos_column": EOS_COLUMN, "h_k_median": float(hk.median()),
             "h_k_positive_frac": float((hk * sign > 0).double().mean()), "positions": int(hk.numel()),
             "expected_mean_length": (1 - (1 - hazard) ** round(LENGTH_HAZARD / hazard)) / hazard,
