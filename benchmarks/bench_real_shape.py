@@ -11,13 +11,14 @@ the EOS logit is calibrated per budget B to a per-step EOS probability ``p = LEN
 embedding column k gets the constant ``EOS_COLUMN`` in every row, so every hidden state carries a
 consistent component h_k (and every logit the same shift, which cancels in the softmax); the EOS row's
 entry k then gets an extra ``delta``, which moves only the EOS logit, by ``h_k * delta``. ``delta`` is
-found by bisection so that the mean over calibration positions of ``sigmoid(logit_eos - logsumexp(other
-logits))`` equals p. The positions are the model's own samples: 4 arithmetic prompts continued by
-``model.generate`` (float32, temperature 1) for ``min(B, 256)`` tokens with EOS suppressed, so they follow
-the distribution a run samples up to its EOS whatever ``delta`` is (uniformly random tokens, tried first,
-calibrated the tiny shape but left 0.6B's EOS ~3x too rare); the mean hazard over the first and the last
-quarter of them is recorded (a drift along the response would show there). Deterministic (seeded); the
-achieved lengths are recorded per variant.
+found by bisection so that the expected length ``E[min(L, B)]`` of 16 calibration rows equals the
+geometric law's. The rows are the model's own samples (4 arithmetic prompts x 4, ``model.generate``,
+float32, temperature 1, ``min(B, 256)`` tokens, EOS suppressed: the distribution a run samples up to its
+EOS, whatever ``delta`` is); a row's survival is the product of its per-step EOS probabilities
+``sigmoid(logit_eos - logsumexp(other logits))``, continued past the calibrated tokens at its mean rate.
+Matching the mean per-step probability instead (tried first, on uniformly random tokens and then on
+samples) left most 0.6B responses at the budget: the probability varies across rows and positions, and
+its mean is carried by a few. Deterministic (seeded); the achieved lengths are recorded per variant.
 ``--fixed-length``: exactly B tokens on both sides (gspo ``rollout.ignore_eos=true``, TRL
 ``min_new_tokens``), as bench_vs_trl.py.
 
@@ -100,7 +101,7 @@ GSPO_VARIANTS = {
 TRL_VARIANTS = ("trl-fp32", "trl-bf16")  # bench_vs_trl.TRL_VARIANTS
 VARIANTS = (*GSPO_VARIANTS, *TRL_VARIANTS)
 LENGTH_HAZARD = 2.5  # per-step EOS probability x budget: mean length ~0.37 budget, e^-2.5 ~ 8% truncated
-EOS_COLUMN = 0.1  # the constant every embedding row gets in column EOS_DIM
+EOS_COLUMN = 1.0  # the constant every embedding row gets in column EOS_DIM (dominant: a steady h_k)
 EOS_DIM = 0
 CALIBRATION_TOKENS = 256  # sampled continuation tokens per calibration prompt (at most the budget)
 COPY_BYTES = 2**30  # the bandwidth probe's tensor
@@ -137,52 +138,59 @@ def build_model(shape: str, budget: int, directory: Path) -> dict:
 
 
 def calibrate_eos(model, tokenizer, hazard: float, tokens: int) -> dict:
-    """Set the EOS logit so that a sampled step ends with probability ``hazard`` on average (module docstring)."""
+    """Set the EOS logit so that the expected response length is that of a per-step EOS probability
+    ``hazard`` (module docstring); ``tokens``: calibration positions per sampled row."""
     import torch
 
     from gspo.tasks.arithmetic import ArithmeticTask
 
     emb = model.get_input_embeddings().weight  # (V, H), tied with the LM head
-    eos = tokenizer.eos_token_id
+    eos, budget = tokenizer.eos_token_id, round(LENGTH_HAZARD / hazard)
     with torch.no_grad():
         emb[:, EOS_DIM] = EOS_COLUMN
         torch.manual_seed(harness.SEED)  # generate() samples from the global generator
-        rows = ArithmeticTask(seed=harness.SEED).train_rows(PROMPTS)
-        margins, hk, step = [], [], []  # step: the position's index after the prompt
-        for row in rows:
-            prompt = tokenizer(row["prompt"], return_tensors="pt").input_ids  # (1, P)
+        margins, hk = [], []
+        for row in ArithmeticTask(seed=harness.SEED).train_rows(PROMPTS):
+            prompt = tokenizer(row["prompt"], return_tensors="pt").input_ids.repeat(GROUP, 1)  # (G, P)
             ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0,
                                  top_k=0, top_p=1.0, max_new_tokens=tokens, min_new_tokens=tokens,
-                                 suppress_tokens=[eos], pad_token_id=tokenizer.pad_token_id)  # (1, P + C)
-            h = model.model(input_ids=ids).last_hidden_state[0, prompt.shape[1] - 1:]  # (C + 1, H), after the norm
-            logits = h @ emb.T  # (C + 1, V)
-            base = logits[:, eos].clone()
-            logits[:, eos] = -math.inf
-            margins.append(base - torch.logsumexp(logits, dim=-1))  # (C + 1,) log-odds of EOS before the shift
-            hk.append(h[:, EOS_DIM])
-            step.append(torch.arange(h.shape[0]))
-        margins, hk, step = torch.cat(margins).double(), torch.cat(hk).double(), torch.cat(step)  # (M,)
+                                 suppress_tokens=[eos], pad_token_id=tokenizer.pad_token_id)  # (G, P + C)
+            h = model.model(input_ids=ids).last_hidden_state[:, prompt.shape[1] - 1:-1]  # (G, C, H): after the norm
+            logits = h @ emb.T  # (G, C, V): position t predicts response token t
+            base = logits[..., eos].clone()
+            logits[..., eos] = -math.inf
+            margins.append(base - torch.logsumexp(logits, dim=-1))  # (G, C) log-odds of EOS before the shift
+            hk.append(h[..., EOS_DIM])
+        margins, hk = torch.cat(margins).double(), torch.cat(hk).double()  # (R, C), R = PROMPTS x GROUP
 
-        def mean_hazard(delta: float) -> float:
-            return float(torch.sigmoid(margins + hk * delta).mean())
+        def lengths(delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+            """(R,) expected min(length, budget) and (R,) probability of reaching the budget, per sampled row:
+            its own hazards for the first C steps, then geometric at its mean rate over them."""
+            q = torch.sigmoid(margins + hk * delta)  # (R, C) hazard of each step
+            survive = torch.cumprod(1 - q, dim=1)  # (R, C): P(length > t + 1)
+            head = 1 + survive[:, :-1].sum(1)  # sum of P(length > t) for t < C
+            rate = 1 - torch.exp(torch.log1p(-q).mean(1)).clamp(max=1 - 1e-12)  # (R,)
+            rest = budget - q.shape[1]
+            tail = survive[:, -1] * (1 - (1 - rate) ** rest) / rate.clamp(min=1e-12)
+            return head + tail, survive[:, -1] * (1 - rate) ** rest
 
-        sign = 1.0 if float(hk.median()) > 0 else -1.0
-        lo, hi = 0.0, sign
-        while mean_hazard(hi) < hazard:
+        target = (1 - (1 - hazard) ** budget) / hazard  # E[min(L, B)] of the geometric law
+        lo, hi = 0.0, 1.0 if float(hk.median()) > 0 else -1.0
+        while float(lengths(hi)[0].mean()) > target:
             hi *= 2
-        for _ in range(80):  # bisection on the monotone mean hazard
+        for _ in range(80):  # bisection: the expected length falls as the EOS logit rises
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if mean_hazard(mid) < hazard else (lo, mid)
+            lo, hi = (mid, hi) if float(lengths(mid)[0].mean()) > target else (lo, mid)
         delta = (lo + hi) / 2
         emb[eos, EOS_DIM] += delta
-        hazards = torch.sigmoid(margins + hk * delta)
-        early, late = step < (tokens + 1) // 4, step >= 3 * (tokens + 1) // 4  # drift along the response
-    return {"eos_per_step_first_quarter": float(hazards[early].mean()),
-            "eos_per_step_last_quarter": float(hazards[late].mean()), "calibration_tokens": tokens,"target_eos_per_step": hazard, "achieved_eos_per_step": mean_hazard(delta), "delta": delta,
-            "eos_dim": EOS_DIM, "eos_column": EOS_COLUMN, "h_k_median": float(hk.median()),
-            "h_k_positive_frac": float((hk * sign > 0).double().mean()), "positions": int(hk.numel()),
-            "expected_mean_length": (1 - (1 - hazard) ** round(LENGTH_HAZARD / hazard)) / hazard,
-            "expected_truncated_frac": (1 - hazard) ** round(LENGTH_HAZARD / hazard)}
+        expected, full = lengths(delta)
+        q = torch.sigmoid(margins + hk * delta)
+    return {"eos_per_step_geometric": hazard, "target_mean_length": target,
+            "expected_mean_length": float(expected.mean()), "expected_truncated_frac": float(full.mean()),
+            "row_expected_lengths": [round(float(x), 1) for x in expected], "delta": delta,
+            "mean_eos_per_step": float(q.mean()), "eos_dim": EOS_DIM, "eos_column": EOS_COLUMN,
+            "h_k_median": float(hk.median()), "h_k_same_sign_frac": float((hk * hi > 0).double().mean()),
+            "calibration_rows": int(hk.shape[0]), "calibration_tokens": tokens}
 
 
 def shape_facts(shape: str) -> dict:
@@ -396,7 +404,8 @@ def summarise(variant: str, run: dict, facts: dict, machine: dict, budget: int) 
     if not trl:
         out["padding_share"] = med("padding_share")
         out["estimate_mb"], out["estimate"] = final.get("estimate_mb"), final.get("estimate")
-        out["children_peak_mb"] = final.get("children_peak_mb", 0.0)  # the pipeline's sampler process
+        if variant == "gspo-overlap":  # its sampler process (a child of the worker)
+            out["children_peak_mb"] = final.get("children_peak_mb", 0.0)
     return out
 
 

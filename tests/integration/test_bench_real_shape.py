@@ -41,8 +41,8 @@ def test_tiny_gspo_batch_end_to_end(tmp_path):
     assert gspo["precision"].startswith("precision: float32")  # < 50M parameters
     assert gspo["limit_s"] > 0
     cal = case["calibration"]
-    assert cal["achieved_eos_per_step"] == pytest.approx(cal["target_eos_per_step"], rel=1e-3)
-    assert cal["h_k_positive_frac"] > 0.95  # the EOS shift moves every position's logit the same way
+    assert cal["expected_mean_length"] == pytest.approx(cal["target_mean_length"], rel=1e-3)
+    assert cal["h_k_same_sign_frac"] > 0.95  # the EOS shift moves every position's logit the same way
     assert "| uneven-8 | gspo |" in result["table"] and result["data"]["machine"]["bandwidth_gb_s"] > 0
 
 
