@@ -53,7 +53,8 @@ with W = N = the matmul parameters (every linear layer plus the tied LM head), s
 width; ``bandwidth`` the best GB/s of a 1 GiB tensor copy (read + write) and ``gemm_peak`` the float32 /
 bfloat16 GEMM peaks of bench_vs_trl.py, measured once per invocation with all cores.
 
-**1.7B:** gspo.memory is asked first (the trainer's own check); a refused variant records the refusal
+**Memory first (1.7B):** gspo.memory is asked before any weights exist (the trainer's own check; TRL variants
+as the same float32 run with checkpointing); a refused variant records the refusal
 message and does not run (float32 master weights + AdamW for 1.7B are ~27 GB).
 
     PYTHONPATH=src python benchmarks/bench_real_shape.py --shape 0.6b --new-tokens 128 --fixed-length \\
