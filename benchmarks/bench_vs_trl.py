@@ -83,7 +83,8 @@ GSPO_VARIANTS = {
 # TRL variants: GRPOConfig fields on top of the shared workload. TRL's GRPOConfig turns gradient
 # checkpointing on by default (recompute activations in the backward: less memory, one more forward).
 TRL_VARIANTS = {"trl-fp32": {"gradient_checkpointing": True}, "trl-fp32-nogc": {"gradient_checkpointing": False},
-                "trl-fp32-1t": {"gradient_checkpointing": True}}
+                "trl-fp32-1t": {"gradient_checkpointing": True},
+                "trl-bf16": {"gradient_checkpointing": True, "bf16": True}}  # bf16 autocast, fp32 master
 VARIANT_THREADS = {"gspo-fp32-1t": 1, "trl-fp32-1t": 1}  # others use --threads
 VARIANTS = ("gspo-fp32", "gspo-fp32-recompute", "gspo-fp32-hf", "gspo-fp32-lean", "trl-fp32", "trl-fp32-nogc")
 GEMM_SIZE = 1024  # square matmul for the peak measurement
@@ -160,7 +161,11 @@ def gspo_worker(args, channel: Channel) -> None:
 
 
 def trl_worker(args, channel: Channel) -> None:
-    """Run ``GRPOTrainer.train()``, pausing in a callback after every rollout batch's 4 optimizer steps."""
+    """Run ``GRPOTrainer.train()``, pausing in a callback after every rollout batch's 4 optimizer steps.
+
+    The workload is this script's constants unless ``args`` names it (``prompts``, ``group_size``,
+    ``new_tokens``; benchmarks/bench_real_shape.py does); ``args.warmup_tokens`` (if set) makes the warm-up
+    batches that short (generation_config changed between batches, restored for the measured ones)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -171,26 +176,33 @@ def trl_worker(args, channel: Channel) -> None:
     def exact_answer(prompts, completions, answer, **_):
         return [exact_answer_reward(p, c, answer=a) for p, c, a in zip(prompts, completions, answer)]
 
+    prompts, group = getattr(args, "prompts", PROMPTS_PER_BATCH), getattr(args, "group_size", GROUP_SIZE)
+    new_tokens, warmup_tokens = getattr(args, "new_tokens", NEW_TOKENS), getattr(args, "warmup_tokens", 0)
     batches = args.rounds + args.warmup + 2
-    rows = ArithmeticTask(seed=SEED).train_rows(PROMPTS_PER_BATCH * batches)  # gspo reads the same stream
+    rows = ArithmeticTask(seed=SEED).train_rows(prompts * batches)  # gspo reads the same stream
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-bench-"), report_to="none", save_strategy="no",
-        disable_tqdm=True, logging_steps=MINIBATCHES, use_cpu=True, bf16=False, seed=SEED,
-        per_device_train_batch_size=PROMPTS_PER_BATCH * GROUP_SIZE // MINIBATCHES, gradient_accumulation_steps=1,
-        steps_per_generation=MINIBATCHES, num_generations=GROUP_SIZE, num_iterations=1,
-        max_completion_length=NEW_TOKENS, temperature=1.0, top_p=1.0, top_k=0,
-        generation_kwargs={"min_new_tokens": NEW_TOKENS} if args.fixed_length else None,
+        disable_tqdm=True, logging_steps=MINIBATCHES, use_cpu=True, seed=SEED,
+        per_device_train_batch_size=prompts * group // MINIBATCHES, gradient_accumulation_steps=1,
+        steps_per_generation=MINIBATCHES, num_generations=group, num_iterations=1,
+        max_completion_length=new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+        generation_kwargs={"min_new_tokens": new_tokens} if args.fixed_length else None,
         importance_sampling_level="sequence", loss_type="grpo", epsilon=3e-4, epsilon_high=4e-4, beta=0.0,
         scale_rewards="group", learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, max_steps=MINIBATCHES * batches, shuffle_dataset=False, use_vllm=False,
-        **TRL_VARIANTS[args.variant],
+        **{"bf16": False, **TRL_VARIANTS[args.variant]},
     )
     trainer = GRPOTrainer(model=model, reward_funcs=[exact_answer], args=config,
                           train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     timers = {"generate": 0.0, "generate_and_score": 0.0}
-    tokens = {"gen": 0, "seq": 0}
+    tokens = {"gen": 0, "seq": 0, "lengths": []}
+
+    def generate_tokens(n: int) -> None:  # this many new tokens from the next batch on
+        fixed = {"min_new_tokens": n} if args.fixed_length else {}
+        trainer.generation_kwargs.update(max_new_tokens=n, **fixed)  # what TRL passes to generate()
+        trainer.generation_config.update(max_new_tokens=n, **fixed)
 
     def timed(name, fn):
         def wrapper(*a, **kw):
@@ -200,6 +212,7 @@ def trl_worker(args, channel: Channel) -> None:
             if name == "generate_and_score":  # real tokens of the batch, as TRL masks them
                 tokens["gen"] += int(out["completion_mask"].sum())
                 tokens["seq"] += int(out["completion_mask"].sum() + out["prompt_mask"].sum())
+                tokens["lengths"] += out["completion_mask"].sum(1).tolist()
             return out
         return wrapper
 
@@ -209,7 +222,7 @@ def trl_worker(args, channel: Channel) -> None:
 
     def start_round():
         timers.update(generate=0.0, generate_and_score=0.0)
-        tokens.update(gen=0, seq=0)
+        tokens.update(gen=0, seq=0, lengths=[])
         clock["wall"], clock["cpu"] = time.perf_counter(), time.process_time()
 
     class Pause(TrainerCallback):
@@ -220,10 +233,13 @@ def trl_worker(args, channel: Channel) -> None:
             channel.send({
                 "wall_s": wall, "cpu_s": cpu, "peak_mb": peak_rss_mb(), "rss_mb": rss_mb(),
                 "gen_tokens": tokens["gen"], "seq_tokens": tokens["seq"], "sample_s": timers["generate"],
+                "lengths": tokens["lengths"],
                 "phases": {"generate_s": timers["generate"],
                            "score_and_logprobs_s": timers["generate_and_score"] - timers["generate"],
                            "update_s": wall - timers["generate_and_score"]},
             })
+            if state.global_step // MINIBATCHES == args.warmup and warmup_tokens:
+                generate_tokens(new_tokens)  # the measured batches: full length
             if channel.receive() == "step":
                 start_round()
             else:
@@ -231,29 +247,38 @@ def trl_worker(args, channel: Channel) -> None:
 
     trainer.add_callback(Pause())
     channel.send({"ready": True, "rss_mb": rss_mb(), "peak_mb": peak_rss_mb(), "threads": torch.get_num_threads()})
+    if args.warmup and warmup_tokens:
+        generate_tokens(warmup_tokens)
     if channel.receive() == "step":
         start_round()
         trainer.train()
     channel.send({"peak_mb": peak_rss_mb()})
 
 
+def gemm_gflops(size: int = GEMM_SIZE, repeats: int = GEMM_REPEATS) -> dict[str, float]:
+    """Best-of-``repeats`` GFLOP/s of a square float32 and bfloat16 matmul on this process's threads."""
+    import torch
+
+    result = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a @ b  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+        result[name] = 2 * size**3 / best / 1e9
+    return result
+
+
 def gemm_worker(args, channel: Channel) -> None:
-    """Best-of-``GEMM_REPEATS`` GFLOP/s of a square float32 and bfloat16 matmul, once per command."""
+    """:func:`gemm_gflops`, once per command."""
     import torch
 
     channel.send({"ready": True, "rss_mb": rss_mb(), "peak_mb": peak_rss_mb(), "threads": torch.get_num_threads()})
     while channel.receive() == "step":
-        result = {}
-        for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-            a, b = torch.randn(GEMM_SIZE, GEMM_SIZE, dtype=dtype), torch.randn(GEMM_SIZE, GEMM_SIZE, dtype=dtype)
-            a @ b  # warm-up
-            best = float("inf")
-            for _ in range(GEMM_REPEATS):
-                start = time.perf_counter()
-                a @ b
-                best = min(best, time.perf_counter() - start)
-            result[name] = 2 * GEMM_SIZE**3 / best / 1e9
-        channel.send({"gflops": result, "peak_mb": peak_rss_mb()})
+        channel.send({"gflops": gemm_gflops(), "peak_mb": peak_rss_mb()})
     channel.send({"peak_mb": peak_rss_mb()})
 
 
@@ -270,15 +295,19 @@ def worker_main(args) -> None:
 # Parent side: build the models, start the workers, interleave the rounds, summarise.
 # ---------------------------------------------------------------------------------------------------
 class Worker:
-    def __init__(self, variant: str, model_dir: str, args, log_dir: Path) -> None:
+    """One variant's worker process: ``script --worker VARIANT ...`` (this script unless named), plus ``extra`` arguments."""
+
+    def __init__(self, variant: str, model_dir: str, args, log_dir: Path, *, script: str = __file__,
+                 extra: tuple[str, ...] = (), python: str = sys.executable, env: dict | None = None) -> None:
         self.variant = variant
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+        env = env or {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
                "OMP_WAIT_POLICY": args.omp_wait_policy,
                "OMP_NUM_THREADS": str(VARIANT_THREADS.get(variant, args.threads)),
                "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
         self.log = open(log_dir / f"{variant}.log", "w")
-        cmd = [sys.executable, __file__, "--worker", variant, "--model-dir", model_dir, "--threads", str(args.threads),
+        cmd = [python, script, "--worker", variant, "--model-dir", model_dir, "--threads", str(args.threads),
                "--rounds", str(args.rounds), "--warmup", str(args.warmup)] + (["--fixed-length"] * args.fixed_length)
+        cmd += list(extra)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      env=env)
         self.ready = self.read()
