@@ -49,6 +49,7 @@ def _load_worker(rank: int, world: int, port: int, overrides: list[str], out: st
             "reference_sharded": dist.is_sharded(reference),
             "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
             "tied": model.lm_head.weight is model.model.embed_tokens.weight,
+            "ties": bool(model.config.tie_word_embeddings),
             "engine": {n: p.detach().clone() for n, p in parts.engine.model.named_parameters()},
         }
         torch.save(facts, f"{out}.{rank}")
@@ -62,16 +63,20 @@ def fsdp_overrides(tiny_overrides) -> list[str]:
         "rollout.prompts_per_step=4", "distributed.strategy=fsdp", "loss.beta=0.1"]
 
 
-def test_shards_are_the_checkpoints_slices_read_by_rank0_alone(tmp_path, fsdp_overrides, tiny_model_dir):
+@pytest.mark.parametrize("model_dir", ["tiny_model_dir", "tiny_moe_dir"])
+def test_shards_are_the_checkpoints_slices_read_by_rank0_alone(tmp_path, fsdp_overrides, model_dir, request):
     from transformers import AutoModelForCausalLM
 
-    _start(_load_worker, 2, fsdp_overrides, str(tmp_path / "facts"), list(sys.path))
-    whole = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    path = request.getfixturevalue(model_dir)  # dense (tied embeddings) and MoE (fused expert tensors)
+    overrides = [o for o in fsdp_overrides if not o.startswith("model=")] + [f"model={path}"]
+    _start(_load_worker, 2, overrides, str(tmp_path / "facts"), list(sys.path))
+    whole = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     state, buffers = whole.state_dict(), dict(whole.named_buffers())
     for rank in range(2):
         facts = torch.load(f"{tmp_path / 'facts'}.{rank}", weights_only=True)
         assert facts["reads"] == (1 if rank == 0 else 0), "only rank 0 reads the weights"
-        assert facts["tied"] and "lm_head.weight" not in facts["shards"]  # one parameter, listed once
+        assert facts["tied"] == facts["ties"]
+        assert ("lm_head.weight" in facts["shards"]) != facts["ties"]  # a tied weight is one parameter, listed once
         for name, shard in facts["shards"].items():
             expected = torch.chunk(state[name], 2, dim=0)[rank]  # FSDP2: Shard(0), torch.chunk's cut
             assert torch.equal(shard, expected), name

@@ -26,7 +26,8 @@ from gspo.errors import ConfigError
 from gspo.evaluate import Evaluator
 from gspo.logprobs import token_logprobs
 from gspo.logprobs_support import token_logprobs_on_support, truncation_support
-from gspo.models.load import build_on_meta, load_model, load_tokenizer, pick_device, prepare_tokenizer, resolve_model_path
+from gspo.models.load import (build_on_meta, load_model, load_tokenizer, pick_device, prepare_tokenizer,
+                              resolve_model_path)
 from gspo.models.lora import apply_lora
 from gspo.precision import DTYPES, PrecisionPolicy, resolve_precision
 from gspo.rollout.base import RolloutEngine, SamplingParams
@@ -36,7 +37,8 @@ from gspo.tasks.registry import build_task
 from gspo.tasks.render import PromptRenderer
 from gspo.tasks.rewards import WeightedReward, resolve_rewards
 from gspo.trainer.collect import Collector
-from gspo.trainer.fsdp_load import load_from_rank0, loads_on_meta, materialize_engine_copy, shard_reference
+from gspo.trainer.fsdp_load import (call_reference, load_from_rank0, loads_on_meta, materialize_engine_copy,
+                                    shard_reference)
 from gspo.trainer.logging import MetricsLogger
 from gspo.trainer.old_logprobs import OldLogprobs, has_dropout, plan_old_logprobs
 from gspo.trainer.optim import build_optimizer, build_scheduler
@@ -330,27 +332,16 @@ def _reference_fn(parts: Components, temperature: float):
     r = parts.config.rollout
     if not (r.top_k > 0 or r.top_p < 1.0):
         with reference_policy(parts) as reference:
-            yield lambda ids, attn, num_t: _on_reference(parts, reference, token_logprobs, ids, attn, num_t,
-                                                         temperature=temperature)
+            yield lambda ids, attn, num_t: call_reference(parts.reference_root, reference, token_logprobs, ids, attn,
+                                                           num_t, temperature=temperature)
         return
 
     def on_support(ids, attn, num_t):
         support = truncation_support(parts.model, ids, attn, num_t, temperature=temperature,
                                      top_k=r.top_k, top_p=r.top_p)
         with reference_policy(parts) as reference:
-            return _on_reference(parts, reference, token_logprobs_on_support, ids, attn, num_t, support)
+            return call_reference(parts.reference_root, reference, token_logprobs_on_support, ids, attn, num_t, support)
     yield on_support
-
-
-def _on_reference(parts: Components, reference: torch.nn.Module, fn, *args, **kwargs):
-    """``fn(reference, *args)``; a sharded reference runs it through its FSDP2 root, which gathers the
-    root's parameters (embeddings, head) around the call and frees them after (no backward follows)."""
-    root = parts.reference_root
-    if root is None:
-        return fn(reference, *args, **kwargs)
-    out = root(fn, *args, **kwargs)
-    root.reshard()
-    return out
 
 
 def build_engine(config: Config, model: torch.nn.Module, tokenizer, path, *, separate_copy: bool = False,

@@ -36,6 +36,16 @@ def shard_reference(reference: torch.nn.Module, param_dtype: torch.dtype | None)
     return dist.shard_for_training(ModelCall(reference), param_dtype=param_dtype)
 
 
+def call_reference(root: torch.nn.Module | None, reference: torch.nn.Module, fn, *args, **kwargs):
+    """``fn(reference, *args)``; a sharded reference runs it through its FSDP2 root (:func:`shard_reference`),
+    which gathers the root's parameters (embeddings, head) around the call and frees them after (no backward)."""
+    if root is None:
+        return fn(reference, *args, **kwargs)
+    out = root(fn, *args, **kwargs)
+    root.reshard()
+    return out
+
+
 def load_from_rank0(path: Path, device: torch.device, targets: list[tuple[torch.nn.Module, torch.nn.Module]]) -> None:
     """Allocate the shards of each meta-device ``(fsdp_root, model)`` and fill them from rank 0's read of ``path``.
 
