@@ -305,20 +305,6 @@ def broadcast_buffers(module: torch.nn.Module, buffers: dict[str, torch.Tensor])
             dist.broadcast(buffer, src=0)
 
 
-@torch.no_grad()
-def copy_local_shards(source: torch.nn.Module, target: torch.nn.Module) -> None:
-    """Copy ``source``'s parameters into ``target``'s, both sharded alike by FSDP2: shard to shard, no
-    communication (FSDP2 cuts every parameter along dim 0 the same way, whatever unit holds it)."""
-    targets = dict(target.named_parameters())
-    for name, param in source.named_parameters():
-        _local(targets[name]).copy_(_local(param))
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a DTensor (a view of its storage); a plain tensor itself."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
 def full_model_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """``module``'s whole state dict on rank 0's CPU (``{}`` elsewhere); a collective under FSDP2."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

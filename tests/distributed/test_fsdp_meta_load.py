@@ -3,7 +3,7 @@
 After ``Trainer.from_config`` every process's local shards are its slices of the checkpoint, tied weights
 are one parameter, the non-persistent rotary buffers equal a normally loaded model's, only rank 0 called
 ``from_pretrained``, and the KL reference is sharded the same way. A 2-process run with ``loss.beta > 0``
-(the sharded reference in the loss) equals one process.
+equals one process, with the sharded reference and with a refreshed (whole) one.
 """
 
 from __future__ import annotations
@@ -72,9 +72,9 @@ def test_shards_are_the_checkpoints_slices_read_by_rank0_alone(tmp_path, fsdp_ov
     _start(_load_worker, 2, overrides, str(tmp_path / "facts"), list(sys.path))
     whole = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     state, buffers = whole.state_dict(), dict(whole.named_buffers())
-    for rank in range(2):
-        facts = torch.load(f"{tmp_path / 'facts'}.{rank}", weights_only=True)
-        assert facts["reads"] == (1 if rank == 0 else 0), "only rank 0 reads the weights"
+    every = [torch.load(f"{tmp_path / 'facts'}.{rank}", weights_only=True) for rank in range(2)]
+    assert [facts["reads"] for facts in every] == [1, 0], "rank 0 alone reads the weights (from_pretrained)"
+    for rank, facts in enumerate(every):
         assert facts["tied"] == facts["ties"]
         assert ("lm_head.weight" in facts["shards"]) != facts["ties"]  # a tied weight is one parameter, listed once
         for name, shard in facts["shards"].items():
@@ -89,10 +89,13 @@ def test_shards_are_the_checkpoints_slices_read_by_rank0_alone(tmp_path, fsdp_ov
             assert torch.equal(tensor, state[name].to(tensor.dtype)), name
 
 
-def test_sharded_kl_reference_two_processes_match_one(tmp_path, fsdp_overrides):
-    _spawn(2, fsdp_overrides, tmp_path / "fsdp.pt")
+@pytest.mark.parametrize("refresh", [0, 1])
+def test_kl_reference_two_processes_match_one(tmp_path, fsdp_overrides, refresh):
+    # refresh=0: the sharded reference; 1: loss.ref_refresh_steps keeps it whole, filled from rank 0's read
+    overrides = [*fsdp_overrides, f"loss.ref_refresh_steps={refresh}"]
+    _spawn(2, overrides, tmp_path / "fsdp.pt")
     fsdp = torch.load(tmp_path / "fsdp.pt", weights_only=True)
-    one_params, one_metrics = _single([o for o in fsdp_overrides if o != "distributed.strategy=fsdp"])
+    one_params, one_metrics = _single([o for o in overrides if o != "distributed.strategy=fsdp"])
     for name, tensor in one_params.items():
         torch.testing.assert_close(fsdp["params"][name], tensor, rtol=0, atol=1e-5, msg=name)
     for a, b in zip(fsdp["metrics"], one_metrics):  # the KL term is computed against the sharded reference

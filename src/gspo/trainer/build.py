@@ -81,9 +81,7 @@ class Components:
 
     def refresh_reference(self) -> None:
         """The KL reference becomes a frozen copy of the current policy (``loss.ref_refresh_steps``)."""
-        if self.reference_root is not None:  # sharded like the policy: shard to shard
-            dist.copy_local_shards(self.model, self.reference)
-        elif self.sharded:  # a whole reference: the shards are gathered into it one tensor at a time
+        if self.sharded:  # the reference stays whole: the shards are gathered into it one tensor at a time
             dist.copy_full_weights(self.model, self.reference)
         else:
             self.reference = frozen_copy(self.model)
@@ -144,6 +142,7 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     if config.loss.beta > 0:  # LoRA: the policy itself, run with its adapter disabled (see reference_policy)
         reference = model if config.lora.rank else frozen_copy(model)  # before FSDP2 shards ``model``
     policy = dist.wrap_for_training(policy, config.distributed.strategy, param_dtype=_fsdp_param_dtype(precision))
+    # sharded like the policy, unless refreshed: checkpoints save a refreshed reference whole
     if sharded and reference is not None and reference is not model and not config.loss.ref_refresh_steps:
         reference_root = shard_reference(reference, _fsdp_param_dtype(precision))  # docs/distributed.md
     if on_meta:  # every process allocates its shards; rank 0 alone reads the weights (gspo.trainer.fsdp_load)
