@@ -9,6 +9,7 @@ equals one process, with the sharded reference and with a refreshed (whole) one.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 import pytest
@@ -63,11 +64,22 @@ def fsdp_overrides(tiny_overrides) -> list[str]:
         "rollout.prompts_per_step=4", "distributed.strategy=fsdp", "loss.beta=0.1"]
 
 
-@pytest.mark.parametrize("model_dir", ["tiny_model_dir", "tiny_moe_dir"])
+@pytest.fixture(scope="module")
+def tiny_bf16_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model saved in bfloat16: rank 0 reads it as stored, the float32 shards widen it."""
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-bf16")
+    shutil.copytree(tiny_model_dir, path, dirs_exist_ok=True)  # the tokenizer; the weights are replaced
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("model_dir", ["tiny_model_dir", "tiny_moe_dir", "tiny_bf16_dir"])
 def test_shards_are_the_checkpoints_slices_read_by_rank0_alone(tmp_path, fsdp_overrides, model_dir, request):
     from transformers import AutoModelForCausalLM
 
-    path = request.getfixturevalue(model_dir)  # dense (tied embeddings) and MoE (fused expert tensors)
+    path = request.getfixturevalue(model_dir)  # dense (tied embeddings), MoE (fused expert tensors), bf16 files
     overrides = [o for o in fsdp_overrides if not o.startswith("model=")] + [f"model={path}"]
     _start(_load_worker, 2, overrides, str(tmp_path / "facts"), list(sys.path))
     whole = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

@@ -85,8 +85,9 @@ def prepare_tokenizer(tokenizer, *, where: str = "the tokenizer"):
     return tokenizer
 
 
-def load_model(path: Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """A causal LM from ``path``; a clear error if the directory holds another kind of model."""
+def load_model(path: Path, *, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"):
+    """A causal LM from ``path``; a clear error if the directory holds another kind of model.
+    ``dtype="auto"``: the dtype the weights are stored in."""
     from transformers import AutoModelForCausalLM
 
     if (Path(path) / "adapter_config.json").exists():  # LoRA adapter: its base with the adapter merged in

@@ -51,12 +51,13 @@ def load_from_rank0(path: Path, device: torch.device, targets: list[tuple[torch.
 
     ``fsdp_root`` may be ``model`` itself, unsharded: it is then allocated whole on every process (the KL
     reference of ``loss.ref_refresh_steps > 0``, which checkpoints save whole). Rank 0 holds the whole
-    float32 weights in host memory once, for every target together; the other processes hold only their
-    shards. A collective.
+    weights in host memory once, for every target together; the other processes hold only their shards.
+    A collective.
     """
     state, buffers = {}, {}
-    if dist.is_main():
-        whole = load_model(path, dtype=torch.float32, device="cpu")
+    if dist.is_main():  # in the checkpoint's own dtype: a bf16 checkpoint takes half the host memory, and
+        # its values widen into the float32 shards exactly as a float32 load would widen them
+        whole = load_model(path, dtype="auto", device="cpu")
         state, buffers = whole.state_dict(), dict(whole.named_buffers())
         del whole
     for root, model in targets:
