@@ -285,7 +285,8 @@ def materialize_shards(root: torch.nn.Module, module: torch.nn.Module, device: t
     """Give the meta-device ``module``, sharded under the FSDP2 root ``root``, real storage and rank 0's weights.
 
     Every process allocates only its shards (``to_empty`` on the root, which re-registers FSDP2's
-    sharded parameters; tied weights stay one parameter), then :func:`load_full_model_state` scatters
+    sharded parameters; tied weights stay one parameter there, while a whole ``root is module`` needs
+    its ties made again), then :func:`load_full_model_state` scatters
     rank 0's ``state`` and :func:`broadcast_buffers` sends rank 0's ``buffers``: the non-persistent ones
     (rotary ``inv_freq``) are in no state dict, and ``to_empty`` left them uninitialised. The other
     processes pass ``{}`` for both. A collective.

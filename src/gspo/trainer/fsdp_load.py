@@ -5,7 +5,8 @@ Every process builds the model from ``config.json`` alone on the meta device (no
 applies FSDP2, and allocates only its 1/N shards. Rank 0 alone reads the weights (``from_pretrained`` into
 its host memory, so transformers' own key conversions apply, MoE expert fusing included) and scatters them
 (:func:`gspo.distributed.materialize_shards`). The frozen KL reference is sharded the same way and filled
-from the same read; it has no optimizer state. A process other than rank 0 never holds a whole weight.
+from the same read; it has no optimizer state. A process other than rank 0 never reads the checkpoint,
+and the only whole copy it builds is the built-in sampler's (in ``rollout.engine_dtype``), filled from the shards.
 
 Paths that still load the whole model on every process before sharding (see docs/distributed.md): a model
 passed in, LoRA (PEFT wraps loaded weights), an adapter directory as ``model``, the sampler process of
