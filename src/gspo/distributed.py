@@ -280,6 +280,32 @@ def load_full_model_state(module: torch.nn.Module, state: dict[str, torch.Tensor
         full_state_dict=True, broadcast_from_rank0=is_initialized(), strict=False))
 
 
+def materialize_shards(root: torch.nn.Module, module: torch.nn.Module, device: torch.device,
+                       state: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> None:
+    """Give the meta-device ``module``, sharded under the FSDP2 root ``root``, real storage and rank 0's weights.
+
+    Every process allocates only its shards (``to_empty`` on the root, which re-registers FSDP2's
+    sharded parameters; tied weights stay one parameter there, while a whole ``root is module`` needs
+    its ties made again), then :func:`load_full_model_state` scatters
+    rank 0's ``state`` and :func:`broadcast_buffers` sends rank 0's ``buffers``: the non-persistent ones
+    (rotary ``inv_freq``) are in no state dict, and ``to_empty`` left them uninitialised. The other
+    processes pass ``{}`` for both. A collective.
+    """
+    root.to_empty(device=device)
+    load_full_model_state(module, dict(state))  # a copy: set_model_state_dict puts the shards into the dict
+    broadcast_buffers(module, buffers)
+
+
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module, buffers: dict[str, torch.Tensor]) -> None:
+    """Every buffer of ``module`` set to rank 0's ``buffers`` (by name; the others pass ``{}``), in place."""
+    for name, buffer in module.named_buffers():
+        if rank() == 0:
+            buffer.copy_(buffers[name])
+        if is_initialized():
+            dist.broadcast(buffer, src=0)
+
+
 def full_model_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """``module``'s whole state dict on rank 0's CPU (``{}`` elsewhere); a collective under FSDP2."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -85,13 +85,27 @@ def prepare_tokenizer(tokenizer, *, where: str = "the tokenizer"):
     return tokenizer
 
 
-def load_model(path: Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """A causal LM from ``path``; a clear error if the directory holds another kind of model."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+def load_model(path: Path, *, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"):
+    """A causal LM from ``path``; a clear error if the directory holds another kind of model.
+    ``dtype="auto"``: the dtype the weights are stored in."""
+    from transformers import AutoModelForCausalLM
 
     if (Path(path) / "adapter_config.json").exists():  # LoRA adapter: its base with the adapter merged in
         return load_adapter_model(path, dtype=dtype, device=device)
+    causal_lm_config(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
+                                                     trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load the weights in '{path}': {exc}") from None
+    return model.to(device)
+
+
+def causal_lm_config(path: Path):
+    """``path``'s transformers config; a clear error for custom code, a broken config or another kind of model."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     refuse_custom_code(path)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
@@ -102,12 +116,17 @@ def load_model(path: Path, *, dtype: torch.dtype = torch.float32, device: str | 
             f"'{path}' holds a '{config.model_type}' model, which is not a causal language model; "
             "gspo trains decoder-only LMs (e.g. Qwen3, Llama, Mistral, Qwen3-MoE)"
         )
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
-                                                     trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load the weights in '{path}': {exc}") from None
-    return model.to(device)
+    return config
+
+
+def build_on_meta(path: Path, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The causal LM of ``path`` with no storage: parameters and buffers on the meta device, no file read
+    but ``config.json``. FSDP2 shards it, then allocates only the shards (``gspo.trainer.fsdp_load``)."""
+    from transformers import AutoModelForCausalLM
+
+    config = causal_lm_config(path)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
 
 
 def is_adapter_dir(path: str | Path) -> bool:

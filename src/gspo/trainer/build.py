@@ -27,7 +27,8 @@ from gspo.errors import ConfigError
 from gspo.evaluate import Evaluator
 from gspo.logprobs import token_logprobs
 from gspo.logprobs_support import token_logprobs_on_support, truncation_support
-from gspo.models.load import load_model, load_tokenizer, pick_device, prepare_tokenizer, resolve_model_path
+from gspo.models.load import (build_on_meta, load_model, load_tokenizer, pick_device, prepare_tokenizer,
+                              resolve_model_path)
 from gspo.models.lora import apply_lora
 from gspo.precision import DTYPES, PrecisionPolicy, resolve_precision
 from gspo.rollout.base import RolloutEngine, SamplingParams
@@ -37,6 +38,8 @@ from gspo.tasks.registry import build_task
 from gspo.tasks.render import PromptRenderer, prompt_lengths, prompt_token_cap
 from gspo.tasks.rewards import WeightedReward, resolve_rewards
 from gspo.trainer.collect import Collector
+from gspo.trainer.fsdp_load import (call_reference, load_from_rank0, loads_on_meta, materialize_engine_copy,
+                                    shard_reference)
 from gspo.trainer.logging import MetricsLogger
 from gspo.trainer.old_logprobs import OldLogprobs, has_dropout, plan_old_logprobs
 from gspo.trainer.optim import build_optimizer, build_scheduler
@@ -71,6 +74,7 @@ class Components:
     sharded: bool
     precision: PrecisionPolicy = PrecisionPolicy()  # compute / sampler / master dtypes, decided once (gspo.precision)
     pipeline: object = None  # trainer.pipeline.Pipeline when rollout.max_staleness > 0
+    reference_root: torch.nn.Module | None = None  # FSDP2: the sharded reference's ModelCall root (fsdp_load)
 
     def sync_weights(self) -> None:
         """Make the sampler use the weights just trained (every process: FSDP2 gathers shards one by one)."""
@@ -113,7 +117,8 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     rewards = rewards or resolve_rewards(config.reward.functions, task.rewards, device=device)
     # before the weights load: a run that cannot fit stops here
     precision = _precision_and_memory(config, device, model)
-    model, tokenizer, path = _load_policy(config, device, model, tokenizer)
+    on_meta = model is None and loads_on_meta(config, resolve_model_path(config.model))
+    model, tokenizer, path = _load_policy(config, device, model, tokenizer, on_meta=on_meta)
     config = _resolve_prompt_cap(config, task, tokenizer, model)
     if precision is None:  # a config without the Llama-style shape keys: decided from the loaded model
         precision = resolve_precision(o.dtype, r.engine_dtype, device, sum(p.numel() for p in model.parameters()))
@@ -131,16 +136,25 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
         # vLLM samples ahead in the sampler process and is the run's only engine, evaluation included: a
         # second instance (or server) in the trainer process would double its memory and start-up
         sampler = engine = _sampler_engine(config, model, tokenizer, path, device, precision)
-    engine = engine or build_engine(config, model, tokenizer, path, separate_copy=sharded, precision=precision)
-    if replay == "r3" and not engine.info.records_routing:
-        raise ConfigError(f"moe.routing_replay=r3 needs the rollout engine's expert choices, which {engine.info.name} "
-                          "does not return; use moe.routing_replay=r2 (experts from the trainer's old-policy pass)")
+    if engine is None and not (on_meta and r.engine != "hf"):  # vLLM is built from the loaded weights, below
+        engine = build_engine(config, model, tokenizer, path, separate_copy=sharded, precision=precision)
     # FSDP2 gathers a unit's shards once per forward call; the shared-prompt path calls the body twice
     policy = PolicyLogprobs(model, top_k=r.top_k, top_p=r.top_p, share_prompts=o.share_prompts and not sharded)
-    reference = None
+    reference = reference_root = None
     if config.loss.beta > 0:  # LoRA: the policy itself, run with its adapter disabled (see reference_policy)
         reference = model if config.lora.rank else frozen_copy(model)  # before FSDP2 shards ``model``
     policy = dist.wrap_for_training(policy, config.distributed.strategy, param_dtype=_fsdp_param_dtype(precision))
+    # sharded like the policy, unless refreshed: checkpoints save a refreshed reference whole
+    if sharded and reference is not None and reference is not model and not config.loss.ref_refresh_steps:
+        reference_root = shard_reference(reference, _fsdp_param_dtype(precision))  # docs/distributed.md
+    if on_meta:  # every process allocates its shards; rank 0 alone reads the weights (gspo.trainer.fsdp_load)
+        load_from_rank0(path, device, [(policy, model)] + ([(reference_root or reference, reference)]
+                                                           if reference is not None else []))
+        engine = engine or build_engine(config, model, tokenizer, path, separate_copy=True, precision=precision)
+        materialize_engine_copy(engine, model, device)
+    if replay == "r3" and not engine.info.records_routing:
+        raise ConfigError(f"moe.routing_replay=r3 needs the rollout engine's expert choices, which {engine.info.name} "
+                          "does not return; use moe.routing_replay=r2 (experts from the trainer's old-policy pass)")
     optimizer = build_optimizer(policy, config)  # after wrapping: FSDP2 replaced the parameters
     scheduler = build_scheduler(optimizer, config, config.steps * o.minibatches * o.epochs)
     render = _renderer(config, tokenizer, model)
@@ -160,7 +174,7 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
         logger=MetricsLogger(Path(run_dir) if run_dir else None, tensorboard=config.log.tensorboard,
                              enabled=dist.is_main(), trackers=config.log.trackers, project=config.log.project,
                              run_config=config.to_dict()),
-        moe=moe, sharded=sharded, precision=precision)
+        moe=moe, sharded=sharded, precision=precision, reference_root=reference_root)
 
     def reference_logprobs():
         return _reference_fn(parts, temperature)
@@ -303,8 +317,9 @@ def build_evaluation(config: Config, *, model: torch.nn.Module | None = None, to
     return EvalComponents(config, model, tokenizer, engine, task, evaluator)
 
 
-def _load_policy(config: Config, device: torch.device, model=None, tokenizer=None):
-    """(model, tokenizer, path): the policy in float32 master weights, LoRA applied, ready to train."""
+def _load_policy(config: Config, device: torch.device, model=None, tokenizer=None, *, on_meta: bool = False):
+    """(model, tokenizer, path): the policy in float32 master weights, LoRA applied, ready to train.
+    ``on_meta``: built on the meta device, without weights (FSDP2 loads them after sharding: fsdp_load)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file load/save bars would interleave with gspo's own progress
@@ -316,7 +331,9 @@ def _load_policy(config: Config, device: torch.device, model=None, tokenizer=Non
     else:
         tokenizer = prepare_tokenizer(tokenizer, where="the tokenizer passed in")
     torch.manual_seed(config.seed)
-    if model is None:
+    if on_meta:
+        model = build_on_meta(path)
+    elif model is None:
         model = load_model(path, dtype=torch.float32, device=device)
     else:
         model = model.to(device=device, dtype=torch.float32)
@@ -338,14 +355,15 @@ def _reference_fn(parts: Components, temperature: float):
     r = parts.config.rollout
     if not (r.top_k > 0 or r.top_p < 1.0):
         with reference_policy(parts) as reference:
-            yield lambda ids, attn, num_t: token_logprobs(reference, ids, attn, num_t, temperature=temperature)
+            yield lambda ids, attn, num_t: call_reference(parts.reference_root, reference, token_logprobs, ids, attn,
+                                                           num_t, temperature=temperature)
         return
 
     def on_support(ids, attn, num_t):
         support = truncation_support(parts.model, ids, attn, num_t, temperature=temperature,
                                      top_k=r.top_k, top_p=r.top_p)
         with reference_policy(parts) as reference:
-            return token_logprobs_on_support(reference, ids, attn, num_t, support)
+            return call_reference(parts.reference_root, reference, token_logprobs_on_support, ids, attn, num_t, support)
     yield on_support
 
 

@@ -34,3 +34,16 @@ class PolicyLogprobs(torch.nn.Module):
         """
         return token_logprobs(self.model, input_ids, attention_mask, num_completion_tokens, temperature=temperature,
                               top_k=self.top_k, top_p=self.top_p, share_prompts=self.share_prompts and not routed)
+
+
+class ModelCall(torch.nn.Module):
+    """``fn(model, *args)`` as this module's forward: an FSDP2 root for a model that functions use through
+    its parts (the decoder body, then the LM head's weight, as :func:`token_logprobs` does), so that the
+    root's parameters (embeddings, final norm, head) are gathered around the call. The sharded KL reference."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)

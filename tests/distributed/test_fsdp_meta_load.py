@@ -1,0 +1,114 @@
+"""FSDP2 load: built on the meta device, weights read by rank 0 alone and scattered (gloo, CPU, 2 processes).
+
+After ``Trainer.from_config`` every process's local shards are its slices of the checkpoint, tied weights
+are one parameter, the non-persistent rotary buffers equal a normally loaded model's, only rank 0 called
+``from_pretrained``, and the KL reference is sharded the same way. A 2-process run with ``loss.beta > 0``
+equals one process, with the sharded reference and with a refreshed (whole) one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from test_data_parallel import _single, _spawn, _start
+
+pytestmark = pytest.mark.distributed
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).detach().clone()
+
+
+def _load_worker(rank: int, world: int, port: int, overrides: list[str], out: str, sys_path: list[str]) -> None:
+    sys.path[:0] = [p for p in sys_path if p not in sys.path]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from transformers import AutoModelForCausalLM
+
+    from gspo import distributed as dist
+    from gspo.config import load_config
+    from gspo.trainer.trainer import Trainer
+
+    reads = []
+    from_pretrained = AutoModelForCausalLM.from_pretrained
+    AutoModelForCausalLM.from_pretrained = lambda *a, **k: reads.append(1) or from_pretrained(*a, **k)
+    dist.maybe_init_distributed()
+    try:
+        parts = Trainer.from_config(load_config(None, overrides), None).parts
+        model, reference = parts.model, parts.reference
+        facts = {
+            "reads": len(reads),
+            "shards": {n: _local(p) for n, p in model.named_parameters()},
+            "reference_shards": {n: _local(p) for n, p in reference.named_parameters()},
+            "reference_sharded": dist.is_sharded(reference),
+            "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
+            "tied": model.lm_head.weight is model.model.embed_tokens.weight,
+            "ties": bool(model.config.tie_word_embeddings),
+            "engine": {n: p.detach().clone() for n, p in parts.engine.model.named_parameters()},
+        }
+        torch.save(facts, f"{out}.{rank}")
+    finally:
+        dist.shutdown()
+
+
+@pytest.fixture
+def fsdp_overrides(tiny_overrides) -> list[str]:
+    return [o for o in tiny_overrides if not o.startswith("rollout.prompts_per_step")] + [
+        "rollout.prompts_per_step=4", "distributed.strategy=fsdp", "loss.beta=0.1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model saved in bfloat16: rank 0 reads it as stored, the float32 shards widen it."""
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-bf16")
+    shutil.copytree(tiny_model_dir, path, dirs_exist_ok=True)  # the tokenizer; the weights are replaced
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("model_dir", ["tiny_model_dir", "tiny_moe_dir", "tiny_bf16_dir"])
+def test_shards_are_the_checkpoints_slices_read_by_rank0_alone(tmp_path, fsdp_overrides, model_dir, request):
+    from transformers import AutoModelForCausalLM
+
+    path = request.getfixturevalue(model_dir)  # dense (tied embeddings), MoE (fused expert tensors), bf16 files
+    overrides = [o for o in fsdp_overrides if not o.startswith("model=")] + [f"model={path}"]
+    _start(_load_worker, 2, overrides, str(tmp_path / "facts"), list(sys.path))
+    whole = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    state, buffers = whole.state_dict(), dict(whole.named_buffers())
+    every = [torch.load(f"{tmp_path / 'facts'}.{rank}", weights_only=True) for rank in range(2)]
+    assert [facts["reads"] for facts in every] == [1, 0], "rank 0 alone reads the weights (from_pretrained)"
+    for rank, facts in enumerate(every):
+        assert facts["tied"] == facts["ties"]
+        assert ("lm_head.weight" in facts["shards"]) != facts["ties"]  # a tied weight is one parameter, listed once
+        for name, shard in facts["shards"].items():
+            expected = torch.chunk(state[name], 2, dim=0)[rank]  # FSDP2: Shard(0), torch.chunk's cut
+            assert torch.equal(shard, expected), name
+            assert torch.equal(facts["reference_shards"][name], expected), name
+        assert facts["reference_sharded"]
+        assert facts["buffers"].keys() == buffers.keys()
+        for name, buffer in buffers.items():  # rotary inv_freq: in no state dict, to_empty left it garbage
+            assert torch.equal(facts["buffers"][name], buffer), name
+        for name, tensor in facts["engine"].items():  # the sampler's whole copy, gathered from the shards
+            assert torch.equal(tensor, state[name].to(tensor.dtype)), name
+
+
+@pytest.mark.parametrize("refresh", [0, 1])
+def test_kl_reference_two_processes_match_one(tmp_path, fsdp_overrides, refresh):
+    # refresh=0: the sharded reference; 1: loss.ref_refresh_steps keeps it whole, filled from rank 0's read
+    overrides = [*fsdp_overrides, f"loss.ref_refresh_steps={refresh}"]
+    _spawn(2, overrides, tmp_path / "fsdp.pt")
+    fsdp = torch.load(tmp_path / "fsdp.pt", weights_only=True)
+    one_params, one_metrics = _single([o for o in overrides if o != "distributed.strategy=fsdp"])
+    for name, tensor in one_params.items():
+        torch.testing.assert_close(fsdp["params"][name], tensor, rtol=0, atol=1e-5, msg=name)
+    for a, b in zip(fsdp["metrics"], one_metrics):  # the KL term is computed against the sharded reference
+        assert a["kl/ref"] == pytest.approx(b["kl/ref"], abs=1e-6)
