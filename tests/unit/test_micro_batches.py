@@ -9,7 +9,8 @@ import torch
 
 from gspo.config.schema import Config
 from gspo.models.tiny import build_char_tokenizer, build_tiny_qwen3
-from gspo.trainer.micro import _balanced, _length_order, padded_tokens, row_lengths, split_minibatch, trim_padding
+from gspo.trainer.micro import (_balanced, _greedy, _length_order, forward_overhead_tokens, padded_tokens, row_lengths,
+                               split_minibatch, trim_padding)
 from gspo.trainer.old_logprobs import OldLogprobPlan, OldLogprobs
 from gspo.trainer.policy import PolicyLogprobs
 from gspo.trainer.update import Updater, UpdateInputs
@@ -45,6 +46,40 @@ def test_row_mode_is_unchanged():
     _, attention, _ = _batch(rows=8)
     assert [p.tolist() for p in split_minibatch(attention, T, rows=3)] == [[0, 1, 2], [3, 4, 5], [6, 7]]
     assert [p.tolist() for p in split_minibatch(attention, T)] == [list(range(8))]
+
+
+def _cost(pieces, prompt, completion, overhead):
+    return sum(padded_tokens(p, prompt, completion) + overhead for p in pieces)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_padding_mode_is_the_least_cost_length_sorted_split(seed):
+    # exact against every way of cutting the length-sorted order (2^(b-1) of them), with and without a budget
+    import itertools
+
+    rows = 9
+    _, attention, _ = _batch(rows=rows, seed=seed)
+    prompt, completion = row_lengths(attention, T)
+    order = _length_order(prompt, completion)
+    for overhead, budget in [(1, 0), (8, 0), (30, 0), (8, 40), (1000, 0)]:
+        pieces = split_minibatch(attention, T, overhead=overhead, tokens=budget)
+        assert torch.equal(torch.cat(pieces), order)  # every row once, longest first
+        assert all(len(p) == 1 or padded_tokens(p, prompt, completion) <= (budget or 10**9) for p in pieces)
+        best = min(
+            _cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, rows))], prompt, completion, overhead)
+            for k in range(rows) for cuts in itertools.combinations(range(1, rows), k)
+            if not budget or all(b - a == 1 or padded_tokens(order[a:b], prompt, completion) <= budget
+                                 for a, b in zip((0, *cuts), (*cuts, rows))))
+        assert _cost(pieces, prompt, completion, overhead) == best
+        if budget:  # never worse than the greedy packing it replaces
+            assert best <= _cost(_greedy(order, prompt, completion, budget), prompt, completion, overhead)
+    assert len(split_minibatch(attention, T, overhead=10**6)) == 1  # a forward dearer than any padding: one
+    assert [len(p) for p in split_minibatch(attention, T, overhead=10**6, rows=4)] == [4, 4, 1]  # rows win
+
+
+def test_forward_overhead_keeps_tiny_models_whole_and_splits_real_ones():
+    assert forward_overhead_tokens(1_000_000) > 300  # the embedded model: one micro-batch unless much padding
+    assert forward_overhead_tokens(596_000_000) == 1  # Qwen3-0.6B: any padded token is worth a forward
 
 
 def test_balanced_split_gives_exactly_the_count_asked():
@@ -84,7 +119,8 @@ def _gradient(policy, inputs: UpdateInputs, updater: Updater) -> tuple[float, li
     return history[0]["loss/policy"], [p.grad.clone() for p in policy.parameters()]
 
 
-def test_token_budget_micro_batches_give_the_one_shot_loss_and_gradient_in_float64():
+@pytest.mark.parametrize("mode", [{"micro_batch_tokens": 40}, {"forward_overhead": 4}])
+def test_token_budget_micro_batches_give_the_one_shot_loss_and_gradient_in_float64(mode):
     ids, attention, mask = _batch(rows=12)
     policy = PolicyLogprobs(_model(torch.float64))
     with torch.no_grad():
@@ -93,7 +129,7 @@ def test_token_budget_micro_batches_give_the_one_shot_loss_and_gradient_in_float
     old = (current + 0.02 * torch.randn(current.shape, generator=g, dtype=torch.float64)) * mask  # ratios != 1
     inputs = UpdateInputs(ids, attention, mask, torch.randn(12, generator=g, dtype=torch.float64), old, None)
     widths = []
-    budgeted = _updater(micro_batch_tokens=40, on_logprobs=lambda lp, *_: widths.append(lp.shape))
+    budgeted = _updater(**mode, on_logprobs=lambda lp, *_: widths.append(lp.shape))
     loss_split, grads_split = _gradient(policy, inputs, budgeted)
     loss_one, grads_one = _gradient(policy, inputs, _updater())
     assert len(widths) > 3 and any(w[1] < T for w in widths)  # several micro-batches, cut to their own width
@@ -102,7 +138,7 @@ def test_token_budget_micro_batches_give_the_one_shot_loss_and_gradient_in_float
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("mode", [{"micro_batch_tokens": 40}, {"micro_batch_size": 3}])
+@pytest.mark.parametrize("mode", [{"micro_batch_tokens": 40}, {"micro_batch_size": 3}, {"forward_overhead": 4}])
 def test_old_logprobs_from_the_update_s_own_micro_batches_make_the_ratio_exactly_one_in_bfloat16(mode):
     # pi_old computed per micro-batch of the update (same rows, same width, same kernels, same autocast): with
     # the policy unchanged (lr 0), every minibatch's log-ratio is exactly 0 under bfloat16 compute.
@@ -111,7 +147,7 @@ def test_old_logprobs_from_the_update_s_own_micro_batches_make_the_ratio_exactly
     updater = _updater(minibatches=2, autocast_dtype=torch.bfloat16, **mode)
     plan_ = OldLogprobPlan(source="recompute", setting="recompute", reason="test")
     passes = OldLogprobs(plan_, policy=lambda i, a, t, routed=False: policy(i, a, t), micro_batches=updater.micro_batches,
-                         trim="micro_batch_tokens" in mode)
+                         trim=updater.trims)
     rollout = SimpleNamespace(input_ids=ids, attention_mask=attention, completion_ids=ids[:, P:], completion_mask=mask,
                               logprobs=torch.zeros(mask.shape), routing=None)
     plan = updater.plan(torch.Generator().manual_seed(0), 16)  # one epoch of 2 minibatches

@@ -159,8 +159,9 @@ class OptimConfig:
     epochs: int = 1
     """Passes over each rollout batch."""
     micro_batch_size: int = 0
-    """Responses per forward/backward (gradient accumulation); 0 = the whole minibatch. Per process: it must
-    divide each process's share of a minibatch."""
+    """Responses per forward/backward (gradient accumulation); 0 = the whole minibatch, cut into
+    length-sorted micro-batches where padding costs more than one more forward (models of ~100M parameters
+    and up; the embedded ones keep one). Per process: it must divide each process's share of a minibatch."""
     micro_batch_tokens: int = 0
     """Token budget per forward/backward: micro-batches are formed from length-sorted responses so that rows x
     padded length stays within it (memory follows tokens, not rows; every no-grad pass is split the same way);

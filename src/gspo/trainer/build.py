@@ -41,6 +41,7 @@ from gspo.trainer.collect import Collector
 from gspo.trainer.fsdp_load import (call_reference, load_from_rank0, loads_on_meta, materialize_engine_copy,
                                     shard_reference)
 from gspo.trainer.logging import MetricsLogger
+from gspo.trainer.micro import forward_overhead_tokens
 from gspo.trainer.old_logprobs import OldLogprobs, has_dropout, plan_old_logprobs
 from gspo.trainer.optim import build_optimizer, build_scheduler
 from gspo.trainer.policy import PolicyLogprobs
@@ -159,7 +160,8 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     scheduler = build_scheduler(optimizer, config, config.steps * o.minibatches * o.epochs)
     render = _renderer(config, tokenizer, model)
     params, collector, evaluator = _sampling(config, task, engine, render, tokenizer, model, rewards)
-    updater = _updater(config, precision, max_length=collector.max_response_tokens)  # an agent episode spans its turns
+    updater = _updater(config, precision, max_length=collector.max_response_tokens,  # an episode spans its turns
+                       forward_overhead=forward_overhead_tokens(sum(p.numel() for p in model.parameters())))
     source = "rollout" if config.correction.mode == "bypass" else config.loss.old_logprobs
     plan = plan_old_logprobs(source, engine=engine.info, training_dtype=precision.compute,
                              dropout=has_dropout(model), moe=moe, routing_replay=replay,
@@ -185,7 +187,7 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
         # one process only: under DDP / FSDP2 every forward is a collective, chunk counts must not differ
         chunk_rows=rows_per_pass if dist.world_size() == 1 else 0, routed_model=model,
         # given the update's minibatches (the trainer's case): its own micro-batches, on any world size
-        micro_batches=updater.micro_batches, trim=bool(o.micro_batch_tokens))
+        micro_batches=updater.micro_batches, trim=updater.trims)
     if r.max_staleness:  # a sampler process samples ahead of the update (trainer/pipeline.py)
         from gspo.rollout.subprocess import SubprocessEngine
         from gspo.trainer.pipeline import build_pipeline
@@ -287,7 +289,7 @@ def _precision_and_memory(config: Config, device: torch.device, model: torch.nn.
     return precision
 
 
-def _updater(config: Config, precision: PrecisionPolicy, *, max_length: int) -> Updater:
+def _updater(config: Config, precision: PrecisionPolicy, *, max_length: int, forward_overhead: int = 0) -> Updater:
     """The minibatch loop for the configured objective, its hyperparameters and rollout correction;
     ``max_length``: the most trained tokens of one response or episode (Dr. GRPO's constant L)."""
     r, o = config.rollout, config.optim
@@ -296,6 +298,7 @@ def _updater(config: Config, precision: PrecisionPolicy, *, max_length: int) -> 
                    beta=config.loss.beta, kl_estimator=config.loss.kl_estimator,
                    temperature=r.temperature, minibatches=o.minibatches, epochs=o.epochs,
                    micro_batch_size=o.micro_batch_size, micro_batch_tokens=o.micro_batch_tokens,
+                   forward_overhead=forward_overhead,
                    max_grad_norm=o.max_grad_norm, autocast_dtype=precision.autocast_dtype,
                    routing_replay=config.moe.routing_replay != "off")
 

@@ -7,6 +7,13 @@ budget; each micro-batch is then cut to its own width (:func:`trim_padding`), so
 and memory follows the tokens, not rows x the generation limit. A response longer than the budget gets
 a micro-batch of its own.
 
+Padding mode (the default when neither is set, for models where it pays): the same length-sorted split,
+chosen to cost the least, counting each micro-batch as its padded tokens plus a fixed per-forward cost in
+token-equivalents (:func:`forward_overhead_tokens`, from the model's size). Uneven response lengths then
+cost their own tokens, not rows x the longest (verl's dynamic batch size does the same without sorting);
+a tiny model, whose forwards cost mostly Python, keeps one micro-batch. With a token budget as well, the
+least-cost split within the budget.
+
 Both the update and every no-grad pass (pi_old recompute, KL reference) use :func:`split_minibatch` with
 the same arguments, so a response's pi_old comes from a forward of exactly the batch it is trained in
 (same rows, same padding, same kernels): under bfloat16 the on-policy ratio is then exactly 1.
@@ -27,20 +34,37 @@ import torch
 from gspo import distributed as dist
 
 
-def split_minibatch(attention_mask: torch.Tensor, num_completion: int, *, rows: int = 0, tokens: int = 0
-                    ) -> list[torch.Tensor]:
+# The fixed cost of one more micro-batch (forward + backward + loss: Python, kernel launches, the LM head's
+# chunk loop), in FLOPs of 6·N per token. On the 1M-parameter embedded model a 1-row forward + backward
+# costs 6 ms of a 32-row (~2,200-token) one's 40 ms, i.e. ~375 of its tokens, about 2.3e9 "FLOPs" at its
+# 6·N; rounded up, so a tiny model keeps one micro-batch unless hundreds of padded tokens go, and a
+# model of 0.6B parameters splits wherever a token of padding goes.
+FORWARD_OVERHEAD_FLOP = 3e9
+
+
+def forward_overhead_tokens(num_params: int) -> int:
+    """One more micro-batch's fixed cost in trained tokens (6·N FLOPs each) for a model of ``num_params``."""
+    return max(1, round(FORWARD_OVERHEAD_FLOP / (6 * max(num_params, 1))))
+
+
+def split_minibatch(attention_mask: torch.Tensor, num_completion: int, *, rows: int = 0, tokens: int = 0,
+                    overhead: int = 0) -> list[torch.Tensor]:
     """Micro-batches of a minibatch as (m,) row-index tensors into it, every row exactly once.
 
     ``attention_mask``: (b, P + T) ``[left-padded prompt | right-padded completion]``; ``num_completion``: T.
-    ``rows``: rows per micro-batch (row mode); ``tokens``: the token budget (token mode, wins when > 0).
-    Neither: one micro-batch.
+    ``rows``: rows per micro-batch (row mode, wins); ``tokens``: the token budget (token mode);
+    ``overhead``: one forward's fixed cost in tokens (> 0: padding mode, the least-cost length-sorted split,
+    within ``tokens`` if given). None of them: one micro-batch.
     """
     b = attention_mask.shape[0]
-    if not tokens:
+    if rows or not (tokens or overhead):
         return list(torch.split(torch.arange(b), rows or max(b, 1)))
     prompt, completion = row_lengths(attention_mask, num_completion)  # (b,), (b,)
     order = _length_order(prompt, completion)  # (b,)
-    pieces = _greedy(order, prompt, completion, tokens)
+    if overhead:
+        pieces = _least_cost(order, prompt, completion, overhead, tokens)
+    else:
+        pieces = _greedy(order, prompt, completion, tokens)
     if dist.is_initialized():  # every process, even one without rows here: the same forwards everywhere
         counts = dist.all_gather_object((len(pieces), b))
         # a forward needs a row (transformers cannot run 0 rows): at most the smallest minibatch's rows
@@ -84,6 +108,34 @@ def _greedy(order: torch.Tensor, prompt: torch.Tensor, completion: torch.Tensor,
     if start < len(order):
         pieces.append(order[start:])
     return pieces
+
+
+def _least_cost(order: torch.Tensor, prompt: torch.Tensor, completion: torch.Tensor, overhead: int,
+                budget: int = 0) -> list[torch.Tensor]:
+    """Consecutive runs of ``order`` (longest completion first) minimising sum(padded tokens + ``overhead``),
+    each within ``budget`` padded tokens when > 0 (a single row may exceed it). Exact, by dynamic programming
+    over the split points: O(b^2) on (b,) vectors."""
+    b = len(order)
+    if b == 0:
+        return []
+    p = prompt[order].double()  # (b,) in sorted order
+    c = completion[order].clamp(min=1).double()  # (b,) non-increasing
+    best = torch.zeros(b + 1, dtype=torch.float64)  # best[i]: least cost of the first i rows
+    cut = torch.zeros(b + 1, dtype=torch.long)  # cut[i]: where the last piece of that split starts
+    for i in range(1, b + 1):
+        widest_prompt = torch.flip(torch.cummax(torch.flip(p[:i], (0,)), 0).values, (0,))  # (i,) max p[j:i]
+        rows = torch.arange(i, 0, -1, dtype=torch.float64)  # (i,) i - j
+        padded = rows * (widest_prompt + c[:i])  # (i,) piece j..i-1: its longest completion is row j's
+        cost = best[:i] + padded + overhead
+        if budget:
+            cost = torch.where((padded > budget) & (rows > 1), torch.inf, cost)
+        j = int(torch.argmin(cost))  # the first minimum: ties prefer fewer, longer pieces
+        best[i], cut[i] = cost[j], j
+    pieces, i = [], b
+    while i > 0:
+        pieces.append(order[int(cut[i]):i])
+        i = int(cut[i])
+    return pieces[::-1]
 
 
 def _balanced(order: torch.Tensor, prompt: torch.Tensor, completion: torch.Tensor, count: int) -> list[torch.Tensor]:

@@ -107,6 +107,7 @@ class Updater:
     epochs: int = 1
     micro_batch_size: int = 0
     micro_batch_tokens: int = 0  # token budget per micro-batch (trainer/micro.py); wins over micro_batch_size
+    forward_overhead: int = 0  # > 0: length-sorted least-padding micro-batches (trainer/micro.py, padding mode)
     max_grad_norm: float = 1.0
     autocast_dtype: torch.dtype | None = None
     routing_replay: bool = False  # MoE: force the behaviour policy's experts (Routing Replay)
@@ -161,7 +162,7 @@ class Updater:
         model = _inner_model(policy)
         for i, micro in enumerate(micros):
             rows = minibatch.rows(micro)
-            if self.micro_batch_tokens:
+            if self.trims:
                 rows = rows.narrow()
             sync = contextlib.nullcontext() if i == len(micros) - 1 else dist.no_sync(policy)
             replay, capture = self._routing_contexts(model, rows)
@@ -210,7 +211,12 @@ class Updater:
     def micro_batches(self, attention_mask: torch.Tensor, num_completion: int) -> list[torch.Tensor]:
         """A minibatch's micro-batches, (m,) row indices each (trainer/micro.py); no-grad passes split alike."""
         return split_minibatch(attention_mask, num_completion, rows=self.micro_batch_size,
-                               tokens=self.micro_batch_tokens)
+                               tokens=self.micro_batch_tokens, overhead=self.forward_overhead)
+
+    @property
+    def trims(self) -> bool:
+        """Whether micro-batches are length-sorted and cut to their own width (token or padding mode)."""
+        return not self.micro_batch_size and bool(self.micro_batch_tokens or self.forward_overhead)
 
     def _routing_contexts(self, model, rows: UpdateInputs) -> tuple:
         """(replay, capture) around a micro-batch: replay the behaviour policy's experts (forward and
