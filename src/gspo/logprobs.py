@@ -9,7 +9,8 @@ body runs once for hidden states; the LM head, log_softmax and gather then run o
 completion tokens inside a custom autograd function that keeps no logits between forward and backward
 and recomputes each chunk's logits in the backward, working in place in one (chunk, V) float32 buffer.
 Peak memory is about one chunk of logits; value and gradient equal the full-logits path up to float
-rounding. Positions whose completion mask is False (padding after EOS) are skipped and get
+rounding. Under bfloat16 autocast the head's GEMMs run in bfloat16 in both passes (the backward, which
+runs after the autocast block, recomputes in the forward's dtype), the softmax in float32. Positions whose completion mask is False (padding after EOS) are skipped and get
 log-probability 0, so padding never carries inf or NaN.
 
 Top-k / top-p: a sampler that truncates samples from the renormalised distribution over the kept tokens,
@@ -327,7 +328,8 @@ def _full_logits_logprobs(
 
 def _chunk_logits(hidden, weight, bias, temperature, truncation=None):
     """(C, V) ``(hidden @ weight.T + bias) / temperature`` for one chunk of rows, in float32 or wider;
-    with ``truncation`` = (top_k, top_p), -inf outside the sampler's support."""
+    with ``truncation`` = (top_k, top_p), -inf outside the sampler's support. ``hidden``, ``weight`` and
+    ``bias`` are already in the compute dtype (:func:`_compute_dtype`): the GEMM runs in it."""
     logits = F.linear(hidden, weight, bias)  # (C, V)
     logits = logits.to(_wide(logits.dtype))
     if temperature != 1.0:
@@ -336,6 +338,22 @@ def _chunk_logits(hidden, weight, bias, temperature, truncation=None):
     if truncation is not None:
         logits.masked_fill_(~truncation_mask(logits, *truncation), float("-inf"))
     return logits
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The LM head's GEMM dtype: the autocast dtype where autocast is on for the inputs' device (and would
+    cast them: it leaves float64 alone), else the inputs' own (promoted) dtype.
+
+    The chunked function decides this once in its forward and runs every GEMM of both passes in it, as
+    ``torch.amp.custom_fwd`` / ``custom_bwd`` do for CUDA only: the backward runs outside the autocast
+    block, where a plain recompute would be float32 (three float32 GEMMs per chunk, and the gradient of
+    float32 logits while the value came from bfloat16 ones).
+    """
+    device = hidden.device.type
+    wide = torch.promote_types(hidden.dtype, weight.dtype)
+    if wide != torch.float64 and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return wide
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -361,44 +379,62 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
     dL/dlogits = g * (onehot(target) - p) / tau, then the two matmuls of a linear layer. With a top-k /
     top-p ``truncation`` the logits outside the support are -inf in both passes, so p is the truncated,
     renormalised softmax and those logits get no gradient.
+
+    Precision: the three GEMMs of both passes (logits, and the input and weight gradients) run in the
+    forward's compute dtype (:func:`_compute_dtype`: bfloat16 under bfloat16 autocast), the softmax and
+    its gradient in float32, and the weight gradient is accumulated over chunks in float32: value and
+    gradient are those of ``log_softmax(linear(h).float())`` under the same autocast, as one
+    full-logits forward computes them.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, truncation=None):
         # hidden (N, H), weight (V, H), bias (V,) or None, targets (N,)
-        out = torch.empty(hidden.shape[0], dtype=_wide(hidden.dtype), device=hidden.device)  # (N,)
+        dtype = _compute_dtype(hidden, weight)
+        h, w = hidden.to(dtype), weight.to(dtype)  # (N, H), (V, H) the GEMMs' operands, cast once
+        b = bias.to(dtype) if bias is not None else None  # (V,)
+        out = torch.empty(hidden.shape[0], dtype=_wide(dtype), device=hidden.device)  # (N,)
         for start in range(0, hidden.shape[0], chunk_size):
             end = start + chunk_size
-            logits = _chunk_logits(hidden[start:end], weight, bias, temperature, truncation)  # (C, V)
+            logits = _chunk_logits(h[start:end], w, b, temperature, truncation)  # (C, V)
             picked = logits.gather(1, targets[start:end, None]).squeeze(1)  # (C,)
             out[start:end] = picked - _exp_shifted_(logits)[0]
-        ctx.save_for_backward(hidden, weight, bias, targets)
+        # the compute-dtype copy of hidden (half the bytes under bf16); the weight is recast in backward
+        ctx.save_for_backward(h, weight, bias, targets)
         ctx.temperature, ctx.chunk_size, ctx.truncation = temperature, chunk_size, truncation
+        ctx.hidden_dtype = hidden.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, bias, targets = ctx.saved_tensors
+        h, weight, bias, targets = ctx.saved_tensors
+        dtype = h.dtype  # the forward's compute dtype
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None  # (N, H)
+        w = weight.to(dtype)  # (V, H)
+        b = bias.to(dtype) if bias is not None else None  # (V,)
+        grad_hidden = torch.empty_like(h, dtype=ctx.hidden_dtype) if need_hidden else None  # (N, H)
         # Accumulate parameter gradients in float32 across chunks, cast once at the end.
         wide = _wide(weight.dtype)
         grad_weight = torch.zeros_like(weight, dtype=wide) if need_weight else None  # (V, H)
         grad_bias = torch.zeros_like(bias, dtype=wide) if need_bias else None  # (V,)
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
+        for start in range(0, h.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
-            h = hidden[start:end]  # (C, H)
-            scale = grad_out[start:end, None].to(wide) / ctx.temperature  # (C, 1) g / tau
-            logits = _chunk_logits(h, weight, bias, ctx.temperature, ctx.truncation)  # (C, V)
+            h_chunk = h[start:end]  # (C, H)
+            scale = grad_out[start:end, None].to(_wide(dtype)) / ctx.temperature  # (C, 1) g / tau
+            logits = _chunk_logits(h_chunk, w, b, ctx.temperature, ctx.truncation)  # (C, V)
             _, sums = _exp_shifted_(logits)  # logits now hold exp(z - max z); p = logits / sums
             grad_logits = logits.mul_(-scale / sums)  # (C, V) -g * p / tau, in the logits' buffer
             grad_logits.scatter_add_(1, targets[start:end, None], scale)  # + g * onehot / tau
+            grad_low = grad_logits.to(dtype)  # (C, V) the GEMMs' operand (the same buffer in float32)
             if need_hidden:
-                grad_hidden[start:end] = grad_logits.to(weight.dtype) @ weight  # (C, H)
+                grad_hidden[start:end] = grad_low @ w  # (C, H)
             if need_weight:
-                grad_weight.addmm_(grad_logits.t(), h.to(wide))  # (V, H)
+                if dtype == wide:
+                    grad_weight.addmm_(grad_low.t(), h_chunk)  # (V, H)
+                else:  # a compute-dtype GEMM, summed over chunks in float32
+                    grad_weight.add_(grad_low.t() @ h_chunk)  # (V, H)
             if need_bias:
-                grad_bias += grad_logits.sum(dim=0)
+                grad_bias += grad_low.sum(dim=0, dtype=wide)
         grad_weight = grad_weight.to(weight.dtype) if need_weight else None
         grad_bias = grad_bias.to(bias.dtype) if need_bias else None
         return grad_hidden, grad_weight, grad_bias, None, None, None, None

@@ -47,10 +47,12 @@ def padded_batch(seed: int = 0):
     return ids, mask
 
 
-def value_and_grads(fn, model, ids, mask, **kwargs):
-    """Log-probabilities and the parameter gradients of a weighted sum of them."""
+def value_and_grads(fn, model, ids, mask, autocast=None, **kwargs):
+    """Log-probabilities and the parameter gradients of a weighted sum of them; ``autocast``: a dtype to
+    run the forward (only) under."""
     model.zero_grad()
-    logprobs = fn(model, ids, mask, COMPLETION_LEN, temperature=TEMPERATURE, **kwargs)  # (B, T)
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        logprobs = fn(model, ids, mask, COMPLETION_LEN, temperature=TEMPERATURE, **kwargs)  # (B, T)
     weights = torch.linspace(-1.0, 2.0, logprobs.numel()).view_as(logprobs)  # (B, T) advantage stand-in
     (logprobs * weights).sum().backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
@@ -126,6 +128,48 @@ def test_bfloat16_model_matches_reference():
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)  # same bf16 logits, same float32 math
     for name in ref_grads:  # the chunked path accumulates the head gradient in float32: closer, not equal
         torch.testing.assert_close(got_grads[name].float(), ref_grads[name].float(), atol=2e-2, rtol=2e-2)
+
+
+def _relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.float() - ref.float()).norm() / ref.float().norm())
+
+
+@pytest.mark.parametrize("chunk_size", [1000, 5])
+def test_bfloat16_autocast_gradient_is_that_of_the_bfloat16_logits(chunk_size):
+    """Under bfloat16 autocast the chunked head's backward recomputes in bfloat16 as its forward did: the
+    gradient is the one-forward full-logits path's (``log_softmax(linear(h).float())`` under the same
+    autocast), not that of float32 logits (~5e-3 away, what a float32 recompute outside autocast gave)."""
+    model = tiny_qwen3()
+    ids, mask = padded_batch()
+    # the forward under autocast, the backward after the block, as the update runs them
+    ref, ref_grads = value_and_grads(token_logprobs_reference, model, ids, mask, autocast=torch.bfloat16)
+    got, got_grads = value_and_grads(token_logprobs, model, ids, mask, chunk_size=chunk_size, autocast=torch.bfloat16)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for name in ref_grads:
+        # one chunk: every GEMM as the full path's. Several: the head's weight gradient sums per-chunk
+        # bfloat16 GEMM outputs in float32 (one bf16 rounding per chunk instead of one in all)
+        tolerance = 1e-2 if name == "lm_head.weight" and chunk_size < mask.sum() else 1e-4
+        assert _relative_error(got_grads[name], ref_grads[name]) <= tolerance, name
+
+
+def test_chunked_function_runs_its_gemms_in_the_autocast_dtype_in_both_passes():
+    """The backward runs outside the autocast block; its recompute still uses the forward's dtype."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, 8, generator=gen, requires_grad=True)  # (N, H) float32, as a norm's output
+    weight = torch.randn(40, 8, generator=gen, requires_grad=True)  # (V, H) float32 master weight
+    targets = torch.randint(0, 40, (6,), generator=gen)  # (N,)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _ChunkedLinearLogprobs.apply(hidden, weight, None, targets, 1.0, 4)
+        ref = torch.nn.functional.linear(hidden, weight).float().log_softmax(-1).gather(-1, targets[:, None])
+    grads = torch.autograd.grad(got.sum(), (hidden, weight))
+    ref_grads = torch.autograd.grad(ref.sum(), (hidden, weight))
+    assert grads[0].dtype == grads[1].dtype == torch.float32
+    torch.testing.assert_close(got, ref.squeeze(1))
+    assert _relative_error(grads[0], ref_grads[0]) <= 1e-4
+    assert _relative_error(grads[1], ref_grads[1]) <= 1e-2
+    full = torch.autograd.grad(  # the float32-logits gradient is measurably elsewhere
+        torch.nn.functional.linear(hidden, weight).log_softmax(-1).gather(-1, targets[:, None]).sum(), hidden)[0]
+    assert _relative_error(full, ref_grads[0]) > 1e-3
 
 
 def test_logit_softcapping_falls_back_to_full_logits():
