@@ -21,8 +21,10 @@ a piecewise-constant function of the logits and carries no gradient; the renorma
 
 Models whose logits are post-processed after the LM head (Gemma-2 soft-capping, Cohere's logit scale,
 Granite's logit scaling, ...) cannot be reproduced from ``lm_head(hidden)``; for those, and for models
-whose decoder body or output layer cannot be found, ``token_logprobs`` falls back to the full-logits
-path (restricted to the last T + 1 positions when the model accepts ``logits_to_keep``).
+whose decoder body or output layer cannot be found, ``token_logprobs`` falls back to the model's own
+logits: the body runs once, then the model's own head and post-processing over ~``chunk_size``-token
+column chunks, each recomputed in the backward (activation checkpointing), so no (B, T, V) tensor exists
+(one whole-model forward, restricted to the last T + 1 positions, where no body can be found).
 ``chunked=False`` forces that path. The chunked path reads ``lm_head.weight`` directly (and keeps it for
 the backward), so under FSDP the head must belong to the root unit, whose forward gathers it (as
 ``gspo.distributed.wrap_for_training`` does); a head sharded as its own unit needs ``chunked=False``.
@@ -46,6 +48,7 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK_TOKENS = 512  # 512 x 151,936-vocab float32 logits = 311 MB per chunk; big enough for fast matmuls
 
@@ -173,9 +176,8 @@ def token_logprobs(
         chunked = supports_chunked(model)
     if not chunked:
         keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-        return _full_logits_logprobs(
-            model, input_ids, attention_mask, num_completion_tokens, temperature, keep, forward_kwargs, truncation
-        )
+        return _full_logits_logprobs(model, input_ids, attention_mask, num_completion_tokens, temperature, keep,
+                                     forward_kwargs, truncation, chunk_size=chunk_size)
     num_tokens = num_completion_tokens
     hidden = None
     if share_prompts and not forward_kwargs:
@@ -298,12 +300,20 @@ def token_logprobs_reference(
 
 
 def _full_logits_logprobs(
-    model, input_ids, attention_mask, num_tokens, temperature, keep_last, forward_kwargs, truncation=None
+    model, input_ids, attention_mask, num_tokens, temperature, keep_last, forward_kwargs, truncation=None,
+    chunk_size: int = 0,
 ):
     """Log-probabilities from the model's own logits (any post-processing included).
 
     ``keep_last`` asks the model for the last T + 1 positions' logits only (``logits_to_keep``).
+    ``chunk_size`` > 0 (the fallback of :func:`token_logprobs`): the decoder body runs once and the model's
+    own head and logit post-processing (:func:`_model_head_logits`) over columns of about ``chunk_size``
+    tokens, each recomputed in the backward (activation checkpointing), so no (B, T, V) tensor exists;
+    0, or a model without a separate body: one forward of the whole model.
     """
+    if chunk_size > 0 and _separate_body(model) is not None:
+        return _column_chunked_logprobs(model, input_ids, attention_mask, num_tokens, temperature, keep_last,
+                                        forward_kwargs, truncation, chunk_size)
     if keep_last:
         forward_kwargs = {**forward_kwargs, "logits_to_keep": num_tokens + 1}
     logits = model(
@@ -314,16 +324,75 @@ def _full_logits_logprobs(
         **forward_kwargs,
     ).logits  # (B, L or T + 1, V)
     logits = logits[:, -num_tokens - 1 : -1]
-    logits = logits.to(_wide(logits.dtype))  # (B, T, V) float32 or wider
+    targets = input_ids[:, -num_tokens:]  # (B, T)
+    logprobs = _logits_to_logprobs(logits, targets, temperature, truncation)  # (B, T)
+    return logprobs.masked_fill(~attention_mask[:, -num_tokens:].bool(), 0.0)
+
+
+def _logits_to_logprobs(logits, targets, temperature, truncation):
+    """(B, c) log-probabilities of ``targets`` (B, c) under (B, c, V) ``logits``, in float32 or wider."""
+    logits = logits.to(_wide(logits.dtype))  # (B, c, V) float32 or wider
     if temperature != 1.0:
         logits = logits / temperature
-    targets = input_ids[:, -num_tokens:]  # (B, T)
     if truncation is None:
-        log_probs = logits.log_softmax(dim=-1)  # (B, T, V)
+        log_probs = logits.log_softmax(dim=-1)  # (B, c, V)
     else:
-        log_probs = truncated_log_softmax(logits, *truncation)  # (B, T, V)
-    logprobs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
+        log_probs = truncated_log_softmax(logits, *truncation)  # (B, c, V)
+    return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, c)
+
+
+def _separate_body(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The decoder body when the model has one apart from itself, else None."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return body if body is not None and body is not model else None
+
+
+def _column_chunked_logprobs(model, input_ids, attention_mask, num_tokens, temperature, keep_last, forward_kwargs,
+                             truncation, chunk_size):
+    """(B, T) as :func:`_full_logits_logprobs`, the logits made ~``chunk_size`` tokens at a time (see there)."""
+    body_out = _separate_body(model)(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        **forward_kwargs,
+    )
+    hidden = body_out[0][:, -num_tokens - 1 : -1]  # (B, T, H) final norm applied
+    targets = input_ids[:, -num_tokens:]  # (B, T)
+    columns = max(1, chunk_size // max(hidden.shape[0], 1))  # (B, columns) tokens per chunk
+    keep = {"logits_to_keep": 0} if keep_last else {}  # 0: every position given (the chunk's)
+
+    def chunk_logprobs(piece: torch.Tensor, piece_targets: torch.Tensor) -> torch.Tensor:
+        logits = _model_head_logits(model, piece, piece_targets, keep)  # (B, c, V)
+        return _logits_to_logprobs(logits, piece_targets, temperature, truncation)  # (B, c)
+
+    pieces = []
+    for start in range(0, num_tokens, columns):
+        piece, piece_targets = hidden[:, start : start + columns], targets[:, start : start + columns]
+        if torch.is_grad_enabled() and piece.requires_grad:  # keep no (B, c, V) tensor for the backward
+            pieces.append(checkpoint(chunk_logprobs, piece, piece_targets, use_reentrant=False))
+        else:
+            pieces.append(chunk_logprobs(piece, piece_targets))
+    logprobs = torch.cat(pieces, dim=1)  # (B, T)
     return logprobs.masked_fill(~attention_mask[:, -num_tokens:].bool(), 0.0)
+
+
+def _model_head_logits(model, hidden: torch.Tensor, input_ids: torch.Tensor, keep: dict) -> torch.Tensor:
+    """(B, c, V) the model's own logits for (B, c, H) final hidden states: its forward runs with the decoder
+    body answering ``hidden`` (the body already ran), so its head and logit post-processing (Gemma-2's
+    soft-capping, Cohere's logit scale, ...) are the model's code, not a copy of it."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    body = _separate_body(model)
+    patched = vars(body).get("forward")  # an instance-level forward (a wrapper's), restored after
+    body.forward = lambda *args, **kwargs: BaseModelOutputWithPast(last_hidden_state=hidden)
+    try:
+        return model(input_ids=input_ids, use_cache=False, **keep).logits  # (B, c, V)
+    finally:
+        if patched is None:
+            del body.forward  # the class's forward again
+        else:
+            body.forward = patched
 
 
 def _chunk_logits(hidden, weight, bias, temperature, truncation=None):

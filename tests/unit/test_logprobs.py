@@ -174,8 +174,7 @@ def test_chunked_function_runs_its_gemms_in_the_autocast_dtype_in_both_passes(mo
     assert _relative_error(full, ref_grads[0]) > 1e-3
 
 
-def test_logit_softcapping_falls_back_to_full_logits():
-    """Gemma-2 soft-caps its logits after the LM head; the chunked path would silently drop that."""
+def tiny_gemma2(softcapping: float = 0.5) -> transformers.Gemma2ForCausalLM:
     config = transformers.Gemma2Config(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -184,10 +183,15 @@ def test_logit_softcapping_falls_back_to_full_logits():
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
-        final_logit_softcapping=0.5,  # strong capping so that ignoring it is visible
+        final_logit_softcapping=softcapping,
     )
     torch.manual_seed(0)
-    model = transformers.Gemma2ForCausalLM(config)
+    return transformers.Gemma2ForCausalLM(config)
+
+
+def test_logit_softcapping_falls_back_to_full_logits():
+    """Gemma-2 soft-caps its logits after the LM head; the chunked path would silently drop that."""
+    model = tiny_gemma2(0.5)  # strong capping so that ignoring it is visible
     ids, mask = padded_batch()
     assert not supports_chunked(model)
     assert supports_chunked(tiny_qwen3())
@@ -200,6 +204,26 @@ def test_logit_softcapping_falls_back_to_full_logits():
     # Capped at 0.5, every logit is within 0.5 of 0: log-probabilities stay near -log(V).
     real = mask[:, -COMPLETION_LEN:]
     assert (auto[real] - (-math.log(VOCAB))).abs().max() < 1.0
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_full_logits_fallback_runs_the_model_s_head_by_column_chunks(autocast):
+    """The fallback (soft-capped logits) makes its (B, c, V) logits a few columns at a time with the model's
+    own head and capping, recomputed in the backward: value and gradient of the one-forward path."""
+    model = tiny_gemma2(3.0)
+    ids, mask = padded_batch()
+    shapes = []
+    model.lm_head.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+    ref, ref_grads = value_and_grads(token_logprobs_reference, model, ids, mask, autocast=autocast)
+    assert shapes == [(4, PROMPT_LEN + COMPLETION_LEN, VOCAB)]  # the whole (B, L, V) at once
+    shapes.clear()
+    got, got_grads = value_and_grads(token_logprobs, model, ids, mask, chunk_size=8, autocast=autocast)
+    # 8 tokens of 4 rows: columns of 2; each chunk once in the forward and once more in the backward
+    assert shapes == [(4, 2, VOCAB)] * 4 + [(4, 1, VOCAB)] + [(4, 1, VOCAB)] + [(4, 2, VOCAB)] * 4
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+    for name in ref_grads:  # bfloat16: the (tied) head's gradient sums per-chunk bf16 products
+        head = name in ("lm_head.weight", "model.embed_tokens.weight") and autocast is not None
+        assert _relative_error(got_grads[name], ref_grads[name]) <= (1e-2 if head else 1e-5), name
 
 
 def test_invalid_temperature_is_rejected():
