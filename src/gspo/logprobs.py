@@ -324,7 +324,7 @@ def _full_logits_logprobs(
     tokens, each recomputed in the backward (activation checkpointing), so no (B, T, V) tensor exists;
     0, or a model without a separate body: one forward of the whole model.
     """
-    if chunk_size > 0 and _separate_body(model) is not None:
+    if chunk_size > 0 and _head_runs_apart(model, input_ids[:1, :1]):
         return _column_chunked_logprobs(model, input_ids, attention_mask, num_tokens, temperature, keep_last,
                                         forward_kwargs, truncation, chunk_size)
     if keep_last:
@@ -360,6 +360,18 @@ def _separate_body(model: torch.nn.Module) -> torch.nn.Module | None:
     return body if body is not None and body is not model else None
 
 
+@torch.no_grad()
+def _head_runs_apart(model: torch.nn.Module, input_ids: torch.Tensor) -> bool:
+    """Whether the model's forward reaches its decoder body (``get_decoder``) directly, so that
+    :func:`_model_head_logits` can hand it precomputed hidden states: probed on one (1, 1) position (a
+    multimodal wrapper, say, whose forward calls another module, would otherwise run its whole body)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if _separate_body(model) is None or getattr(head, "weight", None) is None:
+        return False
+    probe = head.weight.new_zeros(1, 1, head.weight.shape[1])  # (1, 1, H)
+    return _model_head_logits(model, probe, input_ids, {}) is not None
+
+
 def _column_chunked_logprobs(model, input_ids, attention_mask, num_tokens, temperature, keep_last, forward_kwargs,
                              truncation, chunk_size):
     """(B, T) as :func:`_full_logits_logprobs`, the logits made ~``chunk_size`` tokens at a time (see there)."""
@@ -390,22 +402,30 @@ def _column_chunked_logprobs(model, input_ids, attention_mask, num_tokens, tempe
     return logprobs.masked_fill(~attention_mask[:, -num_tokens:].bool(), 0.0)
 
 
-def _model_head_logits(model, hidden: torch.Tensor, input_ids: torch.Tensor, keep: dict) -> torch.Tensor:
+def _model_head_logits(model, hidden: torch.Tensor, input_ids: torch.Tensor, keep: dict) -> torch.Tensor | None:
     """(B, c, V) the model's own logits for (B, c, H) final hidden states: its forward runs with the decoder
     body answering ``hidden`` (the body already ran), so its head and logit post-processing (Gemma-2's
-    soft-capping, Cohere's logit scale, ...) are the model's code, not a copy of it."""
+    soft-capping, Cohere's logit scale, ...) are the model's code, not a copy of it. None where the
+    forward did not call the body."""
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
     body = _separate_body(model)
     patched = vars(body).get("forward")  # an instance-level forward (a wrapper's), restored after
-    body.forward = lambda *args, **kwargs: BaseModelOutputWithPast(last_hidden_state=hidden)
+    answered = []
+
+    def stand_in(*args, **kwargs):
+        answered.append(True)
+        return BaseModelOutputWithPast(last_hidden_state=hidden)
+
+    body.forward = stand_in
     try:
-        return model(input_ids=input_ids, use_cache=False, **keep).logits  # (B, c, V)
+        logits = model(input_ids=input_ids, use_cache=False, **keep).logits  # (B, c, V)
     finally:
         if patched is None:
             del body.forward  # the class's forward again
         else:
             body.forward = patched
+    return logits if answered else None  # None: the forward never reached the body (see _head_runs_apart)
 
 
 def _chunk_logits(hidden, weight, bias, temperature, truncation=None):

@@ -218,12 +218,26 @@ def test_full_logits_fallback_runs_the_model_s_head_by_column_chunks(autocast):
     assert shapes == [(4, PROMPT_LEN + COMPLETION_LEN, VOCAB)]  # the whole (B, L, V) at once
     shapes.clear()
     got, got_grads = value_and_grads(token_logprobs, model, ids, mask, chunk_size=8, autocast=autocast)
-    # 8 tokens of 4 rows: columns of 2; each chunk once in the forward and once more in the backward
-    assert shapes == [(4, 2, VOCAB)] * 4 + [(4, 1, VOCAB)] + [(4, 1, VOCAB)] + [(4, 2, VOCAB)] * 4
+    # a (1, 1) probe; 8 tokens of 4 rows: columns of 2, each chunk in the forward and again in the backward
+    assert shapes == [(1, 1, VOCAB)] + [(4, 2, VOCAB)] * 4 + [(4, 1, VOCAB)] * 2 + [(4, 2, VOCAB)] * 4
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
     for name in ref_grads:  # bfloat16: the (tied) head's gradient sums per-chunk bf16 products
         head = name in ("lm_head.weight", "model.embed_tokens.weight") and autocast is not None
         assert _relative_error(got_grads[name], ref_grads[name]) <= (1e-2 if head else 1e-5), name
+
+
+def test_full_logits_fallback_runs_one_forward_when_the_model_s_forward_bypasses_its_body():
+    # a wrapper whose forward does not call get_decoder() (a multimodal model, say): no stand-in hidden states
+    model = tiny_gemma2(3.0)
+    ids, mask = padded_batch()
+    model.get_decoder = lambda: torch.nn.Identity()  # not what the forward calls
+    shapes = []
+    model.lm_head.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+    with torch.no_grad():
+        got = token_logprobs(model, ids, mask, COMPLETION_LEN, chunk_size=8)
+        ref = token_logprobs_reference(model, ids, mask, COMPLETION_LEN)
+    assert shapes[1] == (4, COMPLETION_LEN + 1, VOCAB)  # after the (1, 1) probe, one whole forward
+    torch.testing.assert_close(got, ref)
 
 
 def test_invalid_temperature_is_rejected():
