@@ -8,6 +8,12 @@ token-level loss in its own subprocess; the parent reads each child's peak RSS
 variants agree in log-probabilities and gradients. Target: chunked peak <= 1/8 of full.
 
     PYTHONPATH=src python benchmarks/bench_logprobs_memory.py [--chunk-size 512]
+
+``--head-time``: seconds of the chunked LM-head function alone (forward under autocast, backward after
+it, as the update runs them) at a real head shape, 4,096 tokens x hidden 1,024 x vocabulary 151,936
+(Qwen3-0.6B's), float32 master weight, in ``--dtype`` (bfloat16 autocast by default).
+
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/bench_logprobs_memory.py --head-time
 """
 
 from __future__ import annotations
@@ -85,6 +91,31 @@ def run_variant(variant: str, chunk_size: int, out_path: str) -> None:
     )
 
 
+HEAD_TOKENS, HEAD_HIDDEN = 4096, 1024  # --head-time: Qwen3-0.6B's hidden size
+
+
+def time_head(chunk_size: int, dtype: str) -> None:
+    """Forward and backward seconds of the chunked LM head at (HEAD_TOKENS x HEAD_HIDDEN x VOCAB)."""
+    from gspo.logprobs import _ChunkedLinearLogprobs
+
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.randn(VOCAB, HEAD_HIDDEN, generator=gen) * 0.02).requires_grad_()  # (V, H) fp32 master
+    autocast = getattr(torch, dtype) if dtype != "float32" else None
+    for tokens in (64, HEAD_TOKENS):  # a small warm-up first (kernel selection, allocator)
+        hidden = torch.randn(tokens, HEAD_HIDDEN, generator=gen).requires_grad_()  # (N, H) fp32, a norm's output
+        targets = torch.randint(0, VOCAB, (tokens,), generator=gen)  # (N,)
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            out = _ChunkedLinearLogprobs.apply(hidden, weight, None, targets, TEMPERATURE, chunk_size)  # (N,)
+        forward = time.perf_counter() - start
+        out.sum().backward()
+        backward = time.perf_counter() - start - forward
+    flop = 2 * HEAD_TOKENS * HEAD_HIDDEN * VOCAB  # one GEMM of the head
+    print(f"LM head {HEAD_TOKENS} x {HEAD_HIDDEN} x {VOCAB}, {dtype}, chunk {chunk_size}, "
+          f"{torch.get_num_threads()} thread(s): forward {forward:.1f} s, backward {backward:.1f} s, "
+          f"total {forward + backward:.1f} s ({4 * flop / (forward + backward) / 1e9:.0f} GFLOP/s over 4 GEMMs)")
+
+
 def spawn(variant: str, chunk_size: int, tmpdir: str) -> dict:
     """Run one variant in a fresh interpreter and load what it saved."""
     out_path = os.path.join(tmpdir, f"{variant}.pt")
@@ -98,7 +129,12 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=512)
     parser.add_argument("--child", choices=["chunked", "full"])
     parser.add_argument("--out")
+    parser.add_argument("--head-time", action="store_true", help="time the LM head alone at a real shape")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="with --head-time")
     args = parser.parse_args()
+    if args.head_time:
+        time_head(args.chunk_size, args.dtype)
+        return
     if args.child:
         run_variant(args.child, args.chunk_size, args.out)
         return

@@ -113,11 +113,13 @@ def _train(args: list[str]) -> int:
         validate_processes(config, int(nproc))  # before N processes start
         return relaunch_with_torchrun(int(nproc), ["train", *([parsed.positional(0)] if parsed.positional(0) else []),
                                                    *overrides, *(["--resume", resume] if resume else [])])
+    from gspo.cuda_settings import configure_allocator
     from gspo.launch import maybe_init_distributed
     from gspo.trainer.run import train
 
     from gspo.errors import RunInterrupted
 
+    configure_allocator()  # CUDA: before torchrun's set_device and the first tensor
     maybe_init_distributed()
     try:
         summary = train(config, Path(resume) if resume else None, resume=bool(resume))

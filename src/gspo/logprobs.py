@@ -9,8 +9,10 @@ body runs once for hidden states; the LM head, log_softmax and gather then run o
 completion tokens inside a custom autograd function that keeps no logits between forward and backward
 and recomputes each chunk's logits in the backward, working in place in one (chunk, V) float32 buffer.
 Peak memory is about one chunk of logits; value and gradient equal the full-logits path up to float
-rounding. Positions whose completion mask is False (padding after EOS) are skipped and get
-log-probability 0, so padding never carries inf or NaN.
+rounding. Under bfloat16 autocast the head's GEMMs run in bfloat16 in both passes (the backward, which
+runs after the autocast block, recomputes in the forward's dtype), the softmax in float32. Positions
+whose completion mask is False (padding after EOS) are skipped and get log-probability 0, so padding
+never carries inf or NaN.
 
 Top-k / top-p: a sampler that truncates samples from the renormalised distribution over the kept tokens,
 so that distribution, not the full softmax, is the behaviour policy. ``token_logprobs(..., top_k=, top_p=)``
@@ -20,8 +22,10 @@ a piecewise-constant function of the logits and carries no gradient; the renorma
 
 Models whose logits are post-processed after the LM head (Gemma-2 soft-capping, Cohere's logit scale,
 Granite's logit scaling, ...) cannot be reproduced from ``lm_head(hidden)``; for those, and for models
-whose decoder body or output layer cannot be found, ``token_logprobs`` falls back to the full-logits
-path (restricted to the last T + 1 positions when the model accepts ``logits_to_keep``).
+whose decoder body or output layer cannot be found, ``token_logprobs`` falls back to the model's own
+logits: the body runs once, then the model's own head and post-processing over ~``chunk_size``-token
+column chunks, each recomputed in the backward (activation checkpointing), so no (B, T, V) tensor exists
+(one whole-model forward, restricted to the last T + 1 positions, where no body can be found).
 ``chunked=False`` forces that path. The chunked path reads ``lm_head.weight`` directly (and keeps it for
 the backward), so under FSDP the head must belong to the root unit, whose forward gathers it (as
 ``gspo.distributed.wrap_for_training`` does); a head sharded as its own unit needs ``chunked=False``.
@@ -45,8 +49,18 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK_TOKENS = 512  # 512 x 151,936-vocab float32 logits = 311 MB per chunk; big enough for fast matmuls
+# On a GPU: 2,048 x 151,936 float32 logits = 1.2 GB per chunk, GEMMs large enough to keep the tensor cores
+# busy and 4x fewer chunk launches; a small share of a 40-80 GB device.
+GPU_CHUNK_TOKENS = 2048
+
+
+def default_chunk_tokens(device: torch.device) -> int:
+    """Completion tokens per LM-head chunk on ``device``: :data:`GPU_CHUNK_TOKENS` on CUDA, else
+    :data:`DEFAULT_CHUNK_TOKENS`."""
+    return GPU_CHUNK_TOKENS if device.type == "cuda" else DEFAULT_CHUNK_TOKENS
 
 # Config attributes that signal logit post-processing after the LM head, which the chunked path does not
 # reproduce. A value of None (or a neutral 1.0 scale) means the feature is off.
@@ -136,7 +150,7 @@ def token_logprobs(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_TOKENS,
+    chunk_size: int | None = None,
     chunked: bool | None = None,
     share_prompts: bool = False,
     **forward_kwargs,
@@ -152,6 +166,7 @@ def token_logprobs(
             log-probabilities are then those of the truncated, renormalised distribution
             (:func:`truncated_log_softmax` of the tempered logits); a token outside the support gets -inf.
         chunk_size: completion tokens per LM-head chunk; peak memory is about one (chunk, V) float32 buffer.
+            None: by device (:func:`default_chunk_tokens`).
         chunked: None picks the chunked path when :func:`supports_chunked`; False forces full logits.
         share_prompts: run each distinct prompt once and reuse its keys/values for all its responses (see
             the module docstring; falls back to one plain forward where that does not apply).
@@ -168,13 +183,14 @@ def token_logprobs(
             f"got {num_completion_tokens}"
         )
     truncation = (int(top_k), float(top_p)) if _truncates(top_k, top_p) else None
+    if chunk_size is None:
+        chunk_size = default_chunk_tokens(input_ids.device)
     if chunked is None:
         chunked = supports_chunked(model)
     if not chunked:
         keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-        return _full_logits_logprobs(
-            model, input_ids, attention_mask, num_completion_tokens, temperature, keep, forward_kwargs, truncation
-        )
+        return _full_logits_logprobs(model, input_ids, attention_mask, num_completion_tokens, temperature, keep,
+                                     forward_kwargs, truncation, chunk_size=chunk_size)
     num_tokens = num_completion_tokens
     hidden = None
     if share_prompts and not forward_kwargs:
@@ -297,12 +313,20 @@ def token_logprobs_reference(
 
 
 def _full_logits_logprobs(
-    model, input_ids, attention_mask, num_tokens, temperature, keep_last, forward_kwargs, truncation=None
+    model, input_ids, attention_mask, num_tokens, temperature, keep_last, forward_kwargs, truncation=None,
+    chunk_size: int = 0,
 ):
     """Log-probabilities from the model's own logits (any post-processing included).
 
     ``keep_last`` asks the model for the last T + 1 positions' logits only (``logits_to_keep``).
+    ``chunk_size`` > 0 (the fallback of :func:`token_logprobs`): the decoder body runs once and the model's
+    own head and logit post-processing (:func:`_model_head_logits`) over columns of about ``chunk_size``
+    tokens, each recomputed in the backward (activation checkpointing), so no (B, T, V) tensor exists;
+    0, or a model without a separate body: one forward of the whole model.
     """
+    if chunk_size > 0 and _head_runs_apart(model, input_ids[:1, :1]):
+        return _column_chunked_logprobs(model, input_ids, attention_mask, num_tokens, temperature, keep_last,
+                                        forward_kwargs, truncation, chunk_size)
     if keep_last:
         forward_kwargs = {**forward_kwargs, "logits_to_keep": num_tokens + 1}
     logits = model(
@@ -313,21 +337,101 @@ def _full_logits_logprobs(
         **forward_kwargs,
     ).logits  # (B, L or T + 1, V)
     logits = logits[:, -num_tokens - 1 : -1]
-    logits = logits.to(_wide(logits.dtype))  # (B, T, V) float32 or wider
+    targets = input_ids[:, -num_tokens:]  # (B, T)
+    logprobs = _logits_to_logprobs(logits, targets, temperature, truncation)  # (B, T)
+    return logprobs.masked_fill(~attention_mask[:, -num_tokens:].bool(), 0.0)
+
+
+def _logits_to_logprobs(logits, targets, temperature, truncation):
+    """(B, c) log-probabilities of ``targets`` (B, c) under (B, c, V) ``logits``, in float32 or wider."""
+    logits = logits.to(_wide(logits.dtype))  # (B, c, V) float32 or wider
     if temperature != 1.0:
         logits = logits / temperature
-    targets = input_ids[:, -num_tokens:]  # (B, T)
     if truncation is None:
-        log_probs = logits.log_softmax(dim=-1)  # (B, T, V)
+        log_probs = logits.log_softmax(dim=-1)  # (B, c, V)
     else:
-        log_probs = truncated_log_softmax(logits, *truncation)  # (B, T, V)
-    logprobs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
+        log_probs = truncated_log_softmax(logits, *truncation)  # (B, c, V)
+    return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, c)
+
+
+def _separate_body(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The decoder body when the model has one apart from itself, else None."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return body if body is not None and body is not model else None
+
+
+@torch.no_grad()
+def _head_runs_apart(model: torch.nn.Module, input_ids: torch.Tensor) -> bool:
+    """Whether the model's forward reaches its decoder body (``get_decoder``) directly, so that
+    :func:`_model_head_logits` can hand it precomputed hidden states: probed on one (1, 1) position (a
+    multimodal wrapper, say, whose forward calls another module, would otherwise run its whole body)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if _separate_body(model) is None or getattr(head, "weight", None) is None:
+        return False
+    probe = head.weight.new_zeros(1, 1, head.weight.shape[1])  # (1, 1, H)
+    return _model_head_logits(model, probe, input_ids, {}) is not None
+
+
+def _column_chunked_logprobs(model, input_ids, attention_mask, num_tokens, temperature, keep_last, forward_kwargs,
+                             truncation, chunk_size):
+    """(B, T) as :func:`_full_logits_logprobs`, the logits made ~``chunk_size`` tokens at a time (see there)."""
+    body_out = _separate_body(model)(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        **forward_kwargs,
+    )
+    hidden = body_out[0][:, -num_tokens - 1 : -1]  # (B, T, H) final norm applied
+    targets = input_ids[:, -num_tokens:]  # (B, T)
+    columns = max(1, chunk_size // max(hidden.shape[0], 1))  # (B, columns) tokens per chunk
+    keep = {"logits_to_keep": 0} if keep_last else {}  # 0: every position given (the chunk's)
+
+    def chunk_logprobs(piece: torch.Tensor, piece_targets: torch.Tensor) -> torch.Tensor:
+        logits = _model_head_logits(model, piece, piece_targets, keep)  # (B, c, V)
+        return _logits_to_logprobs(logits, piece_targets, temperature, truncation)  # (B, c)
+
+    pieces = []
+    for start in range(0, num_tokens, columns):
+        piece, piece_targets = hidden[:, start : start + columns], targets[:, start : start + columns]
+        if torch.is_grad_enabled() and piece.requires_grad:  # keep no (B, c, V) tensor for the backward
+            pieces.append(checkpoint(chunk_logprobs, piece, piece_targets, use_reentrant=False))
+        else:
+            pieces.append(chunk_logprobs(piece, piece_targets))
+    logprobs = torch.cat(pieces, dim=1)  # (B, T)
     return logprobs.masked_fill(~attention_mask[:, -num_tokens:].bool(), 0.0)
+
+
+def _model_head_logits(model, hidden: torch.Tensor, input_ids: torch.Tensor, keep: dict) -> torch.Tensor | None:
+    """(B, c, V) the model's own logits for (B, c, H) final hidden states: its forward runs with the decoder
+    body answering ``hidden`` (the body already ran), so its head and logit post-processing (Gemma-2's
+    soft-capping, Cohere's logit scale, ...) are the model's code, not a copy of it. None where the
+    forward did not call the body."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    body = _separate_body(model)
+    patched = vars(body).get("forward")  # an instance-level forward (a wrapper's), restored after
+    answered = []
+
+    def stand_in(*args, **kwargs):
+        answered.append(True)
+        return BaseModelOutputWithPast(last_hidden_state=hidden)
+
+    body.forward = stand_in
+    try:
+        logits = model(input_ids=input_ids, use_cache=False, **keep).logits  # (B, c, V)
+    finally:
+        if patched is None:
+            del body.forward  # the class's forward again
+        else:
+            body.forward = patched
+    return logits if answered else None  # None: the forward never reached the body (see _head_runs_apart)
 
 
 def _chunk_logits(hidden, weight, bias, temperature, truncation=None):
     """(C, V) ``(hidden @ weight.T + bias) / temperature`` for one chunk of rows, in float32 or wider;
-    with ``truncation`` = (top_k, top_p), -inf outside the sampler's support."""
+    with ``truncation`` = (top_k, top_p), -inf outside the sampler's support. The GEMM runs in the inputs'
+    dtype (the chunked function casts them to :func:`_compute_dtype` first) or under the caller's autocast."""
     logits = F.linear(hidden, weight, bias)  # (C, V)
     logits = logits.to(_wide(logits.dtype))
     if temperature != 1.0:
@@ -336,6 +440,22 @@ def _chunk_logits(hidden, weight, bias, temperature, truncation=None):
     if truncation is not None:
         logits.masked_fill_(~truncation_mask(logits, *truncation), float("-inf"))
     return logits
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The LM head's GEMM dtype: the autocast dtype where autocast is on for the inputs' device (and would
+    cast them: it leaves float64 alone), else the inputs' own (promoted) dtype.
+
+    The chunked function decides this once in its forward and runs every GEMM of both passes in it, as
+    ``torch.amp.custom_fwd`` / ``custom_bwd`` do for CUDA only: the backward runs outside the autocast
+    block, where a plain recompute would be float32 (three float32 GEMMs per chunk, and the gradient of
+    float32 logits while the value came from bfloat16 ones).
+    """
+    device = hidden.device.type
+    wide = torch.promote_types(hidden.dtype, weight.dtype)
+    if wide != torch.float64 and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return wide
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -354,6 +474,24 @@ def _exp_shifted_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (row_max + sums.log()).squeeze(1), sums
 
 
+# Vocabulary rows per step of the weight gradient's float32 accumulation: a (rows, H) compute-dtype product
+# and its float32 copy stay small (16 + 32 MB at H = 1,024) instead of a whole (V, H) temporary per chunk.
+ACCUMULATE_ROWS = 8192
+
+
+def _add_product_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out += a @ b`` with the GEMM in ``a``'s dtype (bfloat16) and the sum in ``out``'s (float32).
+
+    out: (V, H) float32, a: (V, C), b: (C, H). By slices of :data:`ACCUMULATE_ROWS` rows through one
+    float32 buffer: a mixed-dtype ``add_`` of a whole (V, H) product costs ~4x more than its GEMM's share.
+    """
+    buffer = out.new_empty(min(ACCUMULATE_ROWS, out.shape[0]), out.shape[1])  # (R, H)
+    for start in range(0, out.shape[0], ACCUMULATE_ROWS):
+        part = a[start : start + ACCUMULATE_ROWS] @ b  # (R, H) compute dtype
+        rows = buffer[: part.shape[0]]
+        out[start : start + part.shape[0]].add_(rows.copy_(part))
+
+
 class _ChunkedLinearLogprobs(torch.autograd.Function):
     """log_softmax((h W^T + b) / tau)[target] over rows of h, in chunks, recomputing logits in backward.
 
@@ -361,44 +499,62 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
     dL/dlogits = g * (onehot(target) - p) / tau, then the two matmuls of a linear layer. With a top-k /
     top-p ``truncation`` the logits outside the support are -inf in both passes, so p is the truncated,
     renormalised softmax and those logits get no gradient.
+
+    Precision: the three GEMMs of both passes (logits, and the input and weight gradients) run in the
+    forward's compute dtype (:func:`_compute_dtype`: bfloat16 under bfloat16 autocast), the softmax and
+    its gradient in float32, and the weight gradient is accumulated over chunks in float32: value and
+    gradient are those of ``log_softmax(linear(h).float())`` under the same autocast, as one
+    full-logits forward computes them.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, truncation=None):
         # hidden (N, H), weight (V, H), bias (V,) or None, targets (N,)
-        out = torch.empty(hidden.shape[0], dtype=_wide(hidden.dtype), device=hidden.device)  # (N,)
+        dtype = _compute_dtype(hidden, weight)
+        h, w = hidden.to(dtype), weight.to(dtype)  # (N, H), (V, H) the GEMMs' operands, cast once
+        b = bias.to(dtype) if bias is not None else None  # (V,)
+        out = torch.empty(hidden.shape[0], dtype=_wide(dtype), device=hidden.device)  # (N,)
         for start in range(0, hidden.shape[0], chunk_size):
             end = start + chunk_size
-            logits = _chunk_logits(hidden[start:end], weight, bias, temperature, truncation)  # (C, V)
+            logits = _chunk_logits(h[start:end], w, b, temperature, truncation)  # (C, V)
             picked = logits.gather(1, targets[start:end, None]).squeeze(1)  # (C,)
             out[start:end] = picked - _exp_shifted_(logits)[0]
-        ctx.save_for_backward(hidden, weight, bias, targets)
+        # the compute-dtype copy of hidden (half the bytes under bf16); the weight is recast in backward
+        ctx.save_for_backward(h, weight, bias, targets)
         ctx.temperature, ctx.chunk_size, ctx.truncation = temperature, chunk_size, truncation
+        ctx.hidden_dtype = hidden.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, bias, targets = ctx.saved_tensors
+        h, weight, bias, targets = ctx.saved_tensors
+        dtype = h.dtype  # the forward's compute dtype
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None  # (N, H)
+        w = weight.to(dtype)  # (V, H)
+        b = bias.to(dtype) if bias is not None else None  # (V,)
+        grad_hidden = torch.empty_like(h, dtype=ctx.hidden_dtype) if need_hidden else None  # (N, H)
         # Accumulate parameter gradients in float32 across chunks, cast once at the end.
         wide = _wide(weight.dtype)
         grad_weight = torch.zeros_like(weight, dtype=wide) if need_weight else None  # (V, H)
         grad_bias = torch.zeros_like(bias, dtype=wide) if need_bias else None  # (V,)
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
+        for start in range(0, h.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
-            h = hidden[start:end]  # (C, H)
-            scale = grad_out[start:end, None].to(wide) / ctx.temperature  # (C, 1) g / tau
-            logits = _chunk_logits(h, weight, bias, ctx.temperature, ctx.truncation)  # (C, V)
+            h_chunk = h[start:end]  # (C, H)
+            scale = grad_out[start:end, None].to(_wide(dtype)) / ctx.temperature  # (C, 1) g / tau
+            logits = _chunk_logits(h_chunk, w, b, ctx.temperature, ctx.truncation)  # (C, V)
             _, sums = _exp_shifted_(logits)  # logits now hold exp(z - max z); p = logits / sums
             grad_logits = logits.mul_(-scale / sums)  # (C, V) -g * p / tau, in the logits' buffer
             grad_logits.scatter_add_(1, targets[start:end, None], scale)  # + g * onehot / tau
+            grad_low = grad_logits.to(dtype)  # (C, V) the GEMMs' operand (the same buffer in float32)
             if need_hidden:
-                grad_hidden[start:end] = grad_logits.to(weight.dtype) @ weight  # (C, H)
+                grad_hidden[start:end] = grad_low @ w  # (C, H)
             if need_weight:
-                grad_weight.addmm_(grad_logits.t(), h.to(wide))  # (V, H)
+                if dtype == wide:
+                    grad_weight.addmm_(grad_low.t(), h_chunk)  # (V, H)
+                else:  # a compute-dtype GEMM, summed over chunks in float32
+                    _add_product_(grad_weight, grad_low.t(), h_chunk)  # (V, H)
             if need_bias:
-                grad_bias += grad_logits.sum(dim=0)
+                grad_bias += grad_low.sum(dim=0, dtype=wide)
         grad_weight = grad_weight.to(weight.dtype) if need_weight else None
         grad_bias = grad_bias.to(bias.dtype) if need_bias else None
         return grad_hidden, grad_weight, grad_bias, None, None, None, None

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gspo.logprobs import (DEFAULT_CHUNK_TOKENS, _chunk_logits, _exp_shifted_, _wide, position_ids_from_mask,
+from gspo.logprobs import (_chunk_logits, _exp_shifted_, _wide, default_chunk_tokens, position_ids_from_mask,
                            supports_chunked, truncation_mask)
 
 
@@ -66,7 +66,7 @@ def truncation_support(model: torch.nn.Module, input_ids: torch.Tensor, attentio
 @torch.no_grad()
 def token_logprobs_on_support(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                               num_completion_tokens: int, support: Support, *,
-                              chunk_size: int = DEFAULT_CHUNK_TOKENS, chunked: bool | None = None,
+                              chunk_size: int | None = None, chunked: bool | None = None,
                               **forward_kwargs) -> torch.Tensor:
     """(B, T) log-probabilities of ``model``'s tempered distribution renormalised over ``support`` (another
     model's top-k / top-p support, :func:`truncation_support`), -inf off it, 0 on padding; no gradient.
@@ -77,6 +77,7 @@ def token_logprobs_on_support(model: torch.nn.Module, input_ids: torch.Tensor, a
     :func:`gspo.logprobs.token_logprobs` computes for the same model and support (same kernels, same order).
     """
     num_tokens = num_completion_tokens
+    chunk_size = chunk_size or default_chunk_tokens(input_ids.device)  # the policy's chunks (token_logprobs)
     mask = attention_mask[:, -num_tokens:].bool()  # (B, T)
     targets = input_ids[:, -num_tokens:][mask]  # (N,)
     if supports_chunked(model) if chunked is None else chunked:

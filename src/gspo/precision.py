@@ -15,6 +15,11 @@ Master weights and the optimizer state are always float32; only the compute of t
 - A model under :data:`MIN_BF16_PARAMS` parameters stays float32 everywhere (its GEMMs are too small
   for the matrix units to matter, and gspo's embedded models and the tests' exact values are float32).
 
+Float32 compute on a CUDA GPU with TF32 (compute capability 8.0+, the same GPUs as native bfloat16) runs
+its matmuls in TF32 (``tf32``, :func:`use_tf32`; applied by :mod:`gspo.cuda_settings`): true float32
+GEMMs run at a tenth of the tensor cores' rate. pi_old is then recomputed (the sampler's float32
+log-probabilities are no longer the trainer's to float32 rounding). Nothing changes on a CPU.
+
 The GEMM probe takes a few tens of milliseconds and is cached per machine in the user cache directory
 (``$XDG_CACHE_HOME/gspo``, else ``~/.cache/gspo``; ``GSPO_CACHE_DIR`` overrides it), keyed by CPU model and
 torch version; never inside the package.
@@ -78,6 +83,7 @@ class PrecisionPolicy:
     sampler: str = "float32"
     reason: str = "configured"
     master: str = "float32"
+    tf32: bool = False  # float32 compute on CUDA: matmuls in TF32 (use_tf32)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -93,9 +99,14 @@ class PrecisionPolicy:
         dtype = self.autocast_dtype
         return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
 
+    @property
+    def matmul(self) -> str:
+        """What the training matmuls compute in: the compute dtype, or ``tf32``."""
+        return "tf32" if self.tf32 else self.compute
+
     def describe(self) -> str:
         """``precision: bfloat16 compute, fp32 master (AMX: bf16 GEMM 3.8x fp32)`` (the start line's part)."""
-        text = f"precision: {self.compute} compute"
+        text = f"precision: {self.compute} compute" + (" (TF32 matmuls)" if self.tf32 else "")
         if self.sampler != self.compute:
             text += f", {self.sampler} sampler"
         return f"{text}, fp32 master ({self.reason})"
@@ -120,15 +131,23 @@ def decide(facts: DeviceFacts, timings: ProbeTimings | None, num_params: int) ->
     return "bfloat16", f"{units[0]}: bf16 GEMM {timings.speedup:.1f}x fp32"
 
 
+def use_tf32(facts: DeviceFacts, compute: str) -> bool:
+    """Float32 compute on a CUDA GPU with TF32 tensor cores (compute capability 8.0+, which is also where
+    native bfloat16 is, ``cuda_bf16``) runs its matmuls in TF32; never on a CPU or under bf16 compute."""
+    return facts.kind == "cuda" and facts.cuda_bf16 and compute == "float32"
+
+
 def resolve_precision(optim_dtype: str, engine_dtype: str, device: torch.device, num_params: int, *,
                       cache_dir: Path | None = None) -> PrecisionPolicy:
     """The run's :class:`PrecisionPolicy` from ``optim.dtype`` and ``rollout.engine_dtype``.
 
     ``optim.dtype=auto`` runs :func:`decide` (probing the CPU's GEMMs only when the model is large enough
-    and the CPU declares bf16 units); ``rollout.engine_dtype=auto`` samples in the compute dtype.
+    and the CPU declares bf16 units); ``rollout.engine_dtype=auto`` samples in the compute dtype; float32
+    compute on a CUDA GPU with TF32 uses it (:func:`use_tf32`).
     """
+    facts = device_facts(device) if device.type == "cuda" else None  # the CPU's flags only where auto asks
     if optim_dtype == "auto":
-        facts = device_facts(device)
+        facts = facts or device_facts(device)
         needs_probe = num_params >= MIN_BF16_PARAMS and facts.kind == "cpu" and any(
             f in facts.flags for f in CPU_BF16_FLAGS)
         timings = cached_probe(facts, cache_dir) if needs_probe else None
@@ -136,7 +155,8 @@ def resolve_precision(optim_dtype: str, engine_dtype: str, device: torch.device,
     else:
         compute, reason = optim_dtype, "configured"
     sampler = compute if engine_dtype == "auto" else engine_dtype
-    return PrecisionPolicy(compute=compute, sampler=sampler, reason=reason)
+    tf32 = facts is not None and use_tf32(facts, compute)
+    return PrecisionPolicy(compute=compute, sampler=sampler, reason=reason, tf32=tf32)
 
 
 def device_facts(device: torch.device) -> DeviceFacts:

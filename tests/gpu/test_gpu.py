@@ -69,6 +69,25 @@ def test_chunked_logprobs_on_cuda_match_full_logits():
     assert torch.allclose(rollout.logprobs, full, atol=1e-4)  # the sampler's own, fp32
 
 
+def test_lm_head_backward_runs_in_the_forward_s_bf16_on_cuda():
+    """CUDA runs the backward on another thread, outside any autocast: the chunked head's gradient must still
+    be that of its bf16 forward (the full-logits path's under the same autocast), and its GEMMs bf16."""
+    from gspo.logprobs import _ChunkedLinearLogprobs
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(3000, 256, device="cuda", generator=g).requires_grad_()  # (N, H)
+    weight = (0.05 * torch.randn(8192, 256, device="cuda", generator=g)).requires_grad_()  # (V, H)
+    targets = torch.randint(0, 8192, (3000,), device="cuda", generator=g)  # (N,)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = _ChunkedLinearLogprobs.apply(hidden, weight, None, targets, 0.9, 4096)  # one chunk: the same GEMMs
+        ref = (torch.nn.functional.linear(hidden, weight).float() / 0.9).log_softmax(-1).gather(1, targets[:, None])
+    grads = torch.autograd.grad(got.sum(), (hidden, weight))
+    ref_grads = torch.autograd.grad(ref.sum(), (hidden, weight))
+    assert torch.allclose(got, ref.squeeze(1), atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        assert float((a - b).norm() / b.norm()) < 2e-3  # a float32 recompute: ~4e-3 (measured on CPU)
+
+
 def test_bf16_sampling_mismatch_metrics():
     """A bf16 engine copy against the fp32 policy: the mismatch is measurable and small."""
     from gspo.logprobs import token_logprobs

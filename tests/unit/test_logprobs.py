@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 
+import gspo.logprobs
 from gspo.logprobs import (
     _ChunkedLinearLogprobs,
     supports_chunked,
@@ -47,10 +48,12 @@ def padded_batch(seed: int = 0):
     return ids, mask
 
 
-def value_and_grads(fn, model, ids, mask, **kwargs):
-    """Log-probabilities and the parameter gradients of a weighted sum of them."""
+def value_and_grads(fn, model, ids, mask, autocast=None, **kwargs):
+    """Log-probabilities and the parameter gradients of a weighted sum of them; ``autocast``: a dtype to
+    run the forward (only) under."""
     model.zero_grad()
-    logprobs = fn(model, ids, mask, COMPLETION_LEN, temperature=TEMPERATURE, **kwargs)  # (B, T)
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        logprobs = fn(model, ids, mask, COMPLETION_LEN, temperature=TEMPERATURE, **kwargs)  # (B, T)
     weights = torch.linspace(-1.0, 2.0, logprobs.numel()).view_as(logprobs)  # (B, T) advantage stand-in
     (logprobs * weights).sum().backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
@@ -128,8 +131,50 @@ def test_bfloat16_model_matches_reference():
         torch.testing.assert_close(got_grads[name].float(), ref_grads[name].float(), atol=2e-2, rtol=2e-2)
 
 
-def test_logit_softcapping_falls_back_to_full_logits():
-    """Gemma-2 soft-caps its logits after the LM head; the chunked path would silently drop that."""
+def _relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.float() - ref.float()).norm() / ref.float().norm())
+
+
+@pytest.mark.parametrize("chunk_size", [1000, 5])
+def test_bfloat16_autocast_gradient_is_that_of_the_bfloat16_logits(chunk_size):
+    """Under bfloat16 autocast the chunked head's backward recomputes in bfloat16 as its forward did: the
+    gradient is the one-forward full-logits path's (``log_softmax(linear(h).float())`` under the same
+    autocast), not that of float32 logits (~5e-3 away, what a float32 recompute outside autocast gave)."""
+    model = tiny_qwen3()
+    ids, mask = padded_batch()
+    # the forward under autocast, the backward after the block, as the update runs them
+    ref, ref_grads = value_and_grads(token_logprobs_reference, model, ids, mask, autocast=torch.bfloat16)
+    got, got_grads = value_and_grads(token_logprobs, model, ids, mask, chunk_size=chunk_size, autocast=torch.bfloat16)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for name in ref_grads:
+        # one chunk: every GEMM as the full path's. Several: the head's weight gradient sums per-chunk
+        # bfloat16 GEMM outputs in float32 (one bf16 rounding per chunk instead of one in all)
+        tolerance = 1e-2 if name == "lm_head.weight" and chunk_size < mask.sum() else 1e-4
+        assert _relative_error(got_grads[name], ref_grads[name]) <= tolerance, name
+
+
+def test_chunked_function_runs_its_gemms_in_the_autocast_dtype_in_both_passes(monkeypatch):
+    """The backward runs outside the autocast block; its recompute still uses the forward's dtype."""
+    monkeypatch.setattr(gspo.logprobs, "ACCUMULATE_ROWS", 7)  # the weight gradient by slices of 7 rows, 40 in all
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, 8, generator=gen, requires_grad=True)  # (N, H) float32, as a norm's output
+    weight = torch.randn(40, 8, generator=gen, requires_grad=True)  # (V, H) float32 master weight
+    targets = torch.randint(0, 40, (6,), generator=gen)  # (N,)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _ChunkedLinearLogprobs.apply(hidden, weight, None, targets, 1.0, 4)
+        ref = torch.nn.functional.linear(hidden, weight).float().log_softmax(-1).gather(-1, targets[:, None])
+    grads = torch.autograd.grad(got.sum(), (hidden, weight))
+    ref_grads = torch.autograd.grad(ref.sum(), (hidden, weight))
+    assert grads[0].dtype == grads[1].dtype == torch.float32
+    torch.testing.assert_close(got, ref.squeeze(1))
+    assert _relative_error(grads[0], ref_grads[0]) <= 1e-4
+    assert _relative_error(grads[1], ref_grads[1]) <= 1e-2
+    full = torch.autograd.grad(  # the float32-logits gradient is measurably elsewhere
+        torch.nn.functional.linear(hidden, weight).log_softmax(-1).gather(-1, targets[:, None]).sum(), hidden)[0]
+    assert _relative_error(full, ref_grads[0]) > 1e-3
+
+
+def tiny_gemma2(softcapping: float = 0.5) -> transformers.Gemma2ForCausalLM:
     config = transformers.Gemma2Config(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -138,10 +183,15 @@ def test_logit_softcapping_falls_back_to_full_logits():
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
-        final_logit_softcapping=0.5,  # strong capping so that ignoring it is visible
+        final_logit_softcapping=softcapping,
     )
     torch.manual_seed(0)
-    model = transformers.Gemma2ForCausalLM(config)
+    return transformers.Gemma2ForCausalLM(config)
+
+
+def test_logit_softcapping_falls_back_to_full_logits():
+    """Gemma-2 soft-caps its logits after the LM head; the chunked path would silently drop that."""
+    model = tiny_gemma2(0.5)  # strong capping so that ignoring it is visible
     ids, mask = padded_batch()
     assert not supports_chunked(model)
     assert supports_chunked(tiny_qwen3())
@@ -154,6 +204,40 @@ def test_logit_softcapping_falls_back_to_full_logits():
     # Capped at 0.5, every logit is within 0.5 of 0: log-probabilities stay near -log(V).
     real = mask[:, -COMPLETION_LEN:]
     assert (auto[real] - (-math.log(VOCAB))).abs().max() < 1.0
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_full_logits_fallback_runs_the_model_s_head_by_column_chunks(autocast):
+    """The fallback (soft-capped logits) makes its (B, c, V) logits a few columns at a time with the model's
+    own head and capping, recomputed in the backward: value and gradient of the one-forward path."""
+    model = tiny_gemma2(3.0)
+    ids, mask = padded_batch()
+    shapes = []
+    model.lm_head.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+    ref, ref_grads = value_and_grads(token_logprobs_reference, model, ids, mask, autocast=autocast)
+    assert shapes == [(4, PROMPT_LEN + COMPLETION_LEN, VOCAB)]  # the whole (B, L, V) at once
+    shapes.clear()
+    got, got_grads = value_and_grads(token_logprobs, model, ids, mask, chunk_size=8, autocast=autocast)
+    # a (1, 1) probe; 8 tokens of 4 rows: columns of 2, each chunk in the forward and again in the backward
+    assert shapes == [(1, 1, VOCAB)] + [(4, 2, VOCAB)] * 4 + [(4, 1, VOCAB)] * 2 + [(4, 2, VOCAB)] * 4
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+    for name in ref_grads:  # bfloat16: the (tied) head's gradient sums per-chunk bf16 products
+        head = name in ("lm_head.weight", "model.embed_tokens.weight") and autocast is not None
+        assert _relative_error(got_grads[name], ref_grads[name]) <= (1e-2 if head else 1e-5), name
+
+
+def test_full_logits_fallback_runs_one_forward_when_the_model_s_forward_bypasses_its_body():
+    # a wrapper whose forward does not call get_decoder() (a multimodal model, say): no stand-in hidden states
+    model = tiny_gemma2(3.0)
+    ids, mask = padded_batch()
+    model.get_decoder = lambda: torch.nn.Identity()  # not what the forward calls
+    shapes = []
+    model.lm_head.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+    with torch.no_grad():
+        got = token_logprobs(model, ids, mask, COMPLETION_LEN, chunk_size=8)
+        ref = token_logprobs_reference(model, ids, mask, COMPLETION_LEN)
+    assert shapes[1] == (4, COMPLETION_LEN + 1, VOCAB)  # after the (1, 1) probe, one whole forward
+    torch.testing.assert_close(got, ref)
 
 
 def test_invalid_temperature_is_rejected():

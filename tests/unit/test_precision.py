@@ -98,3 +98,28 @@ def test_start_line_names_the_precision(tiny_overrides):
     assert trainer.parts.precision.compute == "float32"  # the tiny model: float32 whatever the CPU
     assert re.search(r"; precision: float32 compute, fp32 master \([0-9.]+M params < 50M: GEMMs too small for bf16\)$",
                      _setup_text(trainer))
+
+
+def test_tf32_only_for_float32_compute_on_a_cuda_gpu_that_has_it():
+    from gspo.precision import use_tf32
+
+    ampere = DeviceFacts("cuda", "H100", cuda_bf16=True)
+    assert use_tf32(ampere, "float32")
+    assert not use_tf32(ampere, "bfloat16")  # bf16 autocast: its GEMMs are bf16 already
+    assert not use_tf32(DeviceFacts("cuda", "V100", cuda_bf16=False), "float32")  # no TF32 before sm80
+    assert not use_tf32(DeviceFacts("cpu", flags=frozenset({"amx_bf16"})), "float32")  # nothing on a CPU
+    policy = PrecisionPolicy(compute="float32", sampler="float32", reason="configured", tf32=True)
+    assert policy.matmul == "tf32" and "TF32 matmuls" in policy.describe()
+    assert PrecisionPolicy().matmul == "float32" and "TF32" not in PrecisionPolicy().describe()
+    assert resolve_precision("float32", "auto", torch.device("cpu"), 10**9).tf32 is False
+
+
+def test_tf32_makes_auto_pi_old_recompute():
+    # the sampler's float32 log-probabilities are not the trainer's to float32 rounding under TF32 matmuls
+    from gspo.rollout.base import EngineInfo
+    from gspo.trainer.old_logprobs import plan_old_logprobs
+
+    engine = EngineInfo(name="hf", exact_logprobs=True)
+    assert plan_old_logprobs("auto", engine=engine, training_dtype="float32", dropout=False, moe=False).source == "rollout"
+    plan = plan_old_logprobs("auto", engine=engine, training_dtype="tf32", dropout=False, moe=False)
+    assert plan.source == "recompute" and plan.reason == "tf32 training"

@@ -121,6 +121,36 @@ def test_a_reward_model_spec_must_be_a_model_directory(tmp_path):
         resolve_rewards([f"rm:{tmp_path}@0.5"], {})
 
 
+def test_a_reward_model_scores_in_forwards_within_its_token_budget(tmp_path):
+    # a no-grad pass too: a step's completions go through the reward model in budgeted forwards, not one
+    import torch
+    from transformers import Qwen3Config, Qwen3ForSequenceClassification
+
+    from gspo.models.tiny import build_char_tokenizer
+    from gspo.tasks.reward_model import RewardModel, token_groups
+
+    tokenizer = build_char_tokenizer()
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
+                         num_labels=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    Qwen3ForSequenceClassification(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    prompts = [f"{a}+{b}=" for a, b in [(1, 2), (13, 4), (250, 31), (7, 7), (9, 11), (123, 456)]]
+    completions = ["3", "17 is the sum", "281", "14, since 7 and 7 make fourteen", "20", "579"]
+    rows = [{}] * len(prompts)
+    one = RewardModel(tmp_path, batch_tokens=10_000)
+    split = RewardModel(tmp_path, batch_tokens=60)
+    shapes = []
+    split.model.register_forward_hook(lambda m, a, kw, out: shapes.append(tuple(kw["input_ids"].shape)),
+                                      with_kwargs=True)
+    expected, got = one(prompts, completions, rows), split(prompts, completions, rows)
+    assert len(shapes) > 2 and all(b * length <= 60 or b == 1 for b, length in shapes)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=0, atol=1e-5)
+    assert token_groups([5, 9, 2, 9, 4], 18) == [[1, 3], [0, 4, 2]]
+    assert token_groups([30, 1], 10) == [[0], [1]]  # a row over the budget runs alone
+
+
 def test_reasoning_gym_answer_extraction():
     from gspo.tasks.reasoning_gym import extract_tagged_answer, parse_spec
 

@@ -2,8 +2,9 @@
 
 The model directory is any local Hugging Face ``*ForSequenceClassification`` with one label (a reward
 model); its logit at the last token of ``prompt + completion`` is the reward. It is a *batched*
-reward (see :mod:`gspo.tasks.rewards`): all completions of a step are scored in one forward, right
-padded so that padding changes neither positions nor scores. Text: with a chat template in the reward
+reward (see :mod:`gspo.tasks.rewards`): a step's completions are sorted by length and scored in as few
+forwards as keep each within ``batch_tokens`` padded tokens (:data:`BATCH_TOKENS`; a longer text runs
+alone), right padded so that padding changes neither positions nor scores. Text: with a chat template in the reward
 model's tokenizer, the row's prompt (string or chat messages) plus the completion as the assistant
 turn, rendered by that template; without one, the prompt text followed by the completion. Inputs longer
 than the reward model's context are cut from the left (the end of the completion is what it scores).
@@ -23,12 +24,19 @@ from gspo.errors import ConfigError, ModelLoadError
 from gspo.tasks.base import Row
 
 
+# Padded tokens (rows x longest) per reward-model forward: a no-grad pass, but its attention and MLP
+# activations still grow with the batch (256 responses of 2k tokens are 512k tokens in one forward).
+BATCH_TOKENS = 16_384
+
+
 class RewardModel:
-    """Scores completions with a one-label sequence-classification model, one forward per call."""
+    """Scores completions with a one-label sequence-classification model, in forwards of at most
+    ``batch_tokens`` padded tokens."""
 
     batched = True  # called as (prompts, completions, rows) -> list[float] by gspo.tasks.rewards.score
 
-    def __init__(self, path: str | Path, *, device: str | torch.device | None = None) -> None:
+    def __init__(self, path: str | Path, *, device: str | torch.device | None = None,
+                 batch_tokens: int = BATCH_TOKENS) -> None:
         from transformers import AutoModelForSequenceClassification
 
         self.path = _check_directory(Path(path).expanduser())
@@ -44,6 +52,7 @@ class RewardModel:
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.max_length = getattr(config, "max_position_embeddings", None)
         self.use_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self.batch_tokens = batch_tokens
 
     def text(self, prompt: str, completion: str, row: Row) -> str:
         """What the reward model reads for one completion (see the module docstring)."""
@@ -60,11 +69,29 @@ class RewardModel:
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], rows: Sequence[Row]) -> list[float]:
         texts = [self.text(p, c, r) for p, c, r in zip(prompts, completions, rows)]
         device = next(self.model.parameters()).device
-        batch = self.tokenizer(texts, padding=True, truncation=self.max_length is not None,
-                               max_length=self.max_length, add_special_tokens=not self.use_template,
-                               return_tensors="pt").to(device)
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, 1)
-        return logits[:, 0].float().tolist()
+        options = {"truncation": self.max_length is not None, "max_length": self.max_length,
+                   "add_special_tokens": not self.use_template}
+        lengths = [len(ids) for ids in self.tokenizer(texts, **options)["input_ids"]]
+        scores = [0.0] * len(texts)
+        for group in token_groups(lengths, self.batch_tokens):
+            batch = self.tokenizer([texts[i] for i in group], padding=True, return_tensors="pt", **options).to(device)
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (b, 1)
+            for i, score in zip(group, logits[:, 0].float().tolist()):
+                scores[i] = score
+        return scores
+
+
+def token_groups(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices into ``lengths`` grouped longest first so that each group's rows x longest stays within
+    ``budget`` (a row longer than the budget gets a group of its own); every index exactly once."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep their order
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= budget:
+            groups[-1].append(i)  # the group's first row is its longest
+        else:
+            groups.append([i])
+    return groups
 
 
 def _check_directory(path: Path) -> Path:

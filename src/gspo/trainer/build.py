@@ -20,6 +20,7 @@ import torch
 
 from pathlib import Path
 
+from gspo import cuda_settings
 from gspo import distributed as dist
 from gspo.config.schema import Config
 from gspo.config.validate import validate_processes
@@ -115,6 +116,8 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     validate_processes(config, dist.world_size())
     task = task or build_task(config.data, seed=config.seed, eval_size=config.eval.size)
     device = pick_device(config.device)
+    if device.type == "cuda":
+        cuda_settings.configure_allocator()  # before the first CUDA tensor (the CLI did it earlier still)
     rewards = rewards or resolve_rewards(config.reward.functions, task.rewards, device=device)
     # before the weights load: a run that cannot fit stops here
     precision = _precision_and_memory(config, device, model)
@@ -123,6 +126,7 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     config = _resolve_prompt_cap(config, task, tokenizer, model)
     if precision is None:  # a config without the Llama-style shape keys: decided from the loaded model
         precision = resolve_precision(o.dtype, r.engine_dtype, device, sum(p.numel() for p in model.parameters()))
+    cuda_settings.apply_matmul_precision(precision.tf32)
     moe = supports_routing(model)
     replay = config.moe.routing_replay
     if replay != "off" and not moe:
@@ -163,7 +167,7 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     updater = _updater(config, precision, max_length=collector.max_response_tokens,  # an episode spans its turns
                        forward_overhead=forward_overhead_tokens(sum(p.numel() for p in model.parameters())))
     source = "rollout" if config.correction.mode == "bypass" else config.loss.old_logprobs
-    plan = plan_old_logprobs(source, engine=engine.info, training_dtype=precision.compute,
+    plan = plan_old_logprobs(source, engine=engine.info, training_dtype=precision.matmul,
                              dropout=has_dropout(model), moe=moe, routing_replay=replay,
                              diagnostics=config.moe.diagnostics, correction=config.correction.mode)
     temperature = r.temperature

@@ -18,7 +18,7 @@ import torch
 
 from gspo.algorithms import in_support
 from gspo.models.modes import eval_mode
-from gspo.moe import capture_routing, replay_routing
+from gspo.moe import RoutingRecord, capture_routing, replay_routing
 from gspo.rollout.base import EngineInfo
 from gspo.trainer.collect import ScoredBatch
 from gspo.trainer.micro import trim_padding
@@ -157,9 +157,8 @@ class OldLogprobs:
                 keep = (~reuse).nonzero().squeeze(1)  # (b,)
                 old = self._passes(self.policy, ids, attn, num_t, minibatches, skip=reuse)  # (B, T) reused rows: 0,
                 metrics.update(mismatch_metrics(old[keep], rollout.logprobs[keep], mask[keep]))  # filled by the update
-            elif self._routed:
-                with self._routing(rollout) as routing:  # R3: the engine's experts, as in every training forward
-                    old = self.policy(ids, attn, num_t, routed=True)  # (B, T)
+            elif self._routed:  # R3: the engine's experts, as in every training forward; R2: record them
+                old, routing = self._routed_passes(rollout, minibatches)  # (B, T), record or None
                 metrics.update(mismatch_metrics(old, rollout.logprobs, mask))
             else:
                 old = self._passes(self.policy, ids, attn, num_t, minibatches)  # (B, T)
@@ -167,8 +166,10 @@ class OldLogprobs:
         else:
             old = rollout.logprobs  # (B, T) the engine's
             if plan.capture_routing:  # MoE diagnostics / R2 still need the old-policy experts
-                with self._routing(rollout) as routing:
-                    recomputed = self.policy(ids, attn, num_t, routed=self._routed)
+                if self._routed:
+                    recomputed, routing = self._routed_passes(rollout, minibatches)  # (B, T), record or None
+                else:
+                    recomputed = self._passes(self.policy, ids, attn, num_t, minibatches)  # (B, T)
                 metrics.update(mismatch_metrics(recomputed, rollout.logprobs, mask))
             elif plan.measure_onpolicy and onpolicy is not None:
                 measure = onpolicy.clone()  # (B,) the first update's forward compares trainer and sampler
@@ -183,16 +184,32 @@ class OldLogprobs:
 
     @property
     def _routed(self) -> bool:
-        """The pass runs inside a routing capture or replay (its hooks need one plain forward of the whole batch)."""
+        """The pass runs inside a routing capture or replay (per forward: no prompt sharing, no trimming)."""
         return (self.plan.capture_routing or self.plan.routing_from_rollout) and self.routed_model is not None
 
-    def _routing(self, rollout) -> ContextManager:
-        """R3: replay the engine's experts; R2 / diagnostics: record the old-policy pass's experts."""
-        if not self._routed:
-            return contextlib.nullcontext()
-        if self.plan.routing_from_rollout:
-            return replay_routing(self.routed_model, rollout.routing)
-        return capture_routing(self.routed_model)
+    def _routed_passes(self, rollout, minibatches: list[Minibatch] | None) -> tuple[torch.Tensor, RoutingRecord | None]:
+        """(B, T) policy log-probabilities with the MoE routers replayed from the engine's record (R3) or
+        recorded (R2 / diagnostics), one forward per micro-batch as :meth:`_passes` runs them, each at the
+        batch's full width (the update replays a routing record uncut); and the (B, P + T, k) record of the
+        experts these passes chose (None under R3, whose record is the engine's)."""
+        ids, attn, num_t = rollout.input_ids, rollout.attention_mask, rollout.completion_ids.shape[1]
+        out = attn.new_zeros((ids.shape[0], num_t), dtype=torch.float32)  # (B, T)
+        layers: list[torch.Tensor] | None = None  # per MoE layer: (B, P + T, k) expert ids
+        for micro, real in self._layout(attn, num_t, minibatches, None):
+            if self.plan.routing_from_rollout:
+                routing = replay_routing(self.routed_model, rollout.routing.select(micro).to(ids.device))
+            else:
+                routing = capture_routing(self.routed_model)
+            with routing as record:
+                values = self.policy(ids[micro], attn[micro], num_t, routed=True).float()  # (m, T)
+            rows = micro[real]  # a padding row repeats a real one: written where it is real
+            out[rows] = values[real]
+            if isinstance(record, RoutingRecord):
+                if layers is None:
+                    layers = [part.new_zeros((ids.shape[0], *part.shape[1:])) for part in record.indices]
+                for whole, part in zip(layers, record.indices):
+                    whole[rows] = part[real]
+        return out, RoutingRecord(layers) if layers is not None else None
 
     def _passes(self, fn: LogprobFn, ids: torch.Tensor, attn: torch.Tensor, num_t: int,
                 minibatches: list[Minibatch] | None, skip: torch.Tensor | None = None) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 from gspo import distributed as dist
 from gspo.checkpoint._fs import replace_file_atomic
 from gspo.config.schema import Config
+from gspo.cuda_settings import release_cached_memory
 from gspo.tasks.base import DataCursor
 from gspo.trainer.build import Components, build
 from gspo.trainer.collect import ScoredBatch
@@ -78,6 +79,7 @@ class Trainer:
         t0 = time.perf_counter()
         seed = _step_seed(cfg.seed, step, rank=0)  # per-response seeds: independent of the batch split
         batch = self._collect(seed).to(policy_device(self.policy))  # the device boundary: once, after scoring
+        release_cached_memory(policy_device(self.policy))  # CUDA: the sampler's blocks back before the update
         t1 = time.perf_counter()
         local = len(batch.advantages)  # equal on every process (validated shard sizes)
         shared = torch.Generator().manual_seed(seed + 1)  # one split of the global batch, everywhere
