@@ -15,8 +15,9 @@ Master weights and the optimizer state are always float32; only the compute of t
 - A model under :data:`MIN_BF16_PARAMS` parameters stays float32 everywhere (its GEMMs are too small
   for the matrix units to matter, and gspo's embedded models and the tests' exact values are float32).
 
-Float32 compute on a CUDA GPU with TF32 (compute capability 8.0+, the same GPUs as native bfloat16) runs
-its matmuls in TF32 (``tf32``, :func:`use_tf32`; applied by :mod:`gspo.cuda_settings`): true float32
+Float32 compute chosen by ``auto`` (a model under :data:`MIN_BF16_PARAMS`) on a CUDA GPU with TF32
+(compute capability 8.0+, the same GPUs as native bfloat16) runs its matmuls in TF32; an explicit
+``optim.dtype=float32`` stays true float32 (PyTorch's own default) (``tf32``, :func:`use_tf32`; applied by :mod:`gspo.cuda_settings`): true float32
 GEMMs run at a tenth of the tensor cores' rate. pi_old is then recomputed (the sampler's float32
 log-probabilities are no longer the trainer's to float32 rounding). Nothing changes on a CPU.
 
@@ -143,7 +144,7 @@ def resolve_precision(optim_dtype: str, engine_dtype: str, device: torch.device,
 
     ``optim.dtype=auto`` runs :func:`decide` (probing the CPU's GEMMs only when the model is large enough
     and the CPU declares bf16 units); ``rollout.engine_dtype=auto`` samples in the compute dtype; float32
-    compute on a CUDA GPU with TF32 uses it (:func:`use_tf32`).
+    compute chosen by ``auto`` on a CUDA GPU with TF32 uses it (:func:`use_tf32`); an explicit float32 does not.
     """
     facts = device_facts(device) if device.type == "cuda" else None  # the CPU's flags only where auto asks
     if optim_dtype == "auto":
@@ -155,7 +156,7 @@ def resolve_precision(optim_dtype: str, engine_dtype: str, device: torch.device,
     else:
         compute, reason = optim_dtype, "configured"
     sampler = compute if engine_dtype == "auto" else engine_dtype
-    tf32 = facts is not None and use_tf32(facts, compute)
+    tf32 = optim_dtype == "auto" and facts is not None and use_tf32(facts, compute)  # asked float32: true float32
     return PrecisionPolicy(compute=compute, sampler=sampler, reason=reason, tf32=tf32)
 
 

@@ -114,6 +114,14 @@ def test_tf32_only_for_float32_compute_on_a_cuda_gpu_that_has_it():
     assert resolve_precision("float32", "auto", torch.device("cpu"), 10**9).tf32 is False
 
 
+def test_an_explicit_float32_stays_true_float32_on_a_tf32_gpu(monkeypatch):
+    from gspo import precision
+
+    monkeypatch.setattr(precision, "device_facts", lambda device: DeviceFacts("cuda", "A100", cuda_bf16=True))
+    assert precision.resolve_precision("float32", "auto", torch.device("cuda"), 10**9).tf32 is False
+    assert precision.resolve_precision("auto", "auto", torch.device("cuda"), 10**6).tf32 is True  # a tiny model
+
+
 def test_tf32_makes_auto_pi_old_recompute():
     # the sampler's float32 log-probabilities are not the trainer's to float32 rounding under TF32 matmuls
     from gspo.rollout.base import EngineInfo

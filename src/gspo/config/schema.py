@@ -169,8 +169,8 @@ class OptimConfig:
     dtype: str = "auto"
     """Training compute precision (master weights and optimizer state stay float32): auto (bfloat16 autocast
     for models of 50M+ parameters on CUDA with bf16 or a CPU with AMX / AVX512-BF16 whose measured bf16 GEMM
-    pays, else float32; the start line says which and why), float32, or bfloat16. float32 on a CUDA GPU with
-    TF32 (sm80+) runs its matmuls in TF32."""
+    pays, else float32, with TF32 matmuls on a CUDA GPU of sm80+; the start line says which and why),
+    float32 (true float32, also on a GPU), or bfloat16."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward: activation memory of about one layer
     for about a third more training compute (TRL's default; benchmarks/README.md)."""
