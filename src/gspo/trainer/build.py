@@ -123,7 +123,7 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     precision = _precision_and_memory(config, device, model)
     on_meta = model is None and loads_on_meta(config, resolve_model_path(config.model))
     model, tokenizer, path = _load_policy(config, device, model, tokenizer, on_meta=on_meta)
-    config = _resolve_prompt_cap(config, task, tokenizer, model)
+    asked_cap, config = config.data.max_prompt_tokens, _resolve_prompt_cap(config, task, tokenizer, model)
     if precision is None:  # a config without the Llama-style shape keys: decided from the loaded model
         precision = resolve_precision(o.dtype, r.engine_dtype, device, sum(p.numel() for p in model.parameters()))
     cuda_settings.apply_matmul_precision(precision.tf32)
@@ -172,8 +172,10 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
                              diagnostics=config.moe.diagnostics, correction=config.correction.mode)
     temperature = r.temperature
     rows_per_pass = o.micro_batch_size or -(-r.prompts_per_step * r.group_size // dist.world_size() // o.minibatches)
+    # the run's config (config.json) keeps data.max_prompt_tokens as asked: a resume resolves it again
+    saved = dataclasses.replace(config, data=dataclasses.replace(config.data, max_prompt_tokens=asked_cap))
     parts = Components(
-        config=config, run_dir=Path(run_dir) if run_dir else None, model=model,
+        config=saved, run_dir=Path(run_dir) if run_dir else None, model=model,
         tokenizer=tokenizer, engine=engine, policy=policy, optimizer=optimizer, scheduler=scheduler,
         reference=reference, device=device, task=task, render=render, rewards=rewards, params=params,
         collector=collector, evaluator=evaluator, updater=updater, old_logprobs=None,  # type: ignore[arg-type]
