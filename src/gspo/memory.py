@@ -140,12 +140,14 @@ class RunShape:
     @classmethod
     def from_config(cls, config, precision, *, prompt_tokens: int = ASSUMED_PROMPT_TOKENS, processes: int = 1,
                     device: str = "cpu") -> "RunShape":
+        """The run as configured; ``auto`` settings as off (checkpointing) and 0 (token budget): see :func:`plan`."""
         r, o = config.rollout, config.optim
         responses = -(-r.prompts_per_step * r.group_size // processes)
         return cls(responses=responses, minibatch_rows=-(-responses // o.minibatches), micro_rows=o.micro_batch_size,
-                   micro_tokens=o.micro_batch_tokens, prompt_tokens=prompt_tokens, response_tokens=r.max_new_tokens,
-                   compute=precision.compute, sampler=precision.sampler, lora_rank=config.lora.rank,
-                   checkpointing=o.gradient_checkpointing, reference=config.loss.beta > 0 and not config.lora.rank,
+                   micro_tokens=max(o.micro_batch_tokens, 0), prompt_tokens=prompt_tokens,
+                   response_tokens=r.max_new_tokens, compute=precision.compute, sampler=precision.sampler,
+                   lora_rank=config.lora.rank, checkpointing=o.gradient_checkpointing == "true",
+                   reference=config.loss.beta > 0 and not config.lora.rank,
                    processes=processes, strategy=config.distributed.strategy, device=device)
 
     @property
@@ -183,20 +185,32 @@ def estimate(model: ModelShape, run: RunShape) -> Estimate:
     shard = run.processes if sharded else 1
     trainable = model.linear_params() * run.lora_rank if run.lora_rank else params
     parts = {"runtime": CUDA_RUNTIME_BYTES if run.device == "cuda" else CPU_RUNTIME_BYTES,
-             "weights": 4 * params // shard}
-    if sharded:  # FSDP2: the sampler and checkpoints read a whole float32 copy (trainer/build.py)
-        parts["whole copy"] = 4 * params
-    parts["gradients"] = 4 * trainable // shard
-    parts["optimizer"] = 4 * ADAMW_STATE_PER_PARAM * trainable // shard
-    if run.sampler != "float32":
+             "weights": 4 * params // shard, "gradients": 4 * trainable // shard,
+             "optimizer": 4 * ADAMW_STATE_PER_PARAM * trainable // shard}
+    if run.processes > 1 and not sharded:  # DDP: its gradient buckets are a second copy of the gradients
+        parts["DDP buckets"] = 4 * trainable
+    if run.sampler != "float32" or sharded:  # FSDP2: the built-in sampler keeps a whole copy (trainer/build.py)
         parts["sampler copy"] = BYTES[run.sampler] * params
-    if run.reference:
+    if run.reference:  # whole on every process, FSDP2 included (copied before sharding)
         parts["reference"] = 4 * params
-    transients = {"KV cache + logits": _sampling_bytes(model, run), "activations": _training_bytes(model, run, params),
-                  "no-grad pass": _no_grad_bytes(model, run, params)}
+    gathered = _gathered_bytes(model, run) if sharded else 0
+    transients = {"KV cache + logits": _sampling_bytes(model, run),
+                  "activations": _training_bytes(model, run, params) + gathered,
+                  "no-grad pass": _no_grad_bytes(model, run, params) + gathered}
     name = max(transients, key=transients.get)
     parts[name] = transients[name]
     return Estimate(parts)
+
+
+def _gathered_bytes(model: ModelShape, run: RunShape) -> int:
+    """FSDP2's unsharded parameters during a forward / backward: the root's (embeddings, head, final norm; not
+    resharded between the forward and the backward) and two decoder layers' (the one computing and the one
+    prefetched), in the compute dtype (``MixedPrecisionPolicy(param_dtype)``), plus one layer's unsharded
+    gradient in that dtype and in float32 for the reduce-scatter (``reduce_dtype=float32``)."""
+    b = BYTES[run.compute]
+    layer = model.attention_params + model.mlp_params + 2 * model.hidden
+    root = model.vocab * model.hidden * (1 if model.tied else 2) + model.hidden
+    return b * (root + 2 * layer) + (b + 4) * layer
 
 
 def _no_grad_bytes(model: ModelShape, run: RunShape, params: int) -> int:
@@ -204,8 +218,7 @@ def _no_grad_bytes(model: ModelShape, run: RunShape, params: int) -> int:
     logits in the compute dtype and in float32 (its activations are freed layer by layer). Measured on the CPU:
     the peak phase of a bfloat16 run with short responses (0.45 GB over the persistent state, 103M shape)."""
     b = BYTES[run.compute]
-    linear = params - (0 if model.tied else model.vocab * model.hidden)
-    casts = b * linear if run.compute != "float32" else 0
+    casts = _cast_bytes(model, run, params)
     completion = run.micro_batch_tokens // run.sequence_tokens * run.response_tokens
     logits = min(max(completion, 1), LM_HEAD_CHUNK_TOKENS) * model.vocab * (4 + (b if run.compute != "float32" else 0))
     return casts + logits
@@ -224,13 +237,20 @@ def _training_bytes(model: ModelShape, run: RunShape, params: int) -> int:
     input embedding's contributions meet in a temporary; with accumulation, the new one is added)."""
     tokens = run.micro_batch_tokens
     activations = tokens * model.activation_bytes_per_token(run.compute, run.checkpointing)
-    # every linear's weight, the LM head's included (the input embedding is looked up, not cast)
-    linear = params - (0 if model.tied else model.vocab * model.hidden)
-    casts = BYTES[run.compute] * linear if run.compute != "float32" else 0
+    casts = _cast_bytes(model, run, params)
     completion = tokens // run.sequence_tokens * run.response_tokens  # (rows x T) positions the head scores
     head = min(max(completion, 1), LM_HEAD_CHUNK_TOKENS) * model.vocab * 4
     embedding_grad = 0 if run.lora_rank else 4 * model.vocab * model.hidden
     return int(casts + max(activations + head, embedding_grad))
+
+
+def _cast_bytes(model: ModelShape, run: RunShape, params: int) -> int:
+    """Autocast's cache of compute-dtype copies of every linear's weight, the LM head's included (the input
+    embedding is looked up, not cast), kept for the whole forward and backward; none in float32, and none
+    under FSDP2, whose gathered weights are in the compute dtype already."""
+    if run.compute == "float32" or (run.strategy == "fsdp" and run.processes > 1):
+        return 0
+    return BYTES[run.compute] * (params - (0 if model.tied else model.vocab * model.hidden))
 
 
 def available_bytes(device: str) -> int:
@@ -310,3 +330,97 @@ def check_memory(model: ModelShape, run: RunShape, available: int | None = None)
     if message:
         raise ConfigError(message)
     return estimate(model, run)
+
+
+# ``auto`` decisions leave this share of the available memory free: the estimate is within ~20% of measured
+# peaks (docs/memory.md), and other processes' memory moves while the run starts
+AUTO_MARGIN = 0.9
+# On CUDA, ``optim.gradient_checkpointing=auto`` is on from this many parameters whatever the estimate (TRL's
+# default is on): a GPU's memory is better spent on larger micro-batches and the sampler's KV cache.
+CUDA_CHECKPOINT_PARAMS = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What the memory check decided: activation checkpointing, the token budget (0 = off), the estimate of
+    the run so configured, the memory it was compared with, and why (``notes``, for the start line)."""
+
+    checkpointing: bool
+    micro_batch_tokens: int
+    estimate: Estimate
+    available: int
+    device: str = "cpu"
+    notes: tuple = ()
+
+    def describe(self) -> str:
+        """``memory: ~3.3 of 20.1 GB available RAM, checkpointing off, token budget off`` (the start line's part)."""
+        where = "free GPU memory" if self.device == "cuda" else "available RAM"
+        text = (f"memory: ~{self.estimate.total / GB:.1f} of {self.available / GB:.1f} GB {where}, checkpointing "
+                f"{'on' if self.checkpointing else 'off'}, token budget {self.micro_batch_tokens or 'off'}")
+        return text + (f" ({'; '.join(self.notes)})" if self.notes else "")
+
+
+def plan(model: ModelShape, run: RunShape, *, checkpointing: str = "false", micro_batch_tokens: int = 0,
+         available: int | None = None) -> MemoryPlan:
+    """Resolve ``optim.gradient_checkpointing`` (auto | true | false) and ``optim.micro_batch_tokens`` (-1 =
+    auto, 0 = off, N) against the estimate, then check that the result fits (:func:`check_memory`).
+
+    A token budget costs little compute and is tried first: auto keeps one forward per minibatch while that
+    fits in :data:`AUTO_MARGIN` of ``available``, else picks the most whole responses (at prompt +
+    ``max_new_tokens``) per forward that fit. Checkpointing costs ~1/3 more training compute: auto turns it on
+    when even one response per forward (or the configured budget) does not fit without it, and always on CUDA
+    from :data:`CUDA_CHECKPOINT_PARAMS`. Raises :class:`~gspo.errors.ConfigError` when nothing fits.
+    """
+    available = available_bytes(run.device) if available is None else available
+    room = int(AUTO_MARGIN * available)
+    auto_ckpt, auto_tokens = checkpointing == "auto", micro_batch_tokens < 0 and not run.micro_rows
+    notes = []
+    ckpt = checkpointing == "true"
+    if auto_ckpt and run.device == "cuda" and model.params >= CUDA_CHECKPOINT_PARAMS:
+        ckpt = True
+        notes.append(f"checkpointing auto: on for {model.params / 1e9:.1f}B params on CUDA")
+    run = replace(run, checkpointing=ckpt, micro_tokens=max(micro_batch_tokens, 0))
+
+    def fits(r: RunShape) -> bool:
+        return _machine_total(estimate(model, r), r) <= room
+
+    whole = _machine_total(estimate(model, run), run)
+    if auto_tokens and not fits(run):
+        budgeted = _largest_budget(model, run, fits)
+        if budgeted is None and auto_ckpt and not ckpt:
+            one = _machine_total(estimate(model, replace(run, micro_tokens=run.sequence_tokens, micro_rows=0)), run)
+            run = replace(run, checkpointing=True)
+            notes.append(f"checkpointing auto: on, one response per forward needs {one / GB:.1f} GB without it")
+            budgeted = _largest_budget(model, run, fits) if not fits(run) else run
+        if budgeted is not None:
+            if budgeted.micro_tokens:
+                notes.append(f"token budget auto: one forward per minibatch needs {whole / GB:.1f} GB")
+            run = budgeted
+        else:
+            run = replace(run, micro_tokens=run.sequence_tokens)  # the most the budget can do; refused below
+    elif auto_ckpt and not ckpt and not fits(run):
+        run = replace(run, checkpointing=True)
+        notes.append(f"checkpointing auto: on, {whole / GB:.1f} GB without it")
+    message = refusal(model, run, available)
+    if message:
+        from gspo.errors import ConfigError
+
+        chosen = [k for k, on in (("activation checkpointing", run.checkpointing and auto_ckpt),
+                                  (f"optim.micro_batch_tokens={run.micro_tokens}", run.micro_tokens and auto_tokens)) if on]
+        raise ConfigError(message + (f" (already with {' and '.join(chosen)}, chosen by auto)" if chosen else ""))
+    return MemoryPlan(run.checkpointing, run.micro_tokens, estimate(model, run), available, run.device, tuple(notes))
+
+
+def _largest_budget(model: ModelShape, run: RunShape, fits) -> RunShape | None:
+    """``run`` with the largest token budget of whole responses per forward that ``fits``; None if one does not."""
+    one = replace(run, micro_tokens=run.sequence_tokens, micro_rows=0)
+    if not fits(one):
+        return None
+    low, high = 1, max(run.minibatch_rows, 1)  # rows per forward: low fits, find the most
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fits(replace(one, micro_tokens=mid * run.sequence_tokens)):
+            low = mid
+        else:
+            high = mid - 1
+    return replace(one, micro_tokens=0 if low >= run.minibatch_rows else low * run.sequence_tokens)

@@ -70,6 +70,7 @@ class Components:
     sharded: bool
     precision: PrecisionPolicy = PrecisionPolicy()  # compute / sampler / master dtypes, decided once (gspo.precision)
     pipeline: object = None  # trainer.pipeline.Pipeline when rollout.max_staleness > 0
+    memory: object = None  # gspo.memory.MemoryPlan: the estimate and the auto choices (None: no estimate)
 
     def sync_weights(self) -> None:
         """Make the sampler use the weights just trained (every process: FSDP2 gathers shards one by one)."""
@@ -110,11 +111,14 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     task = task or build_task(config.data, seed=config.seed, eval_size=config.eval.size)
     device = pick_device(config.device)
     rewards = rewards or resolve_rewards(config.reward.functions, task.rewards, device=device)
-    # before the weights load: a run that cannot fit stops here
-    precision = _precision_and_memory(config, device, model)
+    # before the weights load: a run that cannot fit stops here; auto checkpointing / token budget decided
+    precision, memory_plan = _precision_and_memory(config, device, model)
     model, tokenizer, path = _load_policy(config, device, model, tokenizer)
     if precision is None:  # a config without the Llama-style shape keys: decided from the loaded model
         precision = resolve_precision(o.dtype, r.engine_dtype, device, sum(p.numel() for p in model.parameters()))
+    checkpointing, micro_batch_tokens = _memory_settings(config, memory_plan)
+    if checkpointing:  # training forwards only: the sampler runs in eval mode
+        _enable_checkpointing(model)
     moe = supports_routing(model)
     replay = config.moe.routing_replay
     if replay != "off" and not moe:
@@ -143,7 +147,8 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     scheduler = build_scheduler(optimizer, config, config.steps * o.minibatches * o.epochs)
     render = _renderer(config, tokenizer, model)
     params, collector, evaluator = _sampling(config, task, engine, render, tokenizer, model, rewards)
-    updater = _updater(config, precision, max_length=collector.max_response_tokens)  # an agent episode spans its turns
+    updater = _updater(config, precision, max_length=collector.max_response_tokens,  # an episode spans its turns
+                       micro_batch_tokens=micro_batch_tokens)
     source = "rollout" if config.correction.mode == "bypass" else config.loss.old_logprobs
     plan = plan_old_logprobs(source, engine=engine.info, training_dtype=precision.compute,
                              dropout=has_dropout(model), moe=moe, routing_replay=replay,
@@ -158,7 +163,7 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
         logger=MetricsLogger(Path(run_dir) if run_dir else None, tensorboard=config.log.tensorboard,
                              enabled=dist.is_main(), trackers=config.log.trackers, project=config.log.project,
                              run_config=config.to_dict()),
-        moe=moe, sharded=sharded, precision=precision)
+        moe=moe, sharded=sharded, precision=precision, memory=memory_plan)
 
     def reference_logprobs():
         return _reference_fn(parts, temperature)
@@ -169,7 +174,7 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
         # one process only: under DDP / FSDP2 every forward is a collective, chunk counts must not differ
         chunk_rows=rows_per_pass if dist.world_size() == 1 else 0, routed_model=model,
         # given the update's minibatches (the trainer's case): its own micro-batches, on any world size
-        micro_batches=updater.micro_batches, trim=bool(o.micro_batch_tokens))
+        micro_batches=updater.micro_batches, trim=bool(micro_batch_tokens))
     if r.max_staleness:  # a sampler process samples ahead of the update (trainer/pipeline.py)
         from gspo.rollout.subprocess import SubprocessEngine
         from gspo.trainer.pipeline import build_pipeline
@@ -227,11 +232,11 @@ def _sampling(config: Config, task: Task, engine, render: PromptRenderer, tokeni
     return params, collector, evaluator
 
 
-def _precision_and_memory(config: Config, device: torch.device, model: torch.nn.Module | None
-                          ) -> PrecisionPolicy | None:
-    """The run's precision policy, and the memory check (gspo.memory), from ``config.json`` alone when the
-    model is still to be loaded (a LoRA adapter directory: its base's). None when the config does not name
-    the shape keys the estimate reads (layers, hidden, heads, vocabulary): no check then."""
+def _precision_and_memory(config: Config, device: torch.device, model: torch.nn.Module | None):
+    """(precision policy, gspo.memory.MemoryPlan): the memory check and the auto checkpointing / token budget,
+    from ``config.json`` alone when the model is still to be loaded (a LoRA adapter directory: its base's).
+    (None, None) when the config does not name the shape keys the estimate reads (layers, hidden, heads,
+    vocabulary): no check then."""
     from gspo import memory
     from gspo.models.load import adapter_base, is_adapter_dir
 
@@ -242,15 +247,26 @@ def _precision_and_memory(config: Config, device: torch.device, model: torch.nn.
             path = resolve_model_path(config.model)
             shape = memory.ModelShape.from_dir(adapter_base(path) if is_adapter_dir(path) else path)
     except (KeyError, TypeError, ValueError, OSError):
-        return None
+        return None, None
     o = config.optim
     precision = resolve_precision(o.dtype, config.rollout.engine_dtype, device, shape.params)
     run = memory.RunShape.from_config(config, precision, processes=dist.world_size(), device=device.type)
-    memory.check_memory(shape, run)
-    return precision
+    available = memory.available_bytes(device.type)
+    if dist.is_initialized():  # every process decides alike: by the least memory any of them has
+        available = min(dist.all_gather_object(available))
+    return precision, memory.plan(shape, run, checkpointing=o.gradient_checkpointing,
+                                  micro_batch_tokens=o.micro_batch_tokens, available=available)
 
 
-def _updater(config: Config, precision: PrecisionPolicy, *, max_length: int) -> Updater:
+def _memory_settings(config: Config, plan) -> tuple[bool, int]:
+    """(activation checkpointing, token budget) as the memory plan decided; without an estimate, ``auto`` is off."""
+    if plan is not None:
+        return plan.checkpointing, plan.micro_batch_tokens
+    o = config.optim
+    return o.gradient_checkpointing == "true", max(o.micro_batch_tokens, 0)
+
+
+def _updater(config: Config, precision: PrecisionPolicy, *, max_length: int, micro_batch_tokens: int) -> Updater:
     """The minibatch loop for the configured objective, its hyperparameters and rollout correction;
     ``max_length``: the most trained tokens of one response or episode (Dr. GRPO's constant L)."""
     r, o = config.rollout, config.optim
@@ -258,7 +274,7 @@ def _updater(config: Config, precision: PrecisionPolicy, *, max_length: int) -> 
                    correction=config.correction.mode, correction_thresholds=config.correction.thresholds(),
                    beta=config.loss.beta, kl_estimator=config.loss.kl_estimator,
                    temperature=r.temperature, minibatches=o.minibatches, epochs=o.epochs,
-                   micro_batch_size=o.micro_batch_size, micro_batch_tokens=o.micro_batch_tokens,
+                   micro_batch_size=o.micro_batch_size, micro_batch_tokens=micro_batch_tokens,
                    max_grad_norm=o.max_grad_norm, autocast_dtype=precision.autocast_dtype,
                    routing_replay=config.moe.routing_replay != "off")
 
@@ -299,8 +315,6 @@ def _load_policy(config: Config, device: torch.device, model=None, tokenizer=Non
     if config.lora.rank:  # PEFT adapters: the base weights freeze, the optimizer sees only the adapters
         model = apply_lora(model, config.lora, base_path=path)
     _set_cpu_threads(model, config.cpu_threads, device)
-    if config.optim.gradient_checkpointing:  # training forwards only: the sampler runs in eval mode
-        _enable_checkpointing(model)
     model.config.use_cache = False  # training forwards; the engine asks for a cache explicitly
     model.train()
     return model, tokenizer, path
