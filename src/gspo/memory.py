@@ -280,6 +280,8 @@ def _knobs(run: RunShape) -> list[tuple[str, RunShape]]:
         out.append(("optim.gradient_checkpointing=true", replace(run, checkpointing=True)))
     if run.compute == "float32":
         out.append(("optim.dtype=bfloat16", replace(run, compute="bfloat16", sampler="bfloat16")))
+    if run.processes > 1 and run.strategy != "fsdp":
+        out.append(("distributed.strategy=fsdp", replace(run, strategy="fsdp")))
     if not run.lora_rank:
         out.append(("lora.rank=16", replace(run, lora_rank=16, reference=False)))
     if run.responses > 1:
@@ -299,13 +301,20 @@ def refusal(model: ModelShape, run: RunShape, available: int) -> str | None:
     if alone:
         advice = "any one of these fits: " + "; ".join(alone)
     else:
-        together = run
-        for _, changed in _knobs(run):
-            together = replace(together, **{f: getattr(changed, f) for f in (
-                "micro_tokens", "micro_rows", "checkpointing", "compute", "sampler", "lora_rank", "reference")
-                if getattr(changed, f) != getattr(run, f)})
-        advice = ("no single knob fits; together " + ", ".join(k for k, _ in fixes[:-1])
-                  + f" need {_machine_total(estimate(model, together), run) / GB:.1f} GB")
+        together, names = run, []  # every knob but fewer responses (the batch is the experiment's)
+        for knob, changed in _knobs(run):
+            moved = {f: getattr(changed, f) for f in ("micro_tokens", "micro_rows", "checkpointing", "compute",
+                                                      "sampler", "strategy", "lora_rank", "reference")
+                     if getattr(changed, f) != getattr(run, f)}
+            if moved:
+                together, names = replace(together, **moved), [*names, knob]
+        total = _machine_total(estimate(model, together), run)
+        if total <= available:
+            advice = f"no single knob fits; together {', '.join(names)} fit ({total / GB:.1f} GB)"
+        else:
+            more = "more GPUs with distributed.strategy=fsdp" if run.device == "cuda" else "a machine with more memory"
+            advice = (f"no single knob fits, and together {', '.join(names)} still need {total / GB:.1f} GB: "
+                      f"fewer responses per step, shorter rollout.max_new_tokens, {more} or a smaller model")
     where = "free GPU memory" if run.device == "cuda" else "available RAM"
     processes = f" x {run.processes} processes" if _shares_ram(run) else " per process"
     return (f"this run needs about {need.describe()}{processes} at its peak, more than the {available / GB:.1f} GB "

@@ -80,8 +80,12 @@ def test_the_issue_s_oom_is_refused_with_the_knobs_that_fit():
     for knob in ("optim.micro_batch_tokens=1044", "optim.gradient_checkpointing=true"):
         assert knob in message
     assert refusal(model, _run(response_tokens=128), available=int(20 * GB)) is None
-    with pytest.raises(ConfigError, match="no single knob fits; together optim.micro_batch_tokens"):
+    with pytest.raises(ConfigError, match="no single knob fits; together optim.micro_batch_tokens=1044, "
+                                          r"optim.gradient_checkpointing=true, optim.dtype=bfloat16, lora.rank=16 fit"):
         check_memory(model, run, available=int(8 * GB))
+    with pytest.raises(ConfigError, match=r"no single knob fits, and together .* still need \d+\.\d GB: fewer "
+                                          "responses per step, shorter rollout.max_new_tokens, a machine with more"):
+        check_memory(model, run, available=int(2 * GB))
 
 
 def test_token_budget_and_checkpointing_shrink_the_activations():
@@ -199,3 +203,13 @@ def test_the_trainer_follows_the_memory_plan(tiny_overrides, monkeypatch):
     assert all(layer.gradient_checkpointing for layer in forced.model.model.layers)
     assert forced.parts.updater.micro_batch_tokens == 24 and forced.parts.old_logprobs.trim
     assert "checkpointing on, token budget 24" in _setup_text(forced)
+
+
+def test_a_ddp_run_on_gpus_that_cannot_fit_is_told_to_shard():
+    # Qwen3-8B, 8 x H100, DDP: the whole float32 state (and DDP's buckets) on every GPU
+    run = _run(responses=8, minibatch_rows=2, prompt_tokens=256, response_tokens=1024, compute="bfloat16",
+               sampler="bfloat16", checkpointing=True, processes=8, device="cuda")
+    message = refusal(ModelShape.from_config(QWEN3_8B), run, available=int(80 * GB))
+    assert message.startswith("this run needs about 185.")
+    assert "DDP buckets 30.5" in message and "per process at its peak, more than the 80.0 GB of free GPU memory" in message
+    assert "any one of these fits: distributed.strategy=fsdp (" in message
