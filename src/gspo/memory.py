@@ -214,14 +214,23 @@ def _gathered_bytes(model: ModelShape, run: RunShape) -> int:
 
 
 def _no_grad_bytes(model: ModelShape, run: RunShape, params: int) -> int:
-    """A pi_old / reference pass: autocast's weight casts (kept for the whole pass) and the LM head's chunk of
-    logits in the compute dtype and in float32 (its activations are freed layer by layer). Measured on the CPU:
-    the peak phase of a bfloat16 run with short responses (0.45 GB over the persistent state, 103M shape)."""
-    b = BYTES[run.compute]
-    casts = _cast_bytes(model, run, params)
-    completion = run.micro_batch_tokens // run.sequence_tokens * run.response_tokens
-    logits = min(max(completion, 1), LM_HEAD_CHUNK_TOKENS) * model.vocab * (4 + (b if run.compute != "float32" else 0))
-    return casts + logits
+    """A pi_old / reference pass: autocast's weight casts (kept for the whole pass) and the LM head's logits
+    (:func:`_head_bytes`); the body's activations are freed layer by layer."""
+    return _cast_bytes(model, run, params) + _head_bytes(model, run)
+
+
+def _head_bytes(model: ModelShape, run: RunShape) -> int:
+    """The chunked LM head's forward (gspo.logprobs): each chunk's (C, V) logits in the compute dtype and their
+    float32 copy, while the previous chunk's float32 logits are still referenced by the loop (two chunks alive
+    once the completion positions pass one chunk). Measured on the CPU (103M shape, 4 x 519 tokens, one
+    no-grad pass): +0.61 GiB in float32, +0.94 GiB in bfloat16 with its 0.19 GiB of casts; this counts 0.58
+    and 0.91."""
+    completion = max(run.micro_batch_tokens // run.sequence_tokens * run.response_tokens, 1)
+    first = min(completion, LM_HEAD_CHUNK_TOKENS)
+    second = min(completion - first, LM_HEAD_CHUNK_TOKENS)
+    newest = second or first
+    low = BYTES[run.compute] if run.compute != "float32" else 0
+    return model.vocab * (4 * (first + second) + low * newest)
 
 
 def _sampling_bytes(model: ModelShape, run: RunShape) -> int:
@@ -232,16 +241,13 @@ def _sampling_bytes(model: ModelShape, run: RunShape) -> int:
 
 def _training_bytes(model: ModelShape, run: RunShape, params: int) -> int:
     """One micro-batch's forward + backward: autocast's weight casts, plus the larger of the saved activations
-    with the LM head's chunk (the start of the backward) and the embedding's (V, hidden) float32 gradient made
-    before it is added into ``.grad`` (the end of the backward, activations freed: tied, the head's and the
-    input embedding's contributions meet in a temporary; with accumulation, the new one is added)."""
-    tokens = run.micro_batch_tokens
-    activations = tokens * model.activation_bytes_per_token(run.compute, run.checkpointing)
-    casts = _cast_bytes(model, run, params)
-    completion = tokens // run.sequence_tokens * run.response_tokens  # (rows x T) positions the head scores
-    head = min(max(completion, 1), LM_HEAD_CHUNK_TOKENS) * model.vocab * 4
+    with the LM head's logits (:func:`_head_bytes`, the end of the forward: measured there on the CPU in
+    bfloat16) and the embedding's (V, hidden) float32 gradient made before it is added into ``.grad`` (the
+    end of the backward, activations freed: tied, the head's and the input embedding's contributions meet
+    in a temporary; with accumulation, the new one is added)."""
+    activations = run.micro_batch_tokens * model.activation_bytes_per_token(run.compute, run.checkpointing)
     embedding_grad = 0 if run.lora_rank else 4 * model.vocab * model.hidden
-    return int(casts + max(activations + head, embedding_grad))
+    return int(_cast_bytes(model, run, params) + max(activations + _head_bytes(model, run), embedding_grad))
 
 
 def _cast_bytes(model: ModelShape, run: RunShape, params: int) -> int:
