@@ -7,16 +7,18 @@ KV cache, processes and DDP / FSDP2) into a per-process peak in bytes, itemised.
 compares it with what the machine has (CPU: available RAM; CUDA: free device memory) and refuses a run
 that cannot fit with a :class:`~gspo.errors.ConfigError` naming the knobs that make it fit.
 
-The model of a step: persistent state (float32 master weights, gradients and AdamW's two moments, a
-lower-precision sampler copy, a KL reference copy, FSDP2's whole copy for the sampler) plus the largest
-of three transients: sampling (KV cache and logits of every local response), a training micro-batch
-(saved activations per token and layer, the compute-dtype weight casts autocast keeps for the backward,
-the chunked LM head) and a no-grad pi_old / reference pass. The per-token activation coefficients count
-the tensors a Qwen3/Llama layer saves for its backward. Checked against peak RSS measured on the CPU
-(docs/memory.md; tests/unit/test_memory.py pins six points of a 103M shape and the issue's two 0.6B figures
-within 20%), except bfloat16 with long responses, which measured 23% above the estimate (a known gap, in
-docs/memory.md). Not measured on a GPU: CUDA adds its context and allocator caching, covered only by
-:data:`CUDA_RUNTIME_BYTES`.
+The model of a step: persistent state (float32 master weights, gradients and AdamW's two moments, sharded
+by N under FSDP2; DDP's gradient buckets; a lower-precision sampler copy, whole under FSDP2; a KL reference
+copy) plus the largest of three transients: sampling (KV cache and logits of every local response), a
+training micro-batch (saved activations per token and layer, the compute-dtype weight casts autocast keeps
+for the backward, the chunked LM head's logits; under FSDP2 the gathered compute-dtype layers instead of
+the casts) and a no-grad pi_old / reference pass. The per-token activation coefficients count the tensors a
+Qwen3/Llama layer saves for its backward (checked against ``saved_tensors_hooks``: within 6% in float32
+and bfloat16). Checked against peak RSS measured on the CPU (docs/memory.md; tests/unit/test_memory.py
+pins every case of benchmarks/results/memory_cpu.json, float32 and bfloat16, and the issue's two 0.6B
+figures within 20%). :func:`plan` resolves ``optim.gradient_checkpointing`` and ``optim.micro_batch_tokens``
+``auto`` from the estimate. Not measured on a GPU: CUDA adds its context and allocator caching, covered
+only by :data:`CUDA_RUNTIME_BYTES`.
 """
 
 from __future__ import annotations
