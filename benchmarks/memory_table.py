@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 
 from gspo.errors import ConfigError
-from gspo.memory import GB, ModelShape, RunShape, estimate, plan
+from gspo.memory import GB, ModelShape, RunShape, estimate
+from gspo.memory_plan import plan
 
 # config.json values of the published Qwen3 models (Hugging Face Hub, Qwen/Qwen3-*)
 QWEN3 = {
@@ -63,7 +64,8 @@ def main() -> None:
     print("|---|" + "---:|" * len(STRATEGIES) * len(LENGTHS))
     for name, values in QWEN3.items():
         shape = ModelShape.from_config({**values, "vocab_size": 151936})
-        cells = " | ".join(cell(shape, strategy, gpus, length) for _, strategy, gpus in STRATEGIES for length in LENGTHS)
+        cells = " | ".join(cell(shape, strategy, gpus, length)
+                           for _, strategy, gpus in STRATEGIES for length in LENGTHS)
         print(f"| {name} ({shape.params / 1e9:.2f}B) | {cells} |")
     results = Path(__file__).resolve().parent / "results" / "memory_cpu.json"
     if results.exists():

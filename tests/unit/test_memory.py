@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from gspo.errors import ConfigError
-from gspo.memory import GB, ModelShape, RunShape, check_memory, estimate, plan, refusal
+from gspo.memory import GB, ModelShape, RunShape, estimate
+from gspo.memory_plan import check_memory, plan, refusal
 
 QWEN3_06B = {"num_hidden_layers": 28, "hidden_size": 1024, "intermediate_size": 3072, "num_attention_heads": 16,
              "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "tie_word_embeddings": True}
@@ -143,7 +144,7 @@ def test_auto_picks_a_token_budget_before_checkpointing():
     model, run = ModelShape.from_config(QWEN3_06B), _run(response_tokens=1024)
     decided = plan(model, run, checkpointing="auto", micro_batch_tokens=-1, available=int(20 * GB))
     assert not decided.checkpointing
-    assert decided.micro_batch_tokens and decided.micro_batch_tokens % 1044 == 0 and decided.micro_batch_tokens < 4 * 1044
+    assert 0 < decided.micro_batch_tokens < 4 * 1044 and decided.micro_batch_tokens % 1044 == 0
     assert decided.estimate.total <= 0.9 * 20 * GB
     more = replace(run, micro_tokens=decided.micro_batch_tokens + 1044)
     assert estimate(model, more).total > 0.9 * 20 * GB  # the largest budget of whole responses that fits
@@ -189,13 +190,13 @@ def test_a_run_that_cannot_fit_is_refused_before_the_model_loads(tmp_path, tiny_
     from gspo.trainer.trainer import Trainer
 
     overrides = [o for o in tiny_overrides if not o.startswith("model=")] + [f"model={tmp_path}", "optim.dtype=float32"]
-    monkeypatch.setattr("gspo.memory.available_bytes", lambda device: 16 * GB)
+    monkeypatch.setattr("gspo.memory_plan.available_bytes", lambda device: 16 * GB)
     with pytest.raises(ConfigError, match=r"more than the 16.0 GB of available RAM; .*lora.rank=16"):
         Trainer.from_config(load_config(None, overrides), run_dir=None)
 
 
 def test_the_trainer_follows_the_memory_plan(tiny_overrides, monkeypatch):
-    from gspo import memory
+    from gspo import memory_plan
     from gspo.config import load_config
     from gspo.trainer.run import _setup_text
     from gspo.trainer.trainer import Trainer
@@ -204,8 +205,8 @@ def test_the_trainer_follows_the_memory_plan(tiny_overrides, monkeypatch):
     assert not any(layer.gradient_checkpointing for layer in plain.model.model.layers)
     assert plain.parts.updater.micro_batch_tokens == 0 and not plain.parts.old_logprobs.trim
     assert "checkpointing off, token budget off" in _setup_text(plain)
-    decide = memory.plan
-    monkeypatch.setattr("gspo.memory.plan", lambda *a, **kw: replace(decide(*a, **kw), checkpointing=True,
+    decide = memory_plan.plan
+    monkeypatch.setattr("gspo.memory_plan.plan", lambda *a, **kw: replace(decide(*a, **kw), checkpointing=True,
                                                                      micro_batch_tokens=24))
     forced = Trainer.from_config(load_config(None, tiny_overrides), run_dir=None)
     assert all(layer.gradient_checkpointing for layer in forced.model.model.layers)
@@ -219,5 +220,6 @@ def test_a_ddp_run_on_gpus_that_cannot_fit_is_told_to_shard():
                sampler="bfloat16", checkpointing=True, processes=8, device="cuda")
     message = refusal(ModelShape.from_config(QWEN3_8B), run, available=int(80 * GB))
     assert message.startswith("this run needs about 185.")
-    assert "DDP buckets 30.5" in message and "per process at its peak, more than the 80.0 GB of free GPU memory" in message
+    assert "DDP buckets 30.5" in message
+    assert "per process at its peak, more than the 80.0 GB of free GPU memory" in message
     assert "any one of these fits: distributed.strategy=fsdp (" in message

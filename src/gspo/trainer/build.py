@@ -70,7 +70,7 @@ class Components:
     sharded: bool
     precision: PrecisionPolicy = PrecisionPolicy()  # compute / sampler / master dtypes, decided once (gspo.precision)
     pipeline: object = None  # trainer.pipeline.Pipeline when rollout.max_staleness > 0
-    memory: object = None  # gspo.memory.MemoryPlan: the estimate and the auto choices (None: no estimate)
+    memory: object = None  # gspo.memory_plan.MemoryPlan: the estimate and the auto choices (None: no estimate)
 
     def sync_weights(self) -> None:
         """Make the sampler use the weights just trained (every process: FSDP2 gathers shards one by one)."""
@@ -233,11 +233,11 @@ def _sampling(config: Config, task: Task, engine, render: PromptRenderer, tokeni
 
 
 def _precision_and_memory(config: Config, device: torch.device, model: torch.nn.Module | None):
-    """(precision policy, gspo.memory.MemoryPlan): the memory check and the auto checkpointing / token budget,
+    """(precision policy, gspo.memory_plan.MemoryPlan): the memory check and the auto checkpointing / token budget,
     from ``config.json`` alone when the model is still to be loaded (a LoRA adapter directory: its base's).
     (None, None) when the config does not name the shape keys the estimate reads (layers, hidden, heads,
     vocabulary): no check then."""
-    from gspo import memory
+    from gspo import memory, memory_plan
     from gspo.models.load import adapter_base, is_adapter_dir
 
     try:
@@ -251,15 +251,15 @@ def _precision_and_memory(config: Config, device: torch.device, model: torch.nn.
     o = config.optim
     precision = resolve_precision(o.dtype, config.rollout.engine_dtype, device, shape.params)
     run = memory.RunShape.from_config(config, precision, processes=dist.world_size(), device=device.type)
-    available = memory.available_bytes(device.type)
+    available = memory_plan.available_bytes(device.type)
     if dist.is_initialized():  # every process decides alike: by the least memory any of them has
         available = min(dist.all_gather_object(available))
-    return precision, memory.plan(shape, run, checkpointing=o.gradient_checkpointing,
-                                  micro_batch_tokens=o.micro_batch_tokens, available=available)
+    return precision, memory_plan.plan(shape, run, checkpointing=o.gradient_checkpointing,
+                                       micro_batch_tokens=o.micro_batch_tokens, available=available)
 
 
 def _memory_settings(config: Config, plan) -> tuple[bool, int]:
-    """(activation checkpointing, token budget) as the memory plan decided; without an estimate, ``auto`` is off."""
+    """(activation checkpointing, token budget) as gspo.memory_plan decided; without an estimate, ``auto`` is off."""
     if plan is not None:
         return plan.checkpointing, plan.micro_batch_tokens
     o = config.optim
