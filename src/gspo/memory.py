@@ -22,7 +22,7 @@ only by :data:`CUDA_RUNTIME_BYTES`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 GB = 1024**3
@@ -140,7 +140,7 @@ class RunShape:
     @classmethod
     def from_config(cls, config, precision, *, prompt_tokens: int = ASSUMED_PROMPT_TOKENS, processes: int = 1,
                     device: str = "cpu") -> "RunShape":
-        """The run as configured; ``auto`` settings as off (checkpointing) and 0 (token budget): see gspo.memory_plan."""
+        """The run as configured, ``auto`` settings as off and 0 (gspo.memory_plan decides them)."""
         r, o = config.rollout, config.optim
         responses = -(-r.prompts_per_step * r.group_size // processes)
         return cls(responses=responses, minibatch_rows=-(-responses // o.minibatches), micro_rows=o.micro_batch_size,
