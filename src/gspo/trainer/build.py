@@ -112,11 +112,11 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     device = pick_device(config.device)
     rewards = rewards or resolve_rewards(config.reward.functions, task.rewards, device=device)
     # before the weights load: a run that cannot fit stops here; auto checkpointing / token budget decided
-    precision, memory_plan = _precision_and_memory(config, device, model)
+    precision, memory = _precision_and_memory(config, device, model)
     model, tokenizer, path = _load_policy(config, device, model, tokenizer)
     if precision is None:  # a config without the Llama-style shape keys: decided from the loaded model
         precision = resolve_precision(o.dtype, r.engine_dtype, device, sum(p.numel() for p in model.parameters()))
-    checkpointing, micro_batch_tokens = _memory_settings(config, memory_plan)
+    checkpointing, micro_batch_tokens = _memory_settings(config, memory)
     if checkpointing:  # training forwards only: the sampler runs in eval mode
         _enable_checkpointing(model)
     moe = supports_routing(model)
@@ -163,7 +163,7 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
         logger=MetricsLogger(Path(run_dir) if run_dir else None, tensorboard=config.log.tensorboard,
                              enabled=dist.is_main(), trackers=config.log.trackers, project=config.log.project,
                              run_config=config.to_dict()),
-        moe=moe, sharded=sharded, precision=precision, memory=memory_plan)
+        moe=moe, sharded=sharded, precision=precision, memory=memory)
 
     def reference_logprobs():
         return _reference_fn(parts, temperature)
