@@ -1,9 +1,12 @@
-"""docs/memory.md's table: :mod:`gspo.memory`'s per-GPU peak for Qwen3 shapes, strategies and GPU counts.
+"""docs/memory.md's table: :mod:`gspo.memory`'s per-GPU peak for Qwen3 shapes x strategies x lengths.
 
     PYTHONPATH=src python benchmarks/memory_table.py
 
-Computed, not measured (no GPU was available); the CPU rows measured by benchmarks/measure_memory.py are
-printed from benchmarks/results/memory_cpu.json beside their estimate.
+Computed from the estimate, not measured (no GPU has run gspo yet): each cell is what ``gspo train`` would
+decide on an 80 GB H100 with ``optim.gradient_checkpointing=auto`` and ``optim.micro_batch_tokens=auto``,
+and the estimate of the run so configured (or "does not fit" with what the refusal names). The CPU rows
+measured by benchmarks/measure_memory.py are printed from benchmarks/results/memory_cpu.json beside their
+estimate.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from gspo.errors import ConfigError
 from gspo.memory import GB, ModelShape, RunShape, estimate
+from gspo.memory_plan import plan
 
 # config.json values of the published Qwen3 models (Hugging Face Hub, Qwen/Qwen3-*)
 QWEN3 = {
@@ -25,35 +30,53 @@ QWEN3 = {
                           num_key_value_heads=4, head_dim=128, tie_word_embeddings=False, num_experts=128,
                           num_experts_per_tok=8, moe_intermediate_size=768),
 }
-RESPONSES, PROMPT, RESPONSE, MINIBATCHES, MICRO_ROWS = 64, 256, 1024, 4, 4
-STRATEGIES = [("single", 1), ("ddp", 2), ("ddp", 8), ("fsdp", 2), ("fsdp", 8)]
+# a rollout batch of 64 responses (e.g. 8 prompts x 8) behind 256-token prompts, 4 minibatches, bfloat16
+# compute and sampler (the CUDA default), float32 master weights and AdamW, no LoRA, no KL reference
+RESPONSES, PROMPT, MINIBATCHES = 64, 256, 4
+LENGTHS = (1024, 8192)
+STRATEGIES = [("1 GPU", "ddp", 1), ("DDP x8", "ddp", 8), ("FSDP2 x8", "fsdp", 8)]
+H100 = 80 * GB
 
 
-def cell(shape: ModelShape, strategy: str, gpus: int, checkpointing: bool) -> float:
+def run_shape(strategy: str, gpus: int, response: int) -> RunShape:
     local = RESPONSES // gpus
-    run = RunShape(responses=local, minibatch_rows=local // MINIBATCHES, micro_rows=MICRO_ROWS, micro_tokens=0,
-                   prompt_tokens=PROMPT, response_tokens=RESPONSE, compute="bfloat16", sampler="bfloat16",
-                   checkpointing=checkpointing, processes=gpus, strategy="ddp" if strategy == "single" else strategy,
-                   device="cuda")
-    return estimate(shape, run).total / GB
+    return RunShape(responses=local, minibatch_rows=local // MINIBATCHES, micro_rows=0, micro_tokens=0,
+                    prompt_tokens=PROMPT, response_tokens=response, compute="bfloat16", sampler="bfloat16",
+                    processes=gpus, strategy=strategy, device="cuda")
+
+
+def cell(shape: ModelShape, strategy: str, gpus: int, response: int) -> str:
+    """``31 (ckpt, 2 rows)``: GB per GPU and what auto chose; ``no: 180 GB`` when nothing auto picks fits."""
+    run = run_shape(strategy, gpus, response)
+    try:
+        decided = plan(shape, run, checkpointing="auto", micro_batch_tokens=-1, available=H100)
+    except ConfigError as exc:
+        return f"no: {str(exc).split('about ')[1].split(' GB')[0]} GB"
+    rows = decided.micro_batch_tokens // run.sequence_tokens if decided.micro_batch_tokens else run.minibatch_rows
+    choices = ["ckpt"] if decided.checkpointing else []
+    choices.append(f"{rows} row{'s' if rows > 1 else ''}")
+    return f"{decided.estimate.total / GB:.0f} ({', '.join(choices)})"
 
 
 def main() -> None:
-    head = " | ".join(f"{s} x{n}" if s != "single" else "1 GPU" for s, n in STRATEGIES)
-    print(f"| model (params) | checkpointing | {head} |")
-    print("|---|---|" + "---:|" * len(STRATEGIES))
+    head = " | ".join(f"{name}, {length // 1024}k" for name, _, _ in STRATEGIES for length in LENGTHS)
+    print(f"| model (params) | {head} |")
+    print("|---|" + "---:|" * len(STRATEGIES) * len(LENGTHS))
     for name, values in QWEN3.items():
         shape = ModelShape.from_config({**values, "vocab_size": 151936})
-        for checkpointing in (False, True):
-            cells = " | ".join(f"{cell(shape, s, n, checkpointing):.0f}" for s, n in STRATEGIES)
-            print(f"| {name} ({shape.params / 1e9:.2f}B) | {'on' if checkpointing else 'off'} | {cells} |")
+        cells = " | ".join(cell(shape, strategy, gpus, length)
+                           for _, strategy, gpus in STRATEGIES for length in LENGTHS)
+        print(f"| {name} ({shape.params / 1e9:.2f}B) | {cells} |")
     results = Path(__file__).resolve().parent / "results" / "memory_cpu.json"
     if results.exists():
-        print("\n| CPU, measured (~103M Qwen3, 151,936 vocab) | response tokens | dtype | measured peak RSS | estimate |")
-        print("|---|---:|---|---:|---:|")
-        for case in sorted(json.loads(results.read_text())["cases"], key=lambda c: (c["dtype"], c["new_tokens"])):
-            print(f"| {case['shape']['hidden_size']} hidden x {case['shape']['num_layers']} layers | {case['new_tokens']} | "
-                  f"{case['dtype']} | {case['peak_rss_bytes'] / GB:.2f} GB | {measured_estimate(case) / GB:.2f} GB |")
+        data = json.loads(results.read_text())
+        print(f"\nMeasured on the CPU ({data['machine']}): ~103M Qwen3, 151,936 vocabulary, 16 responses\n")
+        print("| response tokens | dtype | measured peak RSS | estimate | estimate / measured |")
+        print("|---:|---|---:|---:|---:|")
+        for case in sorted(data["cases"], key=lambda c: (c["dtype"], c["new_tokens"])):
+            est = measured_estimate(case)
+            print(f"| {case['new_tokens']} | {case['dtype']} | {case['peak_rss_bytes'] / GB:.2f} GiB | "
+                  f"{est / GB:.2f} GiB | {est / case['peak_rss_bytes']:.2f} |")
 
 
 def measured_estimate(case: dict) -> int:

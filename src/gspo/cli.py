@@ -140,13 +140,14 @@ def train_help(width: int | None = None) -> str:
     """``gspo train --help``: every config key from the schema's field docs, wrapped to ``width`` (the
     terminal's); a list a docstring names with the :data: role is read from that registry."""
     from gspo.config import field_docs
-    from gspo.config.schema import AUTO_KEYS
+    from gspo.config.schema import AUTO_KEYS, SWITCH_KEYS
 
     width = width or help_width()
     lines = wrap("options (key=default, meaning; every key also works in CONFIG.yaml):", width)
     for key, type_name, default, doc in field_docs():
         lines.append(f"  {key}={_show(default, key)}")
         type_name += " or auto" if key in AUTO_KEYS else ""
+        type_name = "auto, true or false" if key in SWITCH_KEYS else type_name
         lines += wrap(f"{_plain(doc)} [{type_name}]", width, indent="      ")
     return render_help(TRAIN, lines, width)
 

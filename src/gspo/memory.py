@@ -3,26 +3,26 @@
 :func:`estimate` turns a model's ``config.json`` (:class:`ModelShape`: layers, hidden, intermediate,
 heads, KV heads, vocabulary, tied embeddings, MoE experts) and the run's config (rows per micro-batch or
 token budget, prompt + response length, precision, AdamW, LoRA, activation checkpointing, the sampler's
-KV cache, processes and DDP / FSDP2) into a per-process peak in bytes, itemised. :func:`check_memory`
-compares it with what the machine has (CPU: available RAM; CUDA: free device memory) and refuses a run
-that cannot fit with a :class:`~gspo.errors.ConfigError` naming the knobs that make it fit.
+KV cache, processes and DDP / FSDP2) into a per-process peak in bytes, itemised. :mod:`gspo.memory_plan`
+compares it with what the machine has, decides the ``auto`` settings and refuses a run that cannot fit.
 
-The model of a step: persistent state (float32 master weights, gradients and AdamW's two moments, a
-lower-precision sampler copy, a KL reference copy, FSDP2's whole copy for the sampler) plus the largest
-of three transients: sampling (KV cache and logits of every local response), a training micro-batch
-(saved activations per token and layer, the compute-dtype weight casts autocast keeps for the backward,
-the chunked LM head) and a no-grad pi_old / reference pass. The per-token activation coefficients count
-the tensors a Qwen3/Llama layer saves for its backward. Checked against peak RSS measured on the CPU
-(docs/memory.md; tests/unit/test_memory.py pins six points of a 103M shape and the issue's two 0.6B figures
-within 20%), except bfloat16 with long responses, which measured 23% above the estimate (a known gap, in
-docs/memory.md). Not measured on a GPU: CUDA adds its context and allocator caching, covered only by
-:data:`CUDA_RUNTIME_BYTES`.
+The model of a step: persistent state (float32 master weights, gradients and AdamW's two moments, sharded
+by N under FSDP2; DDP's gradient buckets; a lower-precision sampler copy, whole under FSDP2; a KL reference
+copy) plus the largest of three transients: sampling (KV cache and logits of every local response), a
+training micro-batch (saved activations per token and layer, the compute-dtype weight casts autocast keeps
+for the backward, the chunked LM head's logits; under FSDP2 the gathered compute-dtype layers instead of
+the casts) and a no-grad pi_old / reference pass. The per-token activation coefficients count the tensors a
+Qwen3/Llama layer saves for its backward (checked against ``saved_tensors_hooks``: within 6% in float32
+and bfloat16). Checked against peak RSS measured on the CPU (docs/memory.md; tests/unit/test_memory.py
+pins every case of benchmarks/results/memory_cpu.json, float32 and bfloat16, and the issue's two 0.6B
+figures within 20%). Not measured on a GPU: CUDA adds its context and allocator caching, covered
+only by :data:`CUDA_RUNTIME_BYTES`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 GB = 1024**3
@@ -140,12 +140,14 @@ class RunShape:
     @classmethod
     def from_config(cls, config, precision, *, prompt_tokens: int = ASSUMED_PROMPT_TOKENS, processes: int = 1,
                     device: str = "cpu") -> "RunShape":
+        """The run as configured, ``auto`` settings as off and 0 (gspo.memory_plan decides them)."""
         r, o = config.rollout, config.optim
         responses = -(-r.prompts_per_step * r.group_size // processes)
         return cls(responses=responses, minibatch_rows=-(-responses // o.minibatches), micro_rows=o.micro_batch_size,
-                   micro_tokens=o.micro_batch_tokens, prompt_tokens=prompt_tokens, response_tokens=r.max_new_tokens,
-                   compute=precision.compute, sampler=precision.sampler, lora_rank=config.lora.rank,
-                   checkpointing=o.gradient_checkpointing, reference=config.loss.beta > 0 and not config.lora.rank,
+                   micro_tokens=max(o.micro_batch_tokens, 0), prompt_tokens=prompt_tokens,
+                   response_tokens=r.max_new_tokens, compute=precision.compute, sampler=precision.sampler,
+                   lora_rank=config.lora.rank, checkpointing=o.gradient_checkpointing == "true",
+                   reference=config.loss.beta > 0 and not config.lora.rank,
                    processes=processes, strategy=config.distributed.strategy, device=device)
 
     @property
@@ -183,32 +185,52 @@ def estimate(model: ModelShape, run: RunShape) -> Estimate:
     shard = run.processes if sharded else 1
     trainable = model.linear_params() * run.lora_rank if run.lora_rank else params
     parts = {"runtime": CUDA_RUNTIME_BYTES if run.device == "cuda" else CPU_RUNTIME_BYTES,
-             "weights": 4 * params // shard}
-    if sharded:  # FSDP2: the sampler and checkpoints read a whole float32 copy (trainer/build.py)
-        parts["whole copy"] = 4 * params
-    parts["gradients"] = 4 * trainable // shard
-    parts["optimizer"] = 4 * ADAMW_STATE_PER_PARAM * trainable // shard
-    if run.sampler != "float32":
+             "weights": 4 * params // shard, "gradients": 4 * trainable // shard,
+             "optimizer": 4 * ADAMW_STATE_PER_PARAM * trainable // shard}
+    if run.processes > 1 and not sharded:  # DDP: its gradient buckets are a second copy of the gradients
+        parts["DDP buckets"] = 4 * trainable
+    if run.sampler != "float32" or sharded:  # FSDP2: the built-in sampler keeps a whole copy (trainer/build.py)
         parts["sampler copy"] = BYTES[run.sampler] * params
-    if run.reference:
+    if run.reference:  # whole on every process, FSDP2 included (copied before sharding)
         parts["reference"] = 4 * params
-    transients = {"KV cache + logits": _sampling_bytes(model, run), "activations": _training_bytes(model, run, params),
-                  "no-grad pass": _no_grad_bytes(model, run, params)}
+    gathered = _gathered_bytes(model, run) if sharded else 0
+    transients = {"KV cache + logits": _sampling_bytes(model, run),
+                  "activations": _training_bytes(model, run, params) + gathered,
+                  "no-grad pass": _no_grad_bytes(model, run, params) + gathered}
     name = max(transients, key=transients.get)
     parts[name] = transients[name]
     return Estimate(parts)
 
 
-def _no_grad_bytes(model: ModelShape, run: RunShape, params: int) -> int:
-    """A pi_old / reference pass: autocast's weight casts (kept for the whole pass) and the LM head's chunk of
-    logits in the compute dtype and in float32 (its activations are freed layer by layer). Measured on the CPU:
-    the peak phase of a bfloat16 run with short responses (0.45 GB over the persistent state, 103M shape)."""
+def _gathered_bytes(model: ModelShape, run: RunShape) -> int:
+    """FSDP2's unsharded parameters during a forward / backward: the root's (embeddings, head, final norm; not
+    resharded between the forward and the backward) and two decoder layers' (the one computing and the one
+    prefetched), in the compute dtype (``MixedPrecisionPolicy(param_dtype)``), plus one layer's unsharded
+    gradient in that dtype and in float32 for the reduce-scatter (``reduce_dtype=float32``)."""
     b = BYTES[run.compute]
-    linear = params - (0 if model.tied else model.vocab * model.hidden)
-    casts = b * linear if run.compute != "float32" else 0
-    completion = run.micro_batch_tokens // run.sequence_tokens * run.response_tokens
-    logits = min(max(completion, 1), LM_HEAD_CHUNK_TOKENS) * model.vocab * (4 + (b if run.compute != "float32" else 0))
-    return casts + logits
+    layer = model.attention_params + model.mlp_params + 2 * model.hidden
+    root = model.vocab * model.hidden * (1 if model.tied else 2) + model.hidden
+    return b * (root + 2 * layer) + (b + 4) * layer
+
+
+def _no_grad_bytes(model: ModelShape, run: RunShape, params: int) -> int:
+    """A pi_old / reference pass: autocast's weight casts (kept for the whole pass) and the LM head's logits
+    (:func:`_head_bytes`); the body's activations are freed layer by layer."""
+    return _cast_bytes(model, run, params) + _head_bytes(model, run)
+
+
+def _head_bytes(model: ModelShape, run: RunShape) -> int:
+    """The chunked LM head's forward (gspo.logprobs): each chunk's (C, V) logits in the compute dtype and their
+    float32 copy, while the previous chunk's float32 logits are still referenced by the loop (two chunks alive
+    once the completion positions pass one chunk). Measured on the CPU (103M shape, 4 x 519 tokens, one
+    no-grad pass): +0.61 GiB in float32, +0.94 GiB in bfloat16 with its 0.19 GiB of casts; this counts 0.58
+    and 0.91."""
+    completion = max(run.micro_batch_tokens // run.sequence_tokens * run.response_tokens, 1)
+    first = min(completion, LM_HEAD_CHUNK_TOKENS)
+    second = min(completion - first, LM_HEAD_CHUNK_TOKENS)
+    newest = second or first
+    low = BYTES[run.compute] if run.compute != "float32" else 0
+    return model.vocab * (4 * (first + second) + low * newest)
 
 
 def _sampling_bytes(model: ModelShape, run: RunShape) -> int:
@@ -219,94 +241,19 @@ def _sampling_bytes(model: ModelShape, run: RunShape) -> int:
 
 def _training_bytes(model: ModelShape, run: RunShape, params: int) -> int:
     """One micro-batch's forward + backward: autocast's weight casts, plus the larger of the saved activations
-    with the LM head's chunk (the start of the backward) and the embedding's (V, hidden) float32 gradient made
-    before it is added into ``.grad`` (the end of the backward, activations freed: tied, the head's and the
-    input embedding's contributions meet in a temporary; with accumulation, the new one is added)."""
-    tokens = run.micro_batch_tokens
-    activations = tokens * model.activation_bytes_per_token(run.compute, run.checkpointing)
-    # every linear's weight, the LM head's included (the input embedding is looked up, not cast)
-    linear = params - (0 if model.tied else model.vocab * model.hidden)
-    casts = BYTES[run.compute] * linear if run.compute != "float32" else 0
-    completion = tokens // run.sequence_tokens * run.response_tokens  # (rows x T) positions the head scores
-    head = min(max(completion, 1), LM_HEAD_CHUNK_TOKENS) * model.vocab * 4
+    with the LM head's logits (:func:`_head_bytes`, the end of the forward: measured there on the CPU in
+    bfloat16) and the embedding's (V, hidden) float32 gradient made before it is added into ``.grad`` (the
+    end of the backward, activations freed: tied, the head's and the input embedding's contributions meet
+    in a temporary; with accumulation, the new one is added)."""
+    activations = run.micro_batch_tokens * model.activation_bytes_per_token(run.compute, run.checkpointing)
     embedding_grad = 0 if run.lora_rank else 4 * model.vocab * model.hidden
-    return int(casts + max(activations + head, embedding_grad))
+    return int(_cast_bytes(model, run, params) + max(activations + _head_bytes(model, run), embedding_grad))
 
 
-def available_bytes(device: str) -> int:
-    """What a new run can still use: CUDA free device memory, else the OS's available RAM."""
-    if device == "cuda":
-        import torch
-
-        return int(torch.cuda.mem_get_info()[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
-# (knob, what to change) tried one at a time by the refusal, cheapest in compute first
-def _knobs(run: RunShape) -> list[tuple[str, RunShape]]:
-    out = []
-    if not run.micro_tokens or run.micro_tokens > run.sequence_tokens:
-        one_row = replace(run, micro_tokens=run.sequence_tokens, micro_rows=0)
-        out.append((f"optim.micro_batch_tokens={run.sequence_tokens}", one_row))
-    if not run.checkpointing:
-        out.append(("optim.gradient_checkpointing=true", replace(run, checkpointing=True)))
-    if run.compute == "float32":
-        out.append(("optim.dtype=bfloat16", replace(run, compute="bfloat16", sampler="bfloat16")))
-    if not run.lora_rank:
-        out.append(("lora.rank=16", replace(run, lora_rank=16, reference=False)))
-    if run.responses > 1:
-        half = max(1, run.responses // 2)
-        out.append(("half the responses (rollout.prompts_per_step or rollout.group_size)",
-                    replace(run, responses=half, minibatch_rows=max(1, run.minibatch_rows // 2))))
-    return out
-
-
-def refusal(model: ModelShape, run: RunShape, available: int) -> str | None:
-    """None when the estimate fits in ``available`` bytes, else the message naming what makes it fit."""
-    need = estimate(model, run)
-    if _machine_total(need, run) <= available:
-        return None
-    fixes = [(knob, _machine_total(estimate(model, changed), run)) for knob, changed in _knobs(run)]
-    alone = [f"{knob} ({total / GB:.1f} GB)" for knob, total in fixes if total <= available]
-    if alone:
-        advice = "any one of these fits: " + "; ".join(alone)
-    else:
-        together = run
-        for _, changed in _knobs(run):
-            together = replace(together, **{f: getattr(changed, f) for f in (
-                "micro_tokens", "micro_rows", "checkpointing", "compute", "sampler", "lora_rank", "reference")
-                if getattr(changed, f) != getattr(run, f)})
-        advice = ("no single knob fits; together " + ", ".join(k for k, _ in fixes[:-1])
-                  + f" need {_machine_total(estimate(model, together), run) / GB:.1f} GB")
-    where = "free GPU memory" if run.device == "cuda" else "available RAM"
-    processes = f" x {run.processes} processes" if _shares_ram(run) else " per process"
-    return (f"this run needs about {need.describe()}{processes} at its peak, more than the {available / GB:.1f} GB "
-            f"of {where}; {advice}")
-
-
-def _shares_ram(run: RunShape) -> bool:
-    return run.device != "cuda" and run.processes > 1
-
-
-def _machine_total(need: Estimate, run: RunShape) -> int:
-    """What must fit in the memory checked: CPU processes share the RAM, GPUs have one each."""
-    return need.total * (run.processes if _shares_ram(run) else 1)
-
-
-def check_memory(model: ModelShape, run: RunShape, available: int | None = None) -> Estimate:
-    """Raise :class:`~gspo.errors.ConfigError` if ``run`` cannot fit; returns the estimate otherwise."""
-    from gspo.errors import ConfigError
-
-    available = available_bytes(run.device) if available is None else available
-    message = refusal(model, run, available)
-    if message:
-        raise ConfigError(message)
-    return estimate(model, run)
+def _cast_bytes(model: ModelShape, run: RunShape, params: int) -> int:
+    """Autocast's cache of compute-dtype copies of every linear's weight, the LM head's included (the input
+    embedding is looked up, not cast), kept for the whole forward and backward; none in float32, and none
+    under FSDP2, whose gathered weights are in the compute dtype already."""
+    if run.compute == "float32" or (run.strategy == "fsdp" and run.processes > 1):
+        return 0
+    return BYTES[run.compute] * (params - (0 if model.tied else model.vocab * model.hidden))

@@ -20,7 +20,7 @@ from gspo.cli import main
 from gspo.cli_args import Command, Flag, Option, UsageError, parse
 from gspo.config import load_config
 from gspo.config.load import EMBEDDED_MODELS, from_dict
-from gspo.config.schema import ALGORITHMS, Config
+from gspo.config.schema import ALGORITHMS, SWITCH_KEYS, Config
 from gspo.errors import ConfigError, RewardError
 from gspo.suggest import closest, edit_distance
 
@@ -216,7 +216,7 @@ def _string_fields(cls=Config, prefix=""):
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
             yield from _string_fields(hints[f.name], f"{prefix}{f.name}.")
-        elif hints[f.name] is str:
+        elif hints[f.name] is str and prefix + f.name not in SWITCH_KEYS:  # auto | true | false: tested below
             yield prefix + f.name
 
 
@@ -238,6 +238,21 @@ def _get(config, key: str):
     for part in key.split("."):
         config = getattr(config, part)
     return config
+
+
+@pytest.mark.parametrize("word, value", [("auto", "auto"), ("AUTO", "auto"), ("yes", "true"), ("on", "true"),
+                                         ("1", "true"), ("true", "true"), ("no", "false"), ("off", "false"),
+                                         ("false", "false"), (True, "true"), (False, "false")])
+def test_switch_fields_read_auto_or_any_spelling_of_a_boolean(tmp_path, word, value):
+    from gspo.config.load import _read_yaml
+
+    for key in SWITCH_KEYS:
+        section, leaf = key.split(".")
+        assert _get(from_dict({section: {leaf: word}}), key) == value
+        (tmp_path / "c.yaml").write_text(f"{section}:\n  {leaf}: {word}\n")
+        assert _get(from_dict(_read_yaml(tmp_path / "c.yaml")), key) == value.lower()
+    with pytest.raises(ConfigError, match="optim.gradient_checkpointing='sometimes' is not one of auto, true, false"):
+        load_config(None, ["optim.gradient_checkpointing=sometimes"])
 
 
 @pytest.mark.parametrize("word", WORDS)
@@ -266,7 +281,7 @@ def test_routing_replay_off_and_advantage_scale_none_load(tmp_path):
     config = load_config(path)
     assert config.moe.routing_replay == "off" and config.loss.advantage_scale == "none"
     assert config.loss.clip_low is None and config.loss.dynamic_sampling is False and config.loss.beta == 0.01
-    assert config.optim.lr == 1e-5 and config.optim.gradient_checkpointing is True and config.steps == 7
+    assert config.optim.lr == 1e-5 and config.optim.gradient_checkpointing == "true" and config.steps == 7
     assert config.reward.functions == ["exact_answer", "format@0.1"]
 
 

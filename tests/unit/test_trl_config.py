@@ -115,6 +115,10 @@ def test_epochs_sampling_logging_and_vllm():
     assert o["correction.mode"] == "seq_mis" and o["correction.high"] == 3.0  # TRL's default vLLM correction
     assert any("trl vllm-serve" in w for w in p.warnings)
     assert plan(GRPOConfig(max_steps=1), train_rows=8).overrides["optim.dtype"] == "float32"  # bf16=None on a CPU
+    # TRL's checkpointing (default on) is kept as given, not left to gspo's auto
+    assert plan(GRPOConfig(max_steps=1), train_rows=8).overrides["optim.gradient_checkpointing"] == "true"
+    off = plan(GRPOConfig(max_steps=1, gradient_checkpointing=False), train_rows=8)
+    assert off.overrides["optim.gradient_checkpointing"] == "false"
     with pytest.raises(ConfigError, match="max_steps"):
         plan(GRPOConfig(), train_rows=None)
 

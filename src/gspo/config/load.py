@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from gspo.config.schema import AUTO, AUTO_KEYS, Config
+from gspo.config.schema import AUTO, AUTO_KEYS, SWITCH_KEYS, Config
 from gspo.errors import ConfigError
 from gspo.suggest import closest, trl_hint
 
@@ -124,6 +124,9 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         if hint is str:
             if isinstance(value, (dict, list)) or value is None:
                 raise ValueError
+            if key in SWITCH_KEYS:  # auto | true | false, any spelling of a boolean included
+                text = str(value).strip().lower()
+                return "auto" if text == "auto" else str(text in _TRUE).lower() if text in _TRUE | _FALSE else text
             if isinstance(value, bool):  # a YAML 1.1 boolean from a caller's own yaml.safe_load
                 raise ConfigError(f"'{key}' is a string field, got the boolean {value}; write the word in quotes "
                                   f"('{key}: \"off\"') or load the file with gspo.config.load_config") from None

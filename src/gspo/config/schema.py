@@ -138,6 +138,12 @@ class CorrectionConfig:
         return {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in defaults.items()}
 
 
+AUTO = -1  # what "auto" stands for in the integer fields of AUTO_KEYS (config.json records -1)
+AUTO_KEYS = ("eval.every", "optim.micro_batch_tokens")
+# string fields that read auto, true or false (a boolean, yes / no / on / off included, becomes "true" / "false")
+SWITCH_KEYS = ("optim.gradient_checkpointing",)
+
+
 @dataclass
 class OptimConfig:
     lr: float = 1e-4
@@ -162,18 +168,22 @@ class OptimConfig:
     """Responses per forward/backward (gradient accumulation); 0 = the whole minibatch, cut into
     length-sorted micro-batches where padding costs more than one more forward (models of ~100M parameters
     and up; the embedded ones keep one). Per process: it must divide each process's share of a minibatch."""
-    micro_batch_tokens: int = 0
+    micro_batch_tokens: int = AUTO
     """Token budget per forward/backward: micro-batches are formed from length-sorted responses so that rows x
     padded length stays within it (memory follows tokens, not rows; every no-grad pass is split the same way);
-    0 = off (optim.micro_batch_size decides). Exclusive with optim.micro_batch_size."""
+    0 = off (optim.micro_batch_size decides); auto (= -1) = off while the memory estimate of the whole
+    minibatch in one forward fits, else the largest budget that fits (the start line says which;
+    docs/memory.md). Exclusive with optim.micro_batch_size."""
     dtype: str = "auto"
     """Training compute precision (master weights and optimizer state stay float32): auto (bfloat16 autocast
     for models of 50M+ parameters on CUDA with bf16 or a CPU with AMX / AVX512-BF16 whose measured bf16 GEMM
     pays, else float32, with TF32 matmuls on a CUDA GPU of sm80+; the start line says which and why),
     float32 (true float32, also on a GPU), or bfloat16."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: str = "auto"
     """Recompute each decoder layer's activations in the backward: activation memory of about one layer
-    for about a third more training compute (TRL's default; benchmarks/README.md)."""
+    for about a third more training compute (benchmarks/README.md). auto, true or false: auto turns it on
+    when the memory estimate does not fit without it but does with it, and always on CUDA for models of 1B+
+    parameters (TRL's default is on); the start line says which (docs/memory.md)."""
     share_prompts: bool = True
     """Training forwards run each distinct prompt once and reuse its keys/values for all of its responses
     (exact up to float rounding; skipped where no prompt repeats, with activation checkpointing, sliding-window
@@ -189,8 +199,6 @@ class RewardConfig:
     """What a reward returning None means: zero (counted in metrics) or error."""
 
 
-AUTO = -1  # what "auto" stands for in the integer fields of AUTO_KEYS (config.json records -1)
-AUTO_KEYS = ("eval.every",)
 
 
 @dataclass

@@ -80,8 +80,10 @@ def validate(config: Config) -> None:
     _positive("optim.epochs", o.epochs)
     _minimum("optim.micro_batch_size", o.micro_batch_size, 0)
     _choice("optim.dtype", o.dtype, ("auto", "float32", "bfloat16"))
-    _minimum("optim.micro_batch_tokens", o.micro_batch_tokens, 0)
-    if o.micro_batch_tokens and o.micro_batch_size:
+    _choice("optim.gradient_checkpointing", o.gradient_checkpointing, ("auto", "true", "false"))
+    if o.micro_batch_tokens < AUTO:
+        raise ConfigError(f"optim.micro_batch_tokens={o.micro_batch_tokens} must be auto, 0 (off) or a token budget")
+    if o.micro_batch_tokens > 0 and o.micro_batch_size:
         raise ConfigError(f"optim.micro_batch_tokens={o.micro_batch_tokens} and optim.micro_batch_size="
                           f"{o.micro_batch_size} both split the minibatch; set one of them to 0")
     batch = r.prompts_per_step * r.group_size

@@ -77,6 +77,7 @@ class Components:
     precision: PrecisionPolicy = PrecisionPolicy()  # compute / sampler / master dtypes, decided once (gspo.precision)
     pipeline: object = None  # trainer.pipeline.Pipeline when rollout.max_staleness > 0
     reference_root: torch.nn.Module | None = None  # FSDP2: the sharded reference's ModelCall root (fsdp_load)
+    memory: object = None  # gspo.memory_plan.MemoryPlan: the estimate and the auto choices (None: no estimate)
 
     def sync_weights(self) -> None:
         """Make the sampler use the weights just trained (every process: FSDP2 gathers shards one by one)."""
@@ -119,14 +120,17 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     if device.type == "cuda":
         cuda_settings.configure_allocator()  # before the first CUDA tensor (the CLI did it earlier still)
     rewards = rewards or resolve_rewards(config.reward.functions, task.rewards, device=device)
-    # before the weights load: a run that cannot fit stops here
-    precision = _precision_and_memory(config, device, model)
+    # before the weights load: a run that cannot fit stops here; auto checkpointing / token budget decided
+    precision, memory = _precision_and_memory(config, device, model)
     on_meta = model is None and loads_on_meta(config, resolve_model_path(config.model))
     model, tokenizer, path = _load_policy(config, device, model, tokenizer, on_meta=on_meta)
     asked_cap, config = config.data.max_prompt_tokens, _resolve_prompt_cap(config, task, tokenizer, model)
     if precision is None:  # a config without the Llama-style shape keys: decided from the loaded model
         precision = resolve_precision(o.dtype, r.engine_dtype, device, sum(p.numel() for p in model.parameters()))
     cuda_settings.apply_matmul_precision(precision.tf32)
+    checkpointing, micro_batch_tokens = _memory_settings(config, memory)
+    if checkpointing:  # training forwards only: the sampler runs in eval mode
+        _enable_checkpointing(model)
     moe = supports_routing(model)
     replay = config.moe.routing_replay
     if replay != "off" and not moe:
@@ -165,6 +169,7 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     render = _renderer(config, tokenizer, model)
     params, collector, evaluator = _sampling(config, task, engine, render, tokenizer, model, rewards)
     updater = _updater(config, precision, max_length=collector.max_response_tokens,  # an episode spans its turns
+                       micro_batch_tokens=micro_batch_tokens,
                        forward_overhead=forward_overhead_tokens(sum(p.numel() for p in model.parameters())))
     source = "rollout" if config.correction.mode == "bypass" else config.loss.old_logprobs
     plan = plan_old_logprobs(source, engine=engine.info, training_dtype=precision.matmul,
@@ -182,7 +187,7 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
         logger=MetricsLogger(Path(run_dir) if run_dir else None, tensorboard=config.log.tensorboard,
                              enabled=dist.is_main(), trackers=config.log.trackers, project=config.log.project,
                              run_config=config.to_dict()),
-        moe=moe, sharded=sharded, precision=precision, reference_root=reference_root)
+        moe=moe, sharded=sharded, precision=precision, reference_root=reference_root, memory=memory)
 
     def reference_logprobs():
         return _reference_fn(parts, temperature)
@@ -272,12 +277,12 @@ def _sampling(config: Config, task: Task, engine, render: PromptRenderer, tokeni
     return params, collector, evaluator
 
 
-def _precision_and_memory(config: Config, device: torch.device, model: torch.nn.Module | None
-                          ) -> PrecisionPolicy | None:
-    """The run's precision policy, and the memory check (gspo.memory), from ``config.json`` alone when the
-    model is still to be loaded (a LoRA adapter directory: its base's). None when the config does not name
-    the shape keys the estimate reads (layers, hidden, heads, vocabulary): no check then."""
-    from gspo import memory
+def _precision_and_memory(config: Config, device: torch.device, model: torch.nn.Module | None):
+    """(precision policy, gspo.memory_plan.MemoryPlan): the memory check and the auto checkpointing / token budget,
+    from ``config.json`` alone when the model is still to be loaded (a LoRA adapter directory: its base's).
+    (None, None) when the config does not name the shape keys the estimate reads (layers, hidden, heads,
+    vocabulary): no check then."""
+    from gspo import memory, memory_plan
     from gspo.models.load import adapter_base, is_adapter_dir
 
     try:
@@ -287,15 +292,27 @@ def _precision_and_memory(config: Config, device: torch.device, model: torch.nn.
             path = resolve_model_path(config.model)
             shape = memory.ModelShape.from_dir(adapter_base(path) if is_adapter_dir(path) else path)
     except (KeyError, TypeError, ValueError, OSError):
-        return None
+        return None, None
     o = config.optim
     precision = resolve_precision(o.dtype, config.rollout.engine_dtype, device, shape.params)
     run = memory.RunShape.from_config(config, precision, processes=dist.world_size(), device=device.type)
-    memory.check_memory(shape, run)
-    return precision
+    available = memory_plan.available_bytes(device.type)
+    if dist.is_initialized():  # every process decides alike: by the least memory any of them has
+        available = min(dist.all_gather_object(available))
+    return precision, memory_plan.plan(shape, run, checkpointing=o.gradient_checkpointing,
+                                       micro_batch_tokens=o.micro_batch_tokens, available=available)
 
 
-def _updater(config: Config, precision: PrecisionPolicy, *, max_length: int, forward_overhead: int = 0) -> Updater:
+def _memory_settings(config: Config, plan) -> tuple[bool, int]:
+    """(activation checkpointing, token budget) as gspo.memory_plan decided; without an estimate, ``auto`` is off."""
+    if plan is not None:
+        return plan.checkpointing, plan.micro_batch_tokens
+    o = config.optim
+    return o.gradient_checkpointing == "true", max(o.micro_batch_tokens, 0)
+
+
+def _updater(config: Config, precision: PrecisionPolicy, *, max_length: int, micro_batch_tokens: int,
+             forward_overhead: int = 0) -> Updater:
     """The minibatch loop for the configured objective, its hyperparameters and rollout correction;
     ``max_length``: the most trained tokens of one response or episode (Dr. GRPO's constant L)."""
     r, o = config.rollout, config.optim
@@ -303,7 +320,7 @@ def _updater(config: Config, precision: PrecisionPolicy, *, max_length: int, for
                    correction=config.correction.mode, correction_thresholds=config.correction.thresholds(),
                    beta=config.loss.beta, kl_estimator=config.loss.kl_estimator,
                    temperature=r.temperature, minibatches=o.minibatches, epochs=o.epochs,
-                   micro_batch_size=o.micro_batch_size, micro_batch_tokens=o.micro_batch_tokens,
+                   micro_batch_size=o.micro_batch_size, micro_batch_tokens=micro_batch_tokens,
                    forward_overhead=forward_overhead,
                    max_grad_norm=o.max_grad_norm, autocast_dtype=precision.autocast_dtype,
                    routing_replay=config.moe.routing_replay != "off")
@@ -349,8 +366,6 @@ def _load_policy(config: Config, device: torch.device, model=None, tokenizer=Non
     if config.lora.rank:  # PEFT adapters: the base weights freeze, the optimizer sees only the adapters
         model = apply_lora(model, config.lora, base_path=path)
     _set_cpu_threads(model, config.cpu_threads, device)
-    if config.optim.gradient_checkpointing:  # training forwards only: the sampler runs in eval mode
-        _enable_checkpointing(model)
     model.config.use_cache = False  # training forwards; the engine asks for a cache explicitly
     model.train()
     return model, tokenizer, path

@@ -177,6 +177,8 @@ def _setup_text(trainer) -> str:
     if trainer.parts.moe:
         replay = cfg.moe.routing_replay
         text += "; routing replay " + ({"off": "off", "r2": "R2 (old-policy pass)", "r3": "R3 (rollout engine)"}[replay])
+    if trainer.parts.memory is not None:
+        text += f"; {trainer.parts.memory.describe()}"
     return text
 
 

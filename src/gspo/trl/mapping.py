@@ -231,7 +231,7 @@ def _optimizer(args: GRPOConfig, total: int, cuda: bool) -> dict[str, Any]:
     return {"optim.lr": args.learning_rate, "optim.weight_decay": args.weight_decay, "optim.adam_eps": args.adam_epsilon,
             "optim.max_grad_norm": args.max_grad_norm, "optim.schedule": SCHEDULES[args.lr_scheduler_type],
             "optim.warmup_steps": math.ceil(warmup), "optim.dtype": "bfloat16" if bf16 else "float32",
-            "optim.gradient_checkpointing": bool(args.gradient_checkpointing)}
+            "optim.gradient_checkpointing": "true" if args.gradient_checkpointing else "false"}
 
 
 def _schedule_of_saves_and_logs(args: GRPOConfig, gspo_steps, per_epoch: int | None, eval_rows: int) -> dict:

@@ -1,0 +1,197 @@
+"""What the memory estimate decides before the model loads: ``auto`` settings, and the refusal.
+
+:func:`plan` resolves ``optim.gradient_checkpointing`` (auto | true | false) and ``optim.micro_batch_tokens``
+(auto | 0 | N) from :func:`gspo.memory.estimate` against the memory available (CPU: ``MemAvailable``,
+shared by the processes; CUDA: the GPU's free memory), and refuses a run that cannot fit with a
+:class:`~gspo.errors.ConfigError` naming the knobs that make it fit (:func:`refusal`). Pure arithmetic
+over the two shapes: fast, no model, no torch.distributed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from gspo.memory import GB, Estimate, ModelShape, RunShape, estimate
+
+def available_bytes(device: str) -> int:
+    """What a new run can still use: CUDA free device memory, else the OS's available RAM."""
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+# (knob, what to change) tried one at a time by the refusal, cheapest in compute first
+def _knobs(run: RunShape) -> list[tuple[str, RunShape]]:
+    out = []
+    if not run.micro_tokens or run.micro_tokens > run.sequence_tokens:
+        one_row = replace(run, micro_tokens=run.sequence_tokens, micro_rows=0)
+        out.append((f"optim.micro_batch_tokens={run.sequence_tokens}", one_row))
+    if not run.checkpointing:
+        out.append(("optim.gradient_checkpointing=true", replace(run, checkpointing=True)))
+    if run.compute == "float32":
+        out.append(("optim.dtype=bfloat16", replace(run, compute="bfloat16", sampler="bfloat16")))
+    if run.processes > 1 and run.strategy != "fsdp":
+        out.append(("distributed.strategy=fsdp", replace(run, strategy="fsdp")))
+    if not run.lora_rank:
+        out.append(("lora.rank=16", replace(run, lora_rank=16, reference=False)))
+    if run.responses > 1:
+        half = max(1, run.responses // 2)
+        out.append(("half the responses (rollout.prompts_per_step or rollout.group_size)",
+                    replace(run, responses=half, minibatch_rows=max(1, run.minibatch_rows // 2))))
+    return out
+
+
+def refusal(model: ModelShape, run: RunShape, available: int) -> str | None:
+    """None when the estimate fits in ``available`` bytes, else the message naming what makes it fit."""
+    need = estimate(model, run)
+    if _machine_total(need, run) <= available:
+        return None
+    fixes = [(knob, _machine_total(estimate(model, changed), run)) for knob, changed in _knobs(run)]
+    alone = [f"{knob} ({total / GB:.1f} GB)" for knob, total in fixes if total <= available]
+    if alone:
+        advice = "any one of these fits: " + "; ".join(alone)
+    else:
+        together, names = run, []  # every knob but fewer responses (the batch is the experiment's)
+        for knob, changed in _knobs(run):
+            moved = {f: getattr(changed, f) for f in ("micro_tokens", "micro_rows", "checkpointing", "compute",
+                                                      "sampler", "strategy", "lora_rank", "reference")
+                     if getattr(changed, f) != getattr(run, f)}
+            if moved:
+                together, names = replace(together, **moved), [*names, knob]
+        total = _machine_total(estimate(model, together), run)
+        if total <= available:
+            advice = f"no single knob fits; together {', '.join(names)} fit ({total / GB:.1f} GB)"
+        else:
+            more = "more GPUs with distributed.strategy=fsdp" if run.device == "cuda" else "a machine with more memory"
+            advice = (f"no single knob fits, and together {', '.join(names)} still need {total / GB:.1f} GB: "
+                      f"fewer responses per step, shorter rollout.max_new_tokens, {more} or a smaller model")
+    where = "free GPU memory" if run.device == "cuda" else "available RAM"
+    processes = f" x {run.processes} processes" if _shares_ram(run) else " per process"
+    return (f"this run needs about {need.describe()}{processes} at its peak, more than the {available / GB:.1f} GB "
+            f"of {where}; {advice}")
+
+
+def _shares_ram(run: RunShape) -> bool:
+    return run.device != "cuda" and run.processes > 1
+
+
+def _machine_total(need: Estimate, run: RunShape) -> int:
+    """What must fit in the memory checked: CPU processes share the RAM, GPUs have one each."""
+    return need.total * (run.processes if _shares_ram(run) else 1)
+
+
+def check_memory(model: ModelShape, run: RunShape, available: int | None = None) -> Estimate:
+    """Raise :class:`~gspo.errors.ConfigError` if ``run`` cannot fit; returns the estimate otherwise."""
+    from gspo.errors import ConfigError
+
+    available = available_bytes(run.device) if available is None else available
+    message = refusal(model, run, available)
+    if message:
+        raise ConfigError(message)
+    return estimate(model, run)
+
+
+# ``auto`` decisions leave this share of the available memory free: the estimate is within ~20% of measured
+# peaks (docs/memory.md), and other processes' memory moves while the run starts
+AUTO_MARGIN = 0.9
+# On CUDA, ``optim.gradient_checkpointing=auto`` is on from this many parameters whatever the estimate (TRL's
+# default is on): a GPU's memory is better spent on larger micro-batches and the sampler's KV cache.
+CUDA_CHECKPOINT_PARAMS = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What the memory check decided: activation checkpointing, the token budget (0 = off), the estimate of
+    the run so configured, the memory it was compared with, and why (``notes``, for the start line)."""
+
+    checkpointing: bool
+    micro_batch_tokens: int
+    estimate: Estimate
+    available: int
+    device: str = "cpu"
+    notes: tuple = ()
+
+    def describe(self) -> str:
+        """``memory: ~3.3 of 20.1 GB available RAM, checkpointing off, token budget off`` (the start line's part)."""
+        where = "free GPU memory" if self.device == "cuda" else "available RAM"
+        text = (f"memory: ~{self.estimate.total / GB:.1f} of {self.available / GB:.1f} GB {where}, checkpointing "
+                f"{'on' if self.checkpointing else 'off'}, token budget {self.micro_batch_tokens or 'off'}")
+        return text + (f" ({'; '.join(self.notes)})" if self.notes else "")
+
+
+def plan(model: ModelShape, run: RunShape, *, checkpointing: str = "false", micro_batch_tokens: int = 0,
+         available: int | None = None) -> MemoryPlan:
+    """Resolve ``optim.gradient_checkpointing`` (auto | true | false) and ``optim.micro_batch_tokens`` (-1 =
+    auto, 0 = off, N) against the estimate, then check that the result fits (:func:`check_memory`).
+
+    A token budget costs little compute and is tried first: auto keeps one forward per minibatch while that
+    fits in :data:`AUTO_MARGIN` of ``available``, else picks the most whole responses (at prompt +
+    ``max_new_tokens``) per forward that fit. Checkpointing costs ~1/3 more training compute: auto turns it on
+    when even one response per forward (or the configured budget) does not fit without it, and always on CUDA
+    from :data:`CUDA_CHECKPOINT_PARAMS`. Raises :class:`~gspo.errors.ConfigError` when nothing fits.
+    """
+    available = available_bytes(run.device) if available is None else available
+    room = int(AUTO_MARGIN * available)
+    auto_ckpt, auto_tokens = checkpointing == "auto", micro_batch_tokens < 0 and not run.micro_rows
+    notes = []
+    ckpt = checkpointing == "true"
+    if auto_ckpt and run.device == "cuda" and model.params >= CUDA_CHECKPOINT_PARAMS:
+        ckpt = True
+        notes.append(f"checkpointing auto: on for {model.params / 1e9:.1f}B params on CUDA")
+    run = replace(run, checkpointing=ckpt, micro_tokens=max(micro_batch_tokens, 0))
+
+    def fits(r: RunShape) -> bool:
+        return _machine_total(estimate(model, r), r) <= room
+
+    whole = _machine_total(estimate(model, run), run)
+    if auto_tokens and not fits(run):
+        budgeted = _largest_budget(model, run, fits)
+        if budgeted is None and auto_ckpt and not ckpt:
+            one = _machine_total(estimate(model, replace(run, micro_tokens=run.sequence_tokens, micro_rows=0)), run)
+            run = replace(run, checkpointing=True)
+            notes.append(f"checkpointing auto: on, one response per forward needs {one / GB:.1f} GB without it")
+            budgeted = _largest_budget(model, run, fits) if not fits(run) else run
+        if budgeted is not None:
+            if budgeted.micro_tokens:
+                notes.append(f"token budget auto: one forward per minibatch needs {whole / GB:.1f} GB")
+            run = budgeted
+        else:
+            run = replace(run, micro_tokens=run.sequence_tokens)  # the most the budget can do; refused below
+    elif auto_ckpt and not ckpt and not fits(run):
+        run = replace(run, checkpointing=True)
+        notes.append(f"checkpointing auto: on, {whole / GB:.1f} GB without it")
+    message = refusal(model, run, available)
+    if message:
+        from gspo.errors import ConfigError
+
+        chosen = [k for k, on in (("activation checkpointing", run.checkpointing and auto_ckpt),
+                                  (f"optim.micro_batch_tokens={run.micro_tokens}", run.micro_tokens and auto_tokens))
+                  if on]
+        raise ConfigError(message + (f" (already with {' and '.join(chosen)}, chosen by auto)" if chosen else ""))
+    return MemoryPlan(run.checkpointing, run.micro_tokens, estimate(model, run), available, run.device, tuple(notes))
+
+
+def _largest_budget(model: ModelShape, run: RunShape, fits) -> RunShape | None:
+    """``run`` with the largest token budget of whole responses per forward that ``fits``; None if one does not."""
+    one = replace(run, micro_tokens=run.sequence_tokens, micro_rows=0)
+    if not fits(one):
+        return None
+    low, high = 1, max(run.minibatch_rows, 1)  # rows per forward: low fits, find the most
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fits(replace(one, micro_tokens=mid * run.sequence_tokens)):
+            low = mid
+        else:
+            high = mid - 1
+    return replace(one, micro_tokens=0 if low >= run.minibatch_rows else low * run.sequence_tokens)
