@@ -8,7 +8,7 @@ compares it with what the machine has, decides the ``auto`` settings and refuses
 
 The model of a step: persistent state (float32 master weights, gradients and AdamW's two moments, sharded
 by N under FSDP2; DDP's gradient buckets; a lower-precision sampler copy, whole under FSDP2; a KL reference
-copy) plus the largest of three transients: sampling (KV cache and logits of every local response), a
+copy, sharded like the policy under FSDP2 unless refreshed) plus the largest of three transients: sampling (KV cache and logits of every local response), a
 training micro-batch (saved activations per token and layer, the compute-dtype weight casts autocast keeps
 for the backward, the chunked LM head's logits; under FSDP2 the gathered compute-dtype layers instead of
 the casts) and a no-grad pi_old / reference pass. The per-token activation coefficients count the tensors a
@@ -133,6 +133,7 @@ class RunShape:
     lora_rank: int = 0
     checkpointing: bool = False
     reference: bool = False  # a frozen KL reference copy (loss.beta > 0 without LoRA)
+    reference_whole: bool = False  # refreshed (loss.ref_refresh_steps > 0): whole on every process under FSDP2
     processes: int = 1
     strategy: str = "ddp"
     device: str = "cpu"
@@ -148,6 +149,7 @@ class RunShape:
                    response_tokens=r.max_new_tokens, compute=precision.compute, sampler=precision.sampler,
                    lora_rank=config.lora.rank, checkpointing=o.gradient_checkpointing == "true",
                    reference=config.loss.beta > 0 and not config.lora.rank,
+                   reference_whole=config.loss.ref_refresh_steps > 0,
                    processes=processes, strategy=config.distributed.strategy, device=device)
 
     @property
@@ -191,8 +193,8 @@ def estimate(model: ModelShape, run: RunShape) -> Estimate:
         parts["DDP buckets"] = 4 * trainable
     if run.sampler != "float32" or sharded:  # FSDP2: the built-in sampler keeps a whole copy (trainer/build.py)
         parts["sampler copy"] = BYTES[run.sampler] * params
-    if run.reference:  # whole on every process, FSDP2 included (copied before sharding)
-        parts["reference"] = 4 * params
+    if run.reference:  # sharded like the policy under FSDP2 (trainer/fsdp_load.py) unless refreshed
+        parts["reference"] = 4 * params // (1 if run.reference_whole else shard)
     gathered = _gathered_bytes(model, run) if sharded else 0
     transients = {"KV cache + logits": _sampling_bytes(model, run),
                   "activations": _training_bytes(model, run, params) + gathered,

@@ -177,3 +177,12 @@ def test_trainer_with_a_token_budget_trains_like_one_shot(tiny_overrides):
         a.train_step(), b.train_step()
     for p, q in zip(a.model.parameters(), b.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_padding_mode_is_for_models_of_50m_parameters_and_up():
+    from gspo.trainer.build import _forward_overhead
+
+    assert _forward_overhead(build_tiny_qwen3(build_char_tokenizer(), seed=0)) == 0  # the embedded model: as before
+    with torch.device("meta"):  # no storage: only the parameter count matters
+        big = torch.nn.Linear(8192, 8192)  # 67M parameters
+    assert _forward_overhead(big) == forward_overhead_tokens(8192 * 8192 + 8192) > 0

@@ -166,8 +166,8 @@ class OptimConfig:
     """Passes over each rollout batch."""
     micro_batch_size: int = 0
     """Responses per forward/backward (gradient accumulation); 0 = the whole minibatch, cut into
-    length-sorted micro-batches where padding costs more than one more forward (models of ~100M parameters
-    and up; the embedded ones keep one). Per process: it must divide each process's share of a minibatch."""
+    length-sorted micro-batches where padding costs more than one more forward (models of 50M+
+    parameters; smaller ones keep one). Per process: it must divide each process's share of a minibatch."""
     micro_batch_tokens: int = AUTO
     """Token budget per forward/backward: micro-batches are formed from length-sorted responses so that rows x
     padded length stays within it (memory follows tokens, not rows; every no-grad pass is split the same way);

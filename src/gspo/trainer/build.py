@@ -31,7 +31,7 @@ from gspo.logprobs_support import token_logprobs_on_support, truncation_support
 from gspo.models.load import (build_on_meta, load_model, load_tokenizer, pick_device, prepare_tokenizer,
                               resolve_model_path)
 from gspo.models.lora import apply_lora
-from gspo.precision import DTYPES, PrecisionPolicy, resolve_precision
+from gspo.precision import DTYPES, MIN_BF16_PARAMS, PrecisionPolicy, resolve_precision
 from gspo.rollout.base import RolloutEngine, SamplingParams
 from gspo.rollout.hf import HFEngine
 from gspo.tasks.base import Task
@@ -170,7 +170,7 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     params, collector, evaluator = _sampling(config, task, engine, render, tokenizer, model, rewards)
     updater = _updater(config, precision, max_length=collector.max_response_tokens,  # an episode spans its turns
                        micro_batch_tokens=micro_batch_tokens,
-                       forward_overhead=forward_overhead_tokens(sum(p.numel() for p in model.parameters())))
+                       forward_overhead=_forward_overhead(model))
     source = "rollout" if config.correction.mode == "bypass" else config.loss.old_logprobs
     plan = plan_old_logprobs(source, engine=engine.info, training_dtype=precision.matmul,
                              dropout=has_dropout(model), moe=moe, routing_replay=replay,
@@ -301,6 +301,13 @@ def _precision_and_memory(config: Config, device: torch.device, model: torch.nn.
         available = min(dist.all_gather_object(available))
     return precision, memory_plan.plan(shape, run, checkpointing=o.gradient_checkpointing,
                                        micro_batch_tokens=o.micro_batch_tokens, available=available)
+
+
+def _forward_overhead(model: torch.nn.Module) -> int:
+    """Padding mode's per-forward cost in tokens (trainer/micro.py); 0 (one uncut micro-batch, as before) for a
+    model under the size where bf16 pays (MIN_BF16_PARAMS): its forwards cost mostly Python, not tokens."""
+    params = sum(p.numel() for p in model.parameters())
+    return forward_overhead_tokens(params) if params >= MIN_BF16_PARAMS else 0
 
 
 def _memory_settings(config: Config, plan) -> tuple[bool, int]:
