@@ -333,7 +333,7 @@ def refusal(args, variant: str, model_dir: Path, budget: int) -> str | None:
     fp32 with checkpointing, which is what TRL keeps)."""
     import torch
 
-    from gspo import memory
+    from gspo import memory, memory_plan
     from gspo.config.load import load_config
     from gspo.precision import resolve_precision
 
@@ -344,7 +344,7 @@ def refusal(args, variant: str, model_dir: Path, budget: int) -> str | None:
     config = load_config(None, gspo_overrides(ns, gspo_variant) + extra)
     precision = resolve_precision(config.optim.dtype, config.rollout.engine_dtype, torch.device("cpu"), shape.params)
     run = memory.RunShape.from_config(config, precision)
-    return memory.refusal(shape, run, memory.available_bytes("cpu"))
+    return memory_plan.refusal(shape, run, memory_plan.available_bytes("cpu"))
 
 
 def limit_seconds(facts: dict, machine: dict, lengths: list[int], prompt: int, trained: float,
