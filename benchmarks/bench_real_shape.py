@@ -97,7 +97,9 @@ SHAPES = {  # Qwen3Config fields; tied embeddings throughout
 GSPO_VARIANTS = {
     "gspo": [],  # defaults: optim.dtype=auto, rollout.engine_dtype=auto, ...
     "gspo-fp32": ["optim.dtype=float32", "rollout.engine_dtype=float32"],
-    "gspo-overlap": ["rollout.max_staleness=1"],  # the pipelined mode: sampling beside the update
+    # the pipelined mode, sampling beside the update; a stale batch's pi_old is its sampler's log-probs, which a
+    # bf16 sampler (auto's choice here) only gives when asked (gspo refuses to recompute them from newer weights)
+    "gspo-overlap": ["rollout.max_staleness=1", "loss.old_logprobs=rollout"],
 }
 TRL_VARIANTS = ("trl-fp32", "trl-bf16")  # bench_vs_trl.TRL_VARIANTS
 VARIANTS = (*GSPO_VARIANTS, *TRL_VARIANTS)
@@ -335,6 +337,7 @@ def refusal(args, variant: str, model_dir: Path, budget: int) -> str | None:
 
     from gspo import memory, memory_plan
     from gspo.config.load import load_config
+    from gspo.errors import ConfigError
     from gspo.precision import resolve_precision
 
     shape = memory.ModelShape.from_dir(model_dir)
@@ -344,7 +347,13 @@ def refusal(args, variant: str, model_dir: Path, budget: int) -> str | None:
     config = load_config(None, gspo_overrides(ns, gspo_variant) + extra)
     precision = resolve_precision(config.optim.dtype, config.rollout.engine_dtype, torch.device("cpu"), shape.params)
     run = memory.RunShape.from_config(config, precision)
-    return memory_plan.refusal(shape, run, memory_plan.available_bytes("cpu"))
+    try:  # what gspo itself decides before loading: auto checkpointing / token budget, then the check
+        memory_plan.plan(shape, run, checkpointing=config.optim.gradient_checkpointing,
+                         micro_batch_tokens=config.optim.micro_batch_tokens,
+                         available=memory_plan.available_bytes("cpu"))
+    except ConfigError as refused:
+        return str(refused)
+    return None
 
 
 def limit_seconds(facts: dict, machine: dict, lengths: list[int], prompt: int, trained: float,
