@@ -130,29 +130,54 @@ def test_truncated_logprobs_equal_training_module(vllm_engine, policy, top_k, to
 BF16_LOGPROB_ATOL = 0.3  # a bfloat16 engine against the float32 module on bf16-rounded weights (measured 0.105)
 
 
-def test_bfloat16_engine_samples_the_pushed_weights(long_model_dir, tokenizer, policy, capfd):
+def test_bfloat16_engine_samples_the_pushed_weights(long_model_dir):
     """G19.2: a bfloat16 engine (the GPU default) is pushed bfloat16 tensors, cast one at a time as they are
-    sent; its log-probabilities afterwards are the new weights' (to bfloat16 rounding), not the old ones'."""
-    import copy
+    sent; its log-probabilities afterwards are the new weights' (to bfloat16 rounding), not the old ones'.
 
-    from gspo.rollout.vllm.local import VLLMEngine
+    In its own process: a second in-process vLLM engine's shutdown tears down vLLM's process groups, which
+    the session's engine shares (the tests after it then fail with "pipeline model parallel group is not
+    initialized")."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    engine = VLLMEngine(long_model_dir, pad_token_id=tokenizer.pad_token_id, eos_ids=[tokenizer.eos_token_id],
-                        dtype="bfloat16", max_model_len=256, kv_cache_gb=1)
-    try:
-        changed = copy.deepcopy(policy)
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(4)
-            for p in changed.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.3 * p.std())
-        capfd.readouterr()  # the start's load from the float32 checkpoint warns once per tensor
-        engine.sync_weights(changed)  # float32 policy -> bfloat16 engine
-        assert "Attempted to load weight" not in "".join(capfd.readouterr())  # pushed as bfloat16 already
-        rounded = copy.deepcopy(changed).to(torch.bfloat16).float()
-        params = SamplingParams(max_new_tokens=16, temperature=1.0, ignore_eos=True)
-        rollout = engine.generate(sample_prompts(8, LONG, 5), params, torch.Generator().manual_seed(5))
-        diff_new, diff_old = max_logprob_diff(rollout, rounded, 1.0), max_logprob_diff(rollout, policy, 1.0)
-        print(f"bfloat16 vLLM after a push: max |diff| {diff_new:.3f} (vs the old weights {diff_old:.3f})")
-        assert diff_new < BF16_LOGPROB_ATOL and diff_old > 3 * diff_new
-    finally:
-        engine.close()
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", _BF16_PUSH, str(long_model_dir), str(BF16_LOGPROB_ATOL)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=600)
+    print(done.stdout[-2000:])
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert "Attempted to load weight" not in done.stdout.split("PUSHED", 1)[1]  # pushed as bfloat16 already
+
+
+_BF16_PUSH = """
+import copy, sys
+import torch
+from gspo.models.load import load_model, load_tokenizer
+from gspo.rollout.base import SamplingParams
+from gspo.rollout.vllm.local import VLLMEngine
+from vllm_helpers import LONG, max_logprob_diff, sample_prompts
+
+path, atol = sys.argv[1], float(sys.argv[2])
+tokenizer = load_tokenizer(path)
+policy = load_model(path, dtype=torch.float32, device="cpu").eval()
+engine = VLLMEngine(path, pad_token_id=tokenizer.pad_token_id, eos_ids=[tokenizer.eos_token_id],
+                    dtype="bfloat16", max_model_len=256, kv_cache_gb=1)
+changed = copy.deepcopy(policy)
+with torch.no_grad():
+    g = torch.Generator().manual_seed(4)
+    for p in changed.parameters():
+        p.add_(torch.randn(p.shape, generator=g) * 0.3 * p.std())
+sys.stdout.flush(); sys.stderr.flush()
+print("PUSHED", flush=True)  # the start's load from the float32 checkpoint warns once per tensor: before this
+engine.sync_weights(changed)  # float32 policy -> bfloat16 engine
+sys.stdout.flush(); sys.stderr.flush()
+rounded = copy.deepcopy(changed).to(torch.bfloat16).float()
+params = SamplingParams(max_new_tokens=16, temperature=1.0, ignore_eos=True)
+rollout = engine.generate(sample_prompts(8, LONG, 5), params, torch.Generator().manual_seed(5))
+diff_new, diff_old = max_logprob_diff(rollout, rounded, 1.0), max_logprob_diff(rollout, policy, 1.0)
+print(f"bfloat16 vLLM after a push: max |diff| {diff_new:.3f} (vs the old weights {diff_old:.3f})")
+assert diff_new < atol and diff_old > 3 * diff_new, (diff_new, diff_old)
+engine.close()
+"""
