@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from batch_helpers import padded_batch
 
 from gspo.config.schema import Config
 from gspo.models.tiny import build_char_tokenizer, build_tiny_qwen3
@@ -19,14 +20,8 @@ P, T = 6, 12  # prompt and completion widths of the test batch
 
 
 def _batch(rows: int = 12, seed: int = 0, vocab: int = 18):
-    """(ids, attention, completion mask): left-padded prompts of 2..6 tokens, responses of 1..12 tokens."""
-    g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(2, P + 1, (rows,), generator=g)
-    completion = torch.randint(1, T + 1, (rows,), generator=g)
-    columns = torch.arange(P + T)  # (L,)
-    attention = (columns >= P - prompt[:, None]) & (columns < P + completion[:, None])  # (B, L)
-    ids = torch.randint(2, vocab, (rows, P + T), generator=g).masked_fill(~attention, 0)  # (B, L)
-    return ids, attention, attention[:, P:].clone()
+    """Prompts of 2..6 tokens, responses of 1..12 tokens (batch_helpers.padded_batch)."""
+    return padded_batch(rows, P, T, seed=seed, vocab=vocab)
 
 
 def test_token_split_covers_every_row_once_within_the_budget():

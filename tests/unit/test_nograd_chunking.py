@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from batch_helpers import padded_batch
 
 from gspo.config.schema import Config
 from gspo.models.tiny import build_char_tokenizer
@@ -19,14 +20,8 @@ P, T, ROWS = 5, 8, 12
 
 
 def _batch(seed: int = 0, vocab: int = 18):
-    """(ids, attention, completion mask): left-padded prompts of 2..5 tokens, responses of 1..8 tokens."""
-    g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(2, P + 1, (ROWS,), generator=g)
-    completion = torch.randint(1, T + 1, (ROWS,), generator=g)
-    columns = torch.arange(P + T)  # (L,)
-    attention = (columns >= P - prompt[:, None]) & (columns < P + completion[:, None])  # (B, L)
-    ids = torch.randint(2, vocab, (ROWS, P + T), generator=g).masked_fill(~attention, 0)  # (B, L)
-    return ids, attention, attention[:, P:].clone()
+    """Prompts of 2..5 tokens, responses of 1..8 tokens (batch_helpers.padded_batch)."""
+    return padded_batch(ROWS, P, T, seed=seed, vocab=vocab)
 
 
 def _moe():
