@@ -122,8 +122,9 @@ def model_config(shape: str, tokenizer):
                        bos_token_id=None)
 
 
-def build_model(shape: str, budget: int, directory: Path) -> dict:
-    """Save the seeded random model, its EOS calibrated for ``budget``, and the tokenizer; return the calibration."""
+def build_model(shape: str, budget: int, directory: Path, calibrate: bool = True) -> dict:
+    """Save the seeded random model, its EOS calibrated for ``budget``, and the tokenizer; return the calibration.
+    ``calibrate=False`` (``--fixed-length``: EOS never ends a response) leaves the EOS logit as initialised."""
     import torch
     from transformers import Qwen3ForCausalLM
 
@@ -132,8 +133,11 @@ def build_model(shape: str, budget: int, directory: Path) -> dict:
     tokenizer = build_char_tokenizer()
     torch.manual_seed(harness.SEED)
     model = Qwen3ForCausalLM(model_config(shape, tokenizer)).eval()
-    calibration = calibrate_eos(model, tokenizer, LENGTH_HAZARD / budget, min(budget, CALIBRATION_TOKENS))
-    calibration["budget"] = budget
+    if calibrate:
+        calibration = calibrate_eos(model, tokenizer, LENGTH_HAZARD / budget, min(budget, CALIBRATION_TOKENS))
+        calibration["budget"] = budget
+    else:
+        calibration = {"skipped": "fixed lengths: every response has exactly the budget's tokens"}
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     (directory / "calibration.json").write_text(json.dumps(calibration))
@@ -423,8 +427,11 @@ def run_case(args, shape: str, budget: int, tmp: Path, machine: dict) -> dict:
     """All the variants of one (shape, length mode, budget) case, one process after another."""
     from gspo.models.tiny import build_char_tokenizer
 
-    model_dir = tmp / f"{shape}-{budget}"
-    model_dir.mkdir(exist_ok=True)
+    # one model per calibration; --fixed-length needs none, so every budget shares one uncalibrated model
+    model_dir = (Path(args.model_cache) if args.model_cache else tmp) / \
+        (f"{shape}-fixed" if args.fixed_length else f"{shape}-{budget}")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    built = (model_dir / "calibration.json").exists() and any(model_dir.glob("*.safetensors"))
     model_config(shape, build_char_tokenizer()).save_pretrained(model_dir)  # config.json: the memory check's input
     args.new_tokens = [budget]
     facts = shape_facts(shape)
@@ -438,13 +445,16 @@ def run_case(args, shape: str, budget: int, tmp: Path, machine: dict) -> dict:
             print(f"  {v}: refused by gspo.memory: {message}", flush=True)
     to_run = [v for v in args.variants if v not in refused]
     calibration = None
-    if to_run:
+    if to_run and built:
+        print(f"[{shape}, {budget} tokens] the model built earlier in {model_dir}", flush=True)
+    elif to_run:
         print(f"[{shape}, {budget} tokens] building the model ...", flush=True)
         if shape == "tiny":  # a few MB: built here, one process fewer
-            build_model(shape, budget, model_dir)
+            build_model(shape, budget, model_dir, calibrate=not args.fixed_length)
         else:  # the parent never holds the weights
             subprocess.run([sys.executable, __file__, "--build", str(model_dir), "--shape", shape,
-                            "--new-tokens", str(budget)], check=True, env=worker_env(args, args.threads))
+                            "--new-tokens", str(budget)] + (["--fixed-length"] if args.fixed_length else []),
+                           check=True, env=worker_env(args, args.threads))
         calibration = json.loads((model_dir / "calibration.json").read_text())
     for v in to_run:
         print(f"[{shape}, {budget} tokens] {v} ...", flush=True)
@@ -524,6 +534,8 @@ def main() -> None:
     parser.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE"])
     parser.add_argument("--trl-python", default=sys.executable, help="a Python with trl installed (TRL variants)")
     parser.add_argument("--copy-bytes", type=int, default=COPY_BYTES, help="the bandwidth probe's tensor size")
+    parser.add_argument("--model-cache", help="keep the built models here and reuse them in later invocations "
+                        "(a 0.6B build with its EOS calibration takes minutes; default: a temporary directory)")
     parser.add_argument("--out", help="results JSON (default benchmarks/results/bench_real_shape_<shape>.json)")
     parser.add_argument("--table", action="store_true", help="print the results file as a markdown table and exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -531,7 +543,7 @@ def main() -> None:
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build:
-        build_model(args.shape, args.new_tokens[0], Path(args.build))
+        build_model(args.shape, args.new_tokens[0], Path(args.build), calibrate=not args.fixed_length)
         return
     if args.worker:
         args.new_tokens = args.new_tokens[0]

@@ -23,13 +23,14 @@ def _bench():
 
 
 def _run(tmp_path: Path, variants: str, *extra: str) -> dict:
+    """Run the script at the tiny shape; its results, its table and its printed log."""
     out = tmp_path / "tiny.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(SCRIPT.parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([sys.executable, str(SCRIPT), "--shape", "tiny", "--new-tokens", "8", "--rounds", "1",
+    run = subprocess.run([sys.executable, str(SCRIPT), "--shape", "tiny", "--new-tokens", "8", "--rounds", "1",
                     "--warmup", "0", "--threads", "1", "--copy-bytes", str(2**24), "--variants", variants,
-                    "--out", str(out), *extra], check=True, env=env, timeout=300, capture_output=True)
-    return {"data": json.loads(out.read_text()), "table": _bench().table(out)}
+                    "--out", str(out), *extra], check=True, env=env, timeout=300, capture_output=True, text=True)
+    return {"data": json.loads(out.read_text()), "table": _bench().table(out), "log": run.stdout}
 
 
 def test_tiny_gspo_batch_end_to_end(tmp_path):
@@ -44,6 +45,17 @@ def test_tiny_gspo_batch_end_to_end(tmp_path):
     assert cal["expected_mean_length"] == pytest.approx(cal["target_mean_length"], rel=1e-3)
     assert cal["h_k_same_sign_frac"] > 0.95  # the EOS shift moves every position's logit the same way
     assert "| uneven-8 | gspo |" in result["table"] and result["data"]["machine"]["bandwidth_gb_s"] > 0
+
+
+def test_fixed_length_model_is_uncalibrated_and_reused_from_the_cache(tmp_path):
+    cache = tmp_path / "models"
+    first = _run(tmp_path, "gspo", "--fixed-length", "--model-cache", str(cache))
+    case = first["data"]["cases"]["exact-8"]
+    assert "skipped" in case["calibration"] and case["variants"]["gspo"]["gen_tokens"] == 16 * 8
+    assert "building the model" in first["log"] and (cache / "tiny-fixed" / "calibration.json").exists()
+    second = _run(tmp_path, "gspo", "--fixed-length", "--model-cache", str(cache))
+    assert "building the model" not in second["log"] and "built earlier" in second["log"]
+    assert second["data"]["cases"]["exact-8"]["variants"]["gspo"]["gen_tokens"] == 16 * 8
 
 
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL is a benchmark-only extra")
