@@ -297,6 +297,11 @@ def local_offsets(tensor: torch.Tensor) -> tuple[int, ...]:
     return tuple(tensor.__create_chunk_list__()[0].offsets)  # the chunk DCP itself reads and writes
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (sharing its storage); a whole tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def safetensors_shapes(path) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor in the ``*.safetensors`` files of ``path`` (their headers only)."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader

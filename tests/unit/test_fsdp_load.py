@@ -15,6 +15,8 @@ from gspo.errors import ModelLoadError
 from gspo.models.load import build_on_meta
 from gspo.trainer.fsdp_load import load_local_slices
 
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process: DCP says so
+
 
 def _load(path) -> torch.nn.Module:
     model = build_on_meta(path)
@@ -33,11 +35,15 @@ def test_fused_expert_names_as_gspo_saves_them(tiny_moe_dir, tmp_path):
         assert torch.equal(dict(loaded.named_buffers())[name], buffer), name
 
 
-@pytest.mark.parametrize("change", ["missing", "shape"])
-def test_a_missing_or_mismatched_tensor_is_named(tiny_model_dir, tmp_path, change):
-    shutil.copytree(tiny_model_dir, tmp_path, dirs_exist_ok=True)
+@pytest.mark.parametrize("model_dir, name, change", [
+    ("tiny_model_dir", "model.layers.1.mlp.up_proj.weight", "missing"),
+    ("tiny_model_dir", "model.layers.1.mlp.up_proj.weight", "shape"),
+    ("tiny_moe_dir", "model.layers.1.mlp.experts.3.down_proj.weight", "missing"),  # one expert of a fused tensor
+    ("tiny_moe_dir", "model.layers.0.mlp.experts.7.gate_proj.weight", "shape"),
+])
+def test_a_missing_or_mismatched_tensor_is_named(tmp_path, model_dir, name, change, request):
+    shutil.copytree(request.getfixturevalue(model_dir), tmp_path, dirs_exist_ok=True)
     state = load_file(tmp_path / "model.safetensors")
-    name = "model.layers.1.mlp.up_proj.weight"
     if change == "missing":
         del state[name]
     else:

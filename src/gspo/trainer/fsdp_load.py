@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers import initialization as init
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from gspo import distributed as dist
@@ -110,22 +111,28 @@ def checkpoint_targets(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]
             - {name for name, _ in model.named_parameters()})
     targets: dict[str, torch.Tensor] = {}
     for name, tensor in dist.model_state(model).items():
-        if name in shapes or name in tied:
-            if name in shapes:
-                _check_shape(name, tuple(tensor.shape), shapes[name], path)
-                targets[name] = tensor
-            continue
-        offsets = dist.local_offsets(tensor)
-        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-        per_expert = unfused_experts([(name, local)], first=offsets[0] if offsets else 0)
-        if len(per_expert) == 1 and per_expert[0][0] == name:  # not a fused expert tensor
-            _check_shape(name, tuple(tensor.shape), None, path)
-        if any(offsets[1:]):
-            raise ModelLoadError(f"'{name}' is sharded past its expert dimension; FSDP2 here cuts dimension 0")
-        for expert_name, view in per_expert:
-            _check_shape(expert_name, tuple(view.shape), shapes.get(expert_name), path)
-            targets[expert_name] = view
+        if name in shapes:
+            _check_shape(name, tuple(tensor.shape), shapes[name], path)
+            targets[name] = tensor
+        elif name not in tied:
+            targets.update(_expert_targets(name, tensor, shapes, path))
     return targets
+
+
+def _expert_targets(name: str, tensor: torch.Tensor, shapes: dict[str, tuple[int, ...]], path: Path
+                    ) -> dict[str, torch.Tensor]:
+    """A fused expert tensor's per-expert checkpoint names -> views of the experts this process holds. Checked
+    for every expert on every process (one that holds none must raise too, not wait in the collective read)."""
+    every = unfused_experts([(name, torch.empty(tensor.shape, device="meta"))])
+    if [each for each, _ in every] == [name]:  # not a fused expert tensor: the checkpoint lacks it
+        _check_shape(name, tuple(tensor.shape), None, path)
+    for expert_name, view in every:
+        _check_shape(expert_name, tuple(view.shape), shapes.get(expert_name), path)
+    first, *rest = dist.local_offsets(tensor)
+    if any(rest):
+        raise ModelLoadError(f"'{name}' is sharded past its expert dimension; the load expects whole experts "
+                             "per process (FSDP2 cuts dimension 0)")
+    return dict(unfused_experts([(name, dist.local_tensor(tensor))], first=first))
 
 
 def _check_shape(name: str, expected: tuple[int, ...], stored: tuple[int, ...] | None, path: Path) -> None:
@@ -142,7 +149,8 @@ def initialise_buffers(model: torch.nn.Module) -> None:
     """The non-persistent buffers (rotary ``inv_freq``: in no checkpoint, and ``to_empty`` left them
     uninitialised) computed by transformers' own initialisation, as ``from_pretrained`` does after its
     meta-device build: ``_init_weights`` on each module owning one, with every loaded tensor flagged
-    ``_is_hf_initialized`` (transformers' init functions skip flagged tensors), the flags removed after."""
+    ``_is_hf_initialized`` (transformers' init functions skip flagged tensors), the flags removed after.
+    Every process computes them itself (nothing is broadcast)."""
     buffers = dict(model.named_non_persistent_buffers())
     if not buffers:
         return
@@ -150,8 +158,9 @@ def initialise_buffers(model: torch.nn.Module) -> None:
     for tensor in loaded:
         tensor._is_hf_initialized = True
     try:
-        for owner in {name.rpartition(".")[0] for name in buffers}:
-            model._init_weights(model.get_submodule(owner))
+        with init.guard_torch_init_functions():  # torch.nn.init's functions skip flagged tensors too
+            for owner in {name.rpartition(".")[0] for name in buffers}:
+                model._init_weights(model.get_submodule(owner))
     finally:
         for tensor in loaded:
             del tensor._is_hf_initialized
