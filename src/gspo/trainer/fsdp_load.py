@@ -25,13 +25,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import initialization as init
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from gspo import distributed as dist
 from gspo.config.schema import Config
 from gspo.errors import ModelLoadError
-from gspo.models.load import is_adapter_dir, load_model
+from gspo.models.load import is_adapter_dir
 from gspo.rollout.vllm.weights import unfused_experts
 from gspo.trainer.policy import ModelCall
 
@@ -81,6 +79,8 @@ def _weight_files(path: Path):
     ``model.safetensors``, else the files its ``model.safetensors.index.json`` names. DCP's reader reads
     every ``*.safetensors`` of a directory, and a model directory may hold others (a stale single file
     beside shards, Mistral's ``consolidated.safetensors``)."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
     path = Path(path)
     if (path / SAFE_WEIGHTS_NAME).is_file():
         names = [SAFE_WEIGHTS_NAME]
@@ -151,6 +151,8 @@ def initialise_buffers(model: torch.nn.Module) -> None:
     meta-device build: ``_init_weights`` on each module owning one, with every loaded tensor flagged
     ``_is_hf_initialized`` (transformers' init functions skip flagged tensors), the flags removed after.
     Every process computes them itself (nothing is broadcast)."""
+    from transformers import initialization as init
+
     buffers = dict(model.named_non_persistent_buffers())
     if not buffers:
         return
