@@ -280,30 +280,49 @@ def load_full_model_state(module: torch.nn.Module, state: dict[str, torch.Tensor
         full_state_dict=True, broadcast_from_rank0=is_initialized(), strict=False))
 
 
-def materialize_shards(root: torch.nn.Module, module: torch.nn.Module, device: torch.device,
-                       state: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> None:
-    """Give the meta-device ``module``, sharded under the FSDP2 root ``root``, real storage and rank 0's weights.
+def model_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s state dict as it is held, without gathering: FSDP2 parameters as DTensors (this process's
+    shards), the others whole; the tensors share the module's storage."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    Every process allocates only its shards (``to_empty`` on the root, which re-registers FSDP2's
-    sharded parameters; tied weights stay one parameter there, while a whole ``root is module`` needs
-    its ties made again), then :func:`load_full_model_state` scatters
-    rank 0's ``state`` and :func:`broadcast_buffers` sends rank 0's ``buffers``: the non-persistent ones
-    (rotary ``inv_freq``) are in no state dict, and ``to_empty`` left them uninitialised. The other
-    processes pass ``{}`` for both. A collective.
+    return get_model_state_dict(module)
+
+
+def local_offsets(tensor: torch.Tensor) -> tuple[int, ...]:
+    """Where this process's shard of ``tensor`` starts in the whole tensor (zeros for a whole tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(tensor, DTensor):
+        return (0,) * tensor.dim()
+    return tuple(tensor.__create_chunk_list__()[0].offsets)  # the chunk DCP itself reads and writes
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (sharing its storage); a whole tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def safetensors_shapes(path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the ``*.safetensors`` files of ``path`` (their headers only)."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    metadata = HuggingFaceStorageReader(str(path)).read_metadata().state_dict_metadata
+    return {name: tuple(meta.size) for name, meta in metadata.items()}
+
+
+def read_safetensors_slices(targets: dict[str, torch.Tensor], path) -> None:
+    """Fill every tensor of ``targets`` (a checkpoint tensor's name -> a DTensor, a whole tensor, or a view of
+    either's local storage) from the safetensors files of ``path``, in place and converted to its dtype.
+
+    Each process reads only its own slices (torch.distributed.checkpoint's ``HuggingFaceStorageReader``:
+    ``safe_open(...).get_slice`` per read item, one slice in memory at a time): a DTensor reads its local
+    shard, a plain tensor the whole named tensor. Processes may pass different names (e.g. the experts
+    each one holds). A collective when a process group is initialised.
     """
-    root.to_empty(device=device)
-    load_full_model_state(module, dict(state))  # a copy: set_model_state_dict puts the shards into the dict
-    broadcast_buffers(module, buffers)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
 
-
-@torch.no_grad()
-def broadcast_buffers(module: torch.nn.Module, buffers: dict[str, torch.Tensor]) -> None:
-    """Every buffer of ``module`` set to rank 0's ``buffers`` (by name; the others pass ``{}``), in place."""
-    for name, buffer in module.named_buffers():
-        if rank() == 0:
-            buffer.copy_(buffers[name])
-        if is_initialized():
-            dist.broadcast(buffer, src=0)
+    dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(path)))
 
 
 def full_model_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -1,8 +1,10 @@
-"""FSDP2 load: built on the meta device, weights read by rank 0 alone and scattered (gloo, CPU, 2 processes).
+"""FSDP2 load: built on the meta device, each process reading only its slices of the checkpoint (gloo, CPU, 2
+processes).
 
 After ``Trainer.from_config`` every process's local shards are its slices of the checkpoint, tied weights
-are one parameter, the non-persistent rotary buffers equal a normally loaded model's, only rank 0 called
-``from_pretrained``, and the KL reference is sharded the same way. A 2-process run with ``loss.beta > 0``
+are one parameter, the non-persistent rotary buffers equal a normally loaded model's, no process called
+``from_pretrained`` and each read only the elements of its own shards, and the KL reference is sharded the
+same way. A 2-process run with ``loss.beta > 0``
 equals one process, with the sharded reference and with a refreshed (whole) one.
 """
 
@@ -30,21 +32,31 @@ def _load_worker(rank: int, world: int, port: int, overrides: list[str], out: st
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
     from transformers import AutoModelForCausalLM
 
     from gspo import distributed as dist
     from gspo.config import load_config
     from gspo.trainer.trainer import Trainer
 
-    reads = []
+    reads, slices = [], []
     from_pretrained = AutoModelForCausalLM.from_pretrained
     AutoModelForCausalLM.from_pretrained = lambda *a, **k: reads.append(1) or from_pretrained(*a, **k)
+    read_slice = HuggingFaceStorageReader._process_read_request  # every slice read from the safetensors files
+
+    def counted(self, f, req, planner):
+        slices.append(torch.Size(req.lengths).numel())
+        return read_slice(self, f, req, planner)
+
+    HuggingFaceStorageReader._process_read_request = counted
     dist.maybe_init_distributed()
     try:
         parts = Trainer.from_config(load_config(None, overrides), None).parts
         model, reference = parts.model, parts.reference
         facts = {
             "reads": len(reads),
+            "elements_read": sum(slices),
+            "local_elements": sum(_local(p).numel() for module in (model, reference) for p in module.parameters()),
             "shards": {n: _local(p) for n, p in model.named_parameters()},
             "reference_shards": {n: _local(p) for n, p in reference.named_parameters()},
             "reference_sharded": dist.is_sharded(reference),
@@ -66,26 +78,35 @@ def fsdp_overrides(tiny_overrides) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny_bf16_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model saved in bfloat16: rank 0 reads it as stored, the float32 shards widen it."""
+    """The tiny model saved in bfloat16 and split in several files with an index: each process reads its
+    slices as stored, the float32 shards widen them."""
     from transformers import AutoModelForCausalLM
 
     path = tmp_path_factory.mktemp("tiny-bf16")
-    shutil.copytree(tiny_model_dir, path, dirs_exist_ok=True)  # the tokenizer; the weights are replaced
-    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(path)
+    shutil.copytree(tiny_model_dir, path, dirs_exist_ok=True,  # the tokenizer; the weights are replaced
+                    ignore=shutil.ignore_patterns("*.safetensors"))
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(
+        path, max_shard_size="20KB")
+    assert (path / "model.safetensors.index.json").is_file()
     return path
 
 
 @pytest.mark.parametrize("model_dir", ["tiny_model_dir", "tiny_moe_dir", "tiny_bf16_dir"])
-def test_shards_are_the_checkpoints_slices_read_by_rank0_alone(tmp_path, fsdp_overrides, model_dir, request):
+def test_shards_are_the_checkpoints_slices_each_process_reads_its_own(tmp_path, fsdp_overrides, model_dir, request):
     from transformers import AutoModelForCausalLM
 
-    path = request.getfixturevalue(model_dir)  # dense (tied embeddings), MoE (fused expert tensors), bf16 files
+    # dense (tied embeddings), MoE (fused expert tensors, per-expert on disk), bf16 files with an index
+    path = request.getfixturevalue(model_dir)
     overrides = [o for o in fsdp_overrides if not o.startswith("model=")] + [f"model={path}"]
     _start(_load_worker, 2, overrides, str(tmp_path / "facts"), list(sys.path))
     whole = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     state, buffers = whole.state_dict(), dict(whole.named_buffers())
     every = [torch.load(f"{tmp_path / 'facts'}.{rank}", weights_only=True) for rank in range(2)]
-    assert [facts["reads"] for facts in every] == [1, 0], "rank 0 alone reads the weights (from_pretrained)"
+    assert [facts["reads"] for facts in every] == [0, 0], "no process loads the whole model (from_pretrained)"
+    for facts in every:  # policy and KL reference: each process read exactly its shards' elements ...
+        assert facts["elements_read"] == facts["local_elements"]
+    # ... and together the processes read each element of both models once
+    assert sum(facts["elements_read"] for facts in every) == 2 * sum(p.numel() for p in whole.parameters())
     for rank, facts in enumerate(every):
         assert facts["tied"] == facts["ties"]
         assert ("lm_head.weight" in facts["shards"]) != facts["ties"]  # a tied weight is one parameter, listed once

@@ -114,6 +114,10 @@ def test_epochs_sampling_logging_and_vllm():
     assert (o["rollout.engine"], o["rollout.server_url"], o["optim.dtype"]) == ("vllm-server", "http://h:1", "bfloat16")
     assert o["correction.mode"] == "seq_mis" and o["correction.high"] == 3.0  # TRL's default vLLM correction
     assert any("trl vllm-serve" in w for w in p.warnings)
+    # TRL's 0.3 is not forced on gspo's sleeping engine: unset, gspo's auto share; a value is passed on
+    assert "rollout.vllm_gpu_memory" not in o
+    given = plan(GRPOConfig(max_steps=1, use_vllm=True, vllm_gpu_memory_utilization=0.5), train_rows=8)
+    assert given.overrides["rollout.vllm_gpu_memory"] == 0.5
     assert plan(GRPOConfig(max_steps=1), train_rows=8).overrides["optim.dtype"] == "float32"  # bf16=None on a CPU
     # TRL's checkpointing (default on) is kept as given, not left to gspo's auto
     assert plan(GRPOConfig(max_steps=1), train_rows=8).overrides["optim.gradient_checkpointing"] == "true"

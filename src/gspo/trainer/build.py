@@ -39,7 +39,7 @@ from gspo.tasks.registry import build_task
 from gspo.tasks.render import PromptRenderer, prompt_lengths, prompt_token_cap
 from gspo.tasks.rewards import WeightedReward, resolve_rewards
 from gspo.trainer.collect import Collector
-from gspo.trainer.fsdp_load import (call_reference, load_from_rank0, loads_on_meta, materialize_engine_copy,
+from gspo.trainer.fsdp_load import (call_reference, load_local_slices, loads_on_meta, materialize_engine_copy,
                                     shard_reference)
 from gspo.trainer.logging import MetricsLogger
 from gspo.trainer.micro import forward_overhead_tokens
@@ -156,8 +156,8 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     # sharded like the policy, unless refreshed: checkpoints save a refreshed reference whole
     if sharded and reference is not None and reference is not model and not config.loss.ref_refresh_steps:
         reference_root = shard_reference(reference, _fsdp_param_dtype(precision))  # docs/distributed.md
-    if on_meta:  # every process allocates its shards; rank 0 alone reads the weights (gspo.trainer.fsdp_load)
-        load_from_rank0(path, device, [(policy, model)] + ([(reference_root or reference, reference)]
+    if on_meta:  # every process allocates its shards and reads only its slices (gspo.trainer.fsdp_load)
+        load_local_slices(path, device, [(policy, model)] + ([(reference_root or reference, reference)]
                                                            if reference is not None else []))
         engine = engine or build_engine(config, model, tokenizer, path, separate_copy=True, precision=precision)
         materialize_engine_copy(engine, model, device)

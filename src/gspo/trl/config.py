@@ -6,7 +6,8 @@ arithmetic, ``scale_rewards``); what each field becomes in gspo's config is :mod
 and docs/trl.md has the table. Defaults are TRL's, including the ones a gspo user would not pick
 (``learning_rate=1e-6``, ``max_completion_length=512``, ``loss_type="dapo"``, ``epsilon=0.2``, seed 42,
 ``lr_scheduler_type="linear"``, ``gradient_checkpointing=True``), so that a ported script trains as it did.
-One exception: ``bf16=None`` means bfloat16 on a GPU and float32 on the CPU (TRL: bfloat16 everywhere).
+Exceptions: ``bf16=None`` means bfloat16 on a GPU and float32 on the CPU (TRL: bfloat16 everywhere), and
+``vllm_gpu_memory_utilization=None`` lets gspo size vLLM's memory (TRL: 0.3).
 """
 
 from __future__ import annotations
@@ -50,7 +51,10 @@ class _Fields:
     vllm_server_base_url: str | None = None
     vllm_server_host: str = "0.0.0.0"
     vllm_server_port: int = 8000
-    vllm_gpu_memory_utilization: float = 0.3
+    vllm_gpu_memory_utilization: float | None = None
+    """None (TRL: 0.3) = gspo decides (``rollout.vllm_gpu_memory`` auto: colocated, what training leaves, at
+    most 0.85, since gspo's engine sleeps during the update; a server on its own GPU, 0.9). TRL's 0.3 keeps
+    room for training beside an engine that holds its memory through the update; a value is passed on."""
     vllm_importance_sampling_correction: bool = True
     vllm_importance_sampling_mode: str = "sequence_mask"
     vllm_importance_sampling_clip_max: float | None = 3.0

@@ -182,7 +182,8 @@ def _sampling(args: GRPOConfig, warnings: list[str]) -> dict[str, Any]:
                             "itself (a running `trl vllm-serve` is not used)")
     else:
         raise ConfigError(f"GRPOConfig(vllm_mode={args.vllm_mode!r}) must be 'colocate' or 'server'")
-    out["rollout.vllm_gpu_memory"] = args.vllm_gpu_memory_utilization
+    if args.vllm_gpu_memory_utilization is not None:  # None: gspo's auto share (its engine sleeps in the update)
+        out["rollout.vllm_gpu_memory"] = args.vllm_gpu_memory_utilization
     if args.vllm_importance_sampling_correction:
         out.update(_vllm_correction(args))
     return out

@@ -71,7 +71,7 @@ def _meta_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                                                                           device="meta")
 
 
-def unfused_experts(weights: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+def unfused_experts(weights: list[tuple[str, torch.Tensor]], first: int = 0) -> list[tuple[str, torch.Tensor]]:
     """transformers-5 fused MoE expert tensors as the per-expert checkpoint tensors vLLM's loaders take.
 
     transformers 5 holds a Qwen3-MoE layer's experts as ``mlp.experts.gate_up_proj`` (E, 2I, H), gate
@@ -79,7 +79,8 @@ def unfused_experts(weights: list[tuple[str, torch.Tensor]]) -> list[tuple[str, 
     every vLLM MoE loader maps (``experts.{e}.gate_proj.weight`` ...), are per expert. Pushing the
     fused names breaks or silently skips the experts depending on the vLLM version (verl PR #6896,
     SGLang #29659). The per-expert tensors are views (no copy); other tensors pass through.
-    Cost: 3 E tensors per MoE layer per sync (about 18k for Qwen3-30B-A3B).
+    Cost: 3 E tensors per MoE layer per sync (about 18k for Qwen3-30B-A3B). ``first``: the number of the
+    first expert the tensors hold (an FSDP2 shard's experts, read from a checkpoint by ``fsdp_load``).
     """
     out = []
     for name, tensor in weights:
@@ -89,10 +90,10 @@ def unfused_experts(weights: list[tuple[str, torch.Tensor]]) -> list[tuple[str, 
         elif leaf == "gate_up_proj":
             gate, up = tensor.chunk(2, dim=1)  # (E, I, H) each
             for e in range(tensor.shape[0]):
-                out += [(f"{prefix}.experts.{e}.gate_proj.weight", gate[e]),
-                        (f"{prefix}.experts.{e}.up_proj.weight", up[e])]
+                out += [(f"{prefix}.experts.{first + e}.gate_proj.weight", gate[e]),
+                        (f"{prefix}.experts.{first + e}.up_proj.weight", up[e])]
         else:
-            out += [(f"{prefix}.experts.{e}.down_proj.weight", tensor[e]) for e in range(tensor.shape[0])]
+            out += [(f"{prefix}.experts.{first + e}.down_proj.weight", tensor[e]) for e in range(tensor.shape[0])]
     return out
 
 
