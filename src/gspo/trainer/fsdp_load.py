@@ -47,6 +47,18 @@ def call_reference(root: torch.nn.Module | None, reference: torch.nn.Module, fn,
     return out
 
 
+def sample_through(root: torch.nn.Module, fn):
+    """``fn()`` (the built-in sampler's whole rollout) inside the FSDP2 ``root``'s call, autograd off, then the
+    root resharded: the root's parameters (embeddings, head) stay gathered for the rollout, each decoder layer's
+    are gathered for each of its forwards and freed after (``rollout.sampler_weights=shards``). No whole copy.
+    Not under inference mode: FSDP2 reuses its gather buffers in training, and inference tensors cannot be
+    written outside it. A collective: every process samples in lockstep (:class:`gspo.rollout.hf.Lockstep`)."""
+    with torch.no_grad():
+        out = root(run=fn)
+    root.reshard()
+    return out
+
+
 def load_from_rank0(path: Path, device: torch.device, targets: list[tuple[torch.nn.Module, torch.nn.Module]]) -> None:
     """Allocate the shards of each meta-device ``(fsdp_root, model)`` and fill them from rank 0's read of ``path``.
 
