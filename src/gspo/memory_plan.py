@@ -182,7 +182,11 @@ def plan(model: ModelShape, run: RunShape, *, checkpointing: str = "false", micr
         try:
             return plan(model, run, sampler_weights="copy", **settings)
         except ConfigError:
-            chosen = plan(model, run, sampler_weights="shards", **settings)
+            try:
+                chosen = plan(model, run, sampler_weights="shards", **settings)
+            except ConfigError as exc:  # the message describes the run without the copy: say why
+                raise ConfigError(f"{exc} (the sampler through the shards, rollout.sampler_weights=auto: no whole "
+                                  "copy)") from None
         whole = _machine_total(estimate(model, replace(run, sampler_weights="copy", checkpointing=chosen.checkpointing,
                                                        micro_tokens=chosen.micro_batch_tokens)), run)
         note = f"sampler weights auto: through the shards, with a whole copy {whole / GB:.1f} GB"

@@ -267,6 +267,10 @@ def test_auto_keeps_the_whole_copy_when_it_fits_and_samples_through_the_shards_w
     assert h100.estimate.total <= 0.9 * 79 * GB
     assert "sampler through the shards" in h100.describe()
     assert re.search(r"sampler weights auto: through the shards, with a whole copy \d+\.\d GB", h100.describe())
+    # neither fits: the refusal describes the run without the copy, and says so
+    with pytest.raises(ConfigError, match=r"no whole copy\)$"):
+        plan(model, _fsdp8(), checkpointing="auto", micro_batch_tokens=-1, available=int(40 * GB),
+             sampler_weights="auto")
     # not possible (another engine, dtypes that differ, ...): auto keeps the copy, and the refusal says so
     with pytest.raises(ConfigError) as refused:
         plan(model, _fsdp8(sampler_can_shard=False), checkpointing="auto", micro_batch_tokens=-1,

@@ -122,7 +122,7 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     rewards = rewards or resolve_rewards(config.reward.functions, task.rewards, device=device)
     # before the weights load: a run that cannot fit stops here; auto checkpointing / token budget decided
     agents = task.environment is not None
-    precision, memory = _precision_and_memory(config, device, model, agents=agents)
+    precision, memory = _precision_and_memory(config, device, model, agents=agents, own_engine=engine is not None)
     on_meta = model is None and loads_on_meta(config, resolve_model_path(config.model))
     model, tokenizer, path = _load_policy(config, device, model, tokenizer, on_meta=on_meta)
     asked_cap, config = config.data.max_prompt_tokens, _resolve_prompt_cap(config, task, tokenizer, model)
@@ -283,11 +283,12 @@ def _sampling(config: Config, task: Task, engine, render: PromptRenderer, tokeni
 
 
 def _precision_and_memory(config: Config, device: torch.device, model: torch.nn.Module | None, *,
-                          agents: bool = False):
+                          agents: bool = False, own_engine: bool = False):
     """(precision policy, gspo.memory_plan.MemoryPlan): the memory check and the auto checkpointing / token budget
     / sampler weights, from ``config.json`` alone when the model is still to be loaded (a LoRA adapter
     directory: its base's). (None, None) when the config does not name the shape keys the estimate reads
-    (layers, hidden, heads, vocabulary): no check then. ``agents``: an agent task (never through the shards)."""
+    (layers, hidden, heads, vocabulary): no check then. ``agents``: an agent task; ``own_engine``: an engine
+    passed in (neither samples through the shards)."""
     from gspo import memory, memory_plan
     from gspo.models.load import adapter_base, is_adapter_dir
 
@@ -302,7 +303,8 @@ def _precision_and_memory(config: Config, device: torch.device, model: torch.nn.
     o = config.optim
     precision = resolve_precision(o.dtype, config.rollout.engine_dtype, device, shape.params)
     run = memory.RunShape.from_config(config, precision, processes=dist.world_size(), device=device.type)
-    shardable = memory_plan.sampler_shards_refusal(config, precision, dist.world_size(), agents=agents) is None
+    shardable = not own_engine and memory_plan.sampler_shards_refusal(config, precision, dist.world_size(),
+                                                                       agents=agents) is None
     run = dataclasses.replace(run, sampler_can_shard=shardable)
     available = memory_plan.available_bytes(device.type)
     if dist.is_initialized():  # every process decides alike: by the least memory any of them has

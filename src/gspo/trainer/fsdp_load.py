@@ -6,7 +6,8 @@ applies FSDP2, and allocates only its 1/N shards. Rank 0 alone reads the weights
 its host memory, so transformers' own key conversions apply, MoE expert fusing included) and scatters them
 (:func:`gspo.distributed.materialize_shards`). The frozen KL reference is sharded the same way and filled
 from the same read; it has no optimizer state. A process other than rank 0 never reads the checkpoint,
-and the only whole copy it builds is the built-in sampler's (in ``rollout.engine_dtype``), filled from the shards.
+and the only whole copy it builds is the built-in sampler's (in ``rollout.engine_dtype``), filled from the shards,
+unless that samples through the shards (``rollout.sampler_weights``, :func:`sample_through`).
 
 Paths that still load the whole model on every process before sharding (see docs/distributed.md): a model
 passed in, LoRA (PEFT wraps loaded weights), an adapter directory as ``model``, the sampler process of
