@@ -304,9 +304,11 @@ def test_sampling_through_the_shards_is_refused_where_it_cannot_run():
     assert "agent episodes" in sampler_shards_refusal(load_config(None, fsdp), bf16, 2, agents=True)
 
 
-def test_rollout_sampler_weights_shards_outside_fsdp_is_refused_naming_the_key(tiny_overrides):
+def test_rollout_sampler_weights_shards_outside_fsdp_is_refused_naming_the_key(tiny_overrides, monkeypatch):
     from gspo.config import load_config
     from gspo.trainer.trainer import Trainer
+
+    monkeypatch.setattr("gspo.trainer.build.load_model", lambda *a, **k: pytest.fail("refused after the load"))
 
     with pytest.raises(ConfigError, match=r"rollout.sampler_weights=shards: the model is sharded only under "
                                           r"distributed.strategy=fsdp with 2 or more processes"):

@@ -138,7 +138,8 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
         raise ConfigError(f"moe.routing_replay={replay} needs a Mixture-of-Experts model "
                           f"({', '.join(SUPPORTED_ARCHITECTURES)}); '{config.model}' is dense: set moe.routing_replay=off")
     sharded = dist.is_initialized() and config.distributed.strategy == "fsdp"
-    shards = engine is None and _through_shards(config, precision, memory, agents=agents)
+    shards = engine is None and _shards_refusal(config, precision, agents=agents) is None and (
+        memory.sampler_weights if memory is not None else r.sampler_weights) == "shards"
     # FSDP2 shards ``model`` in place: what needs whole weights is built from it first. The built-in
     # engine keeps its own copy (in rollout.engine_dtype), refreshed tensor by tensor (sync_weights), unless it
     # samples through the shards (rollout.sampler_weights=shards: built after wrapping, below);
@@ -303,30 +304,26 @@ def _precision_and_memory(config: Config, device: torch.device, model: torch.nn.
     o = config.optim
     precision = resolve_precision(o.dtype, config.rollout.engine_dtype, device, shape.params)
     run = memory.RunShape.from_config(config, precision, processes=dist.world_size(), device=device.type)
-    shardable = not own_engine and memory_plan.sampler_shards_refusal(config, precision, dist.world_size(),
-                                                                       agents=agents) is None
+    shardable = not own_engine and _shards_refusal(config, precision, agents=agents) is None  # before the load
     run = dataclasses.replace(run, sampler_can_shard=shardable)
     available = memory_plan.available_bytes(device.type)
     if dist.is_initialized():  # every process decides alike: by the least memory any of them has
         available = min(dist.all_gather_object(available))
-    weights = config.rollout.sampler_weights if shardable else "copy"  # shards refused with its reason: build
+    weights = config.rollout.sampler_weights if shardable else "copy"  # (shards that cannot: refused above)
     return precision, memory_plan.plan(shape, run, checkpointing=o.gradient_checkpointing,
                                        micro_batch_tokens=o.micro_batch_tokens, available=available,
                                        sampler_weights=weights)
 
 
-def _through_shards(config: Config, precision: PrecisionPolicy, plan, *, agents: bool) -> bool:
-    """Whether the built-in sampler samples through the FSDP2 shards (``rollout.sampler_weights``: shards, or auto
-    where the plan chose it); ``shards`` where it cannot is refused with the reason (memory_plan.sampler_shards_refusal)."""
+def _shards_refusal(config: Config, precision: PrecisionPolicy, *, agents: bool) -> str | None:
+    """Why the built-in sampler cannot sample through the FSDP2 shards (memory_plan.sampler_shards_refusal; None:
+    it can); an explicit ``rollout.sampler_weights=shards`` that cannot is refused with the reason."""
     from gspo import memory_plan
 
-    asked = config.rollout.sampler_weights
     reason = memory_plan.sampler_shards_refusal(config, precision, dist.world_size(), agents=agents)
-    if reason is not None:
-        if asked == "shards":
-            raise ConfigError(f"rollout.sampler_weights=shards: {reason}; or set rollout.sampler_weights=auto")
-        return False
-    return plan.sampler_weights == "shards" if plan is not None else asked == "shards"
+    if reason is not None and config.rollout.sampler_weights == "shards":
+        raise ConfigError(f"rollout.sampler_weights=shards: {reason}; or set rollout.sampler_weights=auto")
+    return reason
 
 
 def _forward_overhead(model: torch.nn.Module) -> int:
