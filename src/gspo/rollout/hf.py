@@ -62,9 +62,10 @@ class Lockstep:
     """How to sample with a model whose forward is a collective over processes (each process holds a shard of
     the weights, gathered layer by layer while the model runs), so every process must run as many forwards.
 
-    ``call(fn)``: ``fn()`` run where the model can run (around its wrapper's call, with autograd off; not under
-    inference mode, whose tensors the wrapper's buffers could not be reused outside). ``total(n)``: ``n``
-    summed over the processes (a collective): decoding stops when every process's rows have finished.
+    ``call(fn)``: ``fn()`` run where the model can run (inside its wrapper's call, autograd off; not under
+    inference mode: the wrapper's gather buffers, once made there, could not be written outside it).
+    ``total(n)``: ``n`` summed over the processes (a collective): decoding stops when every process's rows
+    have finished.
     """
 
     call: Callable
