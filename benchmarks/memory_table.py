@@ -3,8 +3,8 @@
     PYTHONPATH=src python benchmarks/memory_table.py
 
 Computed from the estimate, not measured (no GPU has run gspo yet): each cell is what ``gspo train`` would
-decide on an 80 GB H100 with ``optim.gradient_checkpointing=auto`` and ``optim.micro_batch_tokens=auto``,
-and the estimate of the run so configured (or "does not fit" with what the refusal names). The CPU rows
+decide on an 80 GB H100 with ``optim.gradient_checkpointing=auto``, ``optim.micro_batch_tokens=auto`` and
+(FSDP2) ``rollout.sampler_weights=auto``, and the estimate of the run so configured (or "does not fit" with what the refusal names). The CPU rows
 measured by benchmarks/measure_memory.py are printed from benchmarks/results/memory_cpu.json beside their
 estimate.
 """
@@ -42,19 +42,23 @@ def run_shape(strategy: str, gpus: int, response: int) -> RunShape:
     local = RESPONSES // gpus
     return RunShape(responses=local, minibatch_rows=local // MINIBATCHES, micro_rows=0, micro_tokens=0,
                     prompt_tokens=PROMPT, response_tokens=response, compute="bfloat16", sampler="bfloat16",
-                    processes=gpus, strategy=strategy, device="cuda")
+                    processes=gpus, strategy=strategy, device="cuda", sampler_can_shard=strategy == "fsdp")
 
 
 def cell(shape: ModelShape, strategy: str, gpus: int, response: int) -> str:
-    """``31 (ckpt, 2 rows)``: GB per GPU and what auto chose; ``no: 180 GB`` when nothing auto picks fits."""
+    """``31 (ckpt, 2 rows, shards)``: GB per GPU and what auto chose (``shards``: the sampler through the FSDP2
+    shards); ``no: 180 GB`` when nothing auto picks fits."""
     run = run_shape(strategy, gpus, response)
     try:
-        decided = plan(shape, run, checkpointing="auto", micro_batch_tokens=-1, available=H100)
+        decided = plan(shape, run, checkpointing="auto", micro_batch_tokens=-1, available=H100,
+                       sampler_weights="auto")
     except ConfigError as exc:
         return f"no: {str(exc).split('about ')[1].split(' GB')[0]} GB"
     rows = decided.micro_batch_tokens // run.sequence_tokens if decided.micro_batch_tokens else run.minibatch_rows
     choices = ["ckpt"] if decided.checkpointing else []
     choices.append(f"{rows} row{'s' if rows > 1 else ''}")
+    if decided.sampler_weights == "shards":
+        choices.append("shards")
     return f"{decided.estimate.total / GB:.0f} ({', '.join(choices)})"
 
 

@@ -64,6 +64,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def total_over_processes(count: int) -> int:
+    """``count`` summed over every process (a collective: every process must call it)."""
+    if not is_initialized():
+        return count
+    return int(all_reduce_sum(torch.tensor([count], dtype=torch.long)))  # (1,) on the CPU: gloo
+
+
 def mean_over_processes(metrics: dict[str, float]) -> dict[str, float]:
     """Average scalar metrics over processes; a key that a process lacks counts as 0 there (such as
     ``reward/<name>/none_frac``, reported only where a reward returned None).

@@ -7,8 +7,10 @@ KV cache, processes and DDP / FSDP2) into a per-process peak in bytes, itemised.
 compares it with what the machine has, decides the ``auto`` settings and refuses a run that cannot fit.
 
 The model of a step: persistent state (float32 master weights, gradients and AdamW's two moments, sharded
-by N under FSDP2; DDP's gradient buckets; a lower-precision sampler copy, whole under FSDP2; a KL reference
-copy, sharded like the policy under FSDP2 unless refreshed) plus the largest of three transients: sampling (KV cache and logits of every local response), a
+by N under FSDP2; DDP's gradient buckets; a lower-precision sampler copy, whole under FSDP2 unless the sampler
+samples through the shards; a KL reference copy, sharded like the policy under FSDP2 unless refreshed) plus the
+largest of three transients: sampling (KV cache and logits of every local response; through the shards, the
+gathered layers too), a
 training micro-batch (saved activations per token and layer, the compute-dtype weight casts autocast keeps
 for the backward, the chunked LM head's logits; under FSDP2 the gathered compute-dtype layers instead of
 the casts) and a no-grad pi_old / reference pass. The per-token activation coefficients count the tensors a
@@ -137,6 +139,8 @@ class RunShape:
     processes: int = 1
     strategy: str = "ddp"
     device: str = "cpu"
+    sampler_weights: str = "copy"  # FSDP2, built-in sampler: copy (a whole copy) or shards (through the shards)
+    sampler_can_shard: bool = False  # whether shards is possible (gspo.memory_plan.sampler_shards_refusal)
 
     @classmethod
     def from_config(cls, config, precision, *, prompt_tokens: int = ASSUMED_PROMPT_TOKENS, processes: int = 1,
@@ -150,7 +154,8 @@ class RunShape:
                    lora_rank=config.lora.rank, checkpointing=o.gradient_checkpointing == "true",
                    reference=config.loss.beta > 0 and not config.lora.rank,
                    reference_whole=config.loss.ref_refresh_steps > 0,
-                   processes=processes, strategy=config.distributed.strategy, device=device)
+                   processes=processes, strategy=config.distributed.strategy, device=device,
+                   sampler_weights="shards" if r.sampler_weights == "shards" else "copy")
 
     @property
     def sequence_tokens(self) -> int:
@@ -191,12 +196,15 @@ def estimate(model: ModelShape, run: RunShape) -> Estimate:
              "optimizer": 4 * ADAMW_STATE_PER_PARAM * trainable // shard}
     if run.processes > 1 and not sharded:  # DDP: its gradient buckets are a second copy of the gradients
         parts["DDP buckets"] = 4 * trainable
-    if run.sampler != "float32" or sharded:  # FSDP2: the built-in sampler keeps a whole copy (trainer/build.py)
+    through_shards = sharded and run.sampler_weights == "shards"  # rollout.sampler_weights: no whole copy
+    if (run.sampler != "float32" or sharded) and not through_shards:  # FSDP2: a whole copy (trainer/build.py)
         parts["sampler copy"] = BYTES[run.sampler] * params
     if run.reference:  # sharded like the policy under FSDP2 (trainer/fsdp_load.py) unless refreshed
         parts["reference"] = 4 * params // (1 if run.reference_whole else shard)
     gathered = _gathered_bytes(model, run) if sharded else 0
-    transients = {"KV cache + logits": _sampling_bytes(model, run),
+    sampling = "KV cache + logits" + (" + gathered layers" if through_shards else "")
+    transients = {sampling: _sampling_bytes(model, run) + (_gathered_bytes(model, run, grads=False)
+                                                           if through_shards else 0),
                   "activations": _training_bytes(model, run, params) + gathered,
                   "no-grad pass": _no_grad_bytes(model, run, params) + gathered}
     name = max(transients, key=transients.get)
@@ -204,15 +212,16 @@ def estimate(model: ModelShape, run: RunShape) -> Estimate:
     return Estimate(parts)
 
 
-def _gathered_bytes(model: ModelShape, run: RunShape) -> int:
+def _gathered_bytes(model: ModelShape, run: RunShape, grads: bool = True) -> int:
     """FSDP2's unsharded parameters during a forward / backward: the root's (embeddings, head, final norm; not
-    resharded between the forward and the backward) and two decoder layers' (the one computing and the one
-    prefetched), in the compute dtype (``MixedPrecisionPolicy(param_dtype)``), plus one layer's unsharded
-    gradient in that dtype and in float32 for the reduce-scatter (``reduce_dtype=float32``)."""
+    resharded between the forward and the backward, nor during a rollout through the shards) and two decoder
+    layers' (the one computing and the one prefetched), in the compute dtype (``MixedPrecisionPolicy(param_dtype)``),
+    plus (``grads``) one layer's unsharded gradient in that dtype and in float32 for the reduce-scatter
+    (``reduce_dtype=float32``)."""
     b = BYTES[run.compute]
     layer = model.attention_params + model.mlp_params + 2 * model.hidden
     root = model.vocab * model.hidden * (1 if model.tied else 2) + model.hidden
-    return b * (root + 2 * layer) + (b + 4) * layer
+    return b * (root + 2 * layer) + ((b + 4) * layer if grads else 0)
 
 
 def _no_grad_bytes(model: ModelShape, run: RunShape, params: int) -> int:

@@ -1,7 +1,7 @@
 """What the memory estimate decides before the model loads: ``auto`` settings, and the refusal.
 
-:func:`plan` resolves ``optim.gradient_checkpointing`` (auto | true | false) and ``optim.micro_batch_tokens``
-(auto | 0 | N) from :func:`gspo.memory.estimate` against the memory available (CPU: ``MemAvailable``,
+:func:`plan` resolves ``optim.gradient_checkpointing`` (auto | true | false), ``optim.micro_batch_tokens``
+(auto | 0 | N) and, under FSDP2, ``rollout.sampler_weights`` (auto | copy | shards) from :func:`gspo.memory.estimate` against the memory available (CPU: ``MemAvailable``,
 shared by the processes; CUDA: the GPU's free memory), and refuses a run that cannot fit with a
 :class:`~gspo.errors.ConfigError` naming the knobs that make it fit (:func:`refusal`). Pure arithmetic
 over the two shapes: fast, no model, no torch.distributed.
@@ -43,6 +43,8 @@ def _knobs(run: RunShape) -> list[tuple[str, RunShape]]:
         out.append(("optim.dtype=bfloat16", replace(run, compute="bfloat16", sampler="bfloat16")))
     if run.processes > 1 and run.strategy != "fsdp":
         out.append(("distributed.strategy=fsdp", replace(run, strategy="fsdp")))
+    if run.sampler_can_shard and run.sampler_weights == "copy":
+        out.append(("rollout.sampler_weights=shards", replace(run, sampler_weights="shards")))
     if not run.lora_rank:
         out.append(("lora.rank=16", replace(run, lora_rank=16, reference=False)))
     if run.responses > 1:
@@ -65,7 +67,8 @@ def refusal(model: ModelShape, run: RunShape, available: int) -> str | None:
         together, names = run, []  # every knob but fewer responses (the batch is the experiment's)
         for knob, changed in _knobs(run):
             moved = {f: getattr(changed, f) for f in ("micro_tokens", "micro_rows", "checkpointing", "compute",
-                                                      "sampler", "strategy", "lora_rank", "reference")
+                                                      "sampler", "strategy", "lora_rank", "reference",
+                                                      "sampler_weights")
                      if getattr(changed, f) != getattr(run, f)}
             if moved:
                 together, names = replace(together, **moved), [*names, knob]
@@ -121,17 +124,41 @@ class MemoryPlan:
     available: int
     device: str = "cpu"
     notes: tuple = ()
+    sampler_weights: str = "copy"  # FSDP2's built-in sampler: copy (a whole copy) or shards (rollout.sampler_weights)
 
     def describe(self) -> str:
         """``memory: ~3.3 of 20.1 GB available RAM, checkpointing off, token budget off`` (the start line's part)."""
         where = "free GPU memory" if self.device == "cuda" else "available RAM"
         text = (f"memory: ~{self.estimate.total / GB:.1f} of {self.available / GB:.1f} GB {where}, checkpointing "
                 f"{'on' if self.checkpointing else 'off'}, token budget {self.micro_batch_tokens or 'off'}")
+        if self.sampler_weights == "shards":
+            text += ", sampler through the shards"
         return text + (f" ({'; '.join(self.notes)})" if self.notes else "")
 
 
+def sampler_shards_refusal(config, precision, processes: int, *, agents: bool = False) -> str | None:
+    """Why the built-in sampler cannot sample through the FSDP2 shards (``rollout.sampler_weights=shards``), or
+    None when it can: the shards are gathered in FSDP2's compute dtype, every process must run the same
+    forwards, and only the in-process engine's transformers forward runs through them."""
+    r = config.rollout
+    if config.distributed.strategy != "fsdp" or processes < 2:
+        return "the model is sharded only under distributed.strategy=fsdp with 2 or more processes (torchrun)"
+    if r.engine != "hf":
+        return f"rollout.engine={r.engine} holds its own weights"
+    if r.max_staleness:
+        return "rollout.max_staleness > 0 samples in a process of its own"
+    if agents:
+        return "agent episodes take a different number of turns on each process (set rollout.sampler_weights=copy)"
+    if precision.sampler != precision.compute:
+        return (f"the shards compute in {precision.compute} (optim.dtype), the sampler is set to {precision.sampler}: "
+                f"set rollout.engine_dtype=auto or {precision.compute}")
+    if r.decoder == "native":
+        return "gspo's native decode step reads whole weights outside the layers' forwards: set rollout.decoder=auto"
+    return None
+
+
 def plan(model: ModelShape, run: RunShape, *, checkpointing: str = "false", micro_batch_tokens: int = 0,
-         available: int | None = None) -> MemoryPlan:
+         available: int | None = None, sampler_weights: str = "copy") -> MemoryPlan:
     """Resolve ``optim.gradient_checkpointing`` (auto | true | false) and ``optim.micro_batch_tokens`` (-1 =
     auto, 0 = off, N) against the estimate, then check that the result fits (:func:`check_memory`).
 
@@ -140,8 +167,31 @@ def plan(model: ModelShape, run: RunShape, *, checkpointing: str = "false", micr
     ``max_new_tokens``) per forward that fit. Checkpointing costs ~1/3 more training compute: auto turns it on
     when even one response per forward (or the configured budget) does not fit without it, and always on CUDA
     from :data:`CUDA_CHECKPOINT_PARAMS`. Raises :class:`~gspo.errors.ConfigError` when nothing fits.
+
+    ``sampler_weights`` (rollout.sampler_weights, FSDP2's built-in sampler, where ``run.sampler_can_shard``):
+    auto keeps the whole copy when the run fits with it (with whatever the other auto settings choose), else
+    samples through the shards (more communication: every decode step gathers every layer).
     """
     available = available_bytes(run.device) if available is None else available
+    if sampler_weights == "auto":
+        settings = dict(checkpointing=checkpointing, micro_batch_tokens=micro_batch_tokens, available=available)
+        if not run.sampler_can_shard:
+            return plan(model, run, sampler_weights="copy", **settings)
+        from gspo.errors import ConfigError
+
+        try:
+            return plan(model, run, sampler_weights="copy", **settings)
+        except ConfigError:
+            try:
+                chosen = plan(model, run, sampler_weights="shards", **settings)
+            except ConfigError as exc:  # the message describes the run without the copy: say why
+                raise ConfigError(f"{exc} (the sampler through the shards, rollout.sampler_weights=auto: no whole "
+                                  "copy)") from None
+        whole = _machine_total(estimate(model, replace(run, sampler_weights="copy", checkpointing=chosen.checkpointing,
+                                                       micro_tokens=chosen.micro_batch_tokens)), run)
+        note = f"sampler weights auto: through the shards, with a whole copy {whole / GB:.1f} GB"
+        return replace(chosen, notes=(*chosen.notes, note))
+    run = replace(run, sampler_weights=sampler_weights)
     room = int(AUTO_MARGIN * available)
     auto_ckpt, auto_tokens = checkpointing == "auto", micro_batch_tokens < 0 and not run.micro_rows
     notes = []
@@ -179,7 +229,8 @@ def plan(model: ModelShape, run: RunShape, *, checkpointing: str = "false", micr
                                   (f"optim.micro_batch_tokens={run.micro_tokens}", run.micro_tokens and auto_tokens))
                   if on]
         raise ConfigError(message + (f" (already with {' and '.join(chosen)}, chosen by auto)" if chosen else ""))
-    return MemoryPlan(run.checkpointing, run.micro_tokens, estimate(model, run), available, run.device, tuple(notes))
+    return MemoryPlan(run.checkpointing, run.micro_tokens, estimate(model, run), available, run.device, tuple(notes),
+                      run.sampler_weights)
 
 
 def _largest_budget(model: ModelShape, run: RunShape, fits) -> RunShape | None:

@@ -346,3 +346,29 @@ def test_static_cache_only_for_short_rollouts(monkeypatch):
     assert engine._decoder.static
     engine.generate(PROMPTS, SamplingParams(max_new_tokens=6))  # 7 + 6 columns
     assert not engine._decoder.static
+
+
+def test_lockstep_keeps_decoding_until_every_process_has_finished():
+    """A model whose forward is a collective (FSDP2 shards, gspo.trainer.fsdp_load.sample_through) is sampled in
+    lockstep: this process's rows all end at the prefill while another process's run 5 more steps, so it runs a
+    forward for each of those steps (with one finished row), and returns exactly what it samples alone."""
+    from gspo.rollout.hf import Lockstep
+
+    model = with_head_bias(tiny_qwen3(), EOS, 1e4)  # EOS is certain: every row ends at its first token
+    calls = count_forwards(model)
+    params = SamplingParams(max_new_tokens=8)
+    alone = engine_for(model, decoder="hf").generate(PROMPTS, params, row_seeds=[1, 2, 3, 4])
+    calls.clear()
+    others = iter([1] * 5 + [0])  # the other process's unfinished rows after each step
+    inference = []
+    lockstep = Lockstep(call=lambda fn: inference.append(torch.is_inference_mode_enabled()) or fn(),
+                        total=lambda n: n + next(others))
+    engine = engine_for(model, lockstep=lockstep, dtype=torch.bfloat16)  # the dtype the model computes in there
+    rollout = engine.generate(PROMPTS, params, row_seeds=[1, 2, 3, 4])
+    assert len(calls) == 1 + 5  # the prefill, then one decode step per step the other process still decoded
+    for key in ("completion_ids", "completion_mask", "logprobs", "truncated"):
+        assert torch.equal(getattr(rollout, key), getattr(alone, key)), key
+    assert inference == [False]  # the call decides autograd (FSDP2's gather buffers must not be inference tensors)
+    # no copy, whatever the dtype: the model itself, through transformers' forward (its modules gather the shards)
+    assert engine.model is model and engine.shares_model and engine.native is None
+    assert engine.info.name == "transformers' forward, bfloat16" and engine.info.weight_sync == "shared"

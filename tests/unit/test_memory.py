@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -223,3 +224,94 @@ def test_a_ddp_run_on_gpus_that_cannot_fit_is_told_to_shard():
     assert "DDP buckets 30.5" in message
     assert "per process at its peak, more than the 80.0 GB of free GPU memory" in message
     assert "any one of these fits: distributed.strategy=fsdp (" in message
+
+
+# -- FSDP2's built-in sampler: a whole copy, or sampling through the shards (rollout.sampler_weights) ---------------
+
+QWEN3_30B_A3B = {**QWEN3_06B, "num_hidden_layers": 48, "hidden_size": 2048, "intermediate_size": 6144,
+                 "num_attention_heads": 32, "num_key_value_heads": 4, "num_experts": 128, "num_experts_per_tok": 8,
+                 "moe_intermediate_size": 768, "tie_word_embeddings": False}
+
+
+def _fsdp8(**kw) -> RunShape:
+    return _run(**{**dict(processes=8, strategy="fsdp", device="cuda", compute="bfloat16", sampler="bfloat16",
+                           checkpointing=True, sampler_can_shard=True), **kw})
+
+
+def test_sampling_through_the_shards_drops_the_whole_copy_and_counts_the_gathered_layers():
+    model = ModelShape.from_config(QWEN3_30B_A3B)
+    copy, shards = estimate(model, _fsdp8()), estimate(model, _fsdp8(sampler_weights="shards"))
+    assert copy.parts["sampler copy"] == 2 * model.params and "sampler copy" not in shards.parts
+    # the rollout holds the root (embeddings, head) and two decoder layers gathered in bfloat16, no gradients
+    layer = model.attention_params + model.mlp_params + 2 * model.hidden
+    root = 2 * model.vocab * model.hidden + model.hidden
+    many = dict(responses=64, minibatch_rows=1, response_tokens=8192)  # sampling is the largest transient
+    kv = estimate(model, _fsdp8(**many)).parts.get("KV cache + logits")
+    sampled = estimate(model, _fsdp8(**many, sampler_weights="shards")).parts
+    assert kv is not None and sampled["KV cache + logits + gathered layers"] == kv + 2 * (root + 2 * layer)
+    assert copy.total - shards.total > 0.9 * 2 * model.params  # 61 GB of copy gone, a few GB of layers added
+    # one process, or DDP: nothing is sharded, a lower-precision sampler keeps its copy whatever the key says
+    ddp = _run(processes=8, compute="float32", sampler="bfloat16", sampler_weights="shards")
+    assert estimate(model, ddp).parts["sampler copy"] == 2 * model.params
+
+
+def test_auto_keeps_the_whole_copy_when_it_fits_and_samples_through_the_shards_when_not():
+    model = ModelShape.from_config(QWEN3_30B_A3B)
+    fits = plan(model, _fsdp8(), checkpointing="auto", micro_batch_tokens=-1, available=int(200 * GB),
+                sampler_weights="auto")
+    assert fits.sampler_weights == "copy" and "sampler copy" in fits.estimate.parts
+    assert "shards" not in fits.describe()
+    h100 = plan(model, _fsdp8(), checkpointing="auto", micro_batch_tokens=-1, available=int(79 * GB),
+                sampler_weights="auto")
+    assert h100.sampler_weights == "shards" and "sampler copy" not in h100.estimate.parts
+    assert h100.estimate.total <= 0.9 * 79 * GB
+    assert "sampler through the shards" in h100.describe()
+    assert re.search(r"sampler weights auto: through the shards, with a whole copy \d+\.\d GB", h100.describe())
+    # neither fits: the refusal describes the run without the copy, and says so
+    with pytest.raises(ConfigError, match=r"no whole copy\)$"):
+        plan(model, _fsdp8(), checkpointing="auto", micro_batch_tokens=-1, available=int(40 * GB),
+             sampler_weights="auto")
+    # not possible (another engine, dtypes that differ, ...): auto keeps the copy, and the refusal says so
+    with pytest.raises(ConfigError) as refused:
+        plan(model, _fsdp8(sampler_can_shard=False), checkpointing="auto", micro_batch_tokens=-1,
+             available=int(79 * GB), sampler_weights="auto")
+    assert "rollout.sampler_weights=shards" not in str(refused.value)
+
+
+def test_a_copy_that_cannot_fit_is_refused_naming_rollout_sampler_weights_shards():
+    model = ModelShape.from_config(QWEN3_30B_A3B)
+    with pytest.raises(ConfigError, match=r"sampler copy 56\.\d.*rollout\.sampler_weights=shards \(\d+\.\d GB\)"):
+        plan(model, _fsdp8(), checkpointing="true", micro_batch_tokens=-1, available=int(79 * GB),
+             sampler_weights="copy")
+
+
+def test_sampling_through_the_shards_is_refused_where_it_cannot_run():
+    from gspo.config import load_config
+    from gspo.memory_plan import sampler_shards_refusal
+    from gspo.precision import PrecisionPolicy
+
+    bf16 = PrecisionPolicy(compute="bfloat16", sampler="bfloat16")
+    fsdp = ["distributed.strategy=fsdp"]
+    assert sampler_shards_refusal(load_config(None, fsdp), bf16, 2) is None
+    cases = [(load_config(None, fsdp), bf16, 1, "2 or more processes"),
+             (load_config(None, []), bf16, 2, "distributed.strategy=fsdp"),
+             (load_config(None, [*fsdp, "rollout.engine=vllm"]), bf16, 2, "rollout.engine=vllm"),
+             (load_config(None, fsdp), PrecisionPolicy(compute="float32", sampler="bfloat16"), 2,
+              "rollout.engine_dtype=auto or float32"),
+             (load_config(None, [*fsdp, "rollout.decoder=native"]), bf16, 2, "rollout.decoder=auto")]
+    for config, precision, processes, fix in cases:
+        assert fix in sampler_shards_refusal(config, precision, processes)
+    assert "agent episodes" in sampler_shards_refusal(load_config(None, fsdp), bf16, 2, agents=True)
+
+
+def test_rollout_sampler_weights_shards_outside_fsdp_is_refused_naming_the_key(tiny_overrides, monkeypatch):
+    from gspo.config import load_config
+    from gspo.trainer.trainer import Trainer
+
+    monkeypatch.setattr("gspo.trainer.build.load_model", lambda *a, **k: pytest.fail("refused after the load"))
+
+    with pytest.raises(ConfigError, match=r"rollout.sampler_weights=shards: the model is sharded only under "
+                                          r"distributed.strategy=fsdp with 2 or more processes"):
+        Trainer.from_config(load_config(None, [*tiny_overrides, "rollout.sampler_weights=shards"]), run_dir=None)
+    with pytest.raises(ConfigError, match="rollout.sampler_weights"):
+        load_config(None, ["rollout.sampler_weights=whole"])

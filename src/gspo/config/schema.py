@@ -81,6 +81,13 @@ class RolloutConfig:
     decoder: str = "auto"
     """Sampler forward: auto (gspo's native decode step for Llama/Mistral/Qwen2/Qwen3, else transformers'),
     native (require it) or hf (always transformers' forward)."""
+    sampler_weights: str = "auto"
+    """rollout.engine=hf under distributed.strategy=fsdp with 2+ processes: copy (the sampler keeps a whole copy
+    of the model in rollout.engine_dtype on every process, refreshed after each update), shards (it samples
+    through the sharded model itself: each decoder layer's weights are gathered for every prefill and decode
+    step and freed after, as training's forwards do; no whole copy, more communication, transformers' forward)
+    or auto (copy when the memory estimate fits with it, else shards; the start line says which). No effect
+    on other runs."""
     max_staleness: int = 0
     """Pipelined sampling (docs/pipeline.md): a sampler process generates batch k+s while the trainer
     updates on batch k; batch k is always sampled with the weights after update k-1-s (reproducible, resumable).

@@ -35,6 +35,7 @@ def validate(config: Config) -> None:
     _choice("rollout.engine", r.engine, ("hf", "vllm", "vllm-server"))
     _choice("rollout.engine_dtype", r.engine_dtype, ("auto", "float32", "bfloat16", "float16"))
     _choice("rollout.decoder", r.decoder, ("auto", "native", "hf"))
+    _choice("rollout.sampler_weights", r.sampler_weights, ("auto", "copy", "shards"))
     _positive("rollout.vllm_kv_cache_gb", r.vllm_kv_cache_gb)
     if not 0 <= r.vllm_gpu_memory <= 1:
         raise ConfigError(f"rollout.vllm_gpu_memory={r.vllm_gpu_memory} is a fraction of GPU memory in (0, 1] "

@@ -29,6 +29,10 @@ itself. With a different ``dtype`` (e.g. bfloat16 for a float32 policy, standing
 inference engine, GSPO paper section 5.4) it keeps its own copy of the weights in that dtype, refreshed
 in place by :meth:`HFEngine.sync_weights`. Buffers (e.g. rotary inverse frequencies) stay in their
 original dtype, as inference engines keep them.
+
+Lockstep (:class:`Lockstep`): a model whose forward is a collective over processes (FSDP2 shards, each
+layer gathered as it runs) is sampled from directly, through transformers' forward, with every process
+running the same number of forwards: decoding goes on until every process's rows have finished.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ import contextlib
 import copy
 import inspect
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from transformers.cache_utils import DynamicCache, StaticCache
@@ -49,6 +55,21 @@ from gspo.rollout.base import EngineInfo, Rollout, SamplingParams, check_request
 from gspo.rollout.native import CACHE_BLOCK, NativeDecoder, native_support
 
 DECODERS = ("auto", "native", "hf")
+
+
+@dataclass(frozen=True)
+class Lockstep:
+    """How to sample with a model whose forward is a collective over processes (each process holds a shard of
+    the weights, gathered layer by layer while the model runs), so every process must run as many forwards.
+
+    ``call(fn)``: ``fn()`` run where the model can run (inside its wrapper's call, autograd off; not under
+    inference mode: the wrapper's gather buffers, once made there, could not be written outside it).
+    ``total(n)``: ``n`` summed over the processes (a collective): decoding stops when every process's rows
+    have finished.
+    """
+
+    call: Callable
+    total: Callable[[int], int]
 
 
 class HFEngine:
@@ -75,16 +96,20 @@ class HFEngine:
         dtype: torch.dtype | None = None,
         decoder: str = "auto",
         copy: bool = False,
+        lockstep: Lockstep | None = None,
     ) -> None:
         """``dtype``: sample from a copy in this dtype (None: the model's). ``copy``: keep an own copy even
-        in the model's dtype (the policy is about to be sharded by FSDP2 and cannot be sampled from)."""
+        in the model's dtype (the policy is about to be sharded by FSDP2 and cannot be sampled from).
+        ``lockstep``: sample from ``model`` itself, a collective over processes (:class:`Lockstep`); ``dtype``
+        is then the dtype it computes in under ``lockstep.call`` (no copy is made)."""
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+        self.lockstep = lockstep
         self.pad_token_id = int(pad_token_id)
         eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         self.eos_ids = torch.tensor(eos_ids, dtype=torch.long)  # (E,)
         model_dtype = next(model.parameters()).dtype
-        self.shares_model = (dtype is None or dtype == model_dtype) and not copy
+        self.shares_model = lockstep is not None or ((dtype is None or dtype == model_dtype) and not copy)
         self.model = model if self.shares_model else _copy_in_dtype(model, dtype or model_dtype)
         # A PEFT (LoRA) wrapper's forward hides the keyword but passes it through to the model it wraps.
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -102,12 +127,14 @@ class HFEngine:
         self.static_cache: bool | None = None if getattr(self.model, "_can_compile_fullgraph", False) else False
         self.compact = True  # finished rows leave the decode batch; False only to test that nothing changes
         self.native_reason = native_support(self.model) if decoder != "hf" else "rollout.decoder=hf"
+        if lockstep is not None:  # the native step reads weights outside the modules' forwards, ungathered
+            self.native_reason = "the weights are gathered only inside the modules' own forwards (lockstep)"
         if decoder == "native" and self.native_reason is not None:  # a ConfigError: the CLI shows one line
             raise ConfigError(f"rollout.decoder=native cannot sample this model: {self.native_reason}; "
                               "use rollout.decoder=auto (falls back to transformers' forward)")
         self.native = NativeDecoder(self.model) if self.native_reason is None else None
         self._decoder = self.native if self.native is not None else _TransformersDecoder(self)
-        engine_dtype = next(self.model.parameters()).dtype
+        engine_dtype = dtype if lockstep is not None and dtype is not None else next(self.model.parameters()).dtype
         self._info = EngineInfo(
             name=("native decode step" if self.native is not None else "transformers' forward")
             + ("" if engine_dtype == torch.float32 else f", {str(engine_dtype).removeprefix('torch.')}"),
@@ -169,9 +196,14 @@ class HFEngine:
         if record_routing and not self._info.records_routing:
             raise ValueError("record_routing needs a Mixture-of-Experts model (engine.info.records_routing)")
         recorder = capture_routing(self.model, concat="sequence") if record_routing else contextlib.nullcontext()
-        with eval_mode(self.model), torch.inference_mode(), recorder as routing:
+        no_grad = torch.inference_mode() if self.lockstep is None else contextlib.nullcontext()  # lockstep: call's
+
+        def sample():
+            return self._sample(prompt_ids, prompt_mask, params, uniforms, reshape=not record_routing)
+
+        with eval_mode(self.model), no_grad, recorder as routing:
             try:
-                out = self._sample(prompt_ids, prompt_mask, params, uniforms, reshape=not record_routing)
+                out = sample() if self.lockstep is None else self.lockstep.call(sample)
             finally:
                 self._decoder.release()  # no cache or fused weights held between rollouts
         # Clone out of inference mode so the trainer may use these tensors in autograd graphs.
@@ -213,7 +245,10 @@ class HFEngine:
         next_position = positions[:, -1:] + 1  # (b, 1) position of the next completion token
         tokens = None
         steps = 0
+        remaining = batch  # rows of this process not finished (lockstep: others' may still be decoding)
         for step in range(max_new):
+            if remaining:
+                steps = step + 1
             if step > 0:
                 logits = self._decoder.step(tokens[:, None], next_position)  # (b, V)
                 next_position += 1
@@ -222,15 +257,15 @@ class HFEngine:
             completion_ids[where, step] = tokens.masked_fill(~alive, self.pad_token_id)
             logprobs[where, step] = token_logprobs.masked_fill_(~alive, 0.0)
             completion_mask[where, step] = alive
-            steps = step + 1
             if params.ignore_eos:
                 continue
             alive &= ~torch.isin(tokens, eos_ids)
             remaining = int(alive.sum())  # the loop's one host sync per step
-            if remaining == 0:
+            if (remaining if self.lockstep is None else self.lockstep.total(remaining)) == 0:
                 break
             if compact and remaining < len(rows) and step + 1 < max_new:  # finished rows leave the batch
-                keep = alive.nonzero().squeeze(1)  # (b',)
+                # (b',); lockstep: one finished row stays while other processes decode (a forward each step)
+                keep = alive.nonzero().squeeze(1) if remaining else rows.new_zeros(1)
                 rows, alive, tokens, next_position = rows[keep], alive[keep], tokens[keep], next_position[keep]
                 where = rows
                 self._decoder.select(keep)

@@ -33,14 +33,14 @@ from gspo.models.load import (build_on_meta, load_model, load_tokenizer, pick_de
 from gspo.models.lora import apply_lora
 from gspo.precision import DTYPES, MIN_BF16_PARAMS, PrecisionPolicy, resolve_precision
 from gspo.rollout.base import RolloutEngine, SamplingParams
-from gspo.rollout.hf import HFEngine
+from gspo.rollout.hf import HFEngine, Lockstep
 from gspo.tasks.base import Task
 from gspo.tasks.registry import build_task
 from gspo.tasks.render import PromptRenderer, prompt_lengths, prompt_token_cap
 from gspo.tasks.rewards import WeightedReward, resolve_rewards
 from gspo.trainer.collect import Collector
 from gspo.trainer.fsdp_load import (call_reference, load_local_slices, loads_on_meta, materialize_engine_copy,
-                                    shard_reference)
+                                    sample_through, shard_reference)
 from gspo.trainer.logging import MetricsLogger
 from gspo.trainer.micro import forward_overhead_tokens
 from gspo.trainer.old_logprobs import OldLogprobs, has_dropout, plan_old_logprobs
@@ -121,7 +121,8 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
         cuda_settings.configure_allocator()  # before the first CUDA tensor (the CLI did it earlier still)
     rewards = rewards or resolve_rewards(config.reward.functions, task.rewards, device=device)
     # before the weights load: a run that cannot fit stops here; auto checkpointing / token budget decided
-    precision, memory = _precision_and_memory(config, device, model)
+    agents = task.environment is not None
+    precision, memory = _precision_and_memory(config, device, model, agents=agents, own_engine=engine is not None)
     on_meta = model is None and loads_on_meta(config, resolve_model_path(config.model))
     model, tokenizer, path = _load_policy(config, device, model, tokenizer, on_meta=on_meta)
     asked_cap, config = config.data.max_prompt_tokens, _resolve_prompt_cap(config, task, tokenizer, model)
@@ -137,15 +138,18 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
         raise ConfigError(f"moe.routing_replay={replay} needs a Mixture-of-Experts model "
                           f"({', '.join(SUPPORTED_ARCHITECTURES)}); '{config.model}' is dense: set moe.routing_replay=off")
     sharded = dist.is_initialized() and config.distributed.strategy == "fsdp"
+    shards = engine is None and _shards_refusal(config, precision, agents=agents) is None and (
+        memory.sampler_weights if memory is not None else r.sampler_weights) == "shards"
     # FSDP2 shards ``model`` in place: what needs whole weights is built from it first. The built-in
-    # engine keeps its own copy (in rollout.engine_dtype), refreshed tensor by tensor (sync_weights);
+    # engine keeps its own copy (in rollout.engine_dtype), refreshed tensor by tensor (sync_weights), unless it
+    # samples through the shards (rollout.sampler_weights=shards: built after wrapping, below);
     # checkpoints gather the shards to rank 0 when they are written. No other whole copy is kept.
     sampler = None
     if r.max_staleness and engine is None and r.engine != "hf":
         # vLLM samples ahead in the sampler process and is the run's only engine, evaluation included: a
         # second instance (or server) in the trainer process would double its memory and start-up
         sampler = engine = _sampler_engine(config, model, tokenizer, path, device, precision)
-    if engine is None and not (on_meta and r.engine != "hf"):  # vLLM is built from the loaded weights, below
+    if engine is None and not (on_meta and r.engine != "hf") and not shards:  # vLLM: from the loaded weights
         engine = build_engine(config, model, tokenizer, path, separate_copy=sharded, precision=precision)
     # FSDP2 gathers a unit's shards once per forward call; the shared-prompt path calls the body twice
     policy = PolicyLogprobs(model, top_k=r.top_k, top_p=r.top_p, share_prompts=o.share_prompts and not sharded)
@@ -153,6 +157,8 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     if config.loss.beta > 0:  # LoRA: the policy itself, run with its adapter disabled (see reference_policy)
         reference = model if config.lora.rank else frozen_copy(model)  # before FSDP2 shards ``model``
     policy = dist.wrap_for_training(policy, config.distributed.strategy, param_dtype=_fsdp_param_dtype(precision))
+    if shards:  # the sampler runs the sharded model through its FSDP2 root (the policy): no whole copy
+        engine = build_engine(config, model, tokenizer, path, precision=precision, through=policy)
     # sharded like the policy, unless refreshed: checkpoints save a refreshed reference whole
     if sharded and reference is not None and reference is not model and not config.loss.ref_refresh_steps:
         reference_root = shard_reference(reference, _fsdp_param_dtype(precision))  # docs/distributed.md
@@ -277,11 +283,13 @@ def _sampling(config: Config, task: Task, engine, render: PromptRenderer, tokeni
     return params, collector, evaluator
 
 
-def _precision_and_memory(config: Config, device: torch.device, model: torch.nn.Module | None):
-    """(precision policy, gspo.memory_plan.MemoryPlan): the memory check and the auto checkpointing / token budget,
-    from ``config.json`` alone when the model is still to be loaded (a LoRA adapter directory: its base's).
-    (None, None) when the config does not name the shape keys the estimate reads (layers, hidden, heads,
-    vocabulary): no check then."""
+def _precision_and_memory(config: Config, device: torch.device, model: torch.nn.Module | None, *,
+                          agents: bool = False, own_engine: bool = False):
+    """(precision policy, gspo.memory_plan.MemoryPlan): the memory check and the auto checkpointing / token budget
+    / sampler weights, from ``config.json`` alone when the model is still to be loaded (a LoRA adapter
+    directory: its base's). (None, None) when the config does not name the shape keys the estimate reads
+    (layers, hidden, heads, vocabulary): no check then. ``agents``: an agent task; ``own_engine``: an engine
+    passed in (neither samples through the shards)."""
     from gspo import memory, memory_plan
     from gspo.models.load import adapter_base, is_adapter_dir
 
@@ -296,11 +304,26 @@ def _precision_and_memory(config: Config, device: torch.device, model: torch.nn.
     o = config.optim
     precision = resolve_precision(o.dtype, config.rollout.engine_dtype, device, shape.params)
     run = memory.RunShape.from_config(config, precision, processes=dist.world_size(), device=device.type)
+    shardable = not own_engine and _shards_refusal(config, precision, agents=agents) is None  # before the load
+    run = dataclasses.replace(run, sampler_can_shard=shardable)
     available = memory_plan.available_bytes(device.type)
     if dist.is_initialized():  # every process decides alike: by the least memory any of them has
         available = min(dist.all_gather_object(available))
+    weights = config.rollout.sampler_weights if shardable else "copy"  # (shards that cannot: refused above)
     return precision, memory_plan.plan(shape, run, checkpointing=o.gradient_checkpointing,
-                                       micro_batch_tokens=o.micro_batch_tokens, available=available)
+                                       micro_batch_tokens=o.micro_batch_tokens, available=available,
+                                       sampler_weights=weights)
+
+
+def _shards_refusal(config: Config, precision: PrecisionPolicy, *, agents: bool) -> str | None:
+    """Why the built-in sampler cannot sample through the FSDP2 shards (memory_plan.sampler_shards_refusal; None:
+    it can); an explicit ``rollout.sampler_weights=shards`` that cannot is refused with the reason."""
+    from gspo import memory_plan
+
+    reason = memory_plan.sampler_shards_refusal(config, precision, dist.world_size(), agents=agents)
+    if reason is not None and config.rollout.sampler_weights == "shards":
+        raise ConfigError(f"rollout.sampler_weights=shards: {reason}; or set rollout.sampler_weights=auto")
+    return reason
 
 
 def _forward_overhead(model: torch.nn.Module) -> int:
@@ -399,12 +422,14 @@ def _reference_fn(parts: Components, temperature: float):
 
 
 def build_engine(config: Config, model: torch.nn.Module, tokenizer, path, *, separate_copy: bool = False,
-                 precision: PrecisionPolicy | None = None):
+                 precision: PrecisionPolicy | None = None, through: torch.nn.Module | None = None):
     """The rollout engine named by ``rollout.engine``: the one place that names a concrete engine.
 
     ``separate_copy``: the engine must not sample with ``model`` itself (FSDP2 shards it), so the
     in-process engine keeps its own whole copy, refreshed by ``sync_weights``. ``precision``: the run's
     policy (its ``sampler`` dtype); None = ``rollout.engine_dtype`` as configured (``auto``: the model's).
+    ``through``: the FSDP2 root around the sharded ``model``: the built-in engine samples through it, in lockstep
+    with the other processes (``rollout.sampler_weights=shards``; the sampler dtype is FSDP2's compute dtype).
     """
     r = config.rollout
     if precision is not None:
@@ -415,6 +440,10 @@ def build_engine(config: Config, model: torch.nn.Module, tokenizer, path, *, sep
         from gspo.rollout.vllm import build_vllm_engine
 
         return build_vllm_engine(config, model, tokenizer, path)
+    if through is not None:
+        return HFEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, dtype=dtype,
+                        decoder="hf", lockstep=Lockstep(call=functools.partial(sample_through, through),
+                                                        total=dist.total_over_processes))
     if dtype == next(model.parameters()).dtype and not separate_copy:
         dtype = None
     return HFEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -9,7 +9,8 @@ holds the whole weights, and nothing is broadcast. The model's names are the che
 transformers 5's fused MoE experts, which are read from the per-expert tensors checkpoints hold
 (:func:`checkpoint_targets`). The frozen KL reference is sharded the same way and read the same way; it
 has no optimizer state. The only whole copy is the built-in sampler's (in ``rollout.engine_dtype``),
-filled from the shards.
+filled from the shards, unless that samples through the shards (``rollout.sampler_weights``,
+:func:`sample_through`).
 
 Paths that still load the whole model on every process before sharding (see docs/distributed.md): a model
 passed in, LoRA (PEFT wraps loaded weights), an adapter directory as ``model``, the sampler process of
@@ -52,6 +53,18 @@ def call_reference(root: torch.nn.Module | None, reference: torch.nn.Module, fn,
     if root is None:
         return fn(reference, *args, **kwargs)
     out = root(fn, *args, **kwargs)
+    root.reshard()
+    return out
+
+
+def sample_through(root: torch.nn.Module, fn):
+    """``fn()`` (the built-in sampler's whole rollout) inside the FSDP2 ``root``'s call, autograd off, then the
+    root resharded: the root's parameters (embeddings, head) stay gathered for the rollout, each decoder layer's
+    are gathered for each of its forwards and freed after (``rollout.sampler_weights=shards``). No whole copy.
+    Not under inference mode: FSDP2 reuses its gather buffers in training, and inference tensors cannot be
+    written outside it. A collective: every process samples in lockstep (:class:`gspo.rollout.hf.Lockstep`)."""
+    with torch.no_grad():
+        out = root(run=fn)
     root.reshard()
     return out
 

@@ -25,13 +25,18 @@ class PolicyLogprobs(torch.nn.Module):
         self.top_k, self.top_p = top_k, top_p
         self.share_prompts = share_prompts
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_completion_tokens: int,
-                temperature: float = 1.0, *, routed: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                num_completion_tokens: int = 0, temperature: float = 1.0, *, routed: bool = False, run=None):
         """(B, T) log pi(y_t | x, y_<t) of the last ``num_completion_tokens`` positions.
 
         ``routed``: a MoE routing capture or replay block is around this call; its hooks record (B, L)
         tensors, so the batch must go through the model in one forward as laid out (no prompt sharing).
+        ``run``: instead, ``run()`` (a function of no arguments) inside this module's call: as an FSDP2 root,
+        its parameters (embeddings, final norm, head) are gathered around it; the built-in sampler samples
+        through the shards this way (``rollout.sampler_weights=shards``, :func:`gspo.trainer.fsdp_load.sample_through`).
         """
+        if run is not None:
+            return run()
         return token_logprobs(self.model, input_ids, attention_mask, num_completion_tokens, temperature=temperature,
                               top_k=self.top_k, top_p=self.top_p, share_prompts=self.share_prompts and not routed)
 
