@@ -74,12 +74,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--extra", nargs="*", default=[], help="more config overrides")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results JSON (cases merge into it)")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL_DIR", "NEW_TOKENS"))
     args = parser.parse_args()
     if args.worker:
         worker(args.worker[0], int(args.worker[1]), args.dtype, args.extra)
         return
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"cases": []}
+    results = json.loads(args.out.read_text()) if args.out.exists() else {"cases": []}
     with tempfile.TemporaryDirectory() as tmp:
         build(Path(tmp))
         for n in args.new_tokens:
@@ -91,8 +92,8 @@ def main() -> None:
             results["cases"] = [c for c in results["cases"] if (c["new_tokens"], c["dtype"], c.get("extra", []))
                                 != (n, args.dtype, args.extra)] + [case]
     results["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared; RSS is per process)"
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    args.out.parent.mkdir(exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

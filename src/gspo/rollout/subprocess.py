@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
+from gspo.host_memory import configure_heap
 from gspo.rollout.base import EngineInfo, Rollout, SamplingParams, full_weights
 
 POLL_S = 0.5  # how often a blocked side checks that the other one is still alive
@@ -245,6 +246,7 @@ def place(placement: Placement) -> None:
 def _serve(requests, results, factory, model, tokenizer, path, placement: Placement, parent: int) -> None:
     """The sampler process: build the engine, then serve weights and requests in queue order."""
     _die_with_parent()
+    configure_heap()  # its decode steps and KV-cache growth, as in the trainer (gspo.host_memory)
     try:
         place(placement)
         engine = factory(model, tokenizer, path)

@@ -20,7 +20,7 @@ import torch
 
 from pathlib import Path
 
-from gspo import cuda_settings
+from gspo import cuda_settings, host_memory
 from gspo import distributed as dist
 from gspo.config.schema import Config
 from gspo.config.validate import validate_processes
@@ -119,6 +119,7 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     device = pick_device(config.device)
     if device.type == "cuda":
         cuda_settings.configure_allocator()  # before the first CUDA tensor (the CLI did it earlier still)
+    host_memory.configure_heap()  # before the weights load: large host tensors go back to the OS when freed
     rewards = rewards or resolve_rewards(config.reward.functions, task.rewards, device=device)
     # before the weights load: a run that cannot fit stops here; auto checkpointing / token budget decided
     agents = task.environment is not None

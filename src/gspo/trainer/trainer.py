@@ -19,6 +19,7 @@ from gspo import distributed as dist
 from gspo.checkpoint._fs import replace_file_atomic
 from gspo.config.schema import Config
 from gspo.cuda_settings import release_cached_memory
+from gspo.host_memory import release_freed_memory
 from gspo.tasks.base import DataCursor
 from gspo.trainer.build import Components, build
 from gspo.trainer.collect import ScoredBatch
@@ -80,7 +81,7 @@ class Trainer:
         seed = _step_seed(cfg.seed, step, rank=0)  # per-response seeds: independent of the batch split
         batch = self._collect(seed).to(policy_device(self.policy))  # the device boundary: once, after scoring
         release_cached_memory(policy_device(self.policy))  # CUDA: the sampler's blocks back before the update
-        release_freed_memory()
+        release_freed_memory()  # the host heap's free memory back to the OS (gspo.host_memory)
         t1 = time.perf_counter()
         local = len(batch.advantages)  # equal on every process (validated shard sizes)
         shared = torch.Generator().manual_seed(seed + 1)  # one split of the global batch, everywhere
@@ -233,33 +234,6 @@ def _gather_round(share: ScoredBatch) -> list[ScoredBatch]:
     for s in shares:
         s.metrics = dict(metrics)
     return shares
-
-
-def release_freed_memory() -> None:
-    """Return the heap memory the last phase freed to the OS (glibc's ``malloc_trim``; elsewhere nothing).
-
-    glibc keeps freed medium-sized blocks (activations, logits chunks) in its heap, so each phase of a step
-    (sampling, the pi_old pass, the update) would start from the previous one's high-water mark: measured on
-    the CPU (docs/memory.md), a bfloat16 run's peak RSS fell from 4.38 to 3.99 GiB with a trim between phases.
-    A trim takes a few milliseconds.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _glibc():
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-_LIBC = _glibc()
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
