@@ -277,7 +277,11 @@ def gspo_worker(args, channel: harness.Channel) -> None:
             "phases": {k: metrics[k] for k in ("sample/prefill_s", "sample/decode_s", "time/rollout_s",
                                                "time/logprobs_s", "time/update_s") if k in metrics},
         })
+    # the run as gspo's plan configured it (auto checkpointing and token budget), at the prompts it met
+    plan = trainer.parts.memory
     run = memory.RunShape.from_config(config, precision, prompt_tokens=seen["prompt_tokens"] or 1)
+    if plan is not None:
+        run = dataclasses.replace(run, checkpointing=plan.checkpointing, micro_tokens=plan.micro_batch_tokens)
     est = memory.estimate(memory.ModelShape.from_dir(args.model_dir), run)
     trainer.close()  # the pipeline's sampler process ends: its peak is then the children's
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux: KiB
