@@ -242,3 +242,35 @@ def test_the_progress_line_shows_both_halves_and_the_wait():
     line = Progress(10, enabled=False).plain_line(3, {"reward/mean": 0.4, "pipeline/sampler_busy_s": 0.8,
                                                       "pipeline/trainer_busy_s": 1.25, "pipeline/wait_s": 0.01})
     assert "reward 0.400  s/t/wait 0.80/1.25/0.01s" in line
+
+
+def test_a_weight_push_travels_in_parts_and_samples_as_the_whole_weights(tiny_model_dir, monkeypatch):
+    """The sampler process receives the weights in parts of about PUSH_BYTES (neither process serialises the whole
+    model at once) and samples with exactly the weights pushed, as an in-process engine does."""
+    import functools
+
+    from gspo.models.load import load_model, load_tokenizer
+    from gspo.rollout import subprocess as sub
+    from gspo.rollout.base import SamplingParams
+    from gspo.trainer.build import build_engine
+
+    config = load_config(None, [f"model={tiny_model_dir}", "rollout.engine_dtype=float32"])
+    model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    engine = sub.SubprocessEngine(functools.partial(build_engine, config), model, tokenizer, tiny_model_dir)
+    try:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))  # the sampler holds the old weights until the push
+        monkeypatch.setattr(sub, "PUSH_BYTES", 4096)
+        sent = []
+        put = engine._requests.put
+        monkeypatch.setattr(engine._requests, "put", lambda message: (sent.append(message[0]), put(message))[1])
+        engine.sync_weights(model)
+        assert sent.count("weights") > 2  # many parts, the last one marked
+        prompts, params = [[5, 6, 7], [8, 9]], SamplingParams(max_new_tokens=6)
+        there = engine.generate(prompts, params, row_seeds=[1, 2])
+        here = build_engine(config, model, tokenizer, tiny_model_dir).generate(prompts, params, row_seeds=[1, 2])
+        assert torch.equal(there.completion_ids, here.completion_ids)
+        assert torch.equal(there.logprobs, here.logprobs)
+    finally:
+        engine.close()
