@@ -31,7 +31,7 @@ from gspo import distributed as dist
 from gspo.config.schema import Config
 from gspo.errors import ModelLoadError
 from gspo.models.load import is_adapter_dir
-from gspo.rollout.vllm.weights import unfused_experts
+from gspo.moe.experts import unfused_experts
 from gspo.trainer.policy import ModelCall
 
 

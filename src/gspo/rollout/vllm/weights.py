@@ -20,6 +20,7 @@ from typing import Iterator
 
 import torch
 
+from gspo.moe.experts import unfused_experts
 from gspo.rollout.base import full_weights
 
 LORA_PREFIX = "base_model.model."  # what PEFT prepends to every name of the model it wraps
@@ -69,32 +70,6 @@ def _meta_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in getattr(model, kind)():
             yield name.replace("_fsdp_wrapped_module.", ""), torch.empty(tensor.shape, dtype=tensor.dtype,
                                                                           device="meta")
-
-
-def unfused_experts(weights: list[tuple[str, torch.Tensor]], first: int = 0) -> list[tuple[str, torch.Tensor]]:
-    """transformers-5 fused MoE expert tensors as the per-expert checkpoint tensors vLLM's loaders take.
-
-    transformers 5 holds a Qwen3-MoE layer's experts as ``mlp.experts.gate_up_proj`` (E, 2I, H), gate
-    rows then up rows, and ``mlp.experts.down_proj`` (E, H, I); the checkpoints on disk, and the names
-    every vLLM MoE loader maps (``experts.{e}.gate_proj.weight`` ...), are per expert. Pushing the
-    fused names breaks or silently skips the experts depending on the vLLM version (verl PR #6896,
-    SGLang #29659). The per-expert tensors are views (no copy); other tensors pass through.
-    Cost: 3 E tensors per MoE layer per sync (about 18k for Qwen3-30B-A3B). ``first``: the number of the
-    first expert the tensors hold (an FSDP2 shard's experts, read from a checkpoint by ``fsdp_load``).
-    """
-    out = []
-    for name, tensor in weights:
-        prefix, _, leaf = name.rpartition(".experts.")
-        if not prefix or leaf not in ("gate_up_proj", "down_proj") or tensor.dim() != 3:
-            out.append((name, tensor))
-        elif leaf == "gate_up_proj":
-            gate, up = tensor.chunk(2, dim=1)  # (E, I, H) each
-            for e in range(tensor.shape[0]):
-                out += [(f"{prefix}.experts.{first + e}.gate_proj.weight", gate[e]),
-                        (f"{prefix}.experts.{first + e}.up_proj.weight", up[e])]
-        else:
-            out += [(f"{prefix}.experts.{first + e}.down_proj.weight", tensor[e]) for e in range(tensor.shape[0])]
-    return out
 
 
 def _tied_aliases(model: torch.nn.Module) -> dict[str, list[str]]:
