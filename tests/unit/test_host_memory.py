@@ -21,8 +21,8 @@ def test_threshold_set_on_glibc_unless_the_user_or_another_allocator_decides():
 
 
 # A freed 24 MiB block below a live 8 MiB one: glibc's default (a dynamic threshold raised by the first
-# frees) serves the second 24 MiB block from the heap and keeps it resident after it is freed; with the
-# threshold fixed at 4 MiB it is mmapped and given back. The sampler's KV cache growing by copies under
+# frees) may serve the second 24 MiB block from the heap and keep it resident after it is freed; with the
+# threshold fixed at 4 MiB it is always mmapped and given back. The sampler's KV cache growing by copies under
 # decode buffers is this pattern, over and over.
 SCRIPT = textwrap.dedent("""
     import os, sys, torch
@@ -51,7 +51,8 @@ def test_freed_large_tensors_go_back_to_the_os_once_configured():
         return float(out.stdout.split()[-1])
 
     assert retained("on") < 12  # the live 8 MiB block, and nothing of the freed 24 MiB
-    assert retained("off") >= 20  # glibc's default keeps the freed block resident (why gspo sets it)
+    # glibc's default usually keeps the freed block resident here (24 MiB measured in the main environment),
+    # but that depends on the allocations before it (0 in CI's older-transformers environment): not asserted
 
 
 def test_training_configures_the_heap_before_the_model_loads(monkeypatch, tmp_path):
