@@ -158,7 +158,7 @@ def test_cache_grows_in_blocks_and_gives_the_same_logits(monkeypatch):
     capacities, out = [], []
     with torch.inference_mode():
         out.append(decoder.start(ids[:, :7], mask[:, :7], positions[:, :7], ids.shape[1]))
-        capacities.append(decoder.layers[0].k_cache.shape[-1])
+        capacities.append(decoder.layers[0].k_cache.shape[2])
         for t in range(7, ids.shape[1] - 1):
             out.append(decoder.step(ids[:, t : t + 1], positions[:, t : t + 1]))
             capacities.append(decoder.layers[0].v_cache.shape[2])

@@ -12,15 +12,17 @@ matrix products. This module runs the same mathematics in about a dozen operator
   to :data:`FUSE_MAX_PARAMS` parameters, where per-operator overhead matters; larger models keep their
   separate projections rather than hold a transient copy of most of their weights. Fused weights and
   the cache are released by :meth:`NativeDecoder.release` when a rollout ends;
-- a key/value cache in the sampler's dtype (keys stored transposed, ``(B, H_kv, D, S)``, which
-  measured ~30% faster for the score product); since prompts are left-padded, every row writes the same
-  column at the same step. Sizing policy: it holds the prompt plus the first :data:`CACHE_BLOCK` new
+- a key/value cache in the sampler's dtype, ``(B, H_kv, S, D)`` each; since prompts are left-padded,
+  every row writes the same column at the same step. Sizing policy: it holds the prompt plus the first :data:`CACHE_BLOCK` new
   tokens, and grows by whole blocks (one copy of the written part) only when a decode step needs the
   next column, never beyond ``P + N``: a batch that stops early never pays for its token budget.
   :meth:`NativeDecoder.select` keeps (or repeats) rows of the cache, which is how finished rows leave
   the decode batch and how a prompt prefilled once is expanded to its group;
-- attention as two batched matrix products with grouped queries kept grouped (no ``repeat_kv``) and
-  one additive key mask;
+- attention as one ``scaled_dot_product_attention`` call per layer with grouped queries kept grouped
+  (no ``repeat_kv``: each KV head's ``group`` query heads are its query rows) and one additive key mask.
+  PyTorch's fused kernel streams the cache in blocks with float32 accumulation; two batched matrix
+  products measured the same up to ~512 cached columns and 4-5x slower beyond in bfloat16 on a CPU
+  (a decode step's attention at 1,024 columns, Qwen3-0.6B shape, 16 rows: 880 ms against 186 ms);
 - rotary cos/sin gathered from a table built once per rollout by the model's own rotary module (so
   every static RoPE variant the model supports is reproduced, including its attention scaling).
 
@@ -114,7 +116,7 @@ class _Layer:
     qkv_bias: torch.Tensor | None  # (q + 2 kv,) Qwen2-style attention bias
     gate_up_weight: torch.Tensor | None  # (2 I, hidden); None: separate gate / up projections
     gate_up_bias: torch.Tensor | None = None  # (2 I,) Llama's mlp_bias
-    k_cache: torch.Tensor | None = None  # (B, H_kv, D, S) keys stored transposed: scores = q @ k_cache
+    k_cache: torch.Tensor | None = None  # (B, H_kv, S, D)
     v_cache: torch.Tensor | None = None  # (B, H_kv, S, D)
 
 
@@ -171,7 +173,7 @@ class NativeDecoder:
         device = prompt_ids.device
         self.max_len, self.capacity = max_len, min(max_len, prompt_len + CACHE_BLOCK)
         for layer in self.layers:  # unwritten columns are never read (attention reads [:length])
-            layer.k_cache = torch.empty((batch, self.num_kv_heads, self.head_dim, self.capacity), dtype=dtype,
+            layer.k_cache = torch.empty((batch, self.num_kv_heads, self.capacity, self.head_dim), dtype=dtype,
                                         device=device)
             layer.v_cache = torch.empty((batch, self.num_kv_heads, self.capacity, self.head_dim), dtype=dtype,
                                         device=device)
@@ -201,18 +203,18 @@ class NativeDecoder:
     def select(self, index: torch.Tensor) -> None:
         """Keep the decode-batch rows ``index`` ((b,) long, repeats allowed): the cache and key mask follow."""
         for layer in self.layers:
-            layer.k_cache = layer.k_cache.index_select(0, index)  # (b, H_kv, D, S)
+            layer.k_cache = layer.k_cache.index_select(0, index)  # (b, H_kv, S, D)
             layer.v_cache = layer.v_cache.index_select(0, index)  # (b, H_kv, S, D)
         self._key_bias = self._key_bias.index_select(0, index)  # (b, 1, 1, S)
 
     def _grow(self, capacity: int) -> None:
         """Re-allocate the cache with ``capacity`` columns, copying the written ones."""
         for layer in self.layers:
-            k_cache, v_cache = layer.k_cache, layer.v_cache
-            layer.k_cache = k_cache.new_empty((*k_cache.shape[:3], capacity))
-            layer.k_cache[..., : self.length] = k_cache[..., : self.length]
-            layer.v_cache = v_cache.new_empty((*v_cache.shape[:2], capacity, v_cache.shape[3]))
-            layer.v_cache[:, :, : self.length] = v_cache[:, :, : self.length]
+            for name in ("k_cache", "v_cache"):
+                old = getattr(layer, name)  # (B, H_kv, S, D)
+                new = old.new_empty((*old.shape[:2], capacity, old.shape[3]))
+                new[:, :, : self.length] = old[:, :, : self.length]
+                setattr(layer, name, new)
         key_bias = self._key_bias.new_zeros((*self._key_bias.shape[:3], capacity))  # completion columns: 0
         key_bias[..., : self.capacity] = self._key_bias
         self._key_bias, self.capacity = key_bias, capacity
@@ -246,16 +248,15 @@ class NativeDecoder:
             q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
         q = _rotate(q.transpose(1, 2), cos, sin)  # (B, h, L, D)
         k = _rotate(k.transpose(1, 2), cos, sin)  # (B, hkv, L, D)
-        layer.k_cache[..., start:end] = k.transpose(-1, -2)
+        layer.k_cache[:, :, start:end] = k
         layer.v_cache[:, :, start:end] = v.transpose(1, 2)
-        keys_t, values = layer.k_cache[..., :end], layer.v_cache[:, :, :end]  # (B, hkv, D, S), (B, hkv, S, D)
+        keys, values = layer.k_cache[:, :, :end], layer.v_cache[:, :, :end]  # (B, hkv, S, D) each
         group = h // hkv
-        # Grouped queries stay grouped: (B, hkv, group * L, D) against each kv head's keys.
+        # Grouped queries stay grouped: each kv head's (group * L) query rows, ordered (group, L), so the key
+        # mask is repeated over the group: (B, 1, L, S) -> (B, 1, group * L, S) (a view when L = 1).
         q = q.reshape(batch, hkv, group * length, d)
-        scores = torch.matmul(q, keys_t)  # (B, hkv, group * L, S)
-        scores = scores.view(batch, hkv, group, length, end).mul_(self.scale).add_(bias.unsqueeze(2))
-        probs = scores.softmax(dim=-1).view(batch, hkv, group * length, end)
-        out = torch.matmul(probs, values)  # (B, hkv, group * L, D)
+        mask = bias.unsqueeze(2).expand(batch, 1, group, length, end).reshape(batch, 1, group * length, end)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)  # (B, hkv, gL, D)
         out = out.view(batch, h, length, d).transpose(1, 2).reshape(batch, length, h * d)  # (B, L, h D)
         return attn.o_proj(out)  # (B, L, hidden)
 
