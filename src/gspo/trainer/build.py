@@ -181,8 +181,6 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     plan = plan_old_logprobs(source, engine=engine.info, training_dtype=precision.matmul,
                              dropout=has_dropout(model), moe=moe, routing_replay=replay,
                              diagnostics=config.moe.diagnostics, correction=config.correction.mode)
-    temperature = r.temperature
-    rows_per_pass = o.micro_batch_size or -(-r.prompts_per_step * r.group_size // dist.world_size() // o.minibatches)
     # the run's config (config.json) keeps data.max_prompt_tokens as asked: a resume resolves it again
     saved = dataclasses.replace(config, data=dataclasses.replace(config.data, max_prompt_tokens=asked_cap))
     parts = Components(
@@ -194,30 +192,43 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
                              enabled=dist.is_main(), trackers=config.log.trackers, project=config.log.project,
                              run_config=config.to_dict()),
         moe=moe, sharded=sharded, precision=precision, reference_root=reference_root, memory=memory)
+    parts.old_logprobs = _old_logprobs(parts, plan)
+    if r.max_staleness:  # a sampler process samples ahead of the update (trainer/pipeline.py)
+        _attach_pipeline(parts, config, path, sampler)
+    return parts
+
+
+def _old_logprobs(parts: Components, plan) -> OldLogprobs:
+    """pi_old's source (``plan``, :func:`~gspo.trainer.old_logprobs.plan_old_logprobs`) wired to the built policy,
+    KL reference and update."""
+    r, o = parts.config.rollout, parts.config.optim
+    temperature, policy, updater = r.temperature, parts.policy, parts.updater
+    rows_per_pass = o.micro_batch_size or -(-r.prompts_per_step * r.group_size // dist.world_size() // o.minibatches)
 
     def reference_logprobs():
         return reference_logprobs_fn(parts, temperature)
 
-    parts.old_logprobs = OldLogprobs(
+    return OldLogprobs(
         plan, policy=lambda ids, attn, num_t, routed=False: policy(ids, attn, num_t, temperature, routed=routed),
-        reference=reference_logprobs if reference is not None else None,
+        reference=reference_logprobs if parts.reference is not None else None,
         # one process only: under DDP / FSDP2 every forward is a collective, chunk counts must not differ
-        chunk_rows=rows_per_pass if dist.world_size() == 1 else 0, routed_model=model,
+        chunk_rows=rows_per_pass if dist.world_size() == 1 else 0, routed_model=parts.model,
         # given the update's minibatches (the trainer's case): its own micro-batches, on any world size
         micro_batches=updater.micro_batches, trim=updater.trims)
-    if r.max_staleness:  # a sampler process samples ahead of the update (trainer/pipeline.py)
-        from gspo.rollout.subprocess import SubprocessEngine
-        from gspo.trainer.pipeline import build_pipeline
 
-        try:
-            parts.pipeline = build_pipeline(parts, lambda placement: sampler or SubprocessEngine(
-                functools.partial(build_engine, config, precision=precision), model, tokenizer, path,
-                placement=placement))
-        except BaseException:
-            if sampler is not None:
-                sampler.close()
-            raise
-    return parts
+
+def _attach_pipeline(parts: Components, config: Config, path, sampler: RolloutEngine | None) -> None:
+    """The pipelined mode's sampler process (``rollout.max_staleness`` > 0): ``sampler`` where the run's engine
+    already lives there (vLLM), else a new one running ``build_engine``; closed again if the pipeline fails."""
+    from gspo.trainer.pipeline import build_pipeline
+
+    try:
+        parts.pipeline = build_pipeline(parts, lambda placement: sampler or _sampler_process(
+            config, parts.model, parts.tokenizer, path, parts.precision, placement))
+    except BaseException:
+        if sampler is not None:
+            sampler.close()
+        raise
 
 
 def _fsdp_param_dtype(precision: PrecisionPolicy) -> torch.dtype | None:
@@ -228,12 +239,19 @@ def _fsdp_param_dtype(precision: PrecisionPolicy) -> torch.dtype | None:
 def _sampler_engine(config: Config, model: torch.nn.Module, tokenizer, path, device: torch.device,
                     precision: PrecisionPolicy):
     """The pipeline's sampler process running the configured engine (``build_engine`` over there)."""
-    from gspo.rollout.subprocess import SubprocessEngine
     from gspo.trainer.pipeline import check_pipeline, placements
 
     check_pipeline(config, device)
+    return _sampler_process(config, model, tokenizer, path, precision, placements(model, config)[1])
+
+
+def _sampler_process(config: Config, model: torch.nn.Module, tokenizer, path, precision: PrecisionPolicy,
+                     placement):
+    """A sampler process at ``placement`` running ``build_engine`` for ``config`` over there."""
+    from gspo.rollout.subprocess import SubprocessEngine
+
     return SubprocessEngine(functools.partial(build_engine, config, precision=precision), model, tokenizer, path,
-                            placement=placements(model, config)[1])
+                            placement=placement)
 
 
 def _renderer(config: Config, tokenizer, model) -> PromptRenderer:
