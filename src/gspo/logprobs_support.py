@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from gspo.logprobs import (_chunk_logits, _exp_shifted_, _wide, default_chunk_tokens, position_ids_from_mask,
-                           supports_chunked, truncation_mask)
+from gspo.logprobs.chunked_head import _chunk_logits, _exp_shifted_, _wide, default_chunk_tokens, supports_chunked
+from gspo.logprobs.layout import position_ids_from_mask
+from gspo.logprobs.truncation import truncation_mask
 
 
 @dataclass(frozen=True)

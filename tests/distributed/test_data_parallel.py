@@ -5,113 +5,21 @@ global normalisers, sampling is seeded per response, minibatches are split from 
 equal shares per process), metrics are reduced across processes with their own reductions, and
 checkpoints saved by 2 processes load in 1.
 
-Weights are compared with AdamW's epsilon raised to ``ADAM_EPS`` in every run, 1 and N processes alike:
-float sums in another order differ by rounding, and with the default 1e-8 Adam turns that noise in a
-gradient element near zero into a step of up to the learning rate (one element of a q_proj moved by
-1.6e-5 at lr 1e-3 in 2 steps). The comparison is of the gradients the processes produce, not of Adam's
-normalisation; the per-step metrics (loss terms, counts, gradient norm) are compared as well.
+Weights are compared with AdamW's epsilon raised (``_harness.ADAM_EPS``, where the reason is) in every run,
+1 and N processes alike; the per-step metrics (loss terms, counts, gradient norm) are compared as well.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import socket
-import sys
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from _harness import single, spawn, spawn_run, spawn_runs, train_steps  # tests/distributed is on sys.path
 
 pytestmark = pytest.mark.distributed
-
-ADAM_EPS = 1e-4  # see the module docstring
-SPAWN_TIMEOUT_S = 600  # a deadlock (ranks running different numbers of collectives) fails instead of hanging
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _trainer(overrides: list[str]):
-    from gspo.config import load_config
-    from gspo.trainer.trainer import Trainer
-
-    trainer = Trainer.from_config(load_config(None, overrides), None)
-    for group in trainer.parts.optimizer.param_groups:
-        group["eps"] = ADAM_EPS
-    return trainer
-
-
-def _run(overrides: list[str]) -> dict:
-    """Train ``config.steps`` steps: the whole weights, each step's metrics and each optimizer step's."""
-    from gspo import distributed as dist
-
-    trainer = _trainer(overrides)
-    metrics, updates = [], []
-    for _ in range(trainer.config.steps):
-        metrics.append(trainer.train_step())
-        updates.append(trainer.last_updates)
-    whole = dist.full_model_state(trainer.model)  # FSDP: the shards gathered to rank 0 (a collective)
-    engine_dtype = str(next(trainer.parts.engine.model.parameters()).dtype)  # the built-in engine's copy
-    return {"params": {n: p.detach().clone() for n, p in whole.items()}, "metrics": metrics,
-            "updates": updates, "engine_dtype": engine_dtype}
-
-
-def _worker(rank: int, world: int, port: int, cases: list[list[str]], out: str, sys_path: list[str]) -> None:
-    sys.path[:0] = [p for p in sys_path if p not in sys.path]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from gspo import distributed as dist
-    from gspo.config import load_config
-    from gspo.trainer.run import train
-
-    dist.maybe_init_distributed()
-    try:
-        results = []
-        for overrides in cases:  # one process group for every case: the start-up is paid once
-            config = load_config(None, overrides)
-            if config.run_dir:
-                train(config, config.run_dir)
-                results.append(None)
-            else:
-                results.append(_run(overrides))
-        if rank == 0:
-            torch.save(results, out)
-    finally:
-        dist.shutdown()
-
-
-def _start(fn, world: int, *args) -> None:
-    """Run ``fn(rank, world, port, *args)`` in ``world`` spawned processes; fail (not hang) on a deadlock."""
-    context = mp.start_processes(fn, args=(world, _free_port(), *args), nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{world} processes still running after {SPAWN_TIMEOUT_S} s: a deadlock (collectives "
-                        f"that differ between ranks?) in {fn.__name__}{args[:1]}")
-
-
-def _spawn_cases(world: int, cases: list[list[str]], out) -> list[dict]:
-    """Run ``cases`` one after the other in ``world`` gloo processes; rank 0's results."""
-    _start(_worker, world, cases, str(out), list(sys.path))
-    return torch.load(out, weights_only=True)
-
-
-def _spawn(world: int, overrides: list[str], out) -> None:
-    torch.save(_spawn_cases(world, [overrides], str(out) + ".all")[0], out)
-
-
-def _single(overrides: list[str]):
-    result = _run(overrides)
-    return result["params"], result["metrics"]
 
 
 @pytest.fixture
@@ -120,9 +28,9 @@ def dp_overrides(tiny_overrides):
 
 
 def test_two_processes_match_one_process(tmp_path, dp_overrides):
-    _spawn(2, dp_overrides, tmp_path / "two.pt")
+    spawn_run(2, dp_overrides, tmp_path / "two.pt")
     two = torch.load(tmp_path / "two.pt", weights_only=True)
-    one_params, one_metrics = _single(dp_overrides)
+    one_params, one_metrics = single(dp_overrides)
     for name, tensor in one_params.items():
         torch.testing.assert_close(two["params"][name], tensor, rtol=0, atol=1e-5, msg=name)
     # metrics are reduced across processes: the 2-process mean reward is the global batch's
@@ -133,9 +41,9 @@ def test_two_processes_match_one_process(tmp_path, dp_overrides):
 def test_batch_advantage_scale_two_processes_match_one(tmp_path, dp_overrides):
     # loss.advantage_scale=batch divides by the std of the whole global batch, not of one process's share
     overrides = [*dp_overrides, "loss.advantage_scale=batch"]
-    _spawn(2, overrides, tmp_path / "two.pt")
+    spawn_run(2, overrides, tmp_path / "two.pt")
     two = torch.load(tmp_path / "two.pt", weights_only=True)
-    one_params, _ = _single(overrides)
+    one_params, _ = single(overrides)
     for name, tensor in one_params.items():
         torch.testing.assert_close(two["params"][name], tensor, rtol=0, atol=1e-5, msg=name)
 
@@ -143,7 +51,7 @@ def test_batch_advantage_scale_two_processes_match_one(tmp_path, dp_overrides):
 def test_save_with_two_processes_load_with_one(tmp_path, dp_overrides):
     run = tmp_path / "run"
     args = [o for o in dp_overrides if not o.startswith(("checkpoint.", "steps="))]
-    _spawn(2, [*args, "steps=2", "checkpoint.every=1", f"run_dir={run}"], tmp_path / "unused.pt")
+    spawn_run(2, [*args, "steps=2", "checkpoint.every=1", f"run_dir={run}"], tmp_path / "unused.pt")
     assert (run / "summary.json").exists() and json.loads((run / "summary.json").read_text())["steps"] == 2
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert sum('"loss/clip_frac"' in line for line in lines) == 2  # rank 0 alone writes
@@ -155,15 +63,15 @@ def test_save_with_two_processes_load_with_one(tmp_path, dp_overrides):
 
 
 def test_fsdp2_matches_one_process_and_its_checkpoint_loads_in_one(tmp_path, dp_overrides):
-    _spawn(2, [*dp_overrides, "distributed.strategy=fsdp"], tmp_path / "fsdp.pt")
+    spawn_run(2, [*dp_overrides, "distributed.strategy=fsdp"], tmp_path / "fsdp.pt")
     fsdp = torch.load(tmp_path / "fsdp.pt", weights_only=True)
-    one_params, _ = _single(dp_overrides)
+    one_params, _ = single(dp_overrides)
     for name, tensor in one_params.items():
         torch.testing.assert_close(fsdp["params"][name], tensor, rtol=0, atol=1e-5, msg=name)
 
     run = tmp_path / "run"
     args = [o for o in dp_overrides if not o.startswith(("checkpoint.", "steps="))]
-    _spawn(2, [*args, "distributed.strategy=fsdp", "steps=2", "checkpoint.every=1", f"run_dir={run}"],
+    spawn_run(2, [*args, "distributed.strategy=fsdp", "steps=2", "checkpoint.every=1", f"run_dir={run}"],
            tmp_path / "unused.pt")
     from gspo.config import load_config
     from gspo.trainer.run import train
@@ -178,9 +86,9 @@ def test_dapo_dynamic_sampling_two_processes_match_one(tmp_path, dp_overrides):
     # agreed globally (every process runs the same rounds and keeps the groups one process would)
     overrides = [o for o in dp_overrides if not o.startswith("rollout.max_new_tokens")]
     overrides += ["algorithm=dapo", "rollout.max_new_tokens=2", "steps=3"]
-    _spawn(2, overrides, tmp_path / "two.pt")
+    spawn_run(2, overrides, tmp_path / "two.pt")
     two = torch.load(tmp_path / "two.pt", weights_only=True)
-    one_params, one_metrics = _single(overrides)
+    one_params, one_metrics = single(overrides)
     assert any(m["dapo/rounds"] > 1 for m in one_metrics)  # the extra rounds really happened
     for a, b in zip(two["metrics"], one_metrics):
         assert a["dapo/rounds"] == b["dapo/rounds"] and a["dapo/kept_group_frac"] == pytest.approx(b["dapo/kept_group_frac"])
@@ -190,38 +98,32 @@ def test_dapo_dynamic_sampling_two_processes_match_one(tmp_path, dp_overrides):
 
 
 def test_fsdp2_sampler_keeps_its_configured_precision(tmp_path, dp_overrides):
-    _spawn(2, [*dp_overrides, "distributed.strategy=fsdp", "rollout.engine_dtype=bfloat16", "steps=1"],
+    spawn_run(2, [*dp_overrides, "distributed.strategy=fsdp", "rollout.engine_dtype=bfloat16", "steps=1"],
            tmp_path / "fsdp.pt")
     assert torch.load(tmp_path / "fsdp.pt", weights_only=True)["engine_dtype"] == "torch.bfloat16"
 
 
 # -- metric reductions across processes ---------------------------------------------------------------------
 
-def _reductions_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+def _reductions_worker(rank: int, world: int, out: str) -> None:
     from gspo import distributed as dist
     from gspo.algorithms import reduce_metrics
 
-    dist.maybe_init_distributed()
-    try:
-        # reward/x/none_frac exists only where a reward returned None: the key lists differ between processes
-        means = dist.mean_over_processes({"reward/x": 0.5 * rank, **({"reward/x/none_frac": 0.5} if rank else {})})
-        # a minibatch's loss metrics: rank 0 holds 3 tokens, rank 1 one token
-        local = {"loss/policy": -0.25 * (rank + 1), "count/tokens": 3.0 - 2 * rank, "count/sequences": 1.0,
-                 "loss/clip_frac": 1.0 - rank}
-        reductions = {"loss/policy": "sum", "count/tokens": "sum", "count/sequences": "sum",
-                      "loss/clip_frac": "mean/tokens"}
-        merged = {k: float(v) for k, v in reduce_metrics(dist.gather_scalars(local), reductions).items()}
-        if rank == 0:
-            torch.save({"means": means, "merged": merged}, out)
-    finally:
-        dist.shutdown()
+    # reward/x/none_frac exists only where a reward returned None: the key lists differ between processes
+    means = dist.mean_over_processes({"reward/x": 0.5 * rank, **({"reward/x/none_frac": 0.5} if rank else {})})
+    # a minibatch's loss metrics: rank 0 holds 3 tokens, rank 1 one token
+    local = {"loss/policy": -0.25 * (rank + 1), "count/tokens": 3.0 - 2 * rank, "count/sequences": 1.0,
+             "loss/clip_frac": 1.0 - rank}
+    reductions = {"loss/policy": "sum", "count/tokens": "sum", "count/sequences": "sum",
+                  "loss/clip_frac": "mean/tokens"}
+    merged = {k: float(v) for k, v in reduce_metrics(dist.gather_scalars(local), reductions).items()}
+    if rank == 0:
+        torch.save({"means": means, "merged": merged}, out)
 
 
 def test_metrics_are_reduced_with_their_own_reductions_across_processes(tmp_path):
     out = tmp_path / "metrics.pt"
-    _start(_reductions_worker, 2, str(out))
+    spawn(_reductions_worker, 2, str(out))
     result = torch.load(out, weights_only=True)
     assert result["means"] == {"reward/x": 0.25, "reward/x/none_frac": 0.25}  # missing = 0 on that process
     # summed loss terms and counts, token-weighted means: what one process holding all 4 tokens reports
@@ -261,9 +163,9 @@ def _assert_same_training(many: dict, one: dict, label: str) -> None:
 
 
 def _check(world: int, cases: list[list[str]], tmp_path) -> None:
-    results = _spawn_cases(world, cases, tmp_path / f"{world}.pt")
+    results = spawn_runs(world, cases, tmp_path / f"{world}.pt")
     for overrides, many in zip(cases, results, strict=True):
-        _assert_same_training(many, _run(overrides), f"{world} processes, {overrides[-8:]}")
+        _assert_same_training(many, train_steps(overrides), f"{world} processes, {overrides[-8:]}")
 
 
 @pytest.fixture

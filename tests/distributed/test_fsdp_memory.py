@@ -9,15 +9,11 @@ gathered weights while the shards and the optimizer state stay float32 (the mast
 from __future__ import annotations
 
 import gc
-import json
-import os
-import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from test_fsdp_resume import _free_port
+from _harness import load_ranks, save_rank, spawn
 
 pytestmark = pytest.mark.distributed
 
@@ -35,45 +31,35 @@ def _whole_float32_copies(model: torch.nn.Module) -> int:
                and obj.untyped_storage().nbytes() >= obj.numel() * obj.element_size())
 
 
-def _worker(rank: int, world: int, port: int, overrides: list[str], out: str, sys_path: list[str]) -> None:
-    sys.path[:0] = [p for p in sys_path if p not in sys.path]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+def _worker(rank: int, world: int, overrides: list[str], out: str) -> None:
     from torch.distributed.tensor import DTensor
 
     from gspo import distributed as dist
     from gspo.config import load_config
     from gspo.trainer.trainer import Trainer
 
-    dist.maybe_init_distributed()
-    try:
-        trainer = Trainer.from_config(load_config(None, overrides), None)
-        compute_dtypes = []
-        layer = trainer.model.model.layers[0].mlp.gate_proj
-        layer.register_forward_pre_hook(lambda module, args: compute_dtypes.append(str(module.weight.dtype)))
-        for _ in range(trainer.config.steps):
-            trainer.train_step()
-        params = list(trainer.model.parameters())
-        optimizer_dtypes = {str(v.dtype) for s in trainer.parts.optimizer.state.values() for v in s.values()
-                            if isinstance(v, torch.Tensor) and v.dim()}
-        facts = {"local": sum(p.to_local().numel() for p in params), "total": sum(p.numel() for p in params),
-                 "all_sharded": all(isinstance(p, DTensor) for p in params),
-                 "shard_dtypes": sorted({str(p.dtype) for p in params}), "optimizer_dtypes": sorted(optimizer_dtypes),
-                 "compute_dtypes": sorted(set(compute_dtypes)), "whole_copies": _whole_float32_copies(trainer.model)}
-        with open(f"{out}.{rank}.json", "w") as f:
-            json.dump(facts, f)
-        whole = dist.full_model_state(trainer.model)  # a collective: every process takes part
-        if rank == 0:
-            torch.save(whole, f"{out}.pt")
-    finally:
-        dist.shutdown()
+    trainer = Trainer.from_config(load_config(None, overrides), None)
+    compute_dtypes = []
+    layer = trainer.model.model.layers[0].mlp.gate_proj
+    layer.register_forward_pre_hook(lambda module, args: compute_dtypes.append(str(module.weight.dtype)))
+    for _ in range(trainer.config.steps):
+        trainer.train_step()
+    params = list(trainer.model.parameters())
+    optimizer_dtypes = {str(v.dtype) for s in trainer.parts.optimizer.state.values() for v in s.values()
+                        if isinstance(v, torch.Tensor) and v.dim()}
+    facts = {"local": sum(p.to_local().numel() for p in params), "total": sum(p.numel() for p in params),
+             "all_sharded": all(isinstance(p, DTensor) for p in params),
+             "shard_dtypes": sorted({str(p.dtype) for p in params}), "optimizer_dtypes": sorted(optimizer_dtypes),
+             "compute_dtypes": sorted(set(compute_dtypes)), "whole_copies": _whole_float32_copies(trainer.model)}
+    save_rank(facts, out, rank)
+    whole = dist.full_model_state(trainer.model)  # a collective: every process takes part
+    if rank == 0:
+        torch.save(whole, f"{out}.pt")
 
 
 def _spawn(overrides: list[str], out) -> list[dict]:
-    mp.start_processes(_worker, args=(2, _free_port(), overrides, str(out), list(sys.path)), nprocs=2, join=True,
-                       start_method="spawn")
-    return [json.loads(open(f"{out}.{rank}.json").read()) for rank in range(2)]
+    spawn(_worker, 2, overrides, str(out))
+    return load_ranks(out, 2)
 
 
 @pytest.fixture

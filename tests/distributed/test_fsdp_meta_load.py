@@ -10,15 +10,12 @@ equals one process, with the sharded reference and with a refreshed (whole) one.
 
 from __future__ import annotations
 
-import os
 import shutil
-import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from test_data_parallel import _single, _spawn, _start
+from _harness import load_ranks, save_rank, single, spawn, spawn_run
 
 pytestmark = pytest.mark.distributed
 
@@ -27,11 +24,7 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).detach().clone()
 
 
-def _load_worker(rank: int, world: int, port: int, overrides: list[str], out: str, sys_path: list[str]) -> None:
-    sys.path[:0] = [p for p in sys_path if p not in sys.path]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+def _load_worker(rank: int, world: int, overrides: list[str], out: str) -> None:
     from torch.distributed.checkpoint import HuggingFaceStorageReader
     from transformers import AutoModelForCausalLM
 
@@ -49,25 +42,21 @@ def _load_worker(rank: int, world: int, port: int, overrides: list[str], out: st
         return read_slice(self, f, req, planner)
 
     HuggingFaceStorageReader._process_read_request = counted
-    dist.maybe_init_distributed()
-    try:
-        parts = Trainer.from_config(load_config(None, overrides), None).parts
-        model, reference = parts.model, parts.reference
-        facts = {
-            "reads": len(reads),
-            "elements_read": sum(slices),
-            "local_elements": sum(_local(p).numel() for module in (model, reference) for p in module.parameters()),
-            "shards": {n: _local(p) for n, p in model.named_parameters()},
-            "reference_shards": {n: _local(p) for n, p in reference.named_parameters()},
-            "reference_sharded": dist.is_sharded(reference),
-            "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
-            "tied": model.lm_head.weight is model.model.embed_tokens.weight,
-            "ties": bool(model.config.tie_word_embeddings),
-            "engine": {n: p.detach().clone() for n, p in parts.engine.model.named_parameters()},
-        }
-        torch.save(facts, f"{out}.{rank}")
-    finally:
-        dist.shutdown()
+    parts = Trainer.from_config(load_config(None, overrides), None).parts
+    model, reference = parts.model, parts.reference
+    facts = {
+        "reads": len(reads),
+        "elements_read": sum(slices),
+        "local_elements": sum(_local(p).numel() for module in (model, reference) for p in module.parameters()),
+        "shards": {n: _local(p) for n, p in model.named_parameters()},
+        "reference_shards": {n: _local(p) for n, p in reference.named_parameters()},
+        "reference_sharded": dist.is_sharded(reference),
+        "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
+        "tied": model.lm_head.weight is model.model.embed_tokens.weight,
+        "ties": bool(model.config.tie_word_embeddings),
+        "engine": {n: p.detach().clone() for n, p in parts.engine.model.named_parameters()},
+    }
+    save_rank(facts, out, rank)
 
 
 @pytest.fixture
@@ -98,10 +87,10 @@ def test_shards_are_the_checkpoints_slices_each_process_reads_its_own(tmp_path, 
     # dense (tied embeddings), MoE (fused expert tensors, per-expert on disk), bf16 files with an index
     path = request.getfixturevalue(model_dir)
     overrides = [o for o in fsdp_overrides if not o.startswith("model=")] + [f"model={path}"]
-    _start(_load_worker, 2, overrides, str(tmp_path / "facts"), list(sys.path))
+    spawn(_load_worker, 2, overrides, str(tmp_path / "facts"))
     whole = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     state, buffers = whole.state_dict(), dict(whole.named_buffers())
-    every = [torch.load(f"{tmp_path / 'facts'}.{rank}", weights_only=True) for rank in range(2)]
+    every = load_ranks(tmp_path / "facts", 2)
     assert [facts["reads"] for facts in every] == [0, 0], "no process loads the whole model (from_pretrained)"
     for facts in every:  # policy and KL reference: each process read exactly its shards' elements ...
         assert facts["elements_read"] == facts["local_elements"]
@@ -126,9 +115,9 @@ def test_shards_are_the_checkpoints_slices_each_process_reads_its_own(tmp_path, 
 def test_kl_reference_two_processes_match_one(tmp_path, fsdp_overrides, refresh):
     # refresh=0: the sharded reference; 1: loss.ref_refresh_steps keeps it whole, filled from rank 0's read
     overrides = [*fsdp_overrides, f"loss.ref_refresh_steps={refresh}"]
-    _spawn(2, overrides, tmp_path / "fsdp.pt")
+    spawn_run(2, overrides, tmp_path / "fsdp.pt")
     fsdp = torch.load(tmp_path / "fsdp.pt", weights_only=True)
-    one_params, one_metrics = _single([o for o in overrides if o != "distributed.strategy=fsdp"])
+    one_params, one_metrics = single([o for o in overrides if o != "distributed.strategy=fsdp"])
     for name, tensor in one_params.items():
         torch.testing.assert_close(fsdp["params"][name], tensor, rtol=0, atol=1e-5, msg=name)
     for a, b in zip(fsdp["metrics"], one_metrics):  # the KL term is computed against the sharded reference

@@ -8,33 +8,19 @@ tests in test_data_parallel.py).
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from _harness import spawn
 
 pytestmark = pytest.mark.distributed
 
 CROSS_COUNT_ATOL = 1e-5  # float32 sums over processes in another order (see module docstring)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, overrides: list[str], resume: bool, sys_path: list[str],
-            sharded_min_params: int | None) -> None:
-    sys.path[:0] = [p for p in sys_path if p not in sys.path]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from gspo import distributed as dist
+def _worker(rank: int, world: int, overrides: list[str], resume: bool, sharded_min_params: int | None) -> None:
     from gspo.config import load_config
     from gspo.trainer.run import train
 
@@ -42,12 +28,8 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], resume: bool
         import gspo.checkpoint.sharded
 
         gspo.checkpoint.sharded.SHARDED_MIN_PARAMS = sharded_min_params
-    dist.maybe_init_distributed()
-    try:
-        config = load_config(None, overrides)
-        train(config, config.run_dir, resume=resume)
-    finally:
-        dist.shutdown()
+    config = load_config(None, overrides)
+    train(config, config.run_dir, resume=resume)
 
 
 def train_run(world: int, overrides: list[str], *, resume: bool = False, sharded_min_params: int | None = None
@@ -60,8 +42,7 @@ def train_run(world: int, overrides: list[str], *, resume: bool = False, sharded
         config = load_config(None, overrides)
         train(config, config.run_dir, resume=resume)
         return
-    mp.start_processes(_worker, args=(world, _free_port(), overrides, resume, list(sys.path), sharded_min_params),
-                       nprocs=world, join=True, start_method="spawn")
+    spawn(_worker, world, overrides, resume, sharded_min_params)
 
 
 def final_state(run: Path, step: int) -> tuple[dict, dict]:

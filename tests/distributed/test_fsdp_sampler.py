@@ -10,13 +10,11 @@ collective); with ``optim.dtype=bfloat16`` the sampler computes with the bfloat1
 from __future__ import annotations
 
 import gc
-import os
-import sys
 
 import pytest
 import torch
 
-from test_data_parallel import _start
+from _harness import load_ranks, save_rank, spawn
 
 pytestmark = pytest.mark.distributed
 
@@ -34,57 +32,49 @@ def _whole_matrices(model: torch.nn.Module) -> int:
                and tuple(obj.shape) in shapes and obj.untyped_storage().nbytes() >= obj.numel() * obj.element_size())
 
 
-def _worker(rank: int, world: int, port: int, cases: list[list[str]], out: str, sys_path: list[str]) -> None:
-    sys.path[:0] = [p for p in sys_path if p not in sys.path]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+def _worker(rank: int, world: int, cases: list[list[str]], out: str) -> None:
     from torch.distributed.tensor import DTensor
 
     from gspo import distributed as dist
     from gspo.config import load_config
     from gspo.trainer.trainer import Trainer
 
-    dist.maybe_init_distributed()
-    try:
-        results = []
-        for overrides in cases:
-            trainer = Trainer.from_config(load_config(None, overrides), None)
-            engine = trainer.parts.engine
-            vocab = trainer.model.config.vocab_size
-            engine.eos_ids = torch.arange(0, vocab, EOS_EVERY)
-            samples, dtypes = [], []
-            generate = engine.generate
+    results = []
+    for overrides in cases:
+        trainer = Trainer.from_config(load_config(None, overrides), None)
+        engine = trainer.parts.engine
+        vocab = trainer.model.config.vocab_size
+        engine.eos_ids = torch.arange(0, vocab, EOS_EVERY)
+        samples, dtypes = [], []
+        generate = engine.generate
 
-            def recording(*args, **kwargs):
-                rollout = generate(*args, **kwargs)
-                samples.append({k: getattr(rollout, k).clone() for k in ("completion_ids", "completion_mask",
-                                                                         "logprobs")})
-                return rollout
+        def recording(*args, **kwargs):
+            rollout = generate(*args, **kwargs)
+            samples.append({k: getattr(rollout, k).clone() for k in ("completion_ids", "completion_mask",
+                                                                     "logprobs")})
+            return rollout
 
-            engine.generate = recording
-            layer = trainer.model.model.layers[0].mlp.gate_proj
-            layer.register_forward_pre_hook(lambda module, args: dtypes.append(str(module.weight.dtype)))
-            for _ in range(trainer.config.steps):
-                trainer.train_step()
-            sampled_dtypes = sorted(set(dtypes))
-            trainer.evaluate()  # held-out, sampled and greedy, through the same engine
-            whole_matrices = _whole_matrices(trainer.model)
-            results.append({
-                "samples": samples, "params": dist.full_model_state(trainer.model), "whole_matrices": whole_matrices,
-                "shares_policy": engine.model is trainer.model,
-                "engine_sharded": all(isinstance(p, DTensor) for p in engine.model.parameters()),
-                "weight_sync": engine.info.weight_sync, "engine": engine.info.name, "dtypes": sampled_dtypes,
-                "memory": trainer.parts.memory.describe() if trainer.parts.memory else ""})
-        torch.save(results, f"{out}.{rank}")
-    finally:
-        dist.shutdown()
+        engine.generate = recording
+        layer = trainer.model.model.layers[0].mlp.gate_proj
+        layer.register_forward_pre_hook(lambda module, args: dtypes.append(str(module.weight.dtype)))
+        for _ in range(trainer.config.steps):
+            trainer.train_step()
+        sampled_dtypes = sorted(set(dtypes))
+        trainer.evaluate()  # held-out, sampled and greedy, through the same engine
+        whole_matrices = _whole_matrices(trainer.model)
+        results.append({
+            "samples": samples, "params": dist.full_model_state(trainer.model), "whole_matrices": whole_matrices,
+            "shares_policy": engine.model is trainer.model,
+            "engine_sharded": all(isinstance(p, DTensor) for p in engine.model.parameters()),
+            "weight_sync": engine.info.weight_sync, "engine": engine.info.name, "dtypes": sampled_dtypes,
+            "memory": trainer.parts.memory.describe() if trainer.parts.memory else ""})
+    save_rank(results, out, rank)
 
 
 def _spawn(cases: list[list[str]], out) -> list[list[dict]]:
     """Every case's results, per rank: ``[rank][case]``."""
-    _start(_worker, 2, cases, str(out), list(sys.path))
-    return [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(2)]
+    spawn(_worker, 2, cases, str(out))
+    return load_ranks(out, 2, weights_only=False)
 
 
 @pytest.fixture

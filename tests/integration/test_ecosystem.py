@@ -21,7 +21,7 @@ from gspo.cli import main
 from gspo.config import load_config
 from gspo.errors import ConfigError
 from gspo.logprobs import token_logprobs
-from gspo.trainer.build import reference_policy
+from gspo.trainer.reference import reference_policy
 from gspo.trainer.trainer import Trainer
 
 WIDE_ALPHABET = string.ascii_letters + string.digits + string.punctuation + " "

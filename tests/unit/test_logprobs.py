@@ -155,7 +155,7 @@ def test_bfloat16_autocast_gradient_is_that_of_the_bfloat16_logits(chunk_size):
 
 def test_chunked_function_runs_its_gemms_in_the_autocast_dtype_in_both_passes(monkeypatch):
     """The backward runs outside the autocast block; its recompute still uses the forward's dtype."""
-    monkeypatch.setattr(gspo.logprobs, "ACCUMULATE_ROWS", 7)  # the weight gradient by slices of 7 rows, 40 in all
+    monkeypatch.setattr(gspo.logprobs.chunked_head, "ACCUMULATE_ROWS", 7)  # the weight gradient by slices of 7 rows, 40 in all
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(6, 8, generator=gen, requires_grad=True)  # (N, H) float32, as a norm's output
     weight = torch.randn(40, 8, generator=gen, requires_grad=True)  # (V, H) float32 master weight

@@ -4,17 +4,16 @@
 scheduler, reference, task, renderer, rewards, collector, evaluator, updater, the old-log-probability
 plan, logger), including the FSDP2 case; :func:`build_evaluation` makes only what ``gspo eval`` needs.
 This is the only module above :mod:`gspo.rollout` that names a concrete engine; the trainer sees the
-engine through :class:`~gspo.rollout.base.RolloutEngine` alone.
+engine through :class:`~gspo.rollout.base.RolloutEngine` alone. What is decided before the weights load
+(precision, the memory plan, the sampler's weights) is :mod:`gspo.trainer.sizing`; the KL reference,
+:mod:`gspo.trainer.reference`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -26,8 +25,6 @@ from gspo.config.schema import Config
 from gspo.config.validate import validate_processes
 from gspo.errors import ConfigError
 from gspo.evaluate import Evaluator
-from gspo.logprobs import token_logprobs
-from gspo.logprobs_support import token_logprobs_on_support, truncation_support
 from gspo.models.load import (build_on_meta, load_model, load_tokenizer, pick_device, prepare_tokenizer,
                               resolve_model_path)
 from gspo.models.lora import apply_lora
@@ -39,13 +36,15 @@ from gspo.tasks.registry import build_task
 from gspo.tasks.render import PromptRenderer, prompt_lengths, prompt_token_cap
 from gspo.tasks.rewards import WeightedReward, resolve_rewards
 from gspo.trainer.collect import Collector
-from gspo.trainer.fsdp_load import (call_reference, load_local_slices, loads_on_meta, materialize_engine_copy,
-                                    sample_through, shard_reference)
+from gspo.trainer.fsdp_load import (load_local_slices, loads_on_meta, materialize_engine_copy, sample_through,
+                                    shard_reference)
 from gspo.trainer.logging import MetricsLogger
 from gspo.trainer.micro import forward_overhead_tokens
 from gspo.trainer.old_logprobs import OldLogprobs, has_dropout, plan_old_logprobs
 from gspo.trainer.optim import build_optimizer, build_scheduler
 from gspo.trainer.policy import PolicyLogprobs
+from gspo.trainer.reference import frozen_copy, reference_logprobs_fn
+from gspo.trainer.sizing import memory_settings, precision_and_memory, samples_through_shards
 from gspo.trainer.update import Updater
 
 
@@ -123,14 +122,15 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     rewards = rewards or resolve_rewards(config.reward.functions, task.rewards, device=device)
     # before the weights load: a run that cannot fit stops here; auto checkpointing / token budget decided
     agents = task.environment is not None
-    precision, memory = _precision_and_memory(config, device, model, agents=agents, own_engine=engine is not None)
+    own_engine = engine is not None
+    precision, memory = precision_and_memory(config, device, model, agents=agents, own_engine=own_engine)
     on_meta = model is None and loads_on_meta(config, resolve_model_path(config.model))
     model, tokenizer, path = _load_policy(config, device, model, tokenizer, on_meta=on_meta)
     asked_cap, config = config.data.max_prompt_tokens, _resolve_prompt_cap(config, task, tokenizer, model)
     if precision is None:  # a config without the Llama-style shape keys: decided from the loaded model
         precision = resolve_precision(o.dtype, r.engine_dtype, device, sum(p.numel() for p in model.parameters()))
     cuda_settings.apply_matmul_precision(precision.tf32)
-    checkpointing, micro_batch_tokens = _memory_settings(config, memory)
+    checkpointing, micro_batch_tokens = memory_settings(config, memory)
     if checkpointing:  # training forwards only: the sampler runs in eval mode
         _enable_checkpointing(model)
     moe = supports_routing(model)
@@ -139,8 +139,7 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
         raise ConfigError(f"moe.routing_replay={replay} needs a Mixture-of-Experts model "
                           f"({', '.join(SUPPORTED_ARCHITECTURES)}); '{config.model}' is dense: set moe.routing_replay=off")
     sharded = dist.is_initialized() and config.distributed.strategy == "fsdp"
-    shards = engine is None and _shards_refusal(config, precision, agents=agents) is None and (
-        memory.sampler_weights if memory is not None else r.sampler_weights) == "shards"
+    shards = samples_through_shards(config, precision, memory, agents=agents, own_engine=own_engine)
     # FSDP2 shards ``model`` in place: what needs whole weights is built from it first. The built-in
     # engine keeps its own copy (in rollout.engine_dtype), refreshed tensor by tensor (sync_weights), unless it
     # samples through the shards (rollout.sampler_weights=shards: built after wrapping, below);
@@ -182,8 +181,6 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     plan = plan_old_logprobs(source, engine=engine.info, training_dtype=precision.matmul,
                              dropout=has_dropout(model), moe=moe, routing_replay=replay,
                              diagnostics=config.moe.diagnostics, correction=config.correction.mode)
-    temperature = r.temperature
-    rows_per_pass = o.micro_batch_size or -(-r.prompts_per_step * r.group_size // dist.world_size() // o.minibatches)
     # the run's config (config.json) keeps data.max_prompt_tokens as asked: a resume resolves it again
     saved = dataclasses.replace(config, data=dataclasses.replace(config.data, max_prompt_tokens=asked_cap))
     parts = Components(
@@ -195,30 +192,43 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
                              enabled=dist.is_main(), trackers=config.log.trackers, project=config.log.project,
                              run_config=config.to_dict()),
         moe=moe, sharded=sharded, precision=precision, reference_root=reference_root, memory=memory)
+    parts.old_logprobs = _old_logprobs(parts, plan)
+    if r.max_staleness:  # a sampler process samples ahead of the update (trainer/pipeline.py)
+        _attach_pipeline(parts, config, path, sampler)
+    return parts
+
+
+def _old_logprobs(parts: Components, plan) -> OldLogprobs:
+    """pi_old's source (``plan``, :func:`~gspo.trainer.old_logprobs.plan_old_logprobs`) wired to the built policy,
+    KL reference and update."""
+    r, o = parts.config.rollout, parts.config.optim
+    temperature, policy, updater = r.temperature, parts.policy, parts.updater
+    rows_per_pass = o.micro_batch_size or -(-r.prompts_per_step * r.group_size // dist.world_size() // o.minibatches)
 
     def reference_logprobs():
-        return _reference_fn(parts, temperature)
+        return reference_logprobs_fn(parts, temperature)
 
-    parts.old_logprobs = OldLogprobs(
+    return OldLogprobs(
         plan, policy=lambda ids, attn, num_t, routed=False: policy(ids, attn, num_t, temperature, routed=routed),
-        reference=reference_logprobs if reference is not None else None,
+        reference=reference_logprobs if parts.reference is not None else None,
         # one process only: under DDP / FSDP2 every forward is a collective, chunk counts must not differ
-        chunk_rows=rows_per_pass if dist.world_size() == 1 else 0, routed_model=model,
+        chunk_rows=rows_per_pass if dist.world_size() == 1 else 0, routed_model=parts.model,
         # given the update's minibatches (the trainer's case): its own micro-batches, on any world size
         micro_batches=updater.micro_batches, trim=updater.trims)
-    if r.max_staleness:  # a sampler process samples ahead of the update (trainer/pipeline.py)
-        from gspo.rollout.subprocess import SubprocessEngine
-        from gspo.trainer.pipeline import build_pipeline
 
-        try:
-            parts.pipeline = build_pipeline(parts, lambda placement: sampler or SubprocessEngine(
-                functools.partial(build_engine, config, precision=precision), model, tokenizer, path,
-                placement=placement))
-        except BaseException:
-            if sampler is not None:
-                sampler.close()
-            raise
-    return parts
+
+def _attach_pipeline(parts: Components, config: Config, path, sampler: RolloutEngine | None) -> None:
+    """The pipelined mode's sampler process (``rollout.max_staleness`` > 0): ``sampler`` where the run's engine
+    already lives there (vLLM), else a new one running ``build_engine``; closed again if the pipeline fails."""
+    from gspo.trainer.pipeline import build_pipeline
+
+    try:
+        parts.pipeline = build_pipeline(parts, lambda placement: sampler or _sampler_process(
+            config, parts.model, parts.tokenizer, path, parts.precision, placement))
+    except BaseException:
+        if sampler is not None:
+            sampler.close()
+        raise
 
 
 def _fsdp_param_dtype(precision: PrecisionPolicy) -> torch.dtype | None:
@@ -229,12 +239,19 @@ def _fsdp_param_dtype(precision: PrecisionPolicy) -> torch.dtype | None:
 def _sampler_engine(config: Config, model: torch.nn.Module, tokenizer, path, device: torch.device,
                     precision: PrecisionPolicy):
     """The pipeline's sampler process running the configured engine (``build_engine`` over there)."""
-    from gspo.rollout.subprocess import SubprocessEngine
     from gspo.trainer.pipeline import check_pipeline, placements
 
     check_pipeline(config, device)
+    return _sampler_process(config, model, tokenizer, path, precision, placements(model, config)[1])
+
+
+def _sampler_process(config: Config, model: torch.nn.Module, tokenizer, path, precision: PrecisionPolicy,
+                     placement):
+    """A sampler process at ``placement`` running ``build_engine`` for ``config`` over there."""
+    from gspo.rollout.subprocess import SubprocessEngine
+
     return SubprocessEngine(functools.partial(build_engine, config, precision=precision), model, tokenizer, path,
-                            placement=placements(model, config)[1])
+                            placement=placement)
 
 
 def _renderer(config: Config, tokenizer, model) -> PromptRenderer:
@@ -284,62 +301,11 @@ def _sampling(config: Config, task: Task, engine, render: PromptRenderer, tokeni
     return params, collector, evaluator
 
 
-def _precision_and_memory(config: Config, device: torch.device, model: torch.nn.Module | None, *,
-                          agents: bool = False, own_engine: bool = False):
-    """(precision policy, gspo.memory_plan.MemoryPlan): the memory check and the auto checkpointing / token budget
-    / sampler weights, from ``config.json`` alone when the model is still to be loaded (a LoRA adapter
-    directory: its base's). (None, None) when the config does not name the shape keys the estimate reads
-    (layers, hidden, heads, vocabulary): no check then. ``agents``: an agent task; ``own_engine``: an engine
-    passed in (neither samples through the shards)."""
-    from gspo import memory, memory_plan
-    from gspo.models.load import adapter_base, is_adapter_dir
-
-    try:
-        if model is not None:
-            shape = memory.ModelShape.from_config(model.config.to_dict())
-        else:
-            path = resolve_model_path(config.model)
-            shape = memory.ModelShape.from_dir(adapter_base(path) if is_adapter_dir(path) else path)
-    except (KeyError, TypeError, ValueError, OSError):
-        return None, None
-    o = config.optim
-    precision = resolve_precision(o.dtype, config.rollout.engine_dtype, device, shape.params)
-    run = memory.RunShape.from_config(config, precision, processes=dist.world_size(), device=device.type)
-    shardable = not own_engine and _shards_refusal(config, precision, agents=agents) is None  # before the load
-    run = dataclasses.replace(run, sampler_can_shard=shardable)
-    available = memory_plan.available_bytes(device.type)
-    if dist.is_initialized():  # every process decides alike: by the least memory any of them has
-        available = min(dist.all_gather_object(available))
-    weights = config.rollout.sampler_weights if shardable else "copy"  # (shards that cannot: refused above)
-    return precision, memory_plan.plan(shape, run, checkpointing=o.gradient_checkpointing,
-                                       micro_batch_tokens=o.micro_batch_tokens, available=available,
-                                       sampler_weights=weights)
-
-
-def _shards_refusal(config: Config, precision: PrecisionPolicy, *, agents: bool) -> str | None:
-    """Why the built-in sampler cannot sample through the FSDP2 shards (memory_plan.sampler_shards_refusal; None:
-    it can); an explicit ``rollout.sampler_weights=shards`` that cannot is refused with the reason."""
-    from gspo import memory_plan
-
-    reason = memory_plan.sampler_shards_refusal(config, precision, dist.world_size(), agents=agents)
-    if reason is not None and config.rollout.sampler_weights == "shards":
-        raise ConfigError(f"rollout.sampler_weights=shards: {reason}; or set rollout.sampler_weights=auto")
-    return reason
-
-
 def _forward_overhead(model: torch.nn.Module) -> int:
     """Padding mode's per-forward cost in tokens (trainer/micro.py); 0 (one uncut micro-batch, as before) for a
     model under the size where bf16 pays (MIN_BF16_PARAMS): its forwards cost mostly Python, not tokens."""
     params = sum(p.numel() for p in model.parameters())
     return forward_overhead_tokens(params) if params >= MIN_BF16_PARAMS else 0
-
-
-def _memory_settings(config: Config, plan) -> tuple[bool, int]:
-    """(activation checkpointing, token budget) as gspo.memory_plan decided; without an estimate, ``auto`` is off."""
-    if plan is not None:
-        return plan.checkpointing, plan.micro_batch_tokens
-    o = config.optim
-    return o.gradient_checkpointing == "true", max(o.micro_batch_tokens, 0)
 
 
 def _updater(config: Config, precision: PrecisionPolicy, *, max_length: int, micro_batch_tokens: int,
@@ -402,26 +368,6 @@ def _load_policy(config: Config, device: torch.device, model=None, tokenizer=Non
     return model, tokenizer, path
 
 
-@contextlib.contextmanager
-def _reference_fn(parts: Components, temperature: float):
-    """The KL reference's log-probabilities; with top-k / top-p, over the policy's support (the sampling
-    weights, ``parts.model``, read before the reference context: under LoRA that disables the adapter),
-    so that kl/ref is 0 while the policy is the reference (gspo.logprobs_support)."""
-    r = parts.config.rollout
-    if not (r.top_k > 0 or r.top_p < 1.0):
-        with reference_policy(parts) as reference:
-            yield lambda ids, attn, num_t: call_reference(parts.reference_root, reference, token_logprobs, ids, attn,
-                                                           num_t, temperature=temperature)
-        return
-
-    def on_support(ids, attn, num_t):
-        support = truncation_support(parts.model, ids, attn, num_t, temperature=temperature,
-                                     top_k=r.top_k, top_p=r.top_p)
-        with reference_policy(parts) as reference:
-            return call_reference(parts.reference_root, reference, token_logprobs_on_support, ids, attn, num_t, support)
-    yield on_support
-
-
 def build_engine(config: Config, model: torch.nn.Module, tokenizer, path, *, separate_copy: bool = False,
                  precision: PrecisionPolicy | None = None, through: torch.nn.Module | None = None):
     """The rollout engine named by ``rollout.engine``: the one place that names a concrete engine.
@@ -471,27 +417,3 @@ def _enable_checkpointing(model: torch.nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-@contextlib.contextmanager
-def reference_policy(parts: "Components") -> Iterator[torch.nn.Module]:
-    """The module whose log-probabilities are the KL reference, for the duration of the block.
-
-    Full fine-tuning: the frozen copy. LoRA: the policy with its adapter disabled, i.e. the base model,
-    without a second copy of the weights in memory.
-    """
-    from gspo.models.lora import is_peft
-
-    if parts.reference is parts.model and is_peft(parts.model):
-        with parts.model.disable_adapter():
-            yield parts.model
-    else:
-        yield parts.reference
-
-
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A detached, frozen copy of the policy (the KL reference)."""
-    reference = copy.deepcopy(model).eval()
-    for p in reference.parameters():
-        p.requires_grad_(False)
-    return reference
