@@ -213,7 +213,7 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
         try:
             parts.pipeline = build_pipeline(parts, lambda placement: sampler or SubprocessEngine(
                 functools.partial(build_engine, config, precision=precision), model, tokenizer, path,
-                placement=placement))
+                placement=placement, dtype=precision.sampler_dtype))  # one copy there, in the engine's dtype
         except BaseException:
             if sampler is not None:
                 sampler.close()
