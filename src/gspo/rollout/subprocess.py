@@ -39,12 +39,12 @@ import torch
 import torch.multiprocessing as mp
 
 from gspo.host_memory import configure_heap
+from gspo.memory import PUSH_BYTES  # a push travels in parts of about this size (sync_weights)
 from gspo.rollout.base import EngineInfo, Rollout, SamplingParams, full_weights
 
 POLL_S = 0.5  # how often a blocked side checks that the other one is still alive
 START_TIMEOUT_S = 600.0  # importing torch + transformers on a loaded machine can take a minute
 CLOSE_TIMEOUT_S = 10.0
-PUSH_BYTES = 256 * 1024 * 1024  # a weight push travels in parts of about this size (sync_weights)
 
 
 @dataclass(frozen=True)
