@@ -9,7 +9,8 @@ compares them with what the machine has, decides the ``auto`` settings and refus
 
 The model of a step: persistent state (float32 master weights, gradients and AdamW's two moments, sharded
 by N under FSDP2; DDP's gradient buckets; a lower-precision sampler copy, whole under FSDP2 unless the sampler
-samples through the shards; a KL reference copy, sharded like the policy under FSDP2 unless refreshed) plus the
+samples through the shards (vLLM instead: its weights and KV cache space where it runs in this process on
+the CPU); a KL reference copy, sharded like the policy under FSDP2 unless refreshed) plus the
 largest of three transients: sampling (KV cache and logits of every local response; through the shards, the
 gathered layers too), a
 training micro-batch (saved activations per token and layer, the compute-dtype weight casts autocast keeps
@@ -213,8 +214,8 @@ def estimate(model: ModelShape, run: RunShape) -> Estimate:
     # FSDP2: a whole copy (trainer/build.py); pipelined, the in-process engine stays for evaluation
     if built_in and (run.sampler != "float32" or sharded) and not through_shards:
         parts["sampler copy"] = BYTES[run.sampler] * params
-    if not built_in and run.device != "cuda" and not run.sampler_process and run.engine == "vllm":
-        parts["vLLM engine"] = BYTES[run.sampler] * params + run.engine_cache_bytes  # in this process, on the CPU
+    if run.engine == "vllm" and run.device != "cuda" and not run.sampler_process:  # in this process, on the CPU
+        parts["vLLM engine"] = BYTES[run.sampler] * params + run.engine_cache_bytes
     if run.reference:  # sharded like the policy under FSDP2 (trainer/fsdp_load.py) unless refreshed
         parts["reference"] = 4 * params // (1 if run.reference_whole else shard)
     gathered = _gathered_bytes(model, run) if sharded else 0

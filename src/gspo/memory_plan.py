@@ -2,7 +2,8 @@
 
 :func:`plan` resolves ``optim.gradient_checkpointing`` (auto | true | false), ``optim.micro_batch_tokens``
 (auto | 0 | N) and, under FSDP2, ``rollout.sampler_weights`` (auto | copy | shards) from :func:`gspo.memory.estimate` against the memory available (CPU: ``MemAvailable``,
-shared by the processes, the pipelined mode's sampler process included; CUDA: the GPU's free memory), and refuses a run that cannot fit with a
+shared by the processes, the pipelined mode's sampler process included; CUDA: the GPU's free memory), and
+refuses a run that cannot fit with a
 :class:`~gspo.errors.ConfigError` naming the knobs that make it fit (:func:`refusal`). Pure arithmetic
 over the two shapes: fast, no model, no torch.distributed.
 """

@@ -3,7 +3,8 @@
 :class:`SubprocessEngine` spawns one sampler process (``torch.multiprocessing``, spawn start method)
 holding its own copy of the policy, in the engine's dtype (one copy: the engine samples with it directly),
 and an engine built there by the assembly point's factory (:func:`gspo.trainer.build.build_engine`, passed
-in as a picklable callable, so this module names no trainer code). Requests and weights travel through one FIFO queue, results through another:
+in as a picklable callable, so this module names no trainer code). Requests and weights travel through one
+FIFO queue, results through another:
 
 - ``submit(prompts, params, row_seeds, seed)`` queues a request and returns a ticket at once;
   ``result(ticket)`` blocks for that rollout. ``generate`` is the two in a row (the plain
