@@ -64,9 +64,24 @@ def worker(model_dir: str, new_tokens: int, dtype: str, extra: list[str]) -> Non
         prompt_tokens = max(prompt_tokens, int(metrics["tokens/trained"] / 16 - new_tokens + 0.999))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     run = memory.RunShape.from_config(config, trainer.parts.precision, prompt_tokens=prompt_tokens)
-    est = memory.estimate(memory.ModelShape.from_dir(model_dir), run)
-    print(json.dumps({"new_tokens": new_tokens, "dtype": dtype, "extra": extra, "prompt_tokens": prompt_tokens,
-                      "peak_rss_bytes": peak, "estimate_bytes": est.total, "estimate": est.describe()}))
+    shape = memory.ModelShape.from_dir(model_dir)
+    est = memory.estimate(shape, run)
+    case = {"new_tokens": new_tokens, "dtype": dtype, "extra": extra, "prompt_tokens": prompt_tokens,
+            "peak_rss_bytes": peak, "estimate_bytes": est.total, "estimate": est.describe()}
+    if trainer.parts.pipeline is not None:  # rollout.max_staleness >= 1: the sampler process's own peak too
+        sampler = memory.sampler_estimate(shape, run)
+        case.update(sampler_peak_rss_bytes=peak_rss(trainer.parts.pipeline.engine.pid),
+                    sampler_estimate_bytes=sampler.total, sampler_estimate=sampler.describe())
+        trainer.parts.pipeline.close()
+    print(json.dumps(case))
+
+
+def peak_rss(pid: int) -> int:
+    """Another process's peak resident set (Linux: ``VmHWM`` in /proc/PID/status), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
 
 
 def main() -> None:

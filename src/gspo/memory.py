@@ -3,12 +3,14 @@
 :func:`estimate` turns a model's ``config.json`` (:class:`ModelShape`: layers, hidden, intermediate,
 heads, KV heads, vocabulary, tied embeddings, MoE experts) and the run's config (rows per micro-batch or
 token budget, prompt + response length, precision, AdamW, LoRA, activation checkpointing, the sampler's
-KV cache, processes and DDP / FSDP2) into a per-process peak in bytes, itemised. :mod:`gspo.memory_plan`
-compares it with what the machine has, decides the ``auto`` settings and refuses a run that cannot fit.
+KV cache, processes and DDP / FSDP2) into a per-process peak in bytes, itemised; :func:`sampler_estimate`
+does the same for the pipelined mode's sampler process (``rollout.max_staleness >= 1``). :mod:`gspo.memory_plan`
+compares them with what the machine has, decides the ``auto`` settings and refuses a run that cannot fit.
 
 The model of a step: persistent state (float32 master weights, gradients and AdamW's two moments, sharded
 by N under FSDP2; DDP's gradient buckets; a lower-precision sampler copy, whole under FSDP2 unless the sampler
-samples through the shards; a KL reference copy, sharded like the policy under FSDP2 unless refreshed) plus the
+samples through the shards (vLLM instead: its weights and KV cache space where it runs in this process on
+the CPU); a KL reference copy, sharded like the policy under FSDP2 unless refreshed) plus the
 largest of three transients: sampling (KV cache and logits of every local response; through the shards, the
 gathered layers too), a
 training micro-batch (saved activations per token and layer, the compute-dtype weight casts autocast keeps
@@ -39,6 +41,9 @@ ASSUMED_PROMPT_TOKENS = 128
 # completion positions, recomputed and worked on in place in the backward.
 LM_HEAD_CHUNK_TOKENS = 512
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# A weight push to the sampler process (gspo.rollout.subprocess) travels in parts of about this size: a part
+# closes once it reaches it, so it holds up to this plus one tensor.
+PUSH_BYTES = 256 * 1024 * 1024
 ADAMW_STATE_PER_PARAM = 2  # exp_avg and exp_avg_sq, float32 like the master weights
 
 
@@ -141,6 +146,9 @@ class RunShape:
     device: str = "cpu"
     sampler_weights: str = "copy"  # FSDP2, built-in sampler: copy (a whole copy) or shards (through the shards)
     sampler_can_shard: bool = False  # whether shards is possible (gspo.memory_plan.sampler_shards_refusal)
+    engine: str = "hf"  # rollout.engine: hf (the built-in engine) or vllm / vllm-server (their own memory)
+    engine_cache_bytes: int = 0  # vLLM on the CPU: the KV cache space it is given (rollout.vllm_kv_cache_gb)
+    sampler_process: bool = False  # rollout.max_staleness >= 1: the sampler runs in a process of its own
 
     @classmethod
     def from_config(cls, config, precision, *, prompt_tokens: int = ASSUMED_PROMPT_TOKENS, processes: int = 1,
@@ -148,14 +156,19 @@ class RunShape:
         """The run as configured, ``auto`` settings as off and 0 (gspo.memory_plan decides them)."""
         r, o = config.rollout, config.optim
         responses = -(-r.prompts_per_step * r.group_size // processes)
+        sampler = precision.sampler
+        if r.engine != "hf" and r.engine_dtype == "auto":  # vLLM's auto (gspo.rollout.vllm.placement.engine_dtype)
+            sampler = "bfloat16" if device == "cuda" else "float32"
         return cls(responses=responses, minibatch_rows=-(-responses // o.minibatches), micro_rows=o.micro_batch_size,
                    micro_tokens=max(o.micro_batch_tokens, 0), prompt_tokens=prompt_tokens,
-                   response_tokens=r.max_new_tokens, compute=precision.compute, sampler=precision.sampler,
+                   response_tokens=r.max_new_tokens, compute=precision.compute, sampler=sampler,
                    lora_rank=config.lora.rank, checkpointing=o.gradient_checkpointing == "true",
                    reference=config.loss.beta > 0 and not config.lora.rank,
                    reference_whole=config.loss.ref_refresh_steps > 0,
                    processes=processes, strategy=config.distributed.strategy, device=device,
-                   sampler_weights="shards" if r.sampler_weights == "shards" else "copy")
+                   sampler_weights="shards" if r.sampler_weights == "shards" else "copy", engine=r.engine,
+                   engine_cache_bytes=r.vllm_kv_cache_gb * GB if r.engine != "hf" and device != "cuda" else 0,
+                   sampler_process=r.max_staleness > 0)
 
     @property
     def sequence_tokens(self) -> int:
@@ -197,19 +210,51 @@ def estimate(model: ModelShape, run: RunShape) -> Estimate:
     if run.processes > 1 and not sharded:  # DDP: its gradient buckets are a second copy of the gradients
         parts["DDP buckets"] = 4 * trainable
     through_shards = sharded and run.sampler_weights == "shards"  # rollout.sampler_weights: no whole copy
-    if (run.sampler != "float32" or sharded) and not through_shards:  # FSDP2: a whole copy (trainer/build.py)
+    built_in = run.engine == "hf"  # vLLM holds its weights and KV cache itself (below)
+    # FSDP2: a whole copy (trainer/build.py); pipelined, the in-process engine stays for evaluation
+    if built_in and (run.sampler != "float32" or sharded) and not through_shards:
         parts["sampler copy"] = BYTES[run.sampler] * params
+    if run.engine == "vllm" and run.device != "cuda" and not run.sampler_process:  # in this process, on the CPU
+        parts["vLLM engine"] = BYTES[run.sampler] * params + run.engine_cache_bytes
     if run.reference:  # sharded like the policy under FSDP2 (trainer/fsdp_load.py) unless refreshed
         parts["reference"] = 4 * params // (1 if run.reference_whole else shard)
     gathered = _gathered_bytes(model, run) if sharded else 0
     sampling = "KV cache + logits" + (" + gathered layers" if through_shards else "")
-    transients = {sampling: _sampling_bytes(model, run) + (_gathered_bytes(model, run, grads=False)
-                                                           if through_shards else 0),
-                  "activations": _training_bytes(model, run, params) + gathered,
+    transients = {"activations": _training_bytes(model, run, params) + gathered,
                   "no-grad pass": _no_grad_bytes(model, run, params) + gathered}
+    if built_in:
+        transients[sampling] = _sampling_bytes(model, run) + (_gathered_bytes(model, run, grads=False)
+                                                              if through_shards else 0)
+    if run.sampler_process:  # the parts of a push wait in the queue's buffer while the sampler is busy
+        transients["weight push"] = _push_bytes(model, run) + min(_push_bytes(model, run), _part_bytes(model, run))
     name = max(transients, key=transients.get)
     parts[name] = transients[name]
     return Estimate(parts)
+
+
+def sampler_estimate(model: ModelShape, run: RunShape) -> Estimate | None:
+    """The peak bytes of the pipelined mode's sampler process (``rollout.max_staleness >= 1``, the built-in
+    engine; None otherwise: no such process, or vLLM's own memory): the runtime, one copy of the weights in the
+    sampler's dtype (gspo.rollout.subprocess), and the larger of a rollout's KV cache and logits
+    (:func:`_sampling_bytes`, as in the trainer's sampling) and a push part being received (its pickled bytes
+    and the arrays unpickled from them)."""
+    if not run.sampler_process or run.engine != "hf":
+        return None
+    transients = {"KV cache + logits": _sampling_bytes(model, run), "weight push": 2 * _part_bytes(model, run)}
+    name = max(transients, key=transients.get)
+    return Estimate({"runtime": CUDA_RUNTIME_BYTES if run.device == "cuda" else CPU_RUNTIME_BYTES,
+                     "weights": BYTES[run.sampler] * model.params, name: transients[name]})
+
+
+def _push_bytes(model: ModelShape, run: RunShape) -> int:
+    """A whole weight push to the sampler process: the built-in engine's in its dtype, vLLM's in float32."""
+    return BYTES[run.sampler if run.engine == "hf" else "float32"] * model.params
+
+
+def _part_bytes(model: ModelShape, run: RunShape) -> int:
+    """The largest part of a push: :data:`PUSH_BYTES` plus the tensor that crosses it (the embedding at most)."""
+    b = _push_bytes(model, run) // model.params
+    return min(_push_bytes(model, run), PUSH_BYTES + b * model.vocab * model.hidden)
 
 
 def _gathered_bytes(model: ModelShape, run: RunShape, grads: bool = True) -> int:

@@ -2,7 +2,8 @@
 
 :func:`plan` resolves ``optim.gradient_checkpointing`` (auto | true | false), ``optim.micro_batch_tokens``
 (auto | 0 | N) and, under FSDP2, ``rollout.sampler_weights`` (auto | copy | shards) from :func:`gspo.memory.estimate` against the memory available (CPU: ``MemAvailable``,
-shared by the processes; CUDA: the GPU's free memory), and refuses a run that cannot fit with a
+shared by the processes, the pipelined mode's sampler process included; CUDA: the GPU's free memory), and
+refuses a run that cannot fit with a
 :class:`~gspo.errors.ConfigError` naming the knobs that make it fit (:func:`refusal`). Pure arithmetic
 over the two shapes: fast, no model, no torch.distributed.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from gspo.memory import GB, Estimate, ModelShape, RunShape, estimate
+from gspo.memory import GB, Estimate, ModelShape, RunShape, estimate, sampler_estimate
 
 def available_bytes(device: str) -> int:
     """What a new run can still use: CUDA free device memory, else the OS's available RAM."""
@@ -45,6 +46,8 @@ def _knobs(run: RunShape) -> list[tuple[str, RunShape]]:
         out.append(("distributed.strategy=fsdp", replace(run, strategy="fsdp")))
     if run.sampler_can_shard and run.sampler_weights == "copy":
         out.append(("rollout.sampler_weights=shards", replace(run, sampler_weights="shards")))
+    if run.sampler_process and run.engine == "hf":  # the sampler's process and its copy go, the trainer samples
+        out.append(("rollout.max_staleness=0", replace(run, sampler_process=False)))
     if not run.lora_rank:
         out.append(("lora.rank=16", replace(run, lora_rank=16, reference=False)))
     if run.responses > 1:
@@ -56,10 +59,10 @@ def _knobs(run: RunShape) -> list[tuple[str, RunShape]]:
 
 def refusal(model: ModelShape, run: RunShape, available: int) -> str | None:
     """None when the estimate fits in ``available`` bytes, else the message naming what makes it fit."""
-    need = estimate(model, run)
-    if _machine_total(need, run) <= available:
+    need, sampler = estimate(model, run), sampler_estimate(model, run)
+    if _machine_total(model, run) <= available:
         return None
-    fixes = [(knob, _machine_total(estimate(model, changed), run)) for knob, changed in _knobs(run)]
+    fixes = [(knob, _machine_total(model, changed)) for knob, changed in _knobs(run)]
     alone = [f"{knob} ({total / GB:.1f} GB)" for knob, total in fixes if total <= available]
     if alone:
         advice = "any one of these fits: " + "; ".join(alone)
@@ -68,11 +71,11 @@ def refusal(model: ModelShape, run: RunShape, available: int) -> str | None:
         for knob, changed in _knobs(run):
             moved = {f: getattr(changed, f) for f in ("micro_tokens", "micro_rows", "checkpointing", "compute",
                                                       "sampler", "strategy", "lora_rank", "reference",
-                                                      "sampler_weights")
+                                                      "sampler_weights", "sampler_process")
                      if getattr(changed, f) != getattr(run, f)}
             if moved:
                 together, names = replace(together, **moved), [*names, knob]
-        total = _machine_total(estimate(model, together), run)
+        total = _machine_total(model, together)
         if total <= available:
             advice = f"no single knob fits; together {', '.join(names)} fit ({total / GB:.1f} GB)"
         else:
@@ -81,6 +84,8 @@ def refusal(model: ModelShape, run: RunShape, available: int) -> str | None:
                       f"fewer responses per step, shorter rollout.max_new_tokens, {more} or a smaller model")
     where = "free GPU memory" if run.device == "cuda" else "available RAM"
     processes = f" x {run.processes} processes" if _shares_ram(run) else " per process"
+    if sampler is not None:
+        processes = f" in the trainer + {sampler.describe()} in the sampler process (rollout.max_staleness > 0)"
     return (f"this run needs about {need.describe()}{processes} at its peak, more than the {available / GB:.1f} GB "
             f"of {where}; {advice}")
 
@@ -89,9 +94,12 @@ def _shares_ram(run: RunShape) -> bool:
     return run.device != "cuda" and run.processes > 1
 
 
-def _machine_total(need: Estimate, run: RunShape) -> int:
-    """What must fit in the memory checked: CPU processes share the RAM, GPUs have one each."""
-    return need.total * (run.processes if _shares_ram(run) else 1)
+def _machine_total(model: ModelShape, run: RunShape) -> int:
+    """What must fit in the memory checked: CPU processes share the RAM (the pipelined mode's sampler process
+    too), GPUs have one each."""
+    sampler = sampler_estimate(model, run)
+    return (estimate(model, run).total * (run.processes if _shares_ram(run) else 1)
+            + (sampler.total if sampler is not None and run.device != "cuda" else 0))
 
 
 def check_memory(model: ModelShape, run: RunShape, available: int | None = None) -> Estimate:
@@ -125,11 +133,14 @@ class MemoryPlan:
     device: str = "cpu"
     notes: tuple = ()
     sampler_weights: str = "copy"  # FSDP2's built-in sampler: copy (a whole copy) or shards (rollout.sampler_weights)
+    sampler: Estimate | None = None  # the pipelined mode's sampler process (gspo.memory.sampler_estimate)
 
     def describe(self) -> str:
-        """``memory: ~3.3 of 20.1 GB available RAM, checkpointing off, token budget off`` (the start line's part)."""
+        """``memory: ~3.3 of 20.1 GB available RAM, checkpointing off, token budget off`` (the start line's part;
+        pipelined, ``~3.3 + 0.9 (sampler process) of ...``)."""
         where = "free GPU memory" if self.device == "cuda" else "available RAM"
-        text = (f"memory: ~{self.estimate.total / GB:.1f} of {self.available / GB:.1f} GB {where}, checkpointing "
+        side = f" + {self.sampler.total / GB:.1f} (sampler process)" if self.sampler is not None else ""
+        text = (f"memory: ~{self.estimate.total / GB:.1f}{side} of {self.available / GB:.1f} GB {where}, checkpointing "
                 f"{'on' if self.checkpointing else 'off'}, token budget {self.micro_batch_tokens or 'off'}")
         if self.sampler_weights == "shards":
             text += ", sampler through the shards"
@@ -187,8 +198,8 @@ def plan(model: ModelShape, run: RunShape, *, checkpointing: str = "false", micr
             except ConfigError as exc:  # the message describes the run without the copy: say why
                 raise ConfigError(f"{exc} (the sampler through the shards, rollout.sampler_weights=auto: no whole "
                                   "copy)") from None
-        whole = _machine_total(estimate(model, replace(run, sampler_weights="copy", checkpointing=chosen.checkpointing,
-                                                       micro_tokens=chosen.micro_batch_tokens)), run)
+        whole = _machine_total(model, replace(run, sampler_weights="copy", checkpointing=chosen.checkpointing,
+                                              micro_tokens=chosen.micro_batch_tokens))
         note = f"sampler weights auto: through the shards, with a whole copy {whole / GB:.1f} GB"
         return replace(chosen, notes=(*chosen.notes, note))
     run = replace(run, sampler_weights=sampler_weights)
@@ -202,13 +213,13 @@ def plan(model: ModelShape, run: RunShape, *, checkpointing: str = "false", micr
     run = replace(run, checkpointing=ckpt, micro_tokens=max(micro_batch_tokens, 0))
 
     def fits(r: RunShape) -> bool:
-        return _machine_total(estimate(model, r), r) <= room
+        return _machine_total(model, r) <= room
 
-    whole = _machine_total(estimate(model, run), run)
+    whole = _machine_total(model, run)
     if auto_tokens and not fits(run):
         budgeted = _largest_budget(model, run, fits)
         if budgeted is None and auto_ckpt and not ckpt:
-            one = _machine_total(estimate(model, replace(run, micro_tokens=run.sequence_tokens, micro_rows=0)), run)
+            one = _machine_total(model, replace(run, micro_tokens=run.sequence_tokens, micro_rows=0))
             run = replace(run, checkpointing=True)
             notes.append(f"checkpointing auto: on, one response per forward needs {one / GB:.1f} GB without it")
             budgeted = _largest_budget(model, run, fits) if not fits(run) else run
@@ -230,7 +241,7 @@ def plan(model: ModelShape, run: RunShape, *, checkpointing: str = "false", micr
                   if on]
         raise ConfigError(message + (f" (already with {' and '.join(chosen)}, chosen by auto)" if chosen else ""))
     return MemoryPlan(run.checkpointing, run.micro_tokens, estimate(model, run), available, run.device, tuple(notes),
-                      run.sampler_weights)
+                      run.sampler_weights, sampler_estimate(model, run))
 
 
 def _largest_budget(model: ModelShape, run: RunShape, fits) -> RunShape | None:

@@ -244,9 +244,11 @@ def test_the_progress_line_shows_both_halves_and_the_wait():
     assert "reward 0.400  s/t/wait 0.80/1.25/0.01s" in line
 
 
-def test_a_weight_push_travels_in_parts_and_samples_as_the_whole_weights(tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_weight_push_travels_in_parts_and_samples_as_the_whole_weights(tiny_model_dir, monkeypatch, dtype):
     """The sampler process receives the weights in parts of about PUSH_BYTES (neither process serialises the whole
-    model at once) and samples with exactly the weights pushed, as an in-process engine does."""
+    model at once) and samples with exactly the weights pushed, as an in-process engine in the same dtype does;
+    it holds one copy of them, in the engine's dtype (a bfloat16 sampler used to keep its float32 copy too)."""
     import functools
 
     from gspo.models.load import load_model, load_tokenizer
@@ -254,9 +256,10 @@ def test_a_weight_push_travels_in_parts_and_samples_as_the_whole_weights(tiny_mo
     from gspo.rollout.base import SamplingParams
     from gspo.trainer.build import build_engine
 
-    config = load_config(None, [f"model={tiny_model_dir}", "rollout.engine_dtype=float32"])
+    config = load_config(None, [f"model={tiny_model_dir}", f"rollout.engine_dtype={dtype}"])
     model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
-    engine = sub.SubprocessEngine(functools.partial(build_engine, config), model, tokenizer, tiny_model_dir)
+    engine = sub.SubprocessEngine(functools.partial(build_engine, config), model, tokenizer, tiny_model_dir,
+                                  dtype=getattr(torch, dtype))
     try:
         with torch.no_grad():
             for p in model.parameters():
@@ -272,5 +275,11 @@ def test_a_weight_push_travels_in_parts_and_samples_as_the_whole_weights(tiny_mo
         here = build_engine(config, model, tokenizer, tiny_model_dir).generate(prompts, params, row_seeds=[1, 2])
         assert torch.equal(there.completion_ids, here.completion_ids)
         assert torch.equal(there.logprobs, here.logprobs)
+        params = sum(p.numel() for p in model.parameters())
+        buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+        held, other = engine.held_bytes(), {"float32": "bfloat16", "bfloat16": "float32"}[dtype]
+        weights = params * getattr(torch, dtype).itemsize
+        assert weights <= held[dtype] <= weights + buffers + 1024  # a few small constants besides
+        assert held.get(other, 0) <= buffers + 1024  # no second copy (the float32 buffers stay float32)
     finally:
         engine.close()

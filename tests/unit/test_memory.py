@@ -315,3 +315,85 @@ def test_rollout_sampler_weights_shards_outside_fsdp_is_refused_naming_the_key(t
         Trainer.from_config(load_config(None, [*tiny_overrides, "rollout.sampler_weights=shards"]), run_dir=None)
     with pytest.raises(ConfigError, match="rollout.sampler_weights"):
         load_config(None, ["rollout.sampler_weights=whole"])
+
+
+# -- the pipelined mode's sampler process (rollout.max_staleness >= 1) ---------------------------------------------
+# benchmarks/measure_memory.py with --extra rollout.max_staleness=1 loss.old_logprobs=rollout steps=3 (a weight
+# push reaches the sampler): the trainer's peak RSS and the sampler process's own (VmHWM)
+SAMPLER_PEAKS = [(c["dtype"], c["prompt_tokens"], c["new_tokens"], c["peak_rss_bytes"], c["sampler_peak_rss_bytes"])
+                 for c in json.loads(RESULTS.read_text())["cases"] if "sampler_peak_rss_bytes" in c]
+
+
+def test_the_plan_counts_the_sampler_process():
+    from gspo.memory import CPU_RUNTIME_BYTES, PUSH_BYTES, sampler_estimate
+
+    model = ModelShape.from_config(QWEN3_06B)
+    run = _run(compute="bfloat16", sampler="bfloat16", sampler_process=True)
+    sampler = sampler_estimate(model, run)
+    kv = 16 * 28 * 2 * 8 * 128 * (20 + 128) * 2 + 3 * 16 * 151936 * 4  # KV cache in bfloat16 + (rows, V) logits
+    part = PUSH_BYTES + 2 * 151936 * 1024  # a push part closes after the tensor that crosses PUSH_BYTES
+    assert sampler.parts == {"runtime": CPU_RUNTIME_BYTES, "weights": 2 * model.params,
+                             "weight push": 2 * part} and 2 * part > kv  # one copy, in the engine's dtype
+    alone = plan(model, replace(run, sampler_process=False), available=int(64 * GB))
+    both = plan(model, run, available=int(64 * GB))
+    assert alone.sampler is None and both.sampler.total == sampler.total
+    assert both.estimate.parts["sampler copy"] == 2 * model.params  # the trainer's in-process engine (evaluation)
+    assert f"~{both.estimate.total / GB:.1f} + {sampler.total / GB:.1f} (sampler process) of 64.0 GB" in both.describe()
+    for engine in ("vllm", "vllm-server"):  # vLLM's sampler process: its own memory, not estimated
+        assert sampler_estimate(model, replace(run, engine=engine)) is None
+
+
+def test_a_run_that_fits_in_one_process_but_not_two_is_refused_naming_max_staleness_0():
+    from gspo.memory import sampler_estimate
+
+    model = ModelShape.from_config(QWEN3_06B)
+    run = _run(compute="bfloat16", sampler="bfloat16", sampler_process=True, micro_tokens=148, checkpointing=True)
+    trainer, sampler = estimate(model, run).total, sampler_estimate(model, run).total
+    available = trainer + sampler // 2  # the trainer alone fits, with the sampler process it does not
+    with pytest.raises(ConfigError, match=r"\) in the trainer \+ \d+\.\d GB \(.*\) in the sampler process "
+                                          r"\(rollout.max_staleness > 0\).* rollout.max_staleness=0 \("):
+        plan(model, run, checkpointing="true", micro_batch_tokens=148, available=available)
+    assert refusal(model, replace(run, sampler_process=False), available) is None
+
+
+def test_run_shape_reads_the_pipelined_mode_and_the_engine():
+    from gspo.config import load_config
+    from gspo.precision import PrecisionPolicy
+
+    bf16 = PrecisionPolicy(compute="bfloat16", sampler="bfloat16")
+    run = RunShape.from_config(load_config(None, ["rollout.max_staleness=1"]), bf16)
+    assert run.sampler_process and run.engine == "hf"
+    cpu = RunShape.from_config(load_config(None, ["rollout.engine=vllm", "rollout.vllm_kv_cache_gb=2"]), bf16)
+    assert (cpu.engine, cpu.sampler, cpu.engine_cache_bytes) == ("vllm", "float32", 2 * GB)  # vLLM's CPU auto
+    gpu = RunShape.from_config(load_config(None, ["rollout.engine=vllm"]), bf16, device="cuda")
+    assert (gpu.sampler, gpu.engine_cache_bytes) == ("bfloat16", 0)
+
+
+def test_vllm_runs_count_vllm_s_memory_not_the_built_in_engine_s():
+    """vLLM holds its own weights and KV cache (rollout/vllm): no built-in "sampler copy" or KV cache in the trainer.
+    On a GPU its memory is its gpu_memory_utilization share; on the CPU, in this process, its weights in its
+    dtype and the KV cache space it is given; a server (or the pipelined sampler process) holds them elsewhere."""
+    model = ModelShape.from_config(QWEN3_06B)
+    hf = estimate(model, _run(compute="bfloat16", sampler="bfloat16", device="cuda"))
+    gpu = estimate(model, _run(compute="bfloat16", sampler="bfloat16", device="cuda", engine="vllm"))
+    assert "sampler copy" in hf.parts and "sampler copy" not in gpu.parts
+    assert not any("KV cache" in name for name in gpu.parts)
+    assert gpu.total == hf.total - hf.parts["sampler copy"]  # the training transients decide at this shape
+    cpu = estimate(model, _run(compute="bfloat16", engine="vllm", engine_cache_bytes=GB))
+    assert cpu.parts["vLLM engine"] == 4 * model.params + GB and "sampler copy" not in cpu.parts
+    for elsewhere in (dict(engine="vllm-server"), dict(engine="vllm", sampler_process=True)):
+        assert "vLLM engine" not in estimate(model, _run(compute="bfloat16", engine_cache_bytes=GB, **elsewhere)).parts
+
+
+def test_both_dtypes_of_the_pipelined_mode_are_measured():
+    assert {dtype for dtype, *_ in SAMPLER_PEAKS} == {"float32", "bfloat16"}
+
+
+@pytest.mark.parametrize("dtype, prompt, response, trainer, sampler", SAMPLER_PEAKS)
+def test_pipelined_estimates_within_20_percent_of_the_measured_peaks(dtype, prompt, response, trainer, sampler):
+    from gspo.memory import sampler_estimate
+
+    model = ModelShape.from_config(MEASURED)
+    run = _run(prompt_tokens=prompt, response_tokens=response, compute=dtype, sampler=dtype, sampler_process=True)
+    assert sampler_estimate(model, run).total == pytest.approx(sampler, rel=0.2)
+    assert estimate(model, run).total == pytest.approx(trainer, rel=0.2)  # float32: the pushed parts decide

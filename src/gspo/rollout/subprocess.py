@@ -1,9 +1,10 @@
 """A rollout engine in its own process: sampling runs beside training instead of taking turns with it.
 
 :class:`SubprocessEngine` spawns one sampler process (``torch.multiprocessing``, spawn start method)
-holding its own copy of the policy and an engine built there by the assembly point's factory
-(:func:`gspo.trainer.build.build_engine`, passed in as a picklable callable, so this module names no
-trainer code). Requests and weights travel through one FIFO queue, results through another:
+holding its own copy of the policy, in the engine's dtype (one copy: the engine samples with it directly),
+and an engine built there by the assembly point's factory (:func:`gspo.trainer.build.build_engine`, passed
+in as a picklable callable, so this module names no trainer code). Requests and weights travel through one
+FIFO queue, results through another:
 
 - ``submit(prompts, params, row_seeds, seed)`` queues a request and returns a ticket at once;
   ``result(ticket)`` blocks for that rollout. ``generate`` is the two in a row (the plain
@@ -39,12 +40,12 @@ import torch
 import torch.multiprocessing as mp
 
 from gspo.host_memory import configure_heap
+from gspo.memory import PUSH_BYTES  # a push travels in parts of about this size (sync_weights)
 from gspo.rollout.base import EngineInfo, Rollout, SamplingParams, full_weights
 
 POLL_S = 0.5  # how often a blocked side checks that the other one is still alive
 START_TIMEOUT_S = 600.0  # importing torch + transformers on a loaded machine can take a minute
 CLOSE_TIMEOUT_S = 10.0
-PUSH_BYTES = 256 * 1024 * 1024  # a weight push travels in parts of about this size (sync_weights)
 
 
 @dataclass(frozen=True)
@@ -65,18 +66,19 @@ class SubprocessEngine:
     ``factory(model, tokenizer, path)`` builds the inner engine inside the sampler process; ``model`` is
     copied (the sampler's own weights, version 0 until the first :meth:`sync_weights`); ``tokenizer`` is
     reduced to its pad / EOS ids (all an engine needs); ``placement`` pins the sampler's cores and threads.
+    ``dtype``: the sampler process holds the floating-point parameters in this dtype, the engine's (None: the
+    model's), so that an engine built for that dtype samples with them directly instead of keeping a second
+    copy beside them; buffers keep theirs, as an in-process engine's own copy keeps them
+    (:class:`~gspo.rollout.hf.HFEngine`). Weight pushes are cast to it before they are sent.
     """
 
     def __init__(self, factory: Callable, model: torch.nn.Module, tokenizer, path, *,
-                 placement: Placement = Placement((), 1)) -> None:
-        import copy
-
+                 placement: Placement = Placement((), 1), dtype: torch.dtype | None = None) -> None:
         ctx = mp.get_context("spawn")
         self._requests, self._results = ctx.Queue(), ctx.Queue()
         ids = SimpleNamespace(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        weights = copy.deepcopy(model).cpu()
-        for p in weights.parameters():
-            p.requires_grad_(False)
+        weights = frozen_copy(model, dtype)
+        self._dtypes = {name: t.dtype for name, t in full_weights(weights)}  # what each pushed tensor is cast to
         self._process = ctx.Process(target=_serve, name="gspo-sampler", daemon=True,
                                     args=(self._requests, self._results, factory, weights, ids, path, placement,
                                           os.getpid()))
@@ -94,7 +96,9 @@ class SubprocessEngine:
     def info(self) -> EngineInfo:
         """The inner engine's declared properties (waits for the sampler to start)."""
         if self._info is None:
-            self._info = self._receive(expect="ready", timeout=START_TIMEOUT_S)
+            info = self._receive(expect="ready", timeout=START_TIMEOUT_S)
+            # the inner engine samples with the sampler process's own weights; from here they are a copy
+            self._info = dataclasses.replace(info, weight_sync="copy") if info.weight_sync == "shared" else info
             self._keep.clear()
         return self._info
 
@@ -111,11 +115,13 @@ class SubprocessEngine:
 
         Sent in parts of about :data:`PUSH_BYTES`, the last one marked: the queue pickles, and the sampler
         unpickles, one part at a time, so neither process holds a second serialised copy of the whole model
-        (measured at the 0.6B shape with one message: trainer peak +3.8 GiB, sampler process 8.3 GiB)."""
+        (measured at the 0.6B shape with one message: trainer peak +3.8 GiB, sampler process 8.3 GiB). Each
+        tensor is cast to the sampler's dtype here (the cast an in-process engine's ``copy_`` makes), which
+        also halves the bytes of a float32 policy pushed to a bfloat16 sampler."""
         self._check_open()
         part, size = {}, 0
         for name, tensor in full_weights(model):
-            part[name] = pack(tensor)  # a copy: the weights change in the next update while this waits
+            part[name] = pack(tensor.to(self._dtypes.get(name, tensor.dtype)))  # a copy: the next update moves them
             size += part[name][1].nbytes
             if size >= PUSH_BYTES:
                 self._requests.put(("weights", part, False))
@@ -149,7 +155,25 @@ class SubprocessEngine:
     def pid(self) -> int:
         return self._process.pid
 
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes of the tensors alive in the sampler process, by dtype name, once every message queued before
+        this call is served: its weights, and whatever its engine keeps between rollouts (for tests and memory
+        measurements; rollouts that finish meanwhile are kept for :meth:`result`)."""
+        self._check_open()
+        self.info  # noqa: B018  the start message comes first
+        self._requests.put(("held",))
+        while True:
+            kind, payload = self._next(("rollout", "held"))
+            if kind == "held":
+                return payload[0]
+            got, rollout, busy = payload
+            self._done[got] = (unpack_rollout(rollout), busy)
+
     def _receive(self, expect: str, timeout: float = float("inf")):
+        payload = self._next((expect,), timeout)[1]
+        return payload[0] if len(payload) == 1 else payload
+
+    def _next(self, expect: tuple[str, ...], timeout: float = float("inf")) -> tuple[str, list]:
         end = time.monotonic() + timeout
         while True:
             try:
@@ -166,9 +190,9 @@ class SubprocessEngine:
             if kind == "error":
                 self.close()
                 raise SamplerDied("the sampler process failed:\n" + payload[0])
-            if kind != expect:
-                raise SamplerDied(f"sampler protocol: expected {expect!r}, got {kind!r}")
-            return payload[0] if len(payload) == 1 else payload
+            if kind not in expect:
+                raise SamplerDied(f"sampler protocol: expected {' or '.join(expect)}, got {kind!r}")
+            return kind, payload
 
     def _check_open(self) -> None:
         if self._closed:
@@ -195,6 +219,18 @@ def _main_module_hidden():
 # Tensors are sent as numpy arrays (pickled bytes through the pipe), not as torch shared-memory tensors:
 # torch passes each shared tensor as a file descriptor fetched from the *sender's* resource-sharer thread,
 # which a busy trainer serves late; measured on the main job, a 0.3 s rollout then took 0.5-1.5 s to arrive.
+
+def frozen_copy(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    """A CPU deep copy of ``model`` without gradients, floating-point parameters in ``dtype`` (None: kept), buffers
+    kept; each parameter is cast on its own (no whole copy in the model's dtype first) and tied ones stay tied."""
+    import copy
+
+    memo = {}
+    for param in model.parameters():
+        cast = dtype if dtype is not None and param.is_floating_point() else param.dtype
+        memo[id(param)] = torch.nn.Parameter(param.detach().to("cpu", cast, copy=True), requires_grad=False)
+    return copy.deepcopy(model, memo).cpu()
+
 
 def pack(tensor: torch.Tensor) -> tuple[str, "np.ndarray"]:
     """(torch dtype name, numpy array) of a CPU copy; dtypes numpy lacks travel as same-width integers."""
@@ -223,6 +259,22 @@ def pack_rollout(rollout: Rollout) -> dict:
 
 def unpack_rollout(data: dict) -> Rollout:
     return Rollout(**{k: unpack(v) if kind == "tensor" else v for k, (kind, v) in data.items()})
+
+
+def live_tensor_bytes() -> dict[str, int]:
+    """Bytes of this process's tensors that Python references, by dtype name (each storage counted once)."""
+    import gc
+
+    seen, held = set(), {}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.Tensor) and not obj.is_meta:  # type(): no proxy's __getattr__
+            storage = obj.untyped_storage()
+            if storage.data_ptr() in seen:
+                continue
+            seen.add(storage.data_ptr())
+            name = str(obj.dtype).removeprefix("torch.")
+            held[name] = held.get(name, 0) + storage.nbytes()
+    return held
 
 
 def _stop(process, requests) -> None:
@@ -279,6 +331,9 @@ def _serve(requests, results, factory, model, tokenizer, path, placement: Placem
             kind = message[0]
             if kind == "close":
                 return
+            if kind == "held":
+                results.put(("held", live_tensor_bytes()))
+                continue
             if kind == "weights":  # one part of a push; the last one completes it
                 with torch.no_grad():
                     for name, packed in message[1].items():

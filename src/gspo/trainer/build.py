@@ -224,7 +224,8 @@ def _attach_pipeline(parts: Components, config: Config, path, sampler: RolloutEn
 
     try:
         parts.pipeline = build_pipeline(parts, lambda placement: sampler or _sampler_process(
-            config, parts.model, parts.tokenizer, path, parts.precision, placement))
+            config, parts.model, parts.tokenizer, path, parts.precision, placement,
+            dtype=parts.precision.sampler_dtype))  # the built-in engine: one copy there, in its dtype
     except BaseException:
         if sampler is not None:
             sampler.close()
@@ -246,12 +247,13 @@ def _sampler_engine(config: Config, model: torch.nn.Module, tokenizer, path, dev
 
 
 def _sampler_process(config: Config, model: torch.nn.Module, tokenizer, path, precision: PrecisionPolicy,
-                     placement):
-    """A sampler process at ``placement`` running ``build_engine`` for ``config`` over there."""
+                     placement, dtype: torch.dtype | None = None):
+    """A sampler process at ``placement`` running ``build_engine`` for ``config`` over there, holding the weights
+    in ``dtype`` (None: the model's; vLLM loads its own)."""
     from gspo.rollout.subprocess import SubprocessEngine
 
     return SubprocessEngine(functools.partial(build_engine, config, precision=precision), model, tokenizer, path,
-                            placement=placement)
+                            placement=placement, dtype=dtype)
 
 
 def _renderer(config: Config, tokenizer, model) -> PromptRenderer:
