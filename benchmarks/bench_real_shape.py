@@ -225,9 +225,9 @@ def gspo_overrides(args, variant: str) -> list[str]:
 def gspo_worker(args, channel: harness.Channel) -> None:
     """One rollout batch per command through :meth:`Trainer.train_step`; lengths, padding and the estimate too."""
     import dataclasses
-    import resource
 
     import torch
+    from measure_memory import peak_rss
 
     from gspo import memory
     from gspo.config.load import load_config
@@ -283,8 +283,11 @@ def gspo_worker(args, channel: harness.Channel) -> None:
     if plan is not None:
         run = dataclasses.replace(run, checkpointing=plan.checkpointing, micro_tokens=plan.micro_batch_tokens)
     est = memory.estimate(memory.ModelShape.from_dir(args.model_dir), run)
-    trainer.close()  # the pipeline's sampler process ends: its peak is then the children's
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux: KiB
+    # the pipeline's sampler process: its own peak (VmHWM). Not RUSAGE_CHILDREN's ru_maxrss: Linux folds the
+    # spawning worker's resident set at the fork into the child's (13 GB worker: a 5.1 GB "sampler" peak)
+    pipeline = trainer.parts.pipeline
+    children = peak_rss(pipeline.engine.pid) / 2**20 if pipeline is not None else 0.0
+    trainer.close()
     channel.send({"peak_mb": harness.peak_rss_mb(), "children_peak_mb": children, "estimate_mb": est.total / 2**20,
                   "estimate": est.describe()})
 

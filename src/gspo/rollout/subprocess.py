@@ -229,7 +229,10 @@ def frozen_copy(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.M
     for param in model.parameters():
         cast = dtype if dtype is not None and param.is_floating_point() else param.dtype
         memo[id(param)] = torch.nn.Parameter(param.detach().to("cpu", cast, copy=True), requires_grad=False)
-    return copy.deepcopy(model, memo).cpu()
+    frozen = copy.deepcopy(model, memo).cpu()
+    if getattr(frozen, "_require_grads_hook", None) is not None:  # activation checkpointing's training hook: a
+        frozen.disable_input_require_grads()  # local function (not picklable); sampling needs no input gradients
+    return frozen
 
 
 def pack(tensor: torch.Tensor) -> tuple[str, "np.ndarray"]:
