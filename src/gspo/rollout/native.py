@@ -225,15 +225,21 @@ class NativeDecoder:
         x = body.embed_tokens(ids)  # (B, L, hidden)
         cos = self._cos[positions].unsqueeze(1)  # (B, 1, L, D)
         sin = self._sin[positions].unsqueeze(1)  # (B, 1, L, D)
-        start, end = self.length, self.length + ids.shape[1]
+        batch, length = ids.shape
+        start, end = self.length, self.length + length
+        # Grouped queries stay grouped: each kv head's (group * L) query rows, ordered (group, L), so the key
+        # mask is repeated over the group, once for every layer: (B, 1, L, S) -> (B, 1, group * L, S) (a view
+        # when L = 1).
+        group = self.num_heads // self.num_kv_heads
+        mask = bias.unsqueeze(2).expand(batch, 1, group, length, end).reshape(batch, 1, group * length, end)
         for layer in self.layers:
-            x = x + self._attention(layer, _rms_norm(layer.module.input_layernorm, x), cos, sin, bias, start, end)
+            x = x + self._attention(layer, _rms_norm(layer.module.input_layernorm, x), cos, sin, mask, start, end)
             x = x + self._mlp(layer, _rms_norm(layer.module.post_attention_layernorm, x))
         self.length = end
         last = _rms_norm(body.norm, x[:, -1:])  # (B, 1, hidden): the head sees HF's (B, L, hidden) layout
         return self.model.lm_head(last)[:, -1].float()  # (B, V)
 
-    def _attention(self, layer: _Layer, x: torch.Tensor, cos, sin, bias, start: int, end: int) -> torch.Tensor:
+    def _attention(self, layer: _Layer, x: torch.Tensor, cos, sin, mask, start: int, end: int) -> torch.Tensor:
         batch, length, _ = x.shape
         h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         attn = layer.module.self_attn
@@ -251,11 +257,7 @@ class NativeDecoder:
         layer.k_cache[:, :, start:end] = k
         layer.v_cache[:, :, start:end] = v.transpose(1, 2)
         keys, values = layer.k_cache[:, :, :end], layer.v_cache[:, :, :end]  # (B, hkv, S, D) each
-        group = h // hkv
-        # Grouped queries stay grouped: each kv head's (group * L) query rows, ordered (group, L), so the key
-        # mask is repeated over the group: (B, 1, L, S) -> (B, 1, group * L, S) (a view when L = 1).
-        q = q.reshape(batch, hkv, group * length, d)
-        mask = bias.unsqueeze(2).expand(batch, 1, group, length, end).reshape(batch, 1, group * length, end)
+        q = q.reshape(batch, hkv, (h // hkv) * length, d)  # each kv head's query rows (the mask's order)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)  # (B, hkv, gL, D)
         out = out.view(batch, h, length, d).transpose(1, 2).reshape(batch, length, h * d)  # (B, L, h D)
         return attn.o_proj(out)  # (B, L, hidden)
