@@ -99,6 +99,15 @@ class ModelShape:
         embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
         return embeddings + self.layers * (self.attention_params + self.mlp_params + 2 * self.hidden) + self.hidden
 
+    @property
+    def decode_params(self) -> int:
+        """Weights the native decoder prepacks for a rollout on a CPU in bfloat16 (gspo.rollout.native): every
+        layer's projections and the LM head; none for MoE models (sampled through transformers' forward)."""
+        if self.experts:
+            return 0
+        norms = 2 * self.head_dim
+        return self.layers * (self.attention_params - norms + self.mlp_params) + self.vocab * self.hidden
+
     def linear_params(self, targets: int = 7) -> int:
         """LoRA: parameters of a rank-1 adapter on every linear layer but the head (in + out per adapted matrix)."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -219,7 +228,7 @@ def estimate(model: ModelShape, run: RunShape) -> Estimate:
     if run.reference:  # sharded like the policy under FSDP2 (trainer/fsdp_load.py) unless refreshed
         parts["reference"] = 4 * params // (1 if run.reference_whole else shard)
     gathered = _gathered_bytes(model, run) if sharded else 0
-    sampling = "KV cache + logits" + (" + gathered layers" if through_shards else "")
+    sampling = _sampling_name(run) + (" + gathered layers" if through_shards else "")
     transients = {"activations": _training_bytes(model, run, params) + gathered,
                   "no-grad pass": _no_grad_bytes(model, run, params) + gathered}
     if built_in:
@@ -240,7 +249,7 @@ def sampler_estimate(model: ModelShape, run: RunShape) -> Estimate | None:
     and the arrays unpickled from them)."""
     if not run.sampler_process or run.engine != "hf":
         return None
-    transients = {"KV cache + logits": _sampling_bytes(model, run), "weight push": 2 * _part_bytes(model, run)}
+    transients = {_sampling_name(run): _sampling_bytes(model, run), "weight push": 2 * _part_bytes(model, run)}
     name = max(transients, key=transients.get)
     return Estimate({"runtime": CUDA_RUNTIME_BYTES if run.device == "cuda" else CPU_RUNTIME_BYTES,
                      "weights": BYTES[run.sampler] * model.params, name: transients[name]})
@@ -289,10 +298,21 @@ def _head_bytes(model: ModelShape, run: RunShape) -> int:
     return model.vocab * (4 * (first + second) + low * newest)
 
 
+def _prepacked(run: RunShape) -> bool:
+    """Whether the built-in engine prepacks its weights for the rollout (a CPU, bfloat16: gspo.rollout.native)."""
+    return run.device == "cpu" and run.sampler == "bfloat16"
+
+
+def _sampling_name(run: RunShape) -> str:
+    return "KV cache + logits" + (" + packed weights" if _prepacked(run) else "")
+
+
 def _sampling_bytes(model: ModelShape, run: RunShape) -> int:
-    """KV cache of every local response at full length, plus a few (rows, V) float32 logits buffers."""
+    """KV cache of every local response at full length, plus a few (rows, V) float32 logits buffers, plus on a
+    CPU in bfloat16 the native decoder's prepacked copy of the weights (:attr:`ModelShape.decode_params`)."""
     kv = run.responses * model.layers * 2 * model.kv_heads * model.head_dim * run.sequence_tokens * BYTES[run.sampler]
-    return kv + 3 * run.responses * model.vocab * 4
+    packed = BYTES[run.sampler] * model.decode_params if _prepacked(run) else 0
+    return kv + 3 * run.responses * model.vocab * 4 + packed
 
 
 def _training_bytes(model: ModelShape, run: RunShape, params: int) -> int:

@@ -8,6 +8,7 @@ import transformers
 
 from gspo.logprobs import position_ids_from_mask
 from gspo.rollout.hf import HFEngine
+import gspo.rollout.native as native
 from gspo.rollout.native import NativeDecoder, native_support
 
 VOCAB = 40
@@ -130,10 +131,11 @@ def test_large_models_keep_separate_projections(monkeypatch):
     ids, mask, positions = ragged_batch()
     fused = native_logits(model, ids, mask, positions, prompt_len=7)
     monkeypatch.setattr(native, "FUSE_MAX_PARAMS", 0)
+    monkeypatch.setattr(native, "prepacked_linear_supported", lambda device, dtype: False)
     decoder = NativeDecoder(model)
     with torch.inference_mode():
         decoder.start(ids[:, :7], mask[:, :7], positions[:, :7], ids.shape[1])
-    assert all(layer.qkv_weight is None and layer.gate_up_weight is None for layer in decoder.layers)
+    assert all(layer.qkv is None and layer.gate_up is None for layer in decoder.layers)
     separate = native_logits(model, ids, mask, positions, prompt_len=7)
     torch.testing.assert_close(separate, fused, atol=2e-5, rtol=1e-5)
 
@@ -179,3 +181,37 @@ def test_select_keeps_rows_of_the_cache():
         decoder.select(keep)
         got = [decoder.step(ids[keep, t : t + 1], positions[keep, t : t + 1]) for t in range(7, ids.shape[1] - 1)]
     torch.testing.assert_close(torch.stack(got, dim=1), whole[keep, 1:], atol=1e-6, rtol=1e-6)
+
+
+needs_packing = pytest.mark.skipif(not native.prepacked_linear_supported(torch.device("cpu"), torch.bfloat16),
+                                   reason="this CPU's oneDNN has no native bfloat16 (prepacked weights unused)")
+
+
+@needs_packing
+def test_prepacked_bfloat16_weights_give_the_unpacked_logits(monkeypatch):
+    """Decode GEMMs through oneDNN's prepacked weights equal F.linear's bit for bit (biases on every projection)."""
+    model = build("llama", mlp_bias=True, attention_bias=True).to(torch.bfloat16)
+    ids, mask, positions = ragged_batch()
+    decoder = NativeDecoder(model)
+    with torch.inference_mode():
+        decoder.start(ids[:, :7], mask[:, :7], positions[:, :7], ids.shape[1])
+    assert decoder.head is not None and all(layer.down.packed is not None for layer in decoder.layers)
+    packed = native_logits(model, ids, mask, positions, prompt_len=7)
+    monkeypatch.setattr(native, "prepacked_linear_supported", lambda device, dtype: False)
+    plain = native_logits(model, ids, mask, positions, prompt_len=7)
+    assert torch.equal(packed, plain)
+
+
+@needs_packing
+def test_prepacked_rows_leaving_the_batch_keep_their_logits():
+    """With prepacked bfloat16 weights, the kept rows' logits after a select are the whole batch's, bit for bit."""
+    model = build("qwen3").to(torch.bfloat16)
+    ids, mask, positions = ragged_batch(prompt_len=7, new=6)
+    whole = native_logits(model, ids, mask, positions, prompt_len=7)  # (B, N, V)
+    keep = torch.tensor([4, 1])
+    decoder = NativeDecoder(model)
+    with torch.inference_mode():
+        decoder.start(ids[:, :7], mask[:, :7], positions[:, :7], ids.shape[1])
+        decoder.select(keep)
+        got = [decoder.step(ids[keep, t : t + 1], positions[keep, t : t + 1]) for t in range(7, ids.shape[1] - 1)]
+    assert torch.equal(torch.stack(got, dim=1), whole[keep, 1:])

@@ -331,9 +331,12 @@ def test_the_plan_counts_the_sampler_process():
     run = _run(compute="bfloat16", sampler="bfloat16", sampler_process=True)
     sampler = sampler_estimate(model, run)
     kv = 16 * 28 * 2 * 8 * 128 * (20 + 128) * 2 + 3 * 16 * 151936 * 4  # KV cache in bfloat16 + (rows, V) logits
+    packed = 2 * (28 * (1024 * (2 * 2048 + 2 * 1024) + 3 * 1024 * 3072) + 151936 * 1024)  # layers' + head's
     part = PUSH_BYTES + 2 * 151936 * 1024  # a push part closes after the tensor that crosses PUSH_BYTES
-    assert sampler.parts == {"runtime": CPU_RUNTIME_BYTES, "weights": 2 * model.params,
-                             "weight push": 2 * part} and 2 * part > kv  # one copy, in the engine's dtype
+    assert sampler.parts == {"runtime": CPU_RUNTIME_BYTES, "weights": 2 * model.params,  # one copy, engine's dtype
+                             "KV cache + logits + packed weights": kv + packed} and kv + packed > 2 * part
+    assert sampler_estimate(model, replace(run, sampler="float32")).parts["weight push"] == 2 * (
+        PUSH_BYTES + 4 * 151936 * 1024)  # float32: nothing prepacked, the push part is the larger transient
     alone = plan(model, replace(run, sampler_process=False), available=int(64 * GB))
     both = plan(model, run, available=int(64 * GB))
     assert alone.sampler is None and both.sampler.total == sampler.total

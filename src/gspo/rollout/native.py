@@ -9,9 +9,14 @@ matrix products. This module runs the same mathematics in about a dozen operator
 - the Q/K/V projections (and the MLP's gate/up pair) as one fused matrix product each, with the fused
   weights rebuilt from the live modules at every :meth:`NativeDecoder.start` (so training updates are
   always seen; the rebuild is one copy of the weights, negligible next to a rollout). Only for models up
-  to :data:`FUSE_MAX_PARAMS` parameters, where per-operator overhead matters; larger models keep their
-  separate projections rather than hold a transient copy of most of their weights. Fused weights and
-  the cache are released by :meth:`NativeDecoder.release` when a rollout ends;
+  to :data:`FUSE_MAX_PARAMS` parameters, where per-operator overhead matters, or where the weights are
+  prepacked anyway (next); larger models otherwise keep their separate projections rather than hold a
+  transient copy of most of their weights;
+- on a CPU in bfloat16, every projection and the LM head through a copy prepacked in oneDNN's blocked
+  layout for the rollout (:class:`_Proj`): a small-batch ``F.linear`` reorders its weight on every call.
+  Same values bit for bit; a decode step of the Qwen3-0.6B shape with 16 rows reads its weights once.
+  Fused and prepacked weights, and the cache, are released by :meth:`NativeDecoder.release` when a
+  rollout ends;
 - a key/value cache in the sampler's dtype, ``(B, H_kv, S, D)`` each; since prompts are left-padded,
   every row writes the same column at the same step. Sizing policy: it holds the prompt plus the first :data:`CACHE_BLOCK` new
   tokens, and grows by whole blocks (one copy of the written part) only when a decode step needs the
@@ -26,7 +31,7 @@ matrix products. This module runs the same mathematics in about a dozen operator
 - rotary cos/sin gathered from a table built once per rollout by the model's own rotary module (so
   every static RoPE variant the model supports is reproduced, including its attention scaling).
 
-The weights are the HF modules' own parameters (nothing is copied except the fused projections), so
+The weights are the HF modules' own parameters (nothing is copied except the fused or prepacked projections), so
 checkpoints, LoRA merging and weight sync are untouched. Output equals the HF forward up to float
 rounding (tests compare logits and log-probabilities within 1e-5). Architectures or settings it does not
 reproduce exactly (sliding windows, dynamic RoPE, MoE layers, PEFT wrappers, extra logit processing)
@@ -107,15 +112,54 @@ def _fused_bias(*projections: torch.nn.Linear) -> torch.Tensor | None:
     return torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in projections])
 
 
+def prepacked_linear_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether decode GEMMs on ``device`` in ``dtype`` use oneDNN's prepacked weights (:class:`_Proj`): a CPU,
+    bfloat16, and a oneDNN build that runs bfloat16 natively (AVX512-BF16 or AMX; not an AVX2-only CPU)."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return False
+    ops = torch.ops.mkldnn
+    try:
+        return bool(ops._is_mkldnn_bf16_supported()) and hasattr(ops, "_reorder_linear_weight") and hasattr(
+            ops, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# Rows the prepacked layout is blocked for (a hint: any row count gives the same result, bit for bit).
+PACK_ROWS_HINT = 16
+
+
+class _Proj:
+    """One linear map of the decode loop: ``F.linear(x, weight, bias)``, or the same product through a
+    weight prepacked in oneDNN's blocked layout (:func:`prepacked_linear_supported`).
+
+    Why prepack: with 1-64 rows a bfloat16 ``F.linear`` on a CPU reorders the weight into oneDNN's layout on
+    every call, so a decode step reads every weight twice and writes it once; prepacked, it reads it once.
+    Measured on an AMD EPYC with AVX512-BF16 (2 threads): the 151,936 x 1,024 LM head with 16 rows 25.8 -> 15.6
+    ms, a 6,144 x 1,024 gate/up pair 1.16 -> 0.58 ms. The result equals ``F.linear``'s bit for bit (the same
+    oneDNN kernel) for every row count, so rows leaving the batch do not change the others' values.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool) -> None:
+        self.bias = bias
+        self.weight = None if pack else weight  # (out, in)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT) if pack else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
 @dataclass
 class _Layer:
-    """One decoder layer's modules and its fused projection weights (rebuilt every rollout)."""
+    """One decoder layer's modules and its projections for this rollout (rebuilt at every start)."""
 
     module: torch.nn.Module
-    qkv_weight: torch.Tensor | None  # (q + 2 kv, hidden); None: the separate projections are used
-    qkv_bias: torch.Tensor | None  # (q + 2 kv,) Qwen2-style attention bias
-    gate_up_weight: torch.Tensor | None  # (2 I, hidden); None: separate gate / up projections
-    gate_up_bias: torch.Tensor | None = None  # (2 I,) Llama's mlp_bias
+    qkv: _Proj | None  # (q + 2 kv, hidden) fused Q/K/V; None: the module's separate projections
+    gate_up: _Proj | None  # (2 I, hidden) fused gate/up; None: separate projections
+    o: _Proj | None = None  # (hidden, q); None: the module's own o_proj
+    down: _Proj | None = None  # (hidden, I); None: the module's own down_proj
     k_cache: torch.Tensor | None = None  # (B, H_kv, S, D)
     v_cache: torch.Tensor | None = None  # (B, H_kv, S, D)
 
@@ -142,6 +186,7 @@ class NativeDecoder:
         # Fusing pays where per-operator overhead matters; the parameter count is fixed for the model's life.
         self.fuse = sum(p.numel() for p in model.parameters()) <= FUSE_MAX_PARAMS
         self.layers: list[_Layer] = []
+        self.head: _Proj | None = None  # the prepacked LM head, where weights are prepacked
         self.length = 0  # columns of the cache written so far
         self.capacity = 0  # columns allocated (see the module docstring's sizing policy)
         self.max_len = 0  # columns the rollout may need at most (P + N)
@@ -149,19 +194,25 @@ class NativeDecoder:
         self._cos = self._sin = None  # (max_len, D) rotary tables
 
     def _fuse_weights(self) -> None:
-        """Concatenate each layer's Q/K/V and gate/up weights from the live modules (small models only)."""
+        """Each layer's projections from the live modules: Q/K/V and gate/up fused (small models, or wherever
+        weights are prepacked: packing copies them anyway), every one prepacked where supported."""
         self.layers = []
+        weight = self.model.lm_head.weight
+        pack = prepacked_linear_supported(weight.device, weight.dtype)
+        self.head = _Proj(weight, self.model.lm_head.bias, pack) if pack else None
         for layer in self.model.model.layers:
             a, m = layer.self_attn, layer.mlp
-            if not self.fuse:
-                self.layers.append(_Layer(module=layer, qkv_weight=None, qkv_bias=None, gate_up_weight=None))
+            if not (self.fuse or pack):
+                self.layers.append(_Layer(module=layer, qkv=None, gate_up=None))
                 continue
             self.layers.append(_Layer(
                 module=layer,
-                qkv_weight=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-                qkv_bias=_fused_bias(a.q_proj, a.k_proj, a.v_proj),
-                gate_up_weight=torch.cat([m.gate_proj.weight, m.up_proj.weight]),
-                gate_up_bias=_fused_bias(m.gate_proj, m.up_proj),
+                qkv=_Proj(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                          _fused_bias(a.q_proj, a.k_proj, a.v_proj), pack),
+                gate_up=_Proj(torch.cat([m.gate_proj.weight, m.up_proj.weight]), _fused_bias(m.gate_proj, m.up_proj),
+                              pack),
+                o=_Proj(a.o_proj.weight, a.o_proj.bias, True) if pack else None,
+                down=_Proj(m.down_proj.weight, m.down_proj.bias, True) if pack else None,
             ))
 
     def start(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, positions: torch.Tensor,
@@ -237,14 +288,15 @@ class NativeDecoder:
             x = x + self._mlp(layer, _rms_norm(layer.module.post_attention_layernorm, x))
         self.length = end
         last = _rms_norm(body.norm, x[:, -1:])  # (B, 1, hidden): the head sees HF's (B, L, hidden) layout
-        return self.model.lm_head(last)[:, -1].float()  # (B, V)
+        head = self.head if self.head is not None else self.model.lm_head
+        return head(last)[:, -1].float()  # (B, V)
 
     def _attention(self, layer: _Layer, x: torch.Tensor, cos, sin, mask, start: int, end: int) -> torch.Tensor:
         batch, length, _ = x.shape
         h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         attn = layer.module.self_attn
-        if layer.qkv_weight is not None:
-            qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias)  # (B, L, (h + 2 hkv) d)
+        if layer.qkv is not None:
+            qkv = layer.qkv(x)  # (B, L, (h + 2 hkv) d)
             q, k, v = qkv.view(batch, length, h + 2 * hkv, d).split((h, hkv, hkv), dim=2)  # (B, L, heads, D)
         else:
             q = attn.q_proj(x).view(batch, length, h, d)  # (B, L, h, D)
@@ -260,18 +312,18 @@ class NativeDecoder:
         q = q.reshape(batch, hkv, (h // hkv) * length, d)  # each kv head's query rows (the mask's order)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)  # (B, hkv, gL, D)
         out = out.view(batch, h, length, d).transpose(1, 2).reshape(batch, length, h * d)  # (B, L, h D)
-        return attn.o_proj(out)  # (B, L, hidden)
+        return (layer.o or attn.o_proj)(out)  # (B, L, hidden)
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
         mlp = layer.module.mlp
-        if layer.gate_up_weight is not None:
-            gate, up = F.linear(x, layer.gate_up_weight, layer.gate_up_bias).chunk(2, dim=-1)  # (B, L, I) each
+        if layer.gate_up is not None:
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)  # (B, L, I) each
         else:
             gate, up = mlp.gate_proj(x), mlp.up_proj(x)  # (B, L, I) each
-        return mlp.down_proj(F.silu(gate).mul_(up))  # (B, L, hidden)
+        return (layer.down or mlp.down_proj)(F.silu(gate).mul_(up))  # (B, L, hidden)
 
     def release(self) -> None:
         """Drop the rollout's cache, fused weights and rotary tables (nothing is held between rollouts)."""
-        self.layers = []
+        self.layers, self.head = [], None
         self._key_bias = self._cos = self._sin = None
         self.length = self.capacity = self.max_len = 0
