@@ -199,12 +199,17 @@ def test_prepacked_bfloat16_weights_give_the_unpacked_logits(monkeypatch):
     packed = native_logits(model, ids, mask, positions, prompt_len=7)
     monkeypatch.setattr(native, "prepacked_linear_supported", lambda device, dtype: False)
     plain = native_logits(model, ids, mask, positions, prompt_len=7)
-    assert torch.equal(packed, plain)
+    monkeypatch.undo()
+    # bit for bit on the CPUs measured (the same oneDNN kernel); bfloat16 rounding of the outputs is the bound
+    torch.testing.assert_close(packed, plain, atol=1e-2, rtol=1e-2)
+    proj = native._Proj
+    monkeypatch.setattr(native, "_Proj", lambda weight, bias, pack: proj(weight, None, pack))
+    assert (native_logits(model, ids, mask, positions, prompt_len=7) - plain).abs().max() > 0.1  # biases count
 
 
 @needs_packing
 def test_prepacked_rows_leaving_the_batch_keep_their_logits():
-    """With prepacked bfloat16 weights, the kept rows' logits after a select are the whole batch's, bit for bit."""
+    """With prepacked bfloat16 weights, the kept rows' logits after a select are the whole batch's."""
     model = build("qwen3").to(torch.bfloat16)
     ids, mask, positions = ragged_batch(prompt_len=7, new=6)
     whole = native_logits(model, ids, mask, positions, prompt_len=7)  # (B, N, V)
@@ -214,4 +219,4 @@ def test_prepacked_rows_leaving_the_batch_keep_their_logits():
         decoder.start(ids[:, :7], mask[:, :7], positions[:, :7], ids.shape[1])
         decoder.select(keep)
         got = [decoder.step(ids[keep, t : t + 1], positions[keep, t : t + 1]) for t in range(7, ids.shape[1] - 1)]
-    assert torch.equal(torch.stack(got, dim=1), whole[keep, 1:])
+    torch.testing.assert_close(torch.stack(got, dim=1), whole[keep, 1:], atol=1e-2, rtol=1e-2)
