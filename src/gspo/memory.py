@@ -44,6 +44,8 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # A weight push to the sampler process (gspo.rollout.subprocess) travels in parts of about this size: a part
 # closes once it reaches it, so it holds up to this plus one tensor.
 PUSH_BYTES = 256 * 1024 * 1024
+# gspo.rollout.native.SUPPORTED_MODEL_TYPES (this module imports no torch; a test keeps the two equal)
+NATIVE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ADAMW_STATE_PER_PARAM = 2  # exp_avg and exp_avg_sq, float32 like the master weights
 
 
@@ -62,6 +64,7 @@ class ModelShape:
     experts: int = 0  # MoE: routed experts per layer (0 = dense)
     expert_intermediate: int = 0
     experts_per_token: int = 0
+    native: bool = False  # a model gspo's native decoder samples (gspo.rollout.native.native_support, from the config)
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelShape":
@@ -76,7 +79,10 @@ class ModelShape:
             head_dim=int(c.get("head_dim") or hidden // heads), vocab=int(c["vocab_size"]),
             tied=bool(config.get("tie_word_embeddings", c.get("tie_word_embeddings", False))),
             experts=experts, expert_intermediate=int(c.get("moe_intermediate_size") or c.get("intermediate_size") or 0),
-            experts_per_token=int(c.get("num_experts_per_tok") or 0))
+            experts_per_token=int(c.get("num_experts_per_tok") or 0),
+            native=(c.get("model_type") or config.get("model_type")) in NATIVE_MODEL_TYPES and not experts
+            and c.get("hidden_act", "silu") == "silu" and not c.get("use_sliding_window")
+            and not (c.get("model_type") == "mistral" and c.get("sliding_window") is not None))
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "ModelShape":
@@ -220,8 +226,10 @@ def estimate(model: ModelShape, run: RunShape) -> Estimate:
         parts["DDP buckets"] = 4 * trainable
     through_shards = sharded and run.sampler_weights == "shards"  # rollout.sampler_weights: no whole copy
     built_in = run.engine == "hf"  # vLLM holds its weights and KV cache itself (below)
-    # FSDP2: a whole copy (trainer/build.py); pipelined, the in-process engine stays for evaluation
-    if built_in and (run.sampler != "float32" or sharded) and not through_shards:
+    # FSDP2: a whole copy (trainer/build.py); pipelined, the in-process engine stays for evaluation. None where the
+    # native decoder packs the training weights at every rollout (gspo.rollout.hf: a CPU, bfloat16, not sharded)
+    packs_from_policy = _prepacked(run) and model.native and not sharded and not run.lora_rank
+    if built_in and (run.sampler != "float32" or sharded) and not through_shards and not packs_from_policy:
         parts["sampler copy"] = BYTES[run.sampler] * params
     if run.engine == "vllm" and run.device != "cuda" and not run.sampler_process:  # in this process, on the CPU
         parts["vLLM engine"] = BYTES[run.sampler] * params + run.engine_cache_bytes

@@ -14,6 +14,7 @@ import transformers
 from gspo.logprobs import token_logprobs
 from gspo.rollout.base import RolloutEngine, SamplingParams
 from gspo.rollout.hf import HFEngine, _filtered_logits
+from gspo.rollout.native import prepacked_linear_supported
 
 VOCAB, PAD, EOS = 32, 0, 1
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15], [16, 17, 18, 19]]  # ragged: left padding
@@ -203,7 +204,8 @@ def test_shared_engine_and_protocol():
 @DECODERS
 def test_bfloat16_copy_and_sync_weights(decoder):
     policy = tiny_qwen3()
-    engine = engine_for(policy, dtype=torch.bfloat16, decoder=decoder)
+    # copy=True: a CPU with prepacked bfloat16 weights keeps no copy otherwise (the test after the next)
+    engine = engine_for(policy, dtype=torch.bfloat16, decoder=decoder, copy=True)
     assert engine.model is not policy
     assert all(p.dtype == torch.bfloat16 for p in engine.model.parameters())
     assert all(p.dtype == torch.float32 for p in policy.parameters())
@@ -372,3 +374,26 @@ def test_lockstep_keeps_decoding_until_every_process_has_finished():
     # no copy, whatever the dtype: the model itself, through transformers' forward (its modules gather the shards)
     assert engine.model is model and engine.shares_model and engine.native is None
     assert engine.info.name == "transformers' forward, bfloat16" and engine.info.weight_sync == "shared"
+
+
+@pytest.mark.skipif(not prepacked_linear_supported(torch.device("cpu"), torch.bfloat16),
+                    reason="this CPU's oneDNN has no native bfloat16 (the engine keeps a bfloat16 copy)")
+def test_bfloat16_sampling_from_float32_weights_keeps_no_copy_and_samples_what_a_copy_samples():
+    """On a CPU with prepacked bfloat16 weights the engine decodes from the float32 module itself (cast and packed
+    per rollout): the same tokens and log-probabilities as an engine holding a bfloat16 copy, bit for bit, and
+    weight updates seen at the next rollout without a sync."""
+    model = tiny_qwen3()
+    engine = engine_for(model, dtype=torch.bfloat16)
+    copied = engine_for(model, dtype=torch.bfloat16, copy=True)
+    assert engine.packs_from_model and engine.model is model and engine.info.weight_sync == "shared"
+    assert not copied.packs_from_model and copied.model is not model
+    assert "bfloat16" in engine.info.name and not engine.info.exact_logprobs
+    params = SamplingParams(max_new_tokens=8, temperature=1.0)
+    for _ in range(2):
+        got, want = (e.generate(PROMPTS, params, row_seeds=[1, 2, 3, 4][: len(PROMPTS)]) for e in (engine, copied))
+        assert torch.equal(got.completion_ids, want.completion_ids)
+        assert torch.equal(got.logprobs, want.logprobs)
+        with torch.no_grad():  # a training step: the packing engine sees it, the copy after its sync
+            model.model.layers[0].mlp.up_proj.weight.mul_(3.0)
+        copied.sync_weights(model)
+    assert next(model.parameters()).dtype == torch.float32  # nothing cast in place

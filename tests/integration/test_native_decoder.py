@@ -202,8 +202,9 @@ def test_prepacked_bfloat16_weights_give_the_unpacked_logits(monkeypatch):
     monkeypatch.undo()
     # bit for bit on the CPUs measured (the same oneDNN kernel); bfloat16 rounding of the outputs is the bound
     torch.testing.assert_close(packed, plain, atol=1e-2, rtol=1e-2)
-    proj = native._Proj
-    monkeypatch.setattr(native, "_Proj", lambda weight, bias, pack: proj(weight, None, pack))
+    of = native._Proj.of.__func__
+    monkeypatch.setattr(native._Proj, "of", classmethod(lambda cls, ws, bs, dtype, pack: of(cls, ws, [None] * len(bs),
+                                                                                             dtype, pack)))
     assert (native_logits(model, ids, mask, positions, prompt_len=7) - plain).abs().max() > 0.1  # biases count
 
 

@@ -400,3 +400,23 @@ def test_pipelined_estimates_within_20_percent_of_the_measured_peaks(dtype, prom
     run = _run(prompt_tokens=prompt, response_tokens=response, compute=dtype, sampler=dtype, sampler_process=True)
     assert sampler_estimate(model, run).total == pytest.approx(sampler, rel=0.2)
     assert estimate(model, run).total == pytest.approx(trainer, rel=0.2)  # float32: the pushed parts decide
+
+
+def test_a_cpu_bfloat16_sampler_that_packs_the_training_weights_holds_no_copy():
+    """gspo.rollout.hf: on a CPU in bfloat16 the native decoder casts and packs the policy's own weights at every
+    rollout, so the estimate has no sampler copy (and counts the packed weights while sampling); a model it does
+    not decode natively, LoRA, FSDP2 or a float32 sampler keep what they had."""
+    from gspo.memory import NATIVE_MODEL_TYPES
+    from gspo.rollout.native import SUPPORTED_MODEL_TYPES
+
+    assert NATIVE_MODEL_TYPES == SUPPORTED_MODEL_TYPES
+    native = ModelShape.from_config({**QWEN3_06B, "model_type": "qwen3", "hidden_act": "silu"})
+    other = ModelShape.from_config({**QWEN3_06B, "model_type": "gemma3"})
+    assert native.native and not other.native and not ModelShape.from_config(QWEN3_06B).native
+    bf16 = _run(compute="bfloat16", sampler="bfloat16")
+    assert "sampler copy" not in estimate(native, bf16).parts
+    assert estimate(native, bf16).parts.keys() == estimate(other, bf16).parts.keys() - {"sampler copy"}
+    assert estimate(other, bf16).parts["sampler copy"] == 2 * other.params
+    for run in (replace(bf16, lora_rank=16), replace(bf16, strategy="fsdp", processes=2),
+                replace(bf16, device="cuda")):
+        assert "sampler copy" in estimate(native, run).parts, run

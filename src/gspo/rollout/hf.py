@@ -28,7 +28,10 @@ Precision: with ``dtype`` equal to the model's (or None) the engine samples with
 itself. With a different ``dtype`` (e.g. bfloat16 for a float32 policy, standing in for a lower-precision
 inference engine, GSPO paper section 5.4) it keeps its own copy of the weights in that dtype, refreshed
 in place by :meth:`HFEngine.sync_weights`. Buffers (e.g. rotary inverse frequencies) stay in their
-original dtype, as inference engines keep them.
+original dtype, as inference engines keep them. Except where the native decoder prepacks its weights (a
+CPU in bfloat16, :func:`gspo.rollout.native.prepacked_linear_supported`): it casts and packs the training
+module's own weights at every rollout, the same values a copy would hold, so no copy is kept (1.1 GB at
+the Qwen3-0.6B shape, held through every training step before).
 
 Lockstep (:class:`Lockstep`): a model whose forward is a collective over processes (FSDP2 shards, each
 layer gathered as it runs) is sampled from directly, through transformers' forward, with every process
@@ -52,7 +55,7 @@ from gspo.logprobs import distinct_prompts, truncated_log_softmax, truncation_ma
 from gspo.models.modes import eval_mode
 from gspo.moe import capture_routing, supports_routing
 from gspo.rollout.base import EngineInfo, Rollout, SamplingParams, check_request, full_weights, request_seeds
-from gspo.rollout.native import CACHE_BLOCK, NativeDecoder, native_support
+from gspo.rollout.native import CACHE_BLOCK, NativeDecoder, native_support, prepacked_linear_supported
 
 DECODERS = ("auto", "native", "hf")
 
@@ -109,7 +112,13 @@ class HFEngine:
         eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         self.eos_ids = torch.tensor(eos_ids, dtype=torch.long)  # (E,)
         model_dtype = next(model.parameters()).dtype
-        self.shares_model = lockstep is not None or ((dtype is None or dtype == model_dtype) and not copy)
+        # A lower-precision sampler on a CPU with prepacked weights (gspo.rollout.native) decodes from the model's
+        # own weights, cast and packed at every rollout: no copy of the model in the sampler's dtype is kept
+        self.packs_from_model = (lockstep is None and not copy and dtype not in (None, model_dtype)
+                                 and decoder != "hf" and native_support(model) is None
+                                 and prepacked_linear_supported(next(model.parameters()).device, dtype))
+        self.shares_model = lockstep is not None or ((dtype is None or dtype == model_dtype) and not copy) or (
+            self.packs_from_model)
         self.model = model if self.shares_model else _copy_in_dtype(model, dtype or model_dtype)
         # A PEFT (LoRA) wrapper's forward hides the keyword but passes it through to the model it wraps.
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -132,9 +141,12 @@ class HFEngine:
         if decoder == "native" and self.native_reason is not None:  # a ConfigError: the CLI shows one line
             raise ConfigError(f"rollout.decoder=native cannot sample this model: {self.native_reason}; "
                               "use rollout.decoder=auto (falls back to transformers' forward)")
-        self.native = NativeDecoder(self.model) if self.native_reason is None else None
+        self.native = None
+        if self.native_reason is None:
+            self.native = NativeDecoder(self.model, dtype=dtype if self.packs_from_model else None)
         self._decoder = self.native if self.native is not None else _TransformersDecoder(self)
-        engine_dtype = dtype if lockstep is not None and dtype is not None else next(self.model.parameters()).dtype
+        engine_dtype = dtype if (lockstep is not None or self.packs_from_model) and dtype is not None else next(
+            self.model.parameters()).dtype
         self._info = EngineInfo(
             name=("native decode step" if self.native is not None else "transformers' forward")
             + ("" if engine_dtype == torch.float32 else f", {str(engine_dtype).removeprefix('torch.')}"),

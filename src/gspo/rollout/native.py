@@ -90,12 +90,22 @@ def native_support(model: torch.nn.Module) -> str | None:
     return None
 
 
-def _rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """HF's RMSNorm (``weight * x * rsqrt(mean(x^2) + eps)``, normalised in float32) as one fused operator."""
-    eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), module.weight, eps)
-    return module.weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)  # HF's rounding order
+@dataclass
+class _Norm:
+    """An HF RMSNorm's weight in the decoder's dtype and its epsilon (``weight * x * rsqrt(mean(x^2) + eps)``)."""
+
+    weight: torch.Tensor  # (n,)
+    eps: float
+
+    @classmethod
+    def of(cls, module: torch.nn.Module, dtype: torch.dtype) -> "_Norm":
+        return cls(module.weight.to(dtype), getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """HF's RMSNorm, normalised in float32, as one fused operator."""
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)  # HF's rounding order
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -103,13 +113,6 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, h, L, D)
     return torch.addcmul(x * cos, rotated, sin)
-
-
-def _fused_bias(*projections: torch.nn.Linear) -> torch.Tensor | None:
-    """The concatenated biases of ``projections`` (zeros for any without one), or None if none has one."""
-    if all(p.bias is None for p in projections):
-        return None
-    return torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in projections])
 
 
 def prepacked_linear_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -145,6 +148,18 @@ class _Proj:
         self.weight = None if pack else weight  # (out, in)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT) if pack else None
 
+    @classmethod
+    def of(cls, weights: list[torch.Tensor], biases: list[torch.Tensor | None], dtype: torch.dtype,
+           pack: bool) -> "_Proj":
+        """One map over the concatenated ``weights`` (fused projections), cast to ``dtype`` (a no-op in the
+        model's own), prepacked when ``pack``; the bias concatenated likewise (zeros for one without)."""
+        weight = torch.cat([w.to(dtype) for w in weights]) if len(weights) > 1 else weights[0].to(dtype)
+        if all(b is None for b in biases):
+            bias = None
+        else:
+            bias = torch.cat([(b if b is not None else w.new_zeros(w.shape[0])).to(dtype) for w, b in zip(weights, biases)])
+        return cls(weight, bias, pack)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -160,6 +175,7 @@ class _Layer:
     gate_up: _Proj | None  # (2 I, hidden) fused gate/up; None: separate projections
     o: _Proj | None = None  # (hidden, q); None: the module's own o_proj
     down: _Proj | None = None  # (hidden, I); None: the module's own down_proj
+    norms: tuple = ()  # (input, post-attention, q, k) _Norm, q / k None without per-head norms
     k_cache: torch.Tensor | None = None  # (B, H_kv, S, D)
     v_cache: torch.Tensor | None = None  # (B, H_kv, S, D)
 
@@ -173,11 +189,20 @@ class NativeDecoder:
     ``torch.inference_mode()``.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
+        """``dtype``: decode in this dtype from ``model``'s own weights of another (float32 master weights sampled
+        in bfloat16 without a bfloat16 copy of the model): only where the weights are prepacked (every matrix is
+        cast and packed at :meth:`start`; norms and embeddings are cast as read). None: the model's dtype."""
         reason = native_support(model)
         if reason is not None:
             raise ValueError(f"NativeDecoder cannot reproduce this model: {reason}")
         self.model = model
+        weight = model.lm_head.weight
+        self.dtype = dtype or weight.dtype
+        self.pack = prepacked_linear_supported(weight.device, self.dtype)
+        if self.dtype != weight.dtype and not self.pack:
+            raise ValueError(f"NativeDecoder decodes a {weight.dtype} model in {self.dtype} only through prepacked "
+                             "weights, which this device / build does not have")
         config = model.config
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -187,6 +212,7 @@ class NativeDecoder:
         self.fuse = sum(p.numel() for p in model.parameters()) <= FUSE_MAX_PARAMS
         self.layers: list[_Layer] = []
         self.head: _Proj | None = None  # the prepacked LM head, where weights are prepacked
+        self.norm: _Norm | None = None  # the final norm
         self.length = 0  # columns of the cache written so far
         self.capacity = 0  # columns allocated (see the module docstring's sizing policy)
         self.max_len = 0  # columns the rollout may need at most (P + N)
@@ -194,25 +220,31 @@ class NativeDecoder:
         self._cos = self._sin = None  # (max_len, D) rotary tables
 
     def _fuse_weights(self) -> None:
-        """Each layer's projections from the live modules: Q/K/V and gate/up fused (small models, or wherever
-        weights are prepacked: packing copies them anyway), every one prepacked where supported."""
+        """Each layer's projections and norms from the live modules, in the decoder's dtype: Q/K/V and gate/up
+        fused (small models, or wherever weights are prepacked: packing copies them anyway), every one prepacked
+        where supported."""
         self.layers = []
-        weight = self.model.lm_head.weight
-        pack = prepacked_linear_supported(weight.device, weight.dtype)
-        self.head = _Proj(weight, self.model.lm_head.bias, pack) if pack else None
+        dtype, pack = self.dtype, self.pack
+        head = self.model.lm_head
+        self.head = _Proj.of([head.weight], [head.bias], dtype, pack) if pack else None
+        self.norm = _Norm.of(self.model.model.norm, dtype)
         for layer in self.model.model.layers:
             a, m = layer.self_attn, layer.mlp
+            q_norm, k_norm = getattr(a, "q_norm", None), getattr(a, "k_norm", None)  # Qwen3: per-head RMSNorm
+            norms = (_Norm.of(layer.input_layernorm, dtype), _Norm.of(layer.post_attention_layernorm, dtype),
+                     _Norm.of(q_norm, dtype) if q_norm is not None else None,
+                     _Norm.of(k_norm, dtype) if k_norm is not None else None)
             if not (self.fuse or pack):
-                self.layers.append(_Layer(module=layer, qkv=None, gate_up=None))
+                self.layers.append(_Layer(module=layer, qkv=None, gate_up=None, norms=norms))
                 continue
+            qkv, gate_up = (a.q_proj, a.k_proj, a.v_proj), (m.gate_proj, m.up_proj)
             self.layers.append(_Layer(
                 module=layer,
-                qkv=_Proj(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-                          _fused_bias(a.q_proj, a.k_proj, a.v_proj), pack),
-                gate_up=_Proj(torch.cat([m.gate_proj.weight, m.up_proj.weight]), _fused_bias(m.gate_proj, m.up_proj),
-                              pack),
-                o=_Proj(a.o_proj.weight, a.o_proj.bias, True) if pack else None,
-                down=_Proj(m.down_proj.weight, m.down_proj.bias, True) if pack else None,
+                qkv=_Proj.of([p.weight for p in qkv], [p.bias for p in qkv], dtype, pack),
+                gate_up=_Proj.of([p.weight for p in gate_up], [p.bias for p in gate_up], dtype, pack),
+                o=_Proj.of([a.o_proj.weight], [a.o_proj.bias], dtype, True) if pack else None,
+                down=_Proj.of([m.down_proj.weight], [m.down_proj.bias], dtype, True) if pack else None,
+                norms=norms,
             ))
 
     def start(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, positions: torch.Tensor,
@@ -220,7 +252,7 @@ class NativeDecoder:
         """Prefill (B, P) left-padded prompts into a fresh cache for at most ``max_len`` columns; (B, V) logits."""
         batch, prompt_len = prompt_ids.shape
         self._fuse_weights()
-        dtype = self.model.lm_head.weight.dtype
+        dtype = self.dtype
         device = prompt_ids.device
         self.max_len, self.capacity = max_len, min(max_len, prompt_len + CACHE_BLOCK)
         for layer in self.layers:  # unwritten columns are never read (attention reads [:length])
@@ -273,7 +305,7 @@ class NativeDecoder:
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """Run ids (B, L) through every layer, appending their keys/values at ``self.length``."""
         body = self.model.model
-        x = body.embed_tokens(ids)  # (B, L, hidden)
+        x = body.embed_tokens(ids).to(self.dtype)  # (B, L, hidden): a lookup, so casting after it is exact
         cos = self._cos[positions].unsqueeze(1)  # (B, 1, L, D)
         sin = self._sin[positions].unsqueeze(1)  # (B, 1, L, D)
         batch, length = ids.shape
@@ -284,10 +316,10 @@ class NativeDecoder:
         group = self.num_heads // self.num_kv_heads
         mask = bias.unsqueeze(2).expand(batch, 1, group, length, end).reshape(batch, 1, group * length, end)
         for layer in self.layers:
-            x = x + self._attention(layer, _rms_norm(layer.module.input_layernorm, x), cos, sin, mask, start, end)
-            x = x + self._mlp(layer, _rms_norm(layer.module.post_attention_layernorm, x))
+            x = x + self._attention(layer, layer.norms[0](x), cos, sin, mask, start, end)
+            x = x + self._mlp(layer, layer.norms[1](x))
         self.length = end
-        last = _rms_norm(body.norm, x[:, -1:])  # (B, 1, hidden): the head sees HF's (B, L, hidden) layout
+        last = self.norm(x[:, -1:])  # (B, 1, hidden): the head sees HF's (B, L, hidden) layout
         head = self.head if self.head is not None else self.model.lm_head
         return head(last)[:, -1].float()  # (B, V)
 
@@ -302,8 +334,8 @@ class NativeDecoder:
             q = attn.q_proj(x).view(batch, length, h, d)  # (B, L, h, D)
             k = attn.k_proj(x).view(batch, length, hkv, d)  # (B, L, hkv, D)
             v = attn.v_proj(x).view(batch, length, hkv, d)  # (B, L, hkv, D)
-        if getattr(attn, "q_norm", None) is not None:  # Qwen3: RMSNorm over each head's vector
-            q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
+        if layer.norms[2] is not None:  # Qwen3: RMSNorm over each head's vector
+            q, k = layer.norms[2](q), layer.norms[3](k)
         q = _rotate(q.transpose(1, 2), cos, sin)  # (B, h, L, D)
         k = _rotate(k.transpose(1, 2), cos, sin)  # (B, hkv, L, D)
         layer.k_cache[:, :, start:end] = k
@@ -324,6 +356,6 @@ class NativeDecoder:
 
     def release(self) -> None:
         """Drop the rollout's cache, fused weights and rotary tables (nothing is held between rollouts)."""
-        self.layers, self.head = [], None
+        self.layers, self.head, self.norm = [], None, None
         self._key_bias = self._cos = self._sin = None
         self.length = self.capacity = self.max_len = 0
