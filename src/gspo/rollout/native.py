@@ -14,7 +14,7 @@ matrix products. This module runs the same mathematics in about a dozen operator
   transient copy of most of their weights;
 - on a CPU in bfloat16, every projection and the LM head through a copy prepacked in oneDNN's blocked
   layout for the rollout (:class:`_Proj`): a small-batch ``F.linear`` reorders its weight on every call.
-  Same values bit for bit; a decode step of the Qwen3-0.6B shape with 16 rows reads its weights once.
+  Same values (bit for bit on the CPUs measured); a decode step of the Qwen3-0.6B shape with 16 rows reads its weights once.
   Fused and prepacked weights, and the cache, are released by :meth:`NativeDecoder.release` when a
   rollout ends;
 - a key/value cache in the sampler's dtype, ``(B, H_kv, S, D)`` each; since prompts are left-padded,
@@ -31,7 +31,8 @@ matrix products. This module runs the same mathematics in about a dozen operator
 - rotary cos/sin gathered from a table built once per rollout by the model's own rotary module (so
   every static RoPE variant the model supports is reproduced, including its attention scaling).
 
-The weights are the HF modules' own parameters (nothing is copied except the fused or prepacked projections), so
+The weights are the HF modules' own parameters (nothing is copied but the fused or prepacked projections and,
+decoding float32 weights in bfloat16, the norms' casts), so
 checkpoints, LoRA merging and weight sync are untouched. Output equals the HF forward up to float
 rounding (tests compare logits and log-probabilities within 1e-5). Architectures or settings it does not
 reproduce exactly (sliding windows, dynamic RoPE, MoE layers, PEFT wrappers, extra logit processing)
@@ -175,7 +176,10 @@ class _Layer:
     gate_up: _Proj | None  # (2 I, hidden) fused gate/up; None: separate projections
     o: _Proj | None = None  # (hidden, q); None: the module's own o_proj
     down: _Proj | None = None  # (hidden, I); None: the module's own down_proj
-    norms: tuple = ()  # (input, post-attention, q, k) _Norm, q / k None without per-head norms
+    input_norm: _Norm | None = None
+    post_norm: _Norm | None = None  # before the MLP
+    q_norm: _Norm | None = None  # Qwen3's per-head RMSNorms; None elsewhere
+    k_norm: _Norm | None = None
     k_cache: torch.Tensor | None = None  # (B, H_kv, S, D)
     v_cache: torch.Tensor | None = None  # (B, H_kv, S, D)
 
@@ -231,11 +235,12 @@ class NativeDecoder:
         for layer in self.model.model.layers:
             a, m = layer.self_attn, layer.mlp
             q_norm, k_norm = getattr(a, "q_norm", None), getattr(a, "k_norm", None)  # Qwen3: per-head RMSNorm
-            norms = (_Norm.of(layer.input_layernorm, dtype), _Norm.of(layer.post_attention_layernorm, dtype),
-                     _Norm.of(q_norm, dtype) if q_norm is not None else None,
-                     _Norm.of(k_norm, dtype) if k_norm is not None else None)
+            norms = dict(input_norm=_Norm.of(layer.input_layernorm, dtype),
+                         post_norm=_Norm.of(layer.post_attention_layernorm, dtype),
+                         q_norm=_Norm.of(q_norm, dtype) if q_norm is not None else None,
+                         k_norm=_Norm.of(k_norm, dtype) if k_norm is not None else None)
             if not (self.fuse or pack):
-                self.layers.append(_Layer(module=layer, qkv=None, gate_up=None, norms=norms))
+                self.layers.append(_Layer(module=layer, qkv=None, gate_up=None, **norms))
                 continue
             qkv, gate_up = (a.q_proj, a.k_proj, a.v_proj), (m.gate_proj, m.up_proj)
             self.layers.append(_Layer(
@@ -244,7 +249,7 @@ class NativeDecoder:
                 gate_up=_Proj.of([p.weight for p in gate_up], [p.bias for p in gate_up], dtype, pack),
                 o=_Proj.of([a.o_proj.weight], [a.o_proj.bias], dtype, True) if pack else None,
                 down=_Proj.of([m.down_proj.weight], [m.down_proj.bias], dtype, True) if pack else None,
-                norms=norms,
+                **norms,
             ))
 
     def start(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, positions: torch.Tensor,
@@ -316,8 +321,8 @@ class NativeDecoder:
         group = self.num_heads // self.num_kv_heads
         mask = bias.unsqueeze(2).expand(batch, 1, group, length, end).reshape(batch, 1, group * length, end)
         for layer in self.layers:
-            x = x + self._attention(layer, layer.norms[0](x), cos, sin, mask, start, end)
-            x = x + self._mlp(layer, layer.norms[1](x))
+            x = x + self._attention(layer, layer.input_norm(x), cos, sin, mask, start, end)
+            x = x + self._mlp(layer, layer.post_norm(x))
         self.length = end
         last = self.norm(x[:, -1:])  # (B, 1, hidden): the head sees HF's (B, L, hidden) layout
         head = self.head if self.head is not None else self.model.lm_head
@@ -334,8 +339,8 @@ class NativeDecoder:
             q = attn.q_proj(x).view(batch, length, h, d)  # (B, L, h, D)
             k = attn.k_proj(x).view(batch, length, hkv, d)  # (B, L, hkv, D)
             v = attn.v_proj(x).view(batch, length, hkv, d)  # (B, L, hkv, D)
-        if layer.norms[2] is not None:  # Qwen3: RMSNorm over each head's vector
-            q, k = layer.norms[2](q), layer.norms[3](k)
+        if layer.q_norm is not None:  # Qwen3: RMSNorm over each head's vector
+            q, k = layer.q_norm(q), layer.k_norm(k)
         q = _rotate(q.transpose(1, 2), cos, sin)  # (B, h, L, D)
         k = _rotate(k.transpose(1, 2), cos, sin)  # (B, hkv, L, D)
         layer.k_cache[:, :, start:end] = k
