@@ -171,16 +171,21 @@ def test_cache_grows_in_blocks_and_gives_the_same_logits(monkeypatch):
 
 def test_select_keeps_rows_of_the_cache():
     """Dropping rows between steps leaves the kept rows' logits as they were."""
-    model = build("qwen3")
+    got, want = kept_rows_logits(build("qwen3"), torch.tensor([4, 1, 3]))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def kept_rows_logits(model, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``keep`` rows' decode logits after a select right after the prefill, and the same rows' logits
+    decoded within the whole batch."""
     ids, mask, positions = ragged_batch(prompt_len=7, new=6)
     whole = native_logits(model, ids, mask, positions, prompt_len=7)  # (B, N, V)
-    keep = torch.tensor([4, 1, 3])
     decoder = NativeDecoder(model)
     with torch.inference_mode():
         decoder.start(ids[:, :7], mask[:, :7], positions[:, :7], ids.shape[1])
         decoder.select(keep)
         got = [decoder.step(ids[keep, t : t + 1], positions[keep, t : t + 1]) for t in range(7, ids.shape[1] - 1)]
-    torch.testing.assert_close(torch.stack(got, dim=1), whole[keep, 1:], atol=1e-6, rtol=1e-6)
+    return torch.stack(got, dim=1), whole[keep, 1:]
 
 
 needs_packing = pytest.mark.skipif(not native.prepacked_linear_supported(torch.device("cpu"), torch.bfloat16),
@@ -211,13 +216,5 @@ def test_prepacked_bfloat16_weights_give_the_unpacked_logits(monkeypatch):
 @needs_packing
 def test_prepacked_rows_leaving_the_batch_keep_their_logits():
     """With prepacked bfloat16 weights, the kept rows' logits after a select are the whole batch's."""
-    model = build("qwen3").to(torch.bfloat16)
-    ids, mask, positions = ragged_batch(prompt_len=7, new=6)
-    whole = native_logits(model, ids, mask, positions, prompt_len=7)  # (B, N, V)
-    keep = torch.tensor([4, 1])
-    decoder = NativeDecoder(model)
-    with torch.inference_mode():
-        decoder.start(ids[:, :7], mask[:, :7], positions[:, :7], ids.shape[1])
-        decoder.select(keep)
-        got = [decoder.step(ids[keep, t : t + 1], positions[keep, t : t + 1]) for t in range(7, ids.shape[1] - 1)]
-    torch.testing.assert_close(torch.stack(got, dim=1), whole[keep, 1:], atol=1e-2, rtol=1e-2)
+    got, want = kept_rows_logits(build("qwen3").to(torch.bfloat16), torch.tensor([4, 1]))
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
