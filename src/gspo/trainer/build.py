@@ -118,7 +118,7 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     device = pick_device(config.device)
     if device.type == "cuda":
         cuda_settings.configure_allocator()  # before the first CUDA tensor (the CLI did it earlier still)
-    host_memory.configure_heap()  # before the weights load: large host tensors go back to the OS when freed
+    host_memory.configure_heap()  # before the weights load: freed host memory is reused, not faulted in again
     rewards = rewards or resolve_rewards(config.reward.functions, task.rewards, device=device)
     # before the weights load: a run that cannot fit stops here; auto checkpointing / token budget decided
     agents = task.environment is not None
