@@ -116,6 +116,9 @@ def check_memory(model: ModelShape, run: RunShape, available: int | None = None)
 # ``auto`` decisions leave this share of the available memory free: the estimate is within ~20% of measured
 # peaks (docs/memory.md), and other processes' memory moves while the run starts
 AUTO_MARGIN = 0.9
+# The host heap kept for reuse (gspo.host_memory) leaves holes the estimate does not itemise: CPU peaks
+# measured 0.22-0.54x the largest transient above the estimate (docs/memory.md)
+HEAP_REUSE_ALLOWANCE = 0.6
 # On CUDA, ``optim.gradient_checkpointing=auto`` is on from this many parameters whatever the estimate (TRL's
 # default is on): a GPU's memory is better spent on larger micro-batches and the sampler's KV cache.
 CUDA_CHECKPOINT_PARAMS = 1_000_000_000
@@ -257,3 +260,17 @@ def _largest_budget(model: ModelShape, run: RunShape, fits) -> RunShape | None:
         else:
             high = mid - 1
     return replace(one, micro_tokens=0 if low >= run.minibatch_rows else low * run.sequence_tokens)
+
+
+def heap_reuse_fits(memory: MemoryPlan | None, processes: int = 1) -> bool:
+    """Whether a CPU run fits with the host heap kept for reuse (:func:`gspo.host_memory.configure_heap`): its
+    estimate plus :data:`HEAP_REUSE_ALLOWANCE` of its largest transient (the last part), times the processes
+    sharing the RAM, within :data:`AUTO_MARGIN` of the memory available. Without a plan (a model config without
+    the shape keys) the leaner heap is kept; on CUDA the host heap holds little and reuse is always taken."""
+    if memory is None:
+        return False
+    if memory.device == "cuda":
+        return True
+    transient = list(memory.estimate.parts.values())[-1]
+    need = (memory.estimate.total + HEAP_REUSE_ALLOWANCE * transient) * processes
+    return need + (memory.sampler.total if memory.sampler is not None else 0) <= AUTO_MARGIN * memory.available

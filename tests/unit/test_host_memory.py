@@ -14,6 +14,7 @@ from gspo.host_memory import HEAP_SETTINGS, M_MMAP_MAX, M_TRIM_THRESHOLD, heap_s
 
 def test_heap_only_on_glibc_unless_the_user_or_another_allocator_decides():
     assert heap_setting({}, glibc=True) == HEAP_SETTINGS == {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1}
+    assert heap_setting({}, glibc=True, reuse=False) == host_memory.LEAN_SETTINGS == {-3: 4 * 2**20}
     assert heap_setting({}, glibc=False) is None  # macOS, musl: their allocators are left alone
     for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
         assert heap_setting({name: "4194304"}, glibc=True) is None  # the user's own setting
@@ -59,10 +60,43 @@ def test_training_configures_the_heap_before_the_model_loads(monkeypatch, tmp_pa
     from gspo.trainer.trainer import Trainer
 
     calls = []
-    monkeypatch.setattr(build_module.host_memory, "configure_heap", lambda: calls.append("heap"))
+    monkeypatch.setattr(build_module.host_memory, "configure_heap", lambda reuse=True: calls.append(("heap", reuse)))
     real_load = build_module._load_policy
     monkeypatch.setattr(build_module, "_load_policy", lambda *a, **k: (calls.append("load"), real_load(*a, **k))[1])
     config = load_config(None, ["steps=1", "log.tensorboard=false", "device=cpu", "rollout.prompts_per_step=2",
                                 "rollout.group_size=2", "rollout.max_new_tokens=4"])
     Trainer.from_config(config, run_dir=None).close()
-    assert calls[:2] == ["heap", "load"]
+    assert calls[:2] == [("heap", True), "load"]  # the default run fits with the heap kept
+
+
+def test_heap_kept_only_where_the_plan_leaves_room_for_its_holes():
+    from gspo.memory import GB, Estimate
+    from gspo.memory_plan import MemoryPlan, heap_reuse_fits
+
+    def plan(available_gb: float, device: str = "cpu") -> MemoryPlan:  # 8 GB persistent + a 10 GB transient
+        return MemoryPlan(False, 0, Estimate({"weights": 8 * GB, "activations": 10 * GB}), int(available_gb * GB), device)
+
+    assert heap_reuse_fits(plan(30))  # (18 + 0.6 * 10) GB = 24 <= 0.9 * 30
+    assert not heap_reuse_fits(plan(25))  # 24 > 22.5: the estimate alone fits, its holes would not
+    assert not heap_reuse_fits(plan(30), processes=2)  # two processes share the RAM
+    assert heap_reuse_fits(plan(1, device="cuda"))  # the host heap holds little beside a GPU
+    assert not heap_reuse_fits(None)  # no estimate: the lean heap
+
+
+def test_a_run_without_room_keeps_the_lean_heap_and_says_so(monkeypatch):
+    from gspo.config.load import load_config
+    from gspo.trainer import build as build_module
+    from gspo.trainer.trainer import Trainer
+
+    calls = []
+    monkeypatch.setattr(build_module.memory_plan, "heap_reuse_fits", lambda memory, processes=1: False)
+    monkeypatch.setattr(build_module.host_memory, "configure_heap",
+                        lambda reuse=True: calls.append(reuse) or host_memory.LEAN_SETTINGS)
+    config = load_config(None, ["steps=1", "log.tensorboard=false", "device=cpu", "rollout.prompts_per_step=2",
+                                "rollout.group_size=2", "rollout.max_new_tokens=4"])
+    trainer = Trainer.from_config(config, run_dir=None)
+    try:
+        assert calls == [False]
+        assert "host heap lean: no room for its reuse" in trainer.parts.memory.describe()
+    finally:
+        trainer.close()

@@ -19,7 +19,7 @@ import torch
 
 from pathlib import Path
 
-from gspo import cuda_settings, host_memory
+from gspo import cuda_settings, host_memory, memory_plan
 from gspo import distributed as dist
 from gspo.config.schema import Config
 from gspo.config.validate import validate_processes
@@ -118,12 +118,15 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     device = pick_device(config.device)
     if device.type == "cuda":
         cuda_settings.configure_allocator()  # before the first CUDA tensor (the CLI did it earlier still)
-    host_memory.configure_heap()  # before the weights load: freed host memory is reused, not faulted in again
     rewards = rewards or resolve_rewards(config.reward.functions, task.rewards, device=device)
     # before the weights load: a run that cannot fit stops here; auto checkpointing / token budget decided
     agents = task.environment is not None
     own_engine = engine is not None
     precision, memory = precision_and_memory(config, device, model, agents=agents, own_engine=own_engine)
+    # before the weights load: freed host memory kept for reuse where the plan leaves room for its holes
+    reuse = memory_plan.heap_reuse_fits(memory, processes=dist.world_size())
+    if host_memory.configure_heap(reuse=reuse) and not reuse and memory is not None:  # said in the start line
+        memory = dataclasses.replace(memory, notes=(*memory.notes, "host heap lean: no room for its reuse"))
     on_meta = model is None and loads_on_meta(config, resolve_model_path(config.model))
     model, tokenizer, path = _load_policy(config, device, model, tokenizer, on_meta=on_meta)
     asked_cap, config = config.data.max_prompt_tokens, _resolve_prompt_cap(config, task, tokenizer, model)
