@@ -13,19 +13,20 @@ Measured on the development CPU (2-core AMD EPYC with AVX512-BF16), ``benchmarks
 103M-parameter shape (151,936 vocabulary), 16 responses of 1,024 tokens in bfloat16, two steps, two cases
 at a time: with the mmap threshold fixed at 4 MiB (this module's earlier setting, chosen for the peak) the
 run took 46 million page faults, 90 s of kernel time (``ru_stime``) and 436 s; with every block from the
-heap, 2.2 million faults, 5 s and 343 s (-21%), at a peak of 4.30 instead of 3.83 GiB (1.03x the
-estimate). Qwen3-0.6B's shape, 16 x 128 tokens, one step after a warm-up: 9.2 million faults, 32 s of
-kernel time, 84 s, peak 11.3 GiB before; 1.0 million, 6 s, 65 s (-23%), 12.3 GiB now. :func:`configure_heap` sets this at start-up: no
-mmapped blocks (``M_MMAP_MAX`` 0) and no trimming on ``free`` (``M_TRIM_THRESHOLD`` at its maximum).
+heap, 2.2 million faults, 5 s and 343 s (-21%). Qwen3-0.6B's shape, 16 x 128 tokens, one step after a
+warm-up: 9.2 million faults, 32 s of kernel time, 84 s before; 1.0 million, 6 s, 65 s (-23%) now.
+:func:`configure_heap` sets this at start-up: no mmapped blocks (``M_MMAP_MAX`` 0) and no trimming on
+``free`` (``M_TRIM_THRESHOLD`` at its maximum).
 
 The price is fragmentation: memory freed between longer-lived tensors stays resident until a request fits
 it (PyTorch asks for 64-byte aligned blocks, which a hole of exactly the same size cannot serve), so a
-phase peaks above its live tensors: by 0.22-0.54x the largest transient of the estimate in the runs measured
-(the 103M shape at 1,024 tokens in float32: 6.20 GB against 4.59 with the 4 MiB threshold). The trainer
-therefore keeps the heap only where the estimate plus 0.6x its transient fits
-(:func:`gspo.memory_plan.heap_reuse_fits`), and the 4 MiB setting (:data:`LEAN_SETTINGS`) otherwise. :func:`release_freed_memory` (``malloc_trim``) gives every free page
-back between the phases of a step (sampling, the pi_old pass, the update): each phase faults its own
-working set in once, then reuses it, and nothing accumulates over steps.
+phase peaks above its live tensors, by 0.22-0.54x the estimate's largest transient in the runs measured
+(the 103M shape at 1,024 tokens in float32: 6.20 GB against 4.59 with the 4 MiB threshold, 1.28x the
+estimate; the 0.6B shape at 128 tokens: 12.3 against 11.3 GiB). The trainer therefore keeps the heap only
+where the estimate plus 0.6x its transient fits (:func:`gspo.memory_plan.heap_reuse_fits`), and applies
+the 4 MiB setting (:data:`LEAN_SETTINGS`) otherwise. :func:`release_freed_memory` (``malloc_trim``) gives
+every free page back between the phases of a step (sampling, the pi_old pass, the update): each phase
+faults its own working set in once, then reuses it, and nothing accumulates over steps.
 
 Left alone: a process where the user set any of glibc's malloc tunables (``MALLOC_MMAP_THRESHOLD_``,
 ``MALLOC_MMAP_MAX_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_`` or ``glibc.malloc.*`` in

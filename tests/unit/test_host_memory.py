@@ -74,7 +74,8 @@ def test_heap_kept_only_where_the_plan_leaves_room_for_its_holes():
     from gspo.memory_plan import MemoryPlan, heap_reuse_fits
 
     def plan(available_gb: float, device: str = "cpu") -> MemoryPlan:  # 8 GB persistent + a 10 GB transient
-        return MemoryPlan(False, 0, Estimate({"weights": 8 * GB, "activations": 10 * GB}), int(available_gb * GB), device)
+        estimate = Estimate({"weights": 8 * GB, "activations": 10 * GB})
+        return MemoryPlan(False, 0, estimate, int(available_gb * GB), device)
 
     assert heap_reuse_fits(plan(30))  # (18 + 0.6 * 10) GB = 24 <= 0.9 * 30
     assert not heap_reuse_fits(plan(25))  # 24 > 22.5: the estimate alone fits, its holes would not
