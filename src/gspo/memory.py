@@ -208,6 +208,11 @@ class Estimate:
     def total(self) -> int:
         return sum(self.parts.values())
 
+    @property
+    def transient(self) -> int:
+        """The largest transient's bytes: :func:`estimate` and :func:`sampler_estimate` add it last."""
+        return list(self.parts.values())[-1]
+
     def describe(self) -> str:
         items = ", ".join(f"{name} {value / GB:.1f}" for name, value in self.parts.items() if value >= 0.05 * GB)
         return f"{self.total / GB:.1f} GB ({items})"

@@ -264,13 +264,12 @@ def _largest_budget(model: ModelShape, run: RunShape, fits) -> RunShape | None:
 
 def heap_reuse_fits(memory: MemoryPlan | None, processes: int = 1) -> bool:
     """Whether a CPU run fits with the host heap kept for reuse (:func:`gspo.host_memory.configure_heap`): its
-    estimate plus :data:`HEAP_REUSE_ALLOWANCE` of its largest transient (the last part), times the processes
+    estimate plus :data:`HEAP_REUSE_ALLOWANCE` of its largest transient, times the processes
     sharing the RAM, within :data:`AUTO_MARGIN` of the memory available. Without a plan (a model config without
     the shape keys) the leaner heap is kept; on CUDA the host heap holds little and reuse is always taken."""
     if memory is None:
         return False
     if memory.device == "cuda":
         return True
-    transient = list(memory.estimate.parts.values())[-1]
-    need = (memory.estimate.total + HEAP_REUSE_ALLOWANCE * transient) * processes
+    need = (memory.estimate.total + HEAP_REUSE_ALLOWANCE * memory.estimate.transient) * processes
     return need + (memory.sampler.total if memory.sampler is not None else 0) <= AUTO_MARGIN * memory.available
