@@ -20,10 +20,10 @@ warm-up: 9.2 million faults, 32 s of kernel time, 84 s before; 1.0 million, 6 s,
 
 The price is fragmentation: memory freed between longer-lived tensors stays resident until a request fits
 it (PyTorch asks for 64-byte aligned blocks, which a hole of exactly the same size cannot serve), so a
-phase peaks above its live tensors, by 0.22-0.54x the estimate's largest transient in the runs measured
+phase peaks above its live tensors, by 0.22-0.66x the estimate's largest transient in the runs measured
 (the 103M shape at 1,024 tokens in float32: 6.20 GB against 4.59 with the 4 MiB threshold, 1.28x the
 estimate; the 0.6B shape at 128 tokens: 12.3 against 11.3 GiB). The trainer therefore keeps the heap only
-where the estimate plus 0.6x its transient fits (:func:`gspo.memory_plan.heap_reuse_fits`), and applies
+where the estimate plus 0.7x its transient fits (:func:`gspo.memory_plan.heap_reuse_fits`), and applies
 the 4 MiB setting (:data:`LEAN_SETTINGS`) otherwise. :func:`release_freed_memory` (``malloc_trim``) gives
 every free page back between the phases of a step (sampling, the pi_old pass, the update): each phase
 faults its own working set in once, then reuses it, and nothing accumulates over steps.
@@ -72,6 +72,12 @@ def heap_setting(environ: Mapping[str, str], *, glibc: bool, reuse: bool = True)
     if not glibc or user or any(name in preload for name in OTHER_ALLOCATORS):
         return None
     return dict(HEAP_SETTINGS if reuse else LEAN_SETTINGS)
+
+
+def heap_reusable() -> bool:
+    """Whether :func:`configure_heap` can keep this process's heap for reuse (glibc, no malloc tunable set by the
+    user, no other allocator preloaded): the memory plan then leaves room for it where it can."""
+    return heap_setting(os.environ, glibc=_LIBC is not None) is not None
 
 
 def configure_heap(reuse: bool = True) -> dict[int, int] | None:

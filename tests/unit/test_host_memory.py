@@ -69,6 +69,26 @@ def test_training_configures_the_heap_before_the_model_loads(monkeypatch, tmp_pa
     assert calls[:2] == [("heap", True), "load"]  # the default run fits with the heap kept
 
 
+def test_the_plan_leaves_room_for_the_heap_only_where_gspo_keeps_it(monkeypatch):
+    import torch
+
+    from gspo import memory_plan
+    from gspo.config.load import load_config
+    from gspo.trainer import sizing
+
+    real_plan, seen = memory_plan.plan, []
+    monkeypatch.setattr(memory_plan, "plan", lambda *a, **k: seen.append(k["heap_reuse"]) or real_plan(*a, **k))
+    config = load_config(None, ["device=cpu", "rollout.max_new_tokens=4"])
+    for env, expected in (({}, host_memory._LIBC is not None), ({"MALLOC_MMAP_THRESHOLD_": "4194304"}, False),
+                          ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, False)):
+        for name in ("MALLOC_MMAP_THRESHOLD_", "LD_PRELOAD"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        sizing.precision_and_memory(config, torch.device("cpu"), None)
+        assert seen[-1] is expected, env  # the user's allocator settings: no budget shrunk for a heap not kept
+
+
 def test_heap_kept_only_where_the_plan_leaves_room_for_its_holes():
     from gspo.memory import GB, Estimate
     from gspo.memory_plan import MemoryPlan, heap_reuse_fits
@@ -77,8 +97,8 @@ def test_heap_kept_only_where_the_plan_leaves_room_for_its_holes():
         estimate = Estimate({"weights": 8 * GB, "activations": 10 * GB})
         return MemoryPlan(False, 0, estimate, int(available_gb * GB), device)
 
-    assert heap_reuse_fits(plan(30))  # (18 + 0.6 * 10) GB = 24 <= 0.9 * 30
-    assert not heap_reuse_fits(plan(25))  # 24 > 22.5: the estimate alone fits, its holes would not
+    assert heap_reuse_fits(plan(30))  # (18 + 0.7 * 10) GB = 25 <= 0.9 * 30
+    assert not heap_reuse_fits(plan(25))  # 25 > 22.5: the estimate alone fits, its holes would not
     assert not heap_reuse_fits(plan(30), processes=2)  # two processes share the RAM
     assert heap_reuse_fits(plan(1, device="cuda"))  # the host heap holds little beside a GPU
     assert not heap_reuse_fits(None)  # no estimate: the lean heap

@@ -152,6 +152,35 @@ def test_auto_picks_a_token_budget_before_checkpointing():
     assert "token budget auto: one forward per minibatch needs" in decided.describe()
 
 
+def test_auto_budget_leaves_room_for_the_kept_heap_where_forwards_stay_large():
+    # the 0.6B shape, 16 x 1,024 tokens, 23 GB: the largest budget that fits (2 responses per forward) leaves no
+    # room for the heap's holes (gspo.host_memory: 1.38x slower lean at this shape); one response per forward does
+    from gspo.memory_plan import HEAP_REUSE_MIN_TOKENS, heap_reuse_fits
+
+    model, run = ModelShape.from_config(QWEN3_06B), _run(response_tokens=1024)
+    settings = dict(checkpointing="auto", micro_batch_tokens=-1, available=int(23 * GB))
+    lean = plan(model, run, **settings)
+    kept = plan(model, run, **settings, heap_reuse=True)
+    assert lean.micro_batch_tokens == 2 * 1044 and not heap_reuse_fits(lean)
+    assert kept.micro_batch_tokens == 1044 and heap_reuse_fits(kept) and not kept.checkpointing
+    assert kept.estimate.total < lean.estimate.total
+    assert not heap_reuse_fits(replace(kept, estimate=estimate(model, replace(run, micro_tokens=2 * 1044))))
+    assert re.search(r"one forward per minibatch needs \d+\.\d GB with the host heap kept for reuse", kept.describe())
+    # a run that keeps the heap with one forward per minibatch is left alone
+    short = plan(model, _run(response_tokens=128), **settings, heap_reuse=True)
+    assert short.micro_batch_tokens == 0 and heap_reuse_fits(short) and not short.notes
+    # forwards below HEAP_REUSE_MIN_TOKENS are not worth the heap: the plain choice (lean) stays
+    tight = int(estimate(model, replace(run, micro_tokens=1044)).total / 0.9) + GB  # one response fits, not its holes
+    assert plan(model, run, **{**settings, "available": tight}, heap_reuse=True).micro_batch_tokens == 1044
+    small = _run(response_tokens=HEAP_REUSE_MIN_TOKENS // 4 - 20, minibatch_rows=4)  # four responses: 512 tokens
+    whole_need = estimate(model, small).total
+    assert plan(model, small, **{**settings, "available": int(whole_need / 0.9) + 1},
+                heap_reuse=True).micro_batch_tokens == 0  # no budget of fewer than 512 tokens for the heap
+    # CUDA: the host heap is not in question
+    assert plan(model, replace(run, device="cuda"), **{**settings, "available": int(80 * GB)},
+                heap_reuse=True).micro_batch_tokens == 0
+
+
 def test_auto_turns_checkpointing_on_when_one_response_per_forward_does_not_fit():
     model, run = ModelShape.from_config(QWEN3_06B), _run(response_tokens=4096)
     one_row = estimate(model, replace(run, micro_tokens=4096 + 20)).total

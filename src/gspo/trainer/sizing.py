@@ -28,7 +28,7 @@ def precision_and_memory(config: Config, device: torch.device, model: torch.nn.M
     directory: its base's). (None, None) when the config does not name the shape keys the estimate reads
     (layers, hidden, heads, vocabulary): no check then. ``agents``: an agent task; ``own_engine``: an engine
     passed in (neither samples through the shards)."""
-    from gspo import memory, memory_plan
+    from gspo import host_memory, memory, memory_plan
     from gspo.models.load import adapter_base, is_adapter_dir
 
     try:
@@ -50,7 +50,7 @@ def precision_and_memory(config: Config, device: torch.device, model: torch.nn.M
     weights = config.rollout.sampler_weights if shardable else "copy"  # (shards that cannot: refused above)
     return precision, memory_plan.plan(shape, run, checkpointing=o.gradient_checkpointing,
                                        micro_batch_tokens=o.micro_batch_tokens, available=available,
-                                       sampler_weights=weights)
+                                       sampler_weights=weights, heap_reuse=host_memory.heap_reusable())
 
 
 def sampler_can_shard(config: Config, precision: PrecisionPolicy, *, agents: bool, own_engine: bool) -> bool:
