@@ -237,8 +237,8 @@ def plan(model: ModelShape, run: RunShape, *, checkpointing: str = "false", micr
     if auto_tokens and heap_reuse and run.device != "cuda" and not keeps_heap(run):
         kept = _largest_budget(model, run, keeps_heap)
         if kept is not None:
-            notes.append(f"token budget auto: one forward per minibatch needs {heap_need(run) / GB:.1f} GB with "
-                         "the host heap kept for reuse")
+            notes.append(f"token budget auto: one forward per minibatch needs {whole / GB:.1f} GB, "
+                         f"{heap_need(run) / GB:.1f} GB with the host heap kept for reuse")
             run = kept
     if auto_tokens and not fits(run):
         budgeted = _largest_budget(model, run, fits)
