@@ -13,8 +13,8 @@ samples through the shards (vLLM instead: its weights and KV cache space where i
 the CPU); a KL reference copy, sharded like the policy under FSDP2 unless refreshed) plus the
 largest of three transients: sampling (KV cache and logits of every local response; through the shards, the
 gathered layers too), a
-training micro-batch (saved activations per token and layer, the compute-dtype weight casts autocast keeps
-for the backward, the chunked LM head's logits; under FSDP2 the gathered compute-dtype layers instead of
+training micro-batch (saved activations per token and layer, the compute-dtype weight casts alive at once,
+the chunked LM head's logits; under FSDP2 the gathered compute-dtype layers instead of
 the casts) and a no-grad pi_old / reference pass. The per-token activation coefficients count the tensors a
 Qwen3/Llama layer saves for its backward (checked against ``saved_tensors_hooks``: within 6% in float32
 and bfloat16). Checked against peak RSS measured on the CPU (docs/memory.md; tests/unit/test_memory.py
@@ -292,7 +292,7 @@ def _gathered_bytes(model: ModelShape, run: RunShape, grads: bool = True) -> int
 
 
 def _no_grad_bytes(model: ModelShape, run: RunShape, params: int) -> int:
-    """A pi_old / reference pass: autocast's weight casts (kept for the whole pass) and the LM head's logits
+    """A pi_old / reference pass: the weight casts alive at once (:func:`_cast_bytes`) and the LM head's logits
     (:func:`_head_bytes`); the body's activations are freed layer by layer."""
     return _cast_bytes(model, run, params) + _head_bytes(model, run)
 
@@ -329,20 +329,25 @@ def _sampling_bytes(model: ModelShape, run: RunShape) -> int:
 
 
 def _training_bytes(model: ModelShape, run: RunShape, params: int) -> int:
-    """One micro-batch's forward + backward: autocast's weight casts, plus the larger of the saved activations
-    with the LM head's logits (:func:`_head_bytes`, the end of the forward: measured there on the CPU in
-    bfloat16) and the embedding's (V, hidden) float32 gradient made before it is added into ``.grad`` (the
-    end of the backward, activations freed: tied, the head's and the input embedding's contributions meet
-    in a temporary; with accumulation, the new one is added)."""
+    """One micro-batch's forward + backward: the weight casts alive at once (:func:`_cast_bytes`), plus the
+    larger of the saved activations with the LM head's logits (:func:`_head_bytes`, the end of the forward:
+    measured there on the CPU in bfloat16) and the embedding's (V, hidden) float32 gradient made before it is
+    added into ``.grad`` (the end of the backward, activations freed: tied, the head's and the input
+    embedding's contributions meet in a temporary; with accumulation, the new one is added)."""
     activations = run.micro_batch_tokens * model.activation_bytes_per_token(run.compute, run.checkpointing)
     embedding_grad = 0 if run.lora_rank else 4 * model.vocab * model.hidden
     return int(_cast_bytes(model, run, params) + max(activations + _head_bytes(model, run), embedding_grad))
 
 
 def _cast_bytes(model: ModelShape, run: RunShape, params: int) -> int:
-    """Autocast's cache of compute-dtype copies of every linear's weight, the LM head's included (the input
-    embedding is looked up, not cast), kept for the whole forward and backward; none in float32, and none
-    under FSDP2, whose gathered weights are in the compute dtype already."""
+    """Compute-dtype casts of the weights alive at once under autocast. gspo runs autocast without its cache and
+    recasts in the backward the weight casts autograd saves for it (gspo.trainer.recast), so what is alive is the
+    chunked LM head's cast of its weight (kept from its forward to its backward) and one layer's casts. With
+    LoRA the frozen base weights' casts have no autograd history to recast from: autograd keeps every one
+    through the backward. None in float32, and none under FSDP2, whose gathered weights are in the compute
+    dtype already."""
     if run.compute == "float32" or (run.strategy == "fsdp" and run.processes > 1):
         return 0
-    return BYTES[run.compute] * (params - (0 if model.tied else model.vocab * model.hidden))
+    if run.lora_rank:
+        return BYTES[run.compute] * (params - (0 if model.tied else model.vocab * model.hidden))
+    return BYTES[run.compute] * (model.vocab * model.hidden + model.attention_params + model.mlp_params)

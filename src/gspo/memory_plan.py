@@ -117,8 +117,9 @@ def check_memory(model: ModelShape, run: RunShape, available: int | None = None)
 # peaks (docs/memory.md), and other processes' memory moves while the run starts
 AUTO_MARGIN = 0.9
 # The host heap kept for reuse (gspo.host_memory) leaves holes the estimate does not itemise: CPU peaks
-# measured 0.22-0.66x the largest transient above the estimate (docs/memory.md)
-HEAP_REUSE_ALLOWANCE = 0.7
+# measured 0.22-0.87x the largest transient above the estimate (docs/memory.md; 0.87 at the 0.6B shape with
+# 1,024-token responses once the heap was no longer trimmed between phases: 16.3 GiB against 13.1 + 3.7)
+HEAP_REUSE_ALLOWANCE = 0.9
 # Auto's token budget shrinks to leave room for the kept heap only down to this many tokens per forward: the
 # layers' GEMMs run at ~85% of the bfloat16 peak from ~512 rows (a 0.6B step's [540, 1024] x [1024, 3072]
 # products: ~386 GFLOP/s), while the kept heap made the 1,024-token training half 1.49x faster
@@ -235,7 +236,9 @@ def plan(model: ModelShape, run: RunShape, *, checkpointing: str = "false", micr
 
     whole = _machine_total(model, run)
     if auto_tokens and heap_reuse and run.device != "cuda" and not keeps_heap(run):
-        kept = _largest_budget(model, run, keeps_heap)
+        # from the fewest whole responses that reach HEAP_REUSE_MIN_TOKENS (one 300-token response does not,
+        # two do): below them keeps_heap is false whatever the memory, so the search starts there
+        kept = _largest_budget(model, run, keeps_heap, min_rows=-(-HEAP_REUSE_MIN_TOKENS // run.sequence_tokens))
         if kept is not None:
             notes.append(f"token budget auto: one forward per minibatch needs {whole / GB:.1f} GB, "
                          f"{heap_need(run) / GB:.1f} GB with the host heap kept for reuse")
@@ -268,12 +271,14 @@ def plan(model: ModelShape, run: RunShape, *, checkpointing: str = "false", micr
                       run.sampler_weights, sampler_estimate(model, run))
 
 
-def _largest_budget(model: ModelShape, run: RunShape, fits) -> RunShape | None:
-    """``run`` with the largest token budget of whole responses per forward that ``fits``; None if one does not."""
+def _largest_budget(model: ModelShape, run: RunShape, fits, min_rows: int = 1) -> RunShape | None:
+    """``run`` with the largest token budget of whole responses per forward that ``fits``, from ``min_rows``
+    responses per forward up (``fits`` must be monotonic from there: more rows, more memory); None if
+    ``min_rows`` do not fit or are more than a minibatch."""
     one = replace(run, micro_tokens=run.sequence_tokens, micro_rows=0)
-    if not fits(one):
+    if min_rows > max(run.minibatch_rows, 1) or not fits(replace(one, micro_tokens=min_rows * run.sequence_tokens)):
         return None
-    low, high = 1, max(run.minibatch_rows, 1)  # rows per forward: low fits, find the most
+    low, high = min_rows, max(run.minibatch_rows, 1)  # rows per forward: low fits, find the most
     while low < high:
         mid = (low + high + 1) // 2
         if fits(replace(one, micro_tokens=mid * run.sequence_tokens)):

@@ -182,6 +182,21 @@ def test_auto_budget_leaves_room_for_the_kept_heap_where_forwards_stay_large():
                 heap_reuse=True).micro_batch_tokens == 0
 
 
+def test_auto_heap_budget_starts_from_the_fewest_responses_that_reach_512_tokens():
+    # 300-token responses (320 with the prompt): one per forward is under HEAP_REUSE_MIN_TOKENS, two are not; with
+    # room for two and the heap's holes, but not for a whole minibatch of four, the budget is two responses (the
+    # search started at one, found it below 512 tokens, and fell back to the plain budget on the lean heap)
+    from gspo.memory_plan import _heap_total, heap_reuse_fits
+
+    model, run = ModelShape.from_config(QWEN3_06B), _run(response_tokens=300)
+    two = estimate(model, replace(run, micro_tokens=2 * 320))
+    available = int(_heap_total(two, None, 1) / 0.9) + 1
+    assert _heap_total(estimate(model, replace(run, micro_tokens=3 * 320)), None, 1) > 0.9 * available
+    decided = plan(model, run, checkpointing="auto", micro_batch_tokens=-1, available=available, heap_reuse=True)
+    assert decided.micro_batch_tokens == 2 * 320 and heap_reuse_fits(decided) and not decided.checkpointing
+    assert plan(model, run, checkpointing="auto", micro_batch_tokens=-1, available=available).micro_batch_tokens != 640
+
+
 def test_auto_turns_checkpointing_on_when_one_response_per_forward_does_not_fit():
     model, run = ModelShape.from_config(QWEN3_06B), _run(response_tokens=4096)
     one_row = estimate(model, replace(run, micro_tokens=4096 + 20)).total
@@ -246,11 +261,11 @@ def test_the_trainer_follows_the_memory_plan(tiny_overrides, monkeypatch):
 
 
 def test_a_ddp_run_on_gpus_that_cannot_fit_is_told_to_shard():
-    # Qwen3-8B, 8 x H100, DDP: the whole float32 state (and DDP's buckets) on every GPU
+    # Qwen3-8B, 8 x H100, DDP: the whole float32 state (and DDP's buckets) on every GPU; the layers' casts are recast
     run = _run(responses=8, minibatch_rows=2, prompt_tokens=256, response_tokens=1024, compute="bfloat16",
                sampler="bfloat16", checkpointing=True, processes=8, device="cuda")
     message = refusal(ModelShape.from_config(QWEN3_8B), run, available=int(80 * GB))
-    assert message.startswith("this run needs about 185.")
+    assert message.startswith("this run needs about 173.")
     assert "DDP buckets 30.5" in message
     assert "per process at its peak, more than the 80.0 GB of free GPU memory" in message
     assert "any one of these fits: distributed.strategy=fsdp (" in message

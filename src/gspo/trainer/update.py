@@ -21,6 +21,7 @@ from gspo.errors import TrainingDiverged
 from gspo.moe import ReplayStats, RoutingRecord, capture_routing, expert_volatility, replay_routing
 from gspo.trainer.micro import split_minibatch, trim_padding
 from gspo.trainer.minibatches import Minibatch, assign, split
+from gspo.trainer.recast import autocast, recast_weights
 
 # Consecutive optimizer steps with a non-finite loss or gradient after which the run stops: one bad
 # step is skipped and logged, a streak means the policy itself has diverged.
@@ -229,7 +230,9 @@ class Updater:
 
     def _loss(self, policy, rows: UpdateInputs, normaliser: torch.Tensor):
         num_completion = rows.completion_mask.shape[1]
-        with self.autocast(rows.input_ids.device.type):  # the policy's: update() checked the batch crossed to it
+        # the policy's device (update() checked the batch crossed to it); the layers' weight casts are recast in
+        # the backward, not kept through it (gspo.trainer.recast: the step's peak is the end of this forward)
+        with self.autocast(rows.input_ids.device.type), recast_weights():
             logprobs = policy(rows.input_ids, rows.attention_mask, num_completion, self.temperature,
                               routed=rows.routing is not None)  # (b, T)
         if rows.reuse_old is not None and bool(rows.reuse_old.any()):
@@ -271,9 +274,11 @@ class Updater:
 
         Old (and reference) log-probabilities are recomputed under the same context: with float32 old
         log-probabilities, bfloat16 rounding alone moved ~half of the on-policy sequence ratios of a
-        17M-parameter model outside GSPO's 3e-4 / 4e-4 band (benchmarks/README.md).
+        17M-parameter model outside GSPO's 3e-4 / 4e-4 band (benchmarks/README.md). Autocast's weight cache is
+        off (gspo.trainer.recast): every linear is called once per forward, so it saved no cast, while it kept
+        them all alive to the end of the forward.
         """
-        return torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+        return autocast(device_type, self.autocast_dtype)
 
     def _global_normaliser(self, completion_mask: torch.Tensor) -> torch.Tensor:
         """Responses (with >= 1 token) or response tokens in this minibatch over all processes."""
