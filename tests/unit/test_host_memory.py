@@ -13,7 +13,7 @@ from gspo.host_memory import HEAP_SETTINGS, M_MMAP_MAX, M_TRIM_THRESHOLD, heap_s
 
 
 def test_heap_only_on_glibc_unless_the_user_or_another_allocator_decides():
-    assert heap_setting({}, glibc=True) == HEAP_SETTINGS == {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1}
+    assert heap_setting({}, glibc=True) == HEAP_SETTINGS == {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: -1}
     assert heap_setting({}, glibc=True, reuse=False) == host_memory.LEAN_SETTINGS == {-3: 4 * 2**20}
     assert heap_setting({}, glibc=False) is None  # macOS, musl: their allocators are left alone
     for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
@@ -97,9 +97,9 @@ def test_heap_kept_only_where_the_plan_leaves_room_for_its_holes():
         estimate = Estimate({"weights": 8 * GB, "activations": 10 * GB})
         return MemoryPlan(False, 0, estimate, int(available_gb * GB), device)
 
-    assert heap_reuse_fits(plan(30))  # (18 + 0.7 * 10) GB = 25 <= 0.9 * 30
-    assert not heap_reuse_fits(plan(25))  # 25 > 22.5: the estimate alone fits, its holes would not
-    assert not heap_reuse_fits(plan(30), processes=2)  # two processes share the RAM
+    assert heap_reuse_fits(plan(31))  # (18 + 0.9 * 10) GB = 27 <= 0.9 * 31
+    assert not heap_reuse_fits(plan(25))  # 27 > 22.5: the estimate alone fits, its holes would not
+    assert not heap_reuse_fits(plan(31), processes=2)  # two processes share the RAM
     assert heap_reuse_fits(plan(1, device="cuda"))  # the host heap holds little beside a GPU
     assert not heap_reuse_fits(None)  # no estimate: the lean heap
 
@@ -121,3 +121,55 @@ def test_a_run_without_room_keeps_the_lean_heap_and_says_so(monkeypatch):
         assert "host heap lean: no room for its reuse" in trainer.parts.memory.describe()
     finally:
         trainer.close()
+
+
+def test_no_trim_between_phases_where_the_heap_is_kept(monkeypatch):
+    # each trim handed every free page back, and the next phase faulted them in again (1.5 million faults per
+    # 0.6B step on an AMX Xeon); the lean setting, whose large blocks are mmapped anyway, still trims
+    calls = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(pad)
+            return 1
+
+    monkeypatch.setattr(host_memory, "_LIBC", Libc())
+    monkeypatch.setattr(host_memory, "_KEPT", False)
+    for name in (*host_memory.USER_SETTINGS, "LD_PRELOAD", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    assert host_memory.configure_heap(reuse=False) == host_memory.LEAN_SETTINGS
+    host_memory.release_freed_memory()
+    assert calls == [0]
+    assert host_memory.configure_heap(reuse=True) == HEAP_SETTINGS
+    host_memory.release_freed_memory()
+    assert calls == [0]
+
+
+# 2.2 GiB freed at the top of the heap, as the 0.6B shape's gradients are between minibatches: with the trim
+# threshold at glibc's largest int (2 GiB, the earlier setting) free() gave it back to the OS (and the next
+# minibatch faulted it in again); at -1 it stays
+TOP_SCRIPT = textwrap.dedent("""
+    import ctypes
+    from gspo import host_memory
+    assert host_memory.configure_heap() == host_memory.HEAP_SETTINGS
+    libc, size = host_memory._LIBC, 2_200 * 2**20
+    libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+    def rss():
+        return int(open("/proc/self/statm").read().split()[1]) * 4096
+    before = rss()
+    block = libc.malloc(size)  # from the heap's top (no mmapped blocks)
+    ctypes.memset(block, 1, size)
+    libc.free(block)
+    print((rss() - before) / 2**30)
+""")
+
+
+@pytest.mark.skipif(host_memory._LIBC is None, reason="glibc only")
+def test_a_large_block_freed_at_the_heap_top_stays_for_reuse():
+    env = {"PATH": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": ":".join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", TOP_SCRIPT], capture_output=True, text=True, env=env, check=True,
+                         timeout=120)
+    assert float(out.stdout.split()[-1]) > 2.0  # GiB still resident after the free

@@ -37,14 +37,20 @@ from gspo import distributed as dist
 # The fixed cost of one more micro-batch (forward + backward + loss: Python, kernel launches, the LM head's
 # chunk loop), in FLOPs of 6·N per token. On the 1M-parameter embedded model a 1-row forward + backward
 # costs 6 ms of a 32-row (~2,200-token) one's 40 ms, i.e. ~375 of its tokens, about 2.3e9 "FLOPs" at its
-# 6·N; rounded up, so a tiny model keeps one micro-batch unless hundreds of padded tokens go, and a
-# model of 0.6B parameters splits wherever a token of padding goes.
+# 6·N; rounded up, so a tiny model keeps one micro-batch unless hundreds of padded tokens go.
 FORWARD_OVERHEAD_FLOP = 3e9
+# What one more forward + backward costs a large model whatever its tokens, in tokens: every weight streamed
+# again (its compute-dtype cast, the backward's recast, the gradient's cast and accumulation in float32) and
+# GEMMs of fewer rows further below the matrix units' peak. Qwen3-0.6B shape, bfloat16, 2-core Xeon with AMX:
+# minibatches of 4 x ~135 tokens in two forwards each instead of one made the update 11-15 s slower per
+# rollout batch, ~2.7 s per extra forward, ~900 tokens' worth at the measured GEMM peak. Counted as 256, so
+# a forward is still split off where it saves more padding than that (uneven response lengths).
+FORWARD_OVERHEAD_TOKENS = 256
 
 
 def forward_overhead_tokens(num_params: int) -> int:
     """One more micro-batch's fixed cost in trained tokens (6·N FLOPs each) for a model of ``num_params``."""
-    return max(1, round(FORWARD_OVERHEAD_FLOP / (6 * max(num_params, 1))))
+    return round(FORWARD_OVERHEAD_FLOP / (6 * max(num_params, 1))) + FORWARD_OVERHEAD_TOKENS
 
 
 def split_minibatch(attention_mask: torch.Tensor, num_completion: int, *, rows: int = 0, tokens: int = 0,
