@@ -27,9 +27,10 @@ GiB peak RSS (13.7 GiB with the trims), with 500, 153,000 and 33 page faults in 
 
 The price is fragmentation: memory freed between longer-lived tensors stays resident until a request fits
 it (PyTorch asks for 64-byte aligned blocks, which a hole of exactly the same size cannot serve), so a
-phase peaks above its live tensors, by 0.22-0.66x the estimate's largest transient in the runs measured
-(the 103M shape at 1,024 tokens in float32: 6.20 GB against 4.59 with the 4 MiB threshold, 1.28x the
-estimate; the 0.6B shape at 128 tokens: 12.3 against 11.3 GiB). The trainer therefore keeps the heap only
+phase peaks above its live tensors, by 0.22-0.87x the estimate's largest transient in the runs measured
+(0.87: the 0.6B shape at 1,024 tokens without trims between phases; the 103M shape at 1,024 tokens in
+float32: 6.20 GB against 4.59 with the 4 MiB threshold, 1.28x the estimate; the 0.6B shape at 128 tokens:
+12.3 against 11.3 GiB). The trainer therefore keeps the heap only
 where the estimate plus 0.9x its transient fits (:func:`gspo.memory_plan.heap_reuse_fits`), and applies
 the 4 MiB setting (:data:`LEAN_SETTINGS`) otherwise, where :func:`release_freed_memory` (``malloc_trim``)
 gives every free page back between the phases of a step (sampling, the pi_old pass, the update).
@@ -49,8 +50,9 @@ import platform
 from typing import Mapping
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # mallopt's parameter numbers (malloc.h)
-# mallopt takes a C int: its largest value, the heap's free top is never given back on free
-HEAP_SETTINGS = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: -1}  # -1: never trim (mallopt(3))
+# the heap's free top is never given back on free: -1 is "never" to mallopt(3) (its largest int, the earlier
+# setting, is 2 GiB: the 0.6B shape's gradients passed it)
+HEAP_SETTINGS = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: -1}
 # the leaner setting, for runs whose estimate leaves no room for the heap's holes: blocks of 4 MiB and more
 # mmapped and given back on free (page faults every time they are allocated again)
 LEAN_SETTINGS = {M_MMAP_THRESHOLD: 4 * 1024 * 1024}
