@@ -70,6 +70,7 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 _LIBC = _glibc()
+_KEPT = False  # configure_heap kept the heap for reuse in this process (release_freed_memory then does nothing)
 
 
 def heap_setting(environ: Mapping[str, str], *, glibc: bool, reuse: bool = True) -> dict[int, int] | None:
@@ -99,9 +100,6 @@ def configure_heap(reuse: bool = True) -> dict[int, int] | None:
         return None
     _KEPT = settings == HEAP_SETTINGS
     return settings
-
-
-_KEPT = False  # configure_heap kept the heap for reuse in this process
 
 
 def release_freed_memory() -> None:

@@ -156,7 +156,8 @@ TOP_SCRIPT = textwrap.dedent("""
     from gspo import host_memory
     assert host_memory.configure_heap() == host_memory.HEAP_SETTINGS
     libc, size = host_memory._LIBC, 2_200 * 2**20
-    libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
     def rss():
         return int(open("/proc/self/statm").read().split()[1]) * 4096
     before = rss()
