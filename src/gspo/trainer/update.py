@@ -198,7 +198,6 @@ class Updater:
             self.nonfinite_streak = 0
             metrics["optim/skipped"] = 0.0
         else:
-            optimizer.zero_grad(set_to_none=True)
             self.nonfinite_streak += 1
             metrics["optim/skipped"] = 1.0
             if self.nonfinite_streak >= MAX_NONFINITE_STREAK:
@@ -206,6 +205,9 @@ class Updater:
                     f"{self.nonfinite_streak} optimizer steps in a row had a non-finite loss or gradient; "
                     "the last good checkpoint is kept. Lower optim.lr or check the rewards for extreme values"
                 )
+        # Freed once applied, not at the next minibatch: after a batch's last step they would otherwise be held
+        # through the next rollout, beside the sampler's weights and cache (2.4 GB at the Qwen3-0.6B shape).
+        optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         return metrics
 
