@@ -8,7 +8,8 @@ does the same for the pipelined mode's sampler process (``rollout.max_staleness 
 compares them with what the machine has, decides the ``auto`` settings and refuses a run that cannot fit.
 
 The model of a step: persistent state (float32 master weights, gradients and AdamW's two moments, sharded
-by N under FSDP2; DDP's gradient buckets; a lower-precision sampler copy, whole under FSDP2 unless the sampler
+by N under FSDP2; the trainer frees the gradients after each optimizer step, so counting them through sampling
+overestimates runs whose sampling transient is the largest; DDP's gradient buckets; a lower-precision sampler copy, whole under FSDP2 unless the sampler
 samples through the shards (vLLM instead: its weights and KV cache space where it runs in this process on
 the CPU); a KL reference copy, sharded like the policy under FSDP2 unless refreshed) plus the
 largest of three transients: sampling (KV cache and logits of every local response; through the shards, the
@@ -332,10 +333,12 @@ def _training_bytes(model: ModelShape, run: RunShape, params: int) -> int:
     """One micro-batch's forward + backward: the weight casts alive at once (:func:`_cast_bytes`), plus the
     larger of the saved activations with the LM head's logits (:func:`_head_bytes`, the end of the forward:
     measured there on the CPU in bfloat16) and the embedding's (V, hidden) float32 gradient made before it is
-    added into ``.grad`` (the end of the backward, activations freed: tied, the head's and the input
-    embedding's contributions meet in a temporary; with accumulation, the new one is added)."""
+    added into ``.grad`` (the end of the backward, activations freed; with accumulation, the new one is added).
+    None where the embedding is tied to the head outside FSDP2: its backward gives sparse rows, added into the
+    head's gradient in place (gspo.trainer.tied_embedding)."""
     activations = run.micro_batch_tokens * model.activation_bytes_per_token(run.compute, run.checkpointing)
-    embedding_grad = 0 if run.lora_rank else 4 * model.vocab * model.hidden
+    sparse_rows = model.tied and not (run.strategy == "fsdp" and run.processes > 1)
+    embedding_grad = 0 if run.lora_rank or sparse_rows else 4 * model.vocab * model.hidden
     return int(_cast_bytes(model, run, params) + max(activations + _head_bytes(model, run), embedding_grad))
 
 

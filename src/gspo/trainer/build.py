@@ -45,6 +45,7 @@ from gspo.trainer.optim import build_optimizer, build_scheduler
 from gspo.trainer.policy import PolicyLogprobs
 from gspo.trainer.reference import frozen_copy, reference_logprobs_fn
 from gspo.trainer.sizing import memory_settings, precision_and_memory, samples_through_shards
+from gspo.trainer.tied_embedding import use_sparse_tied_gradient
 from gspo.trainer.update import Updater
 
 
@@ -136,12 +137,14 @@ def build(config: Config, run_dir: Path | None = None, *, model: torch.nn.Module
     checkpointing, micro_batch_tokens = memory_settings(config, memory)
     if checkpointing:  # training forwards only: the sampler runs in eval mode
         _enable_checkpointing(model)
+    sharded = dist.is_initialized() and config.distributed.strategy == "fsdp"
+    if not sharded:  # tied weights: the embedding's gradient rows added into the head's, no (V, H) temporary
+        use_sparse_tied_gradient(model)
     moe = supports_routing(model)
     replay = config.moe.routing_replay
     if replay != "off" and not moe:
         raise ConfigError(f"moe.routing_replay={replay} needs a Mixture-of-Experts model "
                           f"({', '.join(SUPPORTED_ARCHITECTURES)}); '{config.model}' is dense: set moe.routing_replay=off")
-    sharded = dist.is_initialized() and config.distributed.strategy == "fsdp"
     shards = samples_through_shards(config, precision, memory, agents=agents, own_engine=own_engine)
     # FSDP2 shards ``model`` in place: what needs whole weights is built from it first. The built-in
     # engine keeps its own copy (in rollout.engine_dtype), refreshed tensor by tensor (sync_weights), unless it
