@@ -97,6 +97,8 @@ SHAPES = {  # Qwen3Config fields; tied embeddings throughout
 GSPO_VARIANTS = {
     "gspo": [],  # defaults: optim.dtype=auto, rollout.engine_dtype=auto, ...
     "gspo-fp32": ["optim.dtype=float32", "rollout.engine_dtype=float32"],
+    # the defaults with every decoder layer's activations recomputed in the backward (TRL's default): memory
+    "gspo-ckpt": ["optim.gradient_checkpointing=true"],
     # the pipelined mode, sampling beside the update; a stale batch's pi_old is its sampler's log-probs, which a
     # bf16 sampler (auto's choice here) only gives when asked (gspo refuses to recompute them from newer weights)
     "gspo-overlap": ["rollout.max_staleness=1", "loss.old_logprobs=rollout"],
