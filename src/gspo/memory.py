@@ -8,13 +8,13 @@ does the same for the pipelined mode's sampler process (``rollout.max_staleness 
 compares them with what the machine has, decides the ``auto`` settings and refuses a run that cannot fit.
 
 The model of a step: persistent state (float32 master weights, gradients and AdamW's two moments, sharded
-by N under FSDP2; the trainer frees the gradients after each optimizer step, so counting them through sampling
-overestimates runs whose sampling transient is the largest; DDP's gradient buckets; a lower-precision sampler copy, whole under FSDP2 unless the sampler
-samples through the shards (vLLM instead: its weights and KV cache space where it runs in this process on
-the CPU); a KL reference copy, sharded like the policy under FSDP2 unless refreshed) plus the
-largest of three transients: sampling (KV cache and logits of every local response; through the shards, the
-gathered layers too), a
-training micro-batch (saved activations per token and layer, the compute-dtype weight casts alive at once,
+by N under FSDP2: the trainer frees the gradients after each optimizer step, so counting them through
+sampling overestimates runs whose sampling transient is the largest; DDP's gradient buckets; a
+lower-precision sampler copy, whole under FSDP2 unless the sampler samples through the shards (vLLM
+instead: its weights and KV cache space where it runs in this process on the CPU); a KL reference copy,
+sharded like the policy under FSDP2 unless refreshed) plus the largest of three transients: sampling (KV
+cache and logits of every local response; through the shards, the gathered layers too), a training
+micro-batch (saved activations per token and layer, the compute-dtype weight casts alive at once,
 the chunked LM head's logits; under FSDP2 the gathered compute-dtype layers instead of
 the casts) and a no-grad pi_old / reference pass. The per-token activation coefficients count the tensors a
 Qwen3/Llama layer saves for its backward (checked against ``saved_tensors_hooks``: within 6% in float32
@@ -334,10 +334,10 @@ def _training_bytes(model: ModelShape, run: RunShape, params: int) -> int:
     larger of the saved activations with the LM head's logits (:func:`_head_bytes`, the end of the forward:
     measured there on the CPU in bfloat16) and the embedding's (V, hidden) float32 gradient made before it is
     added into ``.grad`` (the end of the backward, activations freed; with accumulation, the new one is added).
-    None where the embedding is tied to the head outside FSDP2: its backward gives sparse rows, added into the
-    head's gradient in place (gspo.trainer.tied_embedding)."""
+    None where the embedding is tied to the head, on the CPU outside FSDP2: its backward gives sparse rows, added
+    into the head's gradient in place (gspo.trainer.tied_embedding)."""
     activations = run.micro_batch_tokens * model.activation_bytes_per_token(run.compute, run.checkpointing)
-    sparse_rows = model.tied and not (run.strategy == "fsdp" and run.processes > 1)
+    sparse_rows = model.tied and run.device == "cpu" and not (run.strategy == "fsdp" and run.processes > 1)
     embedding_grad = 0 if run.lora_rank or sparse_rows else 4 * model.vocab * model.hidden
     return int(_cast_bytes(model, run, params) + max(activations + _head_bytes(model, run), embedding_grad))
 

@@ -70,11 +70,13 @@ def test_accumulates_over_micro_batches_and_steps_with_fused_adamw():
     optimizer.step()  # fused AdamW refuses sparse gradients
 
 
-@pytest.mark.parametrize("case", ["untied", "frozen"])
-def test_left_alone_where_the_head_does_not_share_a_trainable_weight(case):
+@pytest.mark.parametrize("case", ["untied", "frozen", "off the CPU"])
+def test_left_alone_where_the_head_does_not_share_a_trainable_cpu_weight(case):
     model = _model(tied=case != "untied")
     if case == "frozen":
         model.get_input_embeddings().weight.requires_grad_(False)
+    if case == "off the CPU":  # only the CPU has run it (meta stands in for a GPU here)
+        model = model.to("meta")
     assert not use_sparse_tied_gradient(model)
     assert type(model.get_input_embeddings()) is torch.nn.Embedding
 

@@ -4,9 +4,9 @@ With tied weights (Qwen3-0.6B/1.7B/4B, Llama-3.2-1B/3B, gspo's own models) the L
 are one parameter. Its gradient is the head's, a dense (V, H) matrix, plus the embedding's, which is nonzero
 only in the rows of the tokens the batch holds. PyTorch's embedding backward still makes that second term a
 dense (V, H) matrix (zero-filled, the looked-up rows added in), which autograd then adds into the head's
-before the sum reaches ``.grad``: at the Qwen3-0.6B shape a 622 MB temporary at the end of every backward,
-the training step's peak (measured: 7.45 GiB of live heap against 6.87 without it), and a zero fill plus a
-(V, H) addition per micro-batch.
+before the sum reaches ``.grad``: at the Qwen3-0.6B shape a 622 MB temporary at the end of every backward, where
+a 128-token step's live heap peaks (7.45 GiB, 0.58 of it this temporary; docs/memory.md), and a zero fill plus
+a (V, H) addition per micro-batch.
 
 :func:`use_sparse_tied_gradient` makes the embedding's contribution a sparse (tokens, H) tensor instead
 (``F.embedding(..., sparse=True)``). Autograd adds it into the head's dense gradient in place (its input
@@ -17,7 +17,8 @@ sum one by one instead of being summed apart first).
 
 Only where that holds: the embedding is a plain ``nn.Embedding`` whose weight is the head's, a trainable
 plain parameter (not a LoRA base, not an FSDP2 shard: there the head's gradient is not a dense local
-tensor). Anywhere else the model is left as it is. The module's ``sparse`` attribute stays False, so DDP
+tensor), on the CPU (the only device it has run on; a GPU keeps PyTorch's dense backward until one has).
+Anywhere else the model is left as it is. The module's ``sparse`` attribute stays False, so DDP
 still expects (and gets) a dense gradient.
 """
 
@@ -45,7 +46,9 @@ def use_sparse_tied_gradient(model: torch.nn.Module) -> bool:
     if type(embedding) is not torch.nn.Embedding or head is None or embedding.max_norm is not None:
         return False
     weight = embedding.weight
-    if weight is not getattr(head, "weight", None) or type(weight) is not torch.nn.Parameter or not weight.requires_grad:
+    if weight is not getattr(head, "weight", None) or type(weight) is not torch.nn.Parameter:
+        return False
+    if not weight.requires_grad or weight.device.type != "cpu":
         return False
     embedding.__class__ = SparseTiedEmbedding
     return True
